@@ -1,0 +1,250 @@
+"""Losses and likelihood estimators, model-agnostic.
+
+Every function takes a denoiser ``logits_fn(x_t_BxL, t_B) -> logits_BxLxV`` (the x_0-parameterisation: logits of
+p_theta(x_0 | x_t)) and returns per-sequence values in **nats** (``[B]``), summed over positions; divide by the
+number of tokens (``per_token``) and by ln 2 (``nats_to_bits``) for bits per token. ``weights_BxL`` (optional, 1
+for real tokens and 0 for padding) removes padded positions from every sum.
+
+Continuous time (``t in [0, 1]``), any process:
+  NELBO(x_0) = recon + integral_0^1 diffusion(t) dt + prior
+  recon      = E_{x_t0 ~ q(.|x_0, t=0)} -log p_theta(x_0 | x_t0)        (alpha(0) = 1 - eps)
+  prior      = KL(q(x_1 | x_0) || prior)                                  (``Process.prior_kl``)
+  diffusion(t) is one of
+    ``ctmc_diffusion``: E_{x_t} sum_n sum_{y != x_t^n} G_t[y, x_t^n] (s_hat - s log s_hat + s (log s - 1)), with
+      G_t = tau'(t) R, s = Qbar_t[x_0^n, y] / Qbar_t[x_0^n, x_t^n] and s_hat = sum_h p_theta(h | x_t)
+      Qbar_t[h, y] / Qbar_t[h, x_t^n] (the denoising score-entropy form of the CTMC bound, for any process);
+    ``masked_diffusion``: E_{x_t} -alpha'(t) / (1 - alpha(t)) sum_{n masked} -log p_theta(x_0^n | x_t) (MD4 / MDLM,
+      absorbing only; equal to ``ctmc_diffusion`` for absorbing).
+Discrete time (D3PM, T steps, t_i = i / T):
+  NELBO(x_0) = sum_{i=2}^T E KL(q(x_{t_{i-1}} | x_{t_i}, x_0) || p_theta(x_{t_{i-1}} | x_{t_i}))
+               + E -log p_theta(x_0 | x_{t_1}) + prior,
+  with p_theta(x_s | x_t) = sum_{x_0} q(x_s | x_t, x_0) p_theta(x_0 | x_t) (``Process.posterior_logits``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d3pm_jax import _checks
+from d3pm_jax.processes.absorbing import AbsorbingProcess
+from d3pm_jax.processes.base import NEG_INF, Process, safe_log
+
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+CONTINUOUS_KINDS = ("ctmc", "masked")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _sum_positions(values_BxL, weights_BxL):
+  if weights_BxL is not None:
+    values_BxL = values_BxL * weights_BxL
+  return jnp.sum(values_BxL, axis=-1)
+
+
+def _gather(values_BxLxV, index_BxL):
+  return jnp.take_along_axis(values_BxLxV, index_BxL[..., None], axis=-1)[..., 0]
+
+
+def _log_linear(process: Process, log_w_xV, t):
+  """log(w @ Qbar(t)) from log w, shifted so the linear map never sees overflowing or all-zero inputs."""
+  shift = jax.lax.stop_gradient(jnp.max(log_w_xV, axis=-1, keepdims=True))
+  return safe_log(process.marginal(jnp.exp(log_w_xV - shift), t)) + shift
+
+
+def antithetic_times(key, batch: int, dtype=jnp.float32):
+  """Low-discrepancy times ``t_B``: one uniform offset, then evenly spaced modulo 1 (MD4/VDM's antithetic)."""
+  offset = jax.random.uniform(key, (), dtype=dtype)
+  return jnp.mod(offset + jnp.arange(batch, dtype=dtype) / batch, 1.0)
+
+
+def sample_times(key, batch: int, antithetic: bool = True, dtype=jnp.float32):
+  """``t_B`` uniform on [0, 1), antithetic by default."""
+  if antithetic:
+    return antithetic_times(key, batch, dtype)
+  return jax.random.uniform(key, (batch,), dtype=dtype)
+
+
+def per_token(nats_B, x0_BxL, weights_BxL=None):
+  """Mean nats per (unpadded) token over the batch."""
+  tokens = x0_BxL.size if weights_BxL is None else jnp.sum(weights_BxL)
+  return jnp.sum(nats_B) / tokens
+
+
+def nats_to_bits(nats):
+  return nats / math.log(2.0)
+
+
+def _float_dtype():
+  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+# ---------------------------------------------------------------- continuous-time terms
+
+def masked_diffusion(process: AbsorbingProcess, logits_fn: LogitsFn, key, x0_BxL, t_B, weights_BxL=None):
+  """MD4/MDLM integrand at times ``t_B``: -alpha'/(1-alpha) * masked cross-entropy (SUBS), nats ``[B]``."""
+  if not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"the masked ELBO needs the absorbing process; got {type(process).__name__}. "
+                     "Use kind='ctmc' for any process")
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
+  masked_BxL = x_t_BxL == process.mask_id
+  ce_BxL = jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
+  alpha_B = process.schedule.alpha(t_B)
+  weight_B = -process.schedule.dalpha_dt(t_B) / (1.0 - alpha_B)
+  return weight_B * _sum_positions(ce_BxL, weights_BxL)
+
+
+def ctmc_diffusion(process: Process, logits_fn: LogitsFn, key, x0_BxL, t_B, weights_BxL=None):
+  """The CTMC (denoising score-entropy) integrand at times ``t_B`` for any process, nats ``[B]``.
+
+  Costs what ``process.marginal`` costs per position: O(V) for absorbing and uniform.
+  """
+  num_states = process.num_states
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
+  # Model ratio: log s_hat_y = log sum_h p(h) Qbar[h, y] / Qbar[h, x_t], dropping h with Qbar[h, x_t] = 0.
+  col_BxLxV = process.marginal_column(x_t_BxL, t_B)
+  log_w = jnp.where(col_BxLxV > 0, log_p_BxLxV - safe_log(col_BxLxV), NEG_INF)
+  log_s_hat = _log_linear(process, log_w, t_B)
+  # True ratio given x_0: log s_y = log Qbar[x_0, y] - log Qbar[x_0, x_t].
+  log_row = safe_log(process.marginal(jax.nn.one_hot(x0_BxL, num_states, dtype=col_BxLxV.dtype), t_B))
+  log_s = log_row - _gather(log_row, x_t_BxL)[..., None]
+  s_positive = log_s > 0.5 * NEG_INF
+  # s (r - 1 - log r) with log r = log s_hat - log s, written with expm1 to keep precision when r ~ 1;
+  # where s = 0 the bracket is s_hat alone.
+  log_r = jnp.where(s_positive, log_s_hat - log_s, 0.0)
+  bracket = jnp.where(s_positive, jnp.exp(log_s) * (jnp.expm1(log_r) - log_r), jnp.exp(log_s_hat))
+  rates_BxLxV = process.rate_column(x_t_BxL) * (1.0 - jax.nn.one_hot(x_t_BxL, num_states))
+  per_position_BxL = jnp.sum(rates_BxLxV * bracket, axis=-1)
+  return process.schedule.dtau_dt(t_B) * _sum_positions(per_position_BxL, weights_BxL)
+
+
+def reconstruction(process: Process, logits_fn: LogitsFn, key, x0_BxL, weights_BxL=None):
+  """E -log p_theta(x_0 | x_t0) at t = 0 (one sample of x_t0), nats ``[B]``."""
+  t_B = jnp.zeros((x0_BxL.shape[0],), _float_dtype())
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
+  return _sum_positions(-_gather(log_p_BxLxV, x0_BxL), weights_BxL)
+
+
+def prior(process: Process, x0_BxL, weights_BxL=None):
+  """KL(q(x_1 | x_0) || prior) summed over positions, nats ``[B]``."""
+  return _sum_positions(process.prior_kl(x0_BxL), weights_BxL)
+
+
+def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind: str = "ctmc",
+                    antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
+                    weights_BxL=None) -> dict:
+  """Monte-Carlo continuous-time NELBO per sequence: a dict of ``[B]`` arrays in nats.
+
+  Keys: ``diffusion`` (mean over ``num_time_samples`` antithetic draws of t per sequence), ``recon``, ``prior``
+  and ``nelbo`` (their sum). ``with_recon=False`` skips the reconstruction term's extra network call (a training
+  loss where alpha(0) = 1 - eps makes it negligible); ``recon`` is then absent and ``nelbo`` excludes it.
+  ``kind``: ``ctmc`` (any process) or ``masked`` (MD4/MDLM, absorbing only).
+  """
+  _checks.check_choice("continuous ELBO kind", kind, CONTINUOUS_KINDS)
+  process._check_data("x0", x0_BxL)
+  term = ctmc_diffusion if kind == "ctmc" else masked_diffusion
+  batch = x0_BxL.shape[0]
+  recon_key, key = jax.random.split(key)
+
+  def one_draw(draw_key):
+    time_key, noise_key = jax.random.split(draw_key)
+    t_B = sample_times(time_key, batch, antithetic, _float_dtype())
+    return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL)
+
+  diffusion_B = jnp.mean(jax.lax.map(one_draw, jax.random.split(key, num_time_samples)), axis=0)
+  out = {"diffusion": diffusion_B, "prior": prior(process, x0_BxL, weights_BxL)}
+  if with_recon:
+    out["recon"] = reconstruction(process, logits_fn, recon_key, x0_BxL, weights_BxL)
+  out["nelbo"] = sum(out.values())
+  return out
+
+
+# ---------------------------------------------------------------- discrete time (D3PM)
+
+def _kl_logits(log_q_xV, log_p_xV):
+  """KL(q || p) over the last axis from normalised log-probabilities; 0 * log 0 = 0."""
+  q = jnp.exp(log_q_xV)
+  return jnp.sum(jnp.where(q > 0, q * (log_q_xV - log_p_xV), 0.0), axis=-1)
+
+
+def d3pm_step_terms(process: Process, logits_fn: LogitsFn, key, x0_BxL, step_B, num_steps: int,
+                    weights_BxL=None) -> dict:
+  """The D3PM VLB term of step i = ``step_B`` in {1..T} and the cross-entropy at that step, nats ``[B]``.
+
+  Returns ``{'vlb': KL(q(x_{i-1}|x_i,x_0) || p(x_{i-1}|x_i)) for i >= 2 or -log p(x_0|x_1) for i = 1,
+  'ce': -log p_theta(x_0 | x_i)}``.
+  """
+  t_B = step_B / num_steps
+  s_B = (step_B - 1) / num_steps
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
+  ce_BxL = -_gather(log_p_BxLxV, x0_BxL)
+  # At i = 1 there is no earlier noisy state; s is clamped only to keep the unused branch finite.
+  s_safe_B = jnp.maximum(s_B, 0.5 / num_steps)
+  one_hot = jax.nn.one_hot(x0_BxL, process.num_states, dtype=log_p_BxLxV.dtype)
+  log_q_post = process.posterior_logits(one_hot, x_t_BxL, s_safe_B, t_B)
+  log_p_post = process.posterior_logits(jnp.exp(log_p_BxLxV), x_t_BxL, s_safe_B, t_B)
+  kl_BxL = _kl_logits(log_q_post, log_p_post)
+  vlb_BxL = jnp.where((step_B == 1)[:, None], ce_BxL, kl_BxL)
+  return {"vlb": _sum_positions(vlb_BxL, weights_BxL), "ce": _sum_positions(ce_BxL, weights_BxL)}
+
+
+def d3pm_loss(process: Process, logits_fn: LogitsFn, key, x0_BxL, num_steps: int, hybrid_lambda: float = 0.01,
+              weights_BxL=None) -> dict:
+  """D3PM's training objective with one random step per sequence, nats ``[B]``.
+
+  ``vlb`` = T * (term of the sampled step) + prior, an unbiased estimate of the full VLB; ``loss`` = vlb +
+  hybrid_lambda * CE(x_0 | x_t) (D3PM's hybrid loss; lambda = 0 gives the pure VLB).
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+  process._check_data("x0", x0_BxL)
+  step_key, noise_key = jax.random.split(key)
+  step_B = jax.random.randint(step_key, (x0_BxL.shape[0],), 1, num_steps + 1)
+  terms = d3pm_step_terms(process, logits_fn, noise_key, x0_BxL, step_B, num_steps, weights_BxL)
+  vlb_B = num_steps * terms["vlb"] + prior(process, x0_BxL, weights_BxL)
+  return {"vlb": vlb_B, "ce": terms["ce"], "loss": vlb_B + hybrid_lambda * terms["ce"]}
+
+
+def d3pm_vlb_exact(process: Process, logits_fn: LogitsFn, key, x0_BxL, num_steps: int, weights_BxL=None):
+  """The full-T discrete VLB: every step's term (one x_t sample each) plus the prior, nats ``[B]``."""
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+  process._check_data("x0", x0_BxL)
+  batch = x0_BxL.shape[0]
+
+  def one_step(args):
+    step, step_key = args
+    step_B = jnp.full((batch,), step)
+    return d3pm_step_terms(process, logits_fn, step_key, x0_BxL, step_B, num_steps, weights_BxL)["vlb"]
+
+  steps = jnp.arange(1, num_steps + 1)
+  terms_TxB = jax.lax.map(one_step, (steps, jax.random.split(key, num_steps)))
+  return jnp.sum(terms_TxB, axis=0) + prior(process, x0_BxL, weights_BxL)
+
+
+# ---------------------------------------------------------------- corpus accumulation
+
+class LikelihoodAccumulator:
+  """Token-weighted corpus NLL accumulated on the host in float64 (no float32 drift over millions of tokens)."""
+
+  def __init__(self):
+    self.nats = 0.0
+    self.tokens = 0
+
+  def add(self, nats_B, num_tokens) -> None:
+    self.nats += float(np.sum(np.asarray(nats_B, np.float64)))
+    self.tokens += int(np.sum(np.asarray(num_tokens)))
+
+  def result(self) -> dict:
+    if self.tokens == 0:
+      raise ValueError("no tokens were accumulated")
+    nats = self.nats / self.tokens
+    return {"nats_per_token": nats, "bits_per_token": nats / math.log(2.0), "perplexity": math.exp(nats),
+            "tokens": self.tokens}

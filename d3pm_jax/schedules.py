@@ -1,0 +1,157 @@
+"""Noise schedules: the keep-probability alpha(t) on continuous time t in [0, 1], and its derivative.
+
+Every corruption process in d3pm_jax is ``Qbar(t) = expm(tau(t) R)`` with ``tau(t) = -log alpha(t)``, so a
+schedule is all a process needs to know about time. ``alpha`` falls from 1 at t = 0 to 0 at t = 1; to keep
+``tau`` and the loss weights finite it is squashed affinely into ``[eps, 1 - eps]``:
+
+    alpha(t) = eps + (1 - 2 eps) * alpha_raw(t),     dalpha_dt(t) = (1 - 2 eps) * alpha_raw'(t).
+
+The affine squash (rather than a hard clip) keeps ``dalpha_dt`` the exact derivative of ``alpha`` everywhere, so
+a continuous-time ELBO integrated against it stays an exact identity.
+
+Continuous schedules (``alpha_raw``):
+  linear       1 - t
+  cosine       1 - cos(pi/2 (1 - t))            (MD4's "cosine", MaskGIT's mask ratio)
+  poly<k>      1 - t**k, e.g. poly2, poly0.5   (MD4's polynomial family)
+  loglinear    1 - t                            (MDLM's log-linear: sigma(t) = -log(1 - t); eps as above)
+  geometric    exp(-sigma_min**(1-t) sigma_max**t) normalised to [0, 1]   (SEDD; sigma_min=1e-4, sigma_max=20)
+
+D3PM's discrete-time schedules, defined by betas over ``num_steps`` = T steps, through the same interface:
+``alpha_raw(i / T) = prod_{j <= i} (1 - beta_j)`` exactly on the grid and linear in between.
+  jsd           beta_i = 1 / (T - i + 1)        (whose grid values equal ``linear``'s)
+  linear_betas  beta_i = linspace(beta_start, beta_end, T)
+  cosine_betas  beta_i = min(1 - f(i)/f(i-1), 0.999),  f(i) = cos((i/T + 0.008) / 1.008 * pi/2)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from d3pm_jax import _checks
+
+CONTINUOUS = ("linear", "cosine", "poly<k>", "loglinear", "geometric")
+DISCRETE = ("jsd", "linear_betas", "cosine_betas")
+VALID_NAMES = CONTINUOUS + DISCRETE
+_POLY = re.compile(r"^poly(\d+(\.\d+)?)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A noise schedule. Hashable, so it can be a static argument of jitted functions.
+
+  Attributes:
+    name: one of ``VALID_NAMES`` (``poly<k>`` with a positive number k, e.g. ``poly3``).
+    eps: alpha is squashed into [eps, 1 - eps]; 0 <= eps < 0.5.
+    num_steps: T for the discrete-time D3PM schedules; ignored (and must be None) for continuous ones.
+    beta_start, beta_end: the endpoints of ``linear_betas``.
+    sigma_min, sigma_max: total-noise endpoints of ``geometric``.
+  """
+  name: str
+  eps: float = 1e-4
+  num_steps: int | None = None
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+  sigma_min: float = 1e-4
+  sigma_max: float = 20.0
+
+  def __post_init__(self):
+    if not (0.0 <= self.eps < 0.5):
+      raise ValueError(f"schedule eps must lie in [0, 0.5); got {self.eps}")
+    is_poly = _POLY.match(self.name) is not None
+    if not is_poly and self.name not in VALID_NAMES:
+      raise ValueError(f"unknown schedule {self.name!r}; valid: {sorted(VALID_NAMES)} "
+                       "(poly<k> takes a positive number, e.g. 'poly2')")
+    if is_poly and float(_POLY.match(self.name).group(1)) <= 0:
+      raise ValueError(f"schedule {self.name!r} needs a positive exponent, e.g. 'poly2'")
+    if self.name in DISCRETE:
+      if self.num_steps is None or int(self.num_steps) < 1:
+        raise ValueError(f"discrete-time schedule {self.name!r} needs num_steps >= 1; got {self.num_steps}")
+    elif self.num_steps is not None:
+      raise ValueError(f"num_steps applies only to the discrete-time schedules {DISCRETE}; "
+                       f"schedule {self.name!r} is continuous, drop num_steps={self.num_steps}")
+    if self.name == "geometric" and not (0 < self.sigma_min < self.sigma_max):
+      raise ValueError(f"geometric schedule needs 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+    if self.name == "linear_betas" and not (0 <= self.beta_start <= 1 and 0 <= self.beta_end <= 1):
+      raise ValueError(f"linear_betas needs betas in [0, 1]; got {self.beta_start}, {self.beta_end}")
+
+  @property
+  def is_discrete(self) -> bool:
+    return self.name in DISCRETE
+
+  # -- the raw schedule, alpha_raw(0) = 1 and alpha_raw(1) = 0 (or nearly, for some discrete ones) --
+
+  def _grid(self) -> np.ndarray:
+    """alpha_raw at t_i = i / T for the discrete schedules, float64, shape [T + 1]."""
+    num_steps = int(self.num_steps)
+    i = np.arange(1, num_steps + 1, dtype=np.float64)
+    if self.name == "jsd":
+      betas = 1.0 / (num_steps - i + 1.0)
+    elif self.name == "linear_betas":
+      betas = np.linspace(self.beta_start, self.beta_end, num_steps)
+    else:  # cosine_betas
+      f = np.cos((np.arange(num_steps + 1) / num_steps + 0.008) / 1.008 * np.pi / 2)
+      betas = np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    return np.concatenate([[1.0], np.cumprod(1.0 - betas)])
+
+  def _raw(self, t):
+    if self.is_discrete:
+      return jnp.interp(t, jnp.linspace(0.0, 1.0, int(self.num_steps) + 1), jnp.asarray(self._grid()))
+    if self.name in ("linear", "loglinear"):
+      return 1.0 - t
+    if self.name == "cosine":
+      return 1.0 - jnp.sin(0.5 * math.pi * t)  # = 1 - cos(pi/2 (1 - t)), exact at t = 0
+    if self.name == "geometric":
+      lo, hi = math.exp(-self.sigma_min), math.exp(-self.sigma_max)
+      sigma = self.sigma_min ** (1.0 - t) * self.sigma_max ** t
+      return (jnp.exp(-sigma) - hi) / (lo - hi)
+    k = float(_POLY.match(self.name).group(1))
+    return 1.0 - t ** k
+
+  def _raw_derivative(self, t):
+    if self.is_discrete:
+      num_steps = int(self.num_steps)
+      grid = jnp.asarray(self._grid())
+      idx = jnp.clip(jnp.floor(t * num_steps).astype(jnp.int32), 0, num_steps - 1)
+      return (grid[idx + 1] - grid[idx]) * num_steps
+    if self.name in ("linear", "loglinear"):
+      return -jnp.ones_like(t)
+    if self.name == "cosine":
+      return -0.5 * math.pi * jnp.cos(0.5 * math.pi * t)
+    if self.name == "geometric":
+      lo, hi = math.exp(-self.sigma_min), math.exp(-self.sigma_max)
+      sigma = self.sigma_min ** (1.0 - t) * self.sigma_max ** t
+      dsigma = sigma * math.log(self.sigma_max / self.sigma_min)
+      return -dsigma * jnp.exp(-sigma) / (lo - hi)
+    k = float(_POLY.match(self.name).group(1))
+    return -k * t ** (k - 1.0)
+
+  # -- the public interface --
+
+  def alpha(self, t):
+    """Keep-probability alpha(t) in [eps, 1 - eps]; ``t`` any shape, values in [0, 1]."""
+    _checks.check_unit_interval("t", t)
+    t = jnp.asarray(t, dtype=jnp.result_type(float, t))
+    return self.eps + (1.0 - 2.0 * self.eps) * self._raw(t)
+
+  def dalpha_dt(self, t):
+    """d alpha / dt (<= 0), the exact derivative of ``alpha``; same shape as ``t``."""
+    _checks.check_unit_interval("t", t)
+    t = jnp.asarray(t, dtype=jnp.result_type(float, t))
+    return (1.0 - 2.0 * self.eps) * self._raw_derivative(t)
+
+  def tau(self, t):
+    """tau(t) = -log alpha(t), the integrated rate: Qbar(t) = expm(tau(t) R)."""
+    return -jnp.log(self.alpha(t))
+
+  def dtau_dt(self, t):
+    """d tau / dt = -alpha'(t) / alpha(t) >= 0, the instantaneous rate multiplier."""
+    return -self.dalpha_dt(t) / self.alpha(t)
+
+
+def get_schedule(name: str, eps: float = 1e-4, num_steps: int | None = None, **kwargs) -> Schedule:
+  """Builds a schedule by name; unknown names raise ValueError listing the valid ones."""
+  return Schedule(name=name, eps=eps, num_steps=num_steps, **kwargs)

@@ -1,0 +1,116 @@
+"""Schedules: endpoints, derivatives against autodiff, D3PM's discrete grids against their beta products."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d3pm_jax import schedules
+from d3pm_jax.schedules import get_schedule
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+CONTINUOUS = ["linear", "cosine", "poly2", "poly0.5", "loglinear", "geometric"]
+DISCRETE = [("jsd", 10), ("linear_betas", 50), ("cosine_betas", 20)]
+
+
+def all_schedules(eps=1e-4):
+  return ([get_schedule(n, eps=eps) for n in CONTINUOUS] +
+          [get_schedule(n, eps=eps, num_steps=T) for n, T in DISCRETE])
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_endpoints_range_and_monotone(sched):
+  t = jnp.linspace(0.0, 1.0, 1001)
+  alpha = sched.alpha(t)
+  assert float(alpha[0]) == pytest.approx(1 - sched.eps, abs=1e-12)
+  assert float(alpha.min()) >= sched.eps - 1e-15 and float(alpha.max()) <= 1 - sched.eps + 1e-15
+  assert bool(jnp.all(jnp.diff(alpha) <= 1e-15)), "alpha must not increase with t"
+  if sched.name not in ("linear_betas", "cosine_betas"):  # those betas need not reach alpha_raw(1) = 0
+    assert float(alpha[-1]) == pytest.approx(sched.eps, abs=1e-9)
+
+
+@pytest.mark.parametrize("sched", all_schedules()[: len(CONTINUOUS)], ids=lambda s: s.name)
+def test_derivative_matches_autodiff(sched):
+  t = jnp.linspace(0.01, 0.99, 37)
+  auto = jax.vmap(jax.grad(lambda u: sched.alpha(u)))(t)
+  np.testing.assert_allclose(sched.dalpha_dt(t), auto, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(sched.dtau_dt(t), -auto / sched.alpha(t), rtol=1e-10)
+  np.testing.assert_allclose(sched.tau(t), -jnp.log(sched.alpha(t)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,steps", DISCRETE)
+def test_discrete_derivative_is_slope_between_grid_points(name, steps):
+  sched = get_schedule(name, num_steps=steps)
+  grid = sched.alpha(jnp.arange(steps + 1) / steps)
+  mid = (jnp.arange(steps) + 0.5) / steps
+  np.testing.assert_allclose(sched.dalpha_dt(mid), jnp.diff(grid) * steps, rtol=1e-10, atol=1e-12)
+
+
+def test_discrete_grids_equal_beta_products():
+  steps = 10
+  eps = 1e-4
+
+  def squash(raw):
+    return eps + (1 - 2 * eps) * np.asarray(raw)
+
+  grid_t = jnp.arange(steps + 1) / steps
+  # jsd: beta_i = 1 / (T - i + 1) telescopes to alpha_i = 1 - i / T, so the grid equals `linear`.
+  np.testing.assert_allclose(get_schedule("jsd", num_steps=steps).alpha(grid_t), squash(1 - np.arange(11) / 10),
+                             atol=1e-12)
+  np.testing.assert_allclose(get_schedule("jsd", num_steps=steps).alpha(grid_t),
+                             get_schedule("linear").alpha(grid_t), atol=1e-12)
+  # linear betas: a running product computed term by term.
+  betas = [1e-4 + (0.02 - 1e-4) * j / (steps - 1) for j in range(steps)]
+  expected = [1.0]
+  for beta in betas:
+    expected.append(expected[-1] * (1 - beta))
+  np.testing.assert_allclose(get_schedule("linear_betas", num_steps=steps).alpha(grid_t), squash(expected),
+                             rtol=1e-12)
+  # cosine betas from D3PM's f(i) = cos((i/T + 0.008) / 1.008 * pi / 2); with the 0.999 cap only on the last step.
+  f = [math.cos((i / steps + 0.008) / 1.008 * math.pi / 2) for i in range(steps + 1)]
+  expected = [1.0]
+  for i in range(1, steps + 1):
+    expected.append(expected[-1] * (1 - min(1 - f[i] / f[i - 1], 0.999)))
+  np.testing.assert_allclose(get_schedule("cosine_betas", num_steps=steps).alpha(grid_t), squash(expected),
+                             rtol=1e-12)
+
+
+def test_named_closed_forms():
+  t = jnp.array([0.0, 0.3, 0.7, 1.0])
+  raw = lambda s: (s.alpha(t) - s.eps) / (1 - 2 * s.eps)
+  np.testing.assert_allclose(raw(get_schedule("cosine")), 1 - np.sin(np.pi / 2 * np.asarray(t)), atol=1e-12)
+  np.testing.assert_allclose(raw(get_schedule("poly3")), 1 - np.asarray(t) ** 3, atol=1e-12)
+  geo = get_schedule("geometric")
+  sigma = 1e-4 ** (1 - np.asarray(t)) * 20.0 ** np.asarray(t)
+  expected = (np.exp(-sigma) - np.exp(-20.0)) / (np.exp(-1e-4) - np.exp(-20.0))
+  np.testing.assert_allclose(raw(geo), expected, rtol=1e-12)
+
+
+def test_eps_zero_gives_exact_endpoints():
+  sched = get_schedule("cosine", eps=0.0)
+  assert float(sched.alpha(0.0)) == 1.0
+  assert float(sched.alpha(1.0)) == pytest.approx(0.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(name="quadratic"), "unknown schedule 'quadratic'; valid:"),
+    (dict(name="poly0"), "positive exponent"),
+    (dict(name="jsd"), "needs num_steps"),
+    (dict(name="linear", num_steps=10), "drop num_steps"),
+    (dict(name="linear", eps=0.6), "eps must lie in"),
+])
+def test_bad_schedules_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    get_schedule(**kwargs)
+
+
+@pytest.mark.parametrize("t", [-0.1, 1.5, [0.2, 1.01]])
+def test_time_outside_unit_interval_raises(t):
+  with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+    get_schedule("linear").alpha(jnp.asarray(t))
+
+
+def test_valid_names_listed():
+  assert set(schedules.CONTINUOUS) | set(schedules.DISCRETE) == set(schedules.VALID_NAMES)
