@@ -1,0 +1,187 @@
+"""The denoiser: a pre-norm transformer with rotary positions, GLU MLPs and optional adaLN-zero time conditioning.
+
+Run bidirectionally it is the diffusion denoiser (logits of p(x_0 | x_t)); run with ``causal=True`` it is the
+autoregressive baseline (logits of p(x_{n+1} | x_{<=n})). Every parameter carries logical axis names
+(``vocab, embed, heads, kv, mlp, norm, cond``); the mapping to mesh axes lives in the config.
+Compute runs in ``dtype`` (e.g. bfloat16), while parameters, norms and the output logits stay in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from d3pm_jax import _checks
+
+NORMS = ("rms", "layer")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Transformer sizes and numerics. ``mlp_dim`` is the GLU's hidden width."""
+  vocab_size: int
+  max_len: int = 128
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  mlp_dim: int = 1024
+  causal: bool = False
+  time_conditioning: bool = False
+  cond_dim: int = 128
+  norm: str = "rms"
+  dtype: str = "float32"
+  remat: bool = False
+  rope_base: float = 10000.0
+
+  def __post_init__(self):
+    _checks.check_choice("norm", self.norm, NORMS)
+    _checks.check_choice("dtype", self.dtype, DTYPES)
+    for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"model.{name} must be a positive integer; got {getattr(self, name)}")
+    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"model.d_model={self.d_model} must split into num_heads={self.num_heads} heads of even "
+                       "width (rotary embeddings rotate pairs)")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm in float32, with a learned scale over ``embed``."""
+  kind: str
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layer":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
+    scale = self.param("scale", _partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],), jnp.float32)
+    return x32 * scale
+
+
+def rotary(x_BxLxHxK, base: float):
+  """Rotary position embedding over the last axis (pairs (i, i + K/2)), positions 0..L-1."""
+  length, width = x_BxLxHxK.shape[1], x_BxLxHxK.shape[-1]
+  freq = base ** (-jnp.arange(0, width // 2, dtype=jnp.float32) / (width // 2))
+  angle_LxK2 = jnp.arange(length, dtype=jnp.float32)[:, None] * freq[None, :]
+  sin = jnp.sin(angle_LxK2)[None, :, None, :]
+  cos = jnp.cos(angle_LxK2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxLxHxK.dtype)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    head_dim = cfg.d_model // cfg.num_heads
+    dense = lambda name, names, features, axis=-1: nn.DenseGeneral(
+        features, axis=axis, use_bias=False, dtype=cfg.compute_dtype, name=name,
+        kernel_init=_partitioned(nn.initializers.lecun_normal(), names))
+    qkv = [dense(n, ("embed", "heads", "kv"), (cfg.num_heads, head_dim))(x_BxLxD) for n in ("query", "key", "value")]
+    q, k, v = rotary(qkv[0], cfg.rope_base), rotary(qkv[1], cfg.rope_base), qkv[2]
+    out_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.causal)
+    return dense("out", ("heads", "kv", "embed"), cfg.d_model, axis=(-2, -1))(out_BxLxHxK)
+
+
+class GluMlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.config
+    dense = lambda name, features, names: nn.Dense(
+        features, use_bias=False, dtype=cfg.compute_dtype, name=name,
+        kernel_init=_partitioned(nn.initializers.lecun_normal(), names))
+    gate = dense("wi_gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD)
+    up = dense("wi_up", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD)
+    return dense("wo", cfg.d_model, ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  """Pre-norm block; with a conditioning vector, adaLN-zero shifts, scales and gates both branches."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, cond_BxC):
+    cfg = self.config
+    if cond_BxC is None:
+      mods = [None] * 6
+    else:
+      mod = nn.Dense(6 * cfg.d_model, dtype=jnp.float32, name="adaln",
+                     kernel_init=_partitioned(nn.initializers.zeros, ("cond", "mlp")),
+                     bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(cond_BxC)
+      mods = jnp.split(mod[:, None, :], 6, axis=-1)
+
+    def branch(h, module, norm_name, shift, scale, gate):
+      y = Norm(cfg.norm, name=norm_name)(h)
+      if shift is not None:
+        y = y * (1.0 + scale) + shift
+      y = module(y.astype(cfg.compute_dtype))
+      return h + (y if gate is None else y * gate).astype(h.dtype)
+
+    x_BxLxD = branch(x_BxLxD, Attention(cfg, name="attention"), "attention_norm", *mods[:3])
+    return branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
+
+
+def timestep_embedding(t_B, dim: int):
+  """Sinusoidal features of 1000 t, ``[B, dim]``."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class Transformer(nn.Module):
+  """``__call__(tokens_BxL, t_B=None) -> logits_BxLxV`` in float32."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, t_B=None):
+    cfg = self.config
+    if tokens_BxL.shape[1] > cfg.max_len:
+      raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name="embed",
+                     embedding_init=_partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
+    x_BxLxD = embed(tokens_BxL).astype(cfg.compute_dtype)
+    cond_BxC = None
+    if cfg.time_conditioning:
+      if t_B is None:
+        raise ValueError("this model is time-conditioned (model.time_conditioning=True); pass t_B")
+      hidden = nn.Dense(cfg.cond_dim, name="time_in", kernel_init=_partitioned(nn.initializers.lecun_normal(),
+                                                                              ("cond", "cond_hidden")),
+                        bias_init=_partitioned(nn.initializers.zeros, ("cond_hidden",)))
+      out = nn.Dense(cfg.cond_dim, name="time_out", kernel_init=_partitioned(nn.initializers.lecun_normal(),
+                                                                            ("cond_hidden", "cond")),
+                     bias_init=_partitioned(nn.initializers.zeros, ("cond",)))
+      cond_BxC = out(nn.silu(hidden(timestep_embedding(t_B, cfg.cond_dim))))
+    block = nn.remat(Block) if cfg.remat else Block
+    for layer in range(cfg.num_layers):
+      x_BxLxD = block(cfg, name=f"block_{layer}")(x_BxLxD, cond_BxC)
+    y = Norm(cfg.norm, name="final_norm")(x_BxLxD)
+    if cond_BxC is not None:
+      shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",
+                                        kernel_init=_partitioned(nn.initializers.zeros, ("cond", "mlp")),
+                                        bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(cond_BxC)[:, None],
+                               2, axis=-1)
+      y = y * (1.0 + scale) + shift
+    head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, name="head",
+                    kernel_init=_partitioned(nn.initializers.lecun_normal(), ("embed", "vocab")))
+    return head(y)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
