@@ -1,0 +1,168 @@
+"""The config boundary: an ml_collections ConfigDict in, frozen dataclasses out.
+
+``base_config()`` holds every key with its default; files under ``configs/`` start from it and override. The
+ConfigDict is locked, so an unknown key (``--config.trian.steps=5``) raises, naming the key. ``from_config``
+converts it once, at the entry point, into ``ExperimentConfig``; nothing below reads a ConfigDict.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from d3pm_jax import _checks
+from d3pm_jax.models.transformer import ModelConfig
+
+PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
+LOSSES = ("masked", "ctmc", "d3pm", "ar")
+DATASETS = ("stdlib", "markov")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessConfig:
+  """Which corruption process and which loss. ``autoregressive`` trains the causal baseline with the same loop."""
+  name: str = "absorbing"
+  loss: str = "masked"
+  schedule: str = "cosine"
+  eps: float = 1e-4
+  num_steps: int = 1000          # T of the discrete-time D3PM loss
+  hybrid_lambda: float = 0.01    # D3PM's hybrid loss weight
+  nn_k: int = 8
+  nn_rate_scale: float = 4.0
+  nn_uniform_rate: float = 0.0
+  nn_embeddings: str = ""        # .npy path; empty: hand-built byte features (bytes tokenizer only)
+
+  def __post_init__(self):
+    _checks.check_choice("process", self.name, PROCESS_NAMES)
+    _checks.check_choice("loss", self.loss, LOSSES)
+    valid = {"absorbing": ("masked", "ctmc", "d3pm"), "uniform": ("ctmc", "d3pm"),
+             "nearest_neighbor": ("ctmc", "d3pm"), "autoregressive": ("ar",)}[self.name]
+    if self.loss not in valid:
+      raise ValueError(f"process {self.name!r} cannot train with loss {self.loss!r}; valid: {sorted(valid)}")
+
+  @property
+  def is_autoregressive(self) -> bool:
+    return self.name == "autoregressive"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  name: str = "stdlib"
+  tokenizer: str = "bytes"
+  tokenizer_path: str = ""       # sentencepiece .model; empty: train one in the workdir
+  spm_vocab_size: int = 4096
+  seq_len: int = 128
+  validation_permille: int = 20
+  markov_states: int = 8
+  markov_windows: int = 4096
+
+  def __post_init__(self):
+    _checks.check_choice("data set", self.name, DATASETS)
+    if self.seq_len < 2:
+      raise ValueError(f"data.seq_len must be >= 2; got {self.seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 600
+  batch_size: int = 32
+  grad_accum: int = 1
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.03
+  b1: float = 0.9
+  b2: float = 0.99
+  grad_clip: float = 1.0
+  ema_decay: float = 0.999
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 2
+  num_samples: int = 4
+  sample_steps: int = 64
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints", "sample_steps"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  model: ModelConfig
+  process: ProcessConfig
+  data: DataConfig
+  train: TrainConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with its default, locked; ``model.vocab_size`` and ``model.causal`` are derived from the tokenizer
+  and the process."""
+  def section(cls, skip=()):
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip})
+
+  cfg = ml_collections.ConfigDict()
+  cfg.model = section(ModelConfig, skip=("vocab_size", "causal"))
+  cfg.process = section(ProcessConfig)
+  cfg.data = section(DataConfig)
+  cfg.train = section(TrainConfig)
+  cfg.lock()  # config files may change values but never add keys: a misspelt key raises at once
+  return cfg
+
+
+def _typed(cls, values: dict, section: str):
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in values:
+      continue
+    value, default = values[f.name], f.default
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise ValueError(f"config key {section}.{f.name} must be a bool; got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config key {section}.{f.name} must be a number; got {value!r}")
+      if isinstance(default, int) and not float(value).is_integer():
+        raise ValueError(f"config key {section}.{f.name} must be an integer; got {value!r}")
+      value = type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+      raise ValueError(f"config key {section}.{f.name} must be a string; got {value!r}")
+    out[f.name] = value
+  unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"unknown config keys {sorted(section + '.' + k for k in unknown)}")
+  return out
+
+
+def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> ExperimentConfig:
+  """Converts a config into frozen dataclasses. ``vocab_size`` is the tokenizer's; the model's vocabulary adds
+  the mask (absorbing) or a start token (autoregressive). The autoregressive baseline is causal and never
+  time-conditioned, whatever ``model.time_conditioning`` says."""
+  raw: dict[str, Any] = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+  unknown = set(raw) - {"model", "process", "data", "train"}
+  if unknown:
+    raise ValueError(f"unknown config sections {sorted(unknown)}; valid: ['data', 'model', 'process', 'train']")
+  process = ProcessConfig(**_typed(ProcessConfig, raw.get("process", {}), "process"))
+  extra = 1 if process.name in ("absorbing", "autoregressive") else 0
+  model_values = _typed(ModelConfig, {k: v for k, v in raw.get("model", {}).items() if k != "vocab_size"}, "model")
+  if process.is_autoregressive:  # the causal baseline sees no diffusion time
+    model_values["time_conditioning"] = False
+  model = ModelConfig(vocab_size=vocab_size + extra, causal=process.is_autoregressive, **model_values)
+  data = DataConfig(**_typed(DataConfig, raw.get("data", {}), "data"))
+  if data.seq_len > model.max_len:
+    raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}")
+  return ExperimentConfig(model=model, process=process, data=data,
+                          train=TrainConfig(**_typed(TrainConfig, raw.get("train", {}), "train")))
+
+
+def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:
+  """For ``get_config(arg)``: ``arg`` must be None or one of ``valid``."""
+  if arg is not None and arg not in valid:
+    raise ValueError(f"unknown config argument {arg!r}; valid: {sorted(valid)}")
+  return arg

@@ -1,0 +1,108 @@
+"""Packing into fixed windows, and the grain pipeline each process reads its own shard from.
+
+``build_data(config, workdir)`` returns the tokenizer, the training ``grain.MapDataset`` of batches (shuffled,
+sharded by JAX process, indexable so the iterator position is one integer that checkpoints save), and the
+validation windows with their token weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+
+from d3pm_jax.config import DataConfig
+from d3pm_jax.data import stdlib, tokenizers
+from d3pm_jax.data.synthetic import MarkovSource
+
+# Epochs of the training stream: far more than any run takes.
+_EPOCHS = 10_000
+
+
+def pack(token_arrays, seq_len: int):
+  """Concatenates token arrays and cuts windows of ``seq_len``; the last window is zero-padded.
+
+  Returns ``(windows_NxL int32, weights_NxL float32)`` where weights are 1 on real tokens and 0 on padding, so
+  ``windows[weights > 0]`` is exactly the concatenated stream.
+  """
+  stream = np.concatenate([np.asarray(a, np.int32) for a in token_arrays]) if token_arrays else np.zeros(0, np.int32)
+  num_windows = -(-stream.size // seq_len)
+  windows = np.zeros((num_windows, seq_len), np.int32)
+  weights = np.zeros((num_windows, seq_len), np.float32)
+  windows.reshape(-1)[: stream.size] = stream
+  weights.reshape(-1)[: stream.size] = 1.0
+  return windows, weights
+
+
+def byte_features() -> np.ndarray:
+  """A hand-built embedding of the 256 bytes for the nearest-neighbour process: the code point (spacing 1) and
+  character-class flags (weight 2), so a byte's neighbours are nearby code points of its own class first, while
+  the graph stays connected across class boundaries."""
+  feats = np.zeros((256, 6))
+  for b in range(256):
+    c = chr(b)
+    flags = [c.isdigit(), c.islower(), c.isupper(), c.isspace(), (not c.isalnum()) and c.isprintable()]
+    feats[b] = [b] + [2.0 * f for f in flags]
+  return feats
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: object
+  train_batches: grain.MapDataset   # element i: the i-th batch of this process, int32 [B_local, L]
+  val_windows: np.ndarray           # [N, L]
+  val_weights: np.ndarray           # [N, L]
+  info: dict
+
+
+def train_batches(windows_NxL: np.ndarray, batch_per_process: int, seed: int) -> grain.MapDataset:
+  # shuffle-then-repeat draws a fresh permutation for every epoch.
+  ds = grain.MapDataset.source(windows_NxL).shuffle(seed=seed).repeat(_EPOCHS)
+  ds = ds[jax.process_index()::jax.process_count()]
+  return ds.batch(batch_per_process, drop_remainder=True)
+
+
+def _stdlib(config: DataConfig, workdir: str | None):
+  files = stdlib.list_files()
+  splits = {s: stdlib.split_files(files, s, config.validation_permille) for s in stdlib.SPLITS}
+  contents = {s: stdlib.read_files(f) for s, f in splits.items()}
+  if config.tokenizer == "sentencepiece" and not config.tokenizer_path:
+    if workdir is None:
+      raise ValueError("training a sentencepiece tokenizer needs a workdir (or set data.tokenizer_path)")
+    prefix = os.path.join(workdir, "stdlib_spm")
+    tok = (tokenizers.SentencePieceTokenizer(prefix + ".model") if os.path.exists(prefix + ".model") else
+           tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size))
+  else:
+    tok = tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
+  info = {s: stdlib.fingerprint(splits[s], contents[s]) for s in stdlib.SPLITS}
+  info["root"] = stdlib.stdlib_root()
+  encoded = {s: [tok.encode(c) for c in contents[s]] for s in stdlib.SPLITS}
+  return tok, encoded, info
+
+
+def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None) -> Data:
+  """Loads the data set named by ``config``; ``batch_size`` is global and split evenly over JAX processes."""
+  if batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes")
+  if config.name == "stdlib":
+    tok, encoded, info = _stdlib(config, workdir)
+  else:  # markov: a synthetic source with known entropy, for tests and calibration
+    source = MarkovSource.random(seed, config.markov_states, concentration=1.0)
+    key_train, key_val = jax.random.split(jax.random.PRNGKey(seed))
+    encoded = {"train": list(np.asarray(source.sample(key_train, config.markov_windows, config.seq_len))),
+               "validation": list(np.asarray(source.sample(key_val, 64, config.seq_len)))}
+    tok = None
+    info = {"markov_states": config.markov_states,
+            "entropy_bits_per_token": source.entropy(config.seq_len) / config.seq_len / np.log(2)}
+  train_windows, train_weights = pack(encoded["train"], config.seq_len)
+  train_windows = train_windows[train_weights.min(axis=1) > 0]  # training drops the one padded window
+  val_windows, val_weights = pack(encoded["validation"], config.seq_len)
+  info.update(train_windows=int(train_windows.shape[0]), validation_windows=int(val_windows.shape[0]))
+  return Data(tokenizer=tok, train_batches=train_batches(train_windows, batch_size // jax.process_count(), seed),
+              val_windows=val_windows, val_weights=val_weights, info=info)
+
+
+def vocab_size_of(data: Data, config: DataConfig) -> int:
+  return config.markov_states if data.tokenizer is None else data.tokenizer.vocab_size

@@ -1,0 +1,354 @@
+"""One train loop: state, optimiser, jit-compiled step, evaluation, samples, metrics and orbax checkpoints.
+
+``train_and_evaluate(config, workdir)`` trains, evaluates validation bits per token, writes metrics to
+``workdir/metrics.jsonl`` and checkpoints (state, rng and data-iterator position) to ``workdir/checkpoints``.
+A workdir with checkpoints resumes from the latest one; a checkpoint whose model or process differs from the
+config is refused, never mixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from d3pm_jax import losses
+from d3pm_jax.config import ExperimentConfig, ProcessConfig
+from d3pm_jax.data import pipeline
+from d3pm_jax.models.transformer import ModelConfig, Transformer, count_params
+from d3pm_jax.processes import Process, make_process
+from d3pm_jax.schedules import get_schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+# ---------------------------------------------------------------- building blocks
+
+def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
+  """The corruption process for the model's vocabulary; None for the autoregressive baseline."""
+  if cfg.is_autoregressive:
+    return None
+  schedule = get_schedule(cfg.schedule, eps=cfg.eps)
+  if cfg.name != "nearest_neighbor":
+    return make_process(cfg.name, model_cfg.vocab_size, schedule)
+  if cfg.nn_embeddings:
+    embeddings = cfg.nn_embeddings
+  elif model_cfg.vocab_size == 256:
+    embeddings = pipeline.byte_features()
+  else:
+    raise ValueError("process.nn_embeddings (a .npy table [V, D]) is required unless the tokenizer is bytes")
+  return make_process("nearest_neighbor", model_cfg.vocab_size, schedule, embeddings=embeddings, k=cfg.nn_k,
+                      rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay to ``min_lr_ratio``, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> TrainState:
+  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  params = nn.unbox(model.init(init_rng, tokens, jnp.zeros((1,)))["params"])
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+
+def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
+               evaluate: bool = False) -> dict:
+  """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits)."""
+  pcfg = config.process
+  if pcfg.is_autoregressive:
+    bos = model.config.vocab_size - 1
+    inputs = jnp.concatenate([jnp.full_like(x0_BxL[:, :1], bos), x0_BxL[:, :-1]], axis=1)
+    log_p = jax.nn.log_softmax(model.apply({"params": params}, inputs)[..., :bos])
+    nll_B = -jnp.sum(jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0], axis=1)
+    return {"loss": nll_B, "nelbo": nll_B}
+
+  def logits_fn(x_t_BxL, t_B):
+    return model.apply({"params": params}, x_t_BxL, t_B)
+
+  if pcfg.loss == "d3pm":
+    out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda)
+    return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
+  out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate)
+  return {"loss": out["nelbo"], **out}
+
+
+def _mean_per_token(values_B, x0_BxL):
+  return jnp.sum(values_B) / x0_BxL.size
+
+
+def make_train_step(config: ExperimentConfig, model, process, optimizer):
+  """A pure step ``(state, batch_BxL) -> (state, metrics)``; the batch is split into ``grad_accum`` micro-batches
+  whose gradients are averaged before one update."""
+  accum = config.train.grad_accum
+
+  def micro_loss(params, key, x0_BxL):
+    terms = loss_terms(config, model, process, params, key, x0_BxL)
+    return _mean_per_token(terms["loss"], x0_BxL), _mean_per_token(terms["nelbo"], x0_BxL)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step(state: TrainState, batch_BxL):
+    rng, step_rng = jax.random.split(state.rng)
+    micro_NxBxL = batch_BxL.reshape((accum, -1) + batch_BxL.shape[1:])
+
+    def accumulate(carry, inputs):
+      key, x0 = inputs
+      (loss, nelbo), grads = grad_fn(state.params, key, x0)
+      total_grads, total_loss, total_nelbo = carry
+      return (jax.tree_util.tree_map(jnp.add, total_grads, grads), total_loss + loss, total_nelbo + nelbo), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
+                                           (jax.random.split(step_rng, accum), micro_NxBxL))
+    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.train.ema_decay
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = {"loss": loss / accum, "bits_per_token": nelbo / accum / math.log(2.0),
+               "grad_norm": optax.tree_utils.tree_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng), metrics
+
+  return step
+
+
+def make_eval_step(config, model, process):
+  def eval_step(params, key, x0_BxL, weights_BxL):
+    terms = loss_terms(config, model, process, params, key, x0_BxL, evaluate=True)
+    return terms["nelbo"]
+  return eval_step
+
+
+def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
+  """Validation NELBO in bits per token over ``eval_batches`` fixed windows, accumulated in float64 on the host.
+  The windows are the first ones of the validation split (padding excluded from the token count)."""
+  acc = losses.LikelihoodAccumulator()
+  batch = config.train.batch_size
+  num = min(config.train.eval_batches * batch, data.val_windows.shape[0] // batch * batch)
+  for i, start in enumerate(range(0, num, batch)):
+    x0 = jnp.asarray(data.val_windows[start:start + batch])
+    weights = data.val_weights[start:start + batch]
+    nats_B = eval_step(params, jax.random.fold_in(key, i), x0, None)
+    acc.add(np.asarray(nats_B) * weights.mean(axis=1), weights.sum(axis=1))
+  return acc.result()
+
+
+# ---------------------------------------------------------------- sampling
+
+def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int):
+  """Ancestral sampling in one ``lax.scan``; the autoregressive baseline samples token by token (full recompute;
+  the KV-cache decoder lives with the samplers)."""
+  length = config.data.seq_len
+
+  if process is None:
+    bos = model.config.vocab_size - 1
+
+    def sample_ar(params, key):
+      def body(tokens_BxL, inputs):
+        pos, step_key = inputs
+        inputs_BxL = jnp.concatenate([jnp.full((batch, 1), bos), tokens_BxL[:, :-1]], axis=1)
+        logits = model.apply({"params": params}, inputs_BxL)[:, pos, :bos]
+        return tokens_BxL.at[:, pos].set(jax.random.categorical(step_key, logits)), None
+
+      tokens, _ = jax.lax.scan(body, jnp.zeros((batch, length), jnp.int32),
+                               (jnp.arange(length), jax.random.split(key, length)))
+      return tokens
+    return jax.jit(sample_ar)
+
+  def sample(params, key):
+    init_key, key = jax.random.split(key)
+    x_BxL = jax.random.categorical(init_key, jnp.log(process.prior()), shape=(batch, length)).astype(jnp.int32)
+
+    def body(x_t, inputs):
+      i, step_key = inputs
+      t = jnp.full((batch,), i / num_steps)
+      s = jnp.full((batch,), (i - 1) / num_steps)
+      log_p0 = process.x0_log_probs(model.apply({"params": params}, x_t, t), x_t)
+      post = process.posterior_logits(jnp.exp(log_p0), x_t, jnp.maximum(s, 0.0), t)
+      # The last step draws x_0 from the denoiser itself.
+      logits = jnp.where(i == 1, log_p0, post)
+      return jax.random.categorical(step_key, logits).astype(jnp.int32), None
+
+    steps = jnp.arange(num_steps, 0, -1)
+    x_BxL, _ = jax.lax.scan(body, x_BxL, (steps, jax.random.split(key, num_steps)))
+    return x_BxL
+  return jax.jit(sample)
+
+
+# ---------------------------------------------------------------- checkpoints and logging
+
+def _fingerprint(config: ExperimentConfig) -> dict:
+  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change)."""
+  return {"model": dataclasses.asdict(config.model), "process": dataclasses.asdict(config.process),
+          "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+  diffs = []
+  for section in sorted(set(saved) | set(current)):
+    a, b = saved.get(section), current.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
+  if diffs:
+    raise ValueError("the workdir holds a checkpoint of a different experiment; use a new --workdir or restore "
+                     "the original config. Differences: " + "; ".join(diffs))
+
+
+def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+def save_checkpoint(manager, state: TrainState, data_state: dict, fingerprint: dict) -> None:
+  manager.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      experiment=ocp.args.JsonSave(fingerprint)))
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
+  """(state, data_state) from the latest checkpoint, or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+  check_compatible(saved["experiment"], json.loads(json.dumps(fingerprint)))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return restored["state"], restored["data"]
+
+
+class MetricsWriter:
+  """JSONL metrics (process 0 only) and a console progress line with rate and ETA."""
+
+  def __init__(self, workdir: str, total_steps: int, quiet: bool = False):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total = total_steps
+    self.quiet = quiet or jax.process_index() != 0
+    self.start = time.time()
+    self.start_step = None
+
+  def write(self, step: int, metrics: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def progress(self, step: int, metrics: dict) -> None:
+    if self.start_step is None:
+      self.start_step, self.start = step, time.time()
+      return
+    if self.quiet:
+      return
+    rate = (step - self.start_step) / max(time.time() - self.start, 1e-9)
+    eta = (self.total - step) / max(rate, 1e-9)
+    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+    print(f"step {step}/{self.total} [{step / self.total:6.1%}] {rate:.2f} steps/s eta {eta:5.0f}s {shown}",
+          flush=True)
+
+  def log(self, text: str) -> None:
+    if not self.quiet:
+      print(text, flush=True)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Data | None = None,
+                       stop_after: int | None = None, quiet: bool = False) -> dict:
+  """Trains to ``config.train.steps`` (or stops early after ``stop_after`` steps, for tests of resumption),
+  resuming from ``workdir``'s latest checkpoint. Returns the final metrics and the state under 'state'."""
+  os.makedirs(workdir, exist_ok=True)
+  tcfg = config.train
+  data = data or pipeline.build_data(config.data, tcfg.batch_size, tcfg.seed, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "corpus.json"), "w") as f:
+      json.dump(data.info, f, indent=2, sort_keys=True)
+  model = Transformer(config.model)
+  process = build_process(config.process, config.model)
+  optimizer = make_optimizer(tcfg)
+  writer = MetricsWriter(workdir, tcfg.steps, quiet)
+  fingerprint = _fingerprint(config)
+  manager = checkpoint_manager(workdir, tcfg)
+
+  state = init_state(config, model, optimizer)
+  next_batch = 0
+  restored = restore_checkpoint(manager, state, fingerprint)
+  if restored is not None:
+    state, data_state = restored
+    next_batch = int(data_state["next_batch"])
+    writer.log(f"resumed from step {int(state.step)} in {workdir}")
+  writer.log(f"model: {count_params(state.params):,} parameters; process: {config.process.name} "
+             f"({config.process.loss}); data: {data.info.get('train_windows')} training windows of "
+             f"{config.data.seq_len} tokens")
+
+  train_step = jax.jit(make_train_step(config, model, process, optimizer), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config, model, process))
+  eval_key = jax.random.PRNGKey(tcfg.seed + 1)
+  last_step = tcfg.steps if stop_after is None else min(tcfg.steps, int(state.step) + stop_after)
+  pending = None
+  results = {}
+  while int(state.step) < last_step:
+    batch = jnp.asarray(data.train_batches[next_batch])
+    next_batch += 1
+    state, metrics = train_step(state, batch)
+    step = next_batch_step = int(state.step)
+    # Metrics are fetched one step late, so the host never waits on the step it just dispatched.
+    if pending is not None and (pending[0] % tcfg.log_every == 0 or pending[0] == 1):
+      host = jax.device_get(pending[1])
+      writer.write(pending[0], host)
+      writer.progress(pending[0], host)
+    pending = (next_batch_step, metrics)
+    if step % tcfg.eval_every == 0 or step == tcfg.steps:
+      results = evaluate(config, eval_step, state.params, data, eval_key)
+      writer.write(step, {f"val_{k}": v for k, v in results.items()})
+      writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
+    if step % tcfg.checkpoint_every == 0 or step == last_step:
+      save_checkpoint(manager, state, {"next_batch": next_batch}, fingerprint)
+  if pending is not None:
+    writer.write(pending[0], jax.device_get(pending[1]))
+  manager.wait_until_finished()
+  manager.close()
+  return {"state": state, "validation": results, "data": data, "model": model, "process": process}
+
+
+def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout) -> list:
+  """Draws ``num_samples`` sequences with the trained parameters and prints them decoded."""
+  tcfg = config.train
+  sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples)
+  tokens = np.asarray(sampler(result["state"].params, jax.random.PRNGKey(tcfg.seed + 2)))
+  texts = []
+  tok = result["data"].tokenizer
+  for row in tokens:
+    text = tok.decode(row).decode("utf-8", errors="replace") if tok is not None else " ".join(map(str, row))
+    texts.append(text)
+    print("-" * 40 + "\n" + text, file=writer_out)
+  return texts

@@ -1,0 +1,101 @@
+"""Data: the stdlib corpus split, tokenizers that round-trip bytes exactly, packing, the grain pipeline."""
+import numpy as np
+import pytest
+
+from d3pm_jax.config import DataConfig
+from d3pm_jax.data import pipeline, stdlib, tokenizers
+
+
+def test_stdlib_file_list_is_deterministic_and_excludes_site_packages():
+  files = stdlib.list_files()
+  assert files == stdlib.list_files() == sorted(files)
+  assert len(files) > 500
+  assert not any(part in f.split("/") for f in files for part in stdlib.EXCLUDED_DIRS)
+  assert "os.py" in files and all(f.endswith(".py") for f in files)
+
+
+def test_split_is_disjoint_by_file_and_covers_the_corpus():
+  files = stdlib.list_files()
+  train = stdlib.split_files(files, "train")
+  val = stdlib.split_files(files, "validation")
+  assert set(train).isdisjoint(val) and sorted(train + val) == files
+  assert 0.005 < len(val) / len(files) < 0.05
+  # The split depends only on each path, not on which other files exist.
+  assert stdlib.split_files(files[::2], "validation") == [f for f in val if f in set(files[::2])]
+  with pytest.raises(ValueError, match="unknown split 'test'; valid"):
+    stdlib.split_files(files, "test")
+
+
+def test_fingerprint_identifies_contents():
+  files = stdlib.list_files()[:20]
+  contents = stdlib.read_files(files)
+  fp = stdlib.fingerprint(files, contents)
+  assert fp["files"] == 20 and fp["bytes"] == sum(map(len, contents))
+  changed = list(contents)
+  changed[3] = changed[3] + b" "
+  assert stdlib.fingerprint(files, changed)["sha256"] != fp["sha256"]
+
+
+def test_byte_tokenizer_round_trips_every_stdlib_file():
+  tok = tokenizers.ByteTokenizer()
+  files = stdlib.list_files()
+  for data in stdlib.read_files(files):
+    ids = tok.encode(data)
+    assert ids.min(initial=0) >= 0 and ids.max(initial=0) < 256
+    assert tok.decode(ids) == data
+
+
+def test_sentencepiece_trained_locally_round_trips_exactly(tmp_path):
+  files = stdlib.list_files()
+  train = stdlib.read_files(files[:60])
+  tok = tokenizers.SentencePieceTokenizer.train(train, str(tmp_path / "spm"), vocab_size=600)
+  assert tok.vocab_size == 600
+  held_out = stdlib.read_files(files[60:90]) + ["tabs\tand  spaces\n\n  unicode: é ✓ 中文\r\n".encode()]
+  total_bytes = total_ids = 0
+  for data in held_out:
+    ids = tok.encode(data)
+    assert tok.decode(ids) == data
+    total_bytes, total_ids = total_bytes + len(data), total_ids + len(ids)
+  assert total_ids < 0.6 * total_bytes  # it really merges bytes into pieces
+  # A given .model path loads the same tokenizer.
+  again = tokenizers.make_tokenizer("sentencepiece", str(tmp_path / "spm.model"))
+  np.testing.assert_array_equal(again.encode(held_out[0]), tok.encode(held_out[0]))
+
+
+def test_tokenizer_bad_input():
+  with pytest.raises(ValueError, match="unknown tokenizer 'chars'; valid"):
+    tokenizers.make_tokenizer("chars")
+  with pytest.raises(ValueError, match="needs data.tokenizer_path"):
+    tokenizers.make_tokenizer("sentencepiece")
+  with pytest.raises(ValueError, match="does not exist"):
+    tokenizers.make_tokenizer("sentencepiece", "/nonexistent.model")
+  with pytest.raises(ValueError, match=r"byte ids must lie in \[0, 256\)"):
+    tokenizers.ByteTokenizer().decode([1, 300])
+
+
+@pytest.mark.parametrize("lengths,seq_len", [([5, 7, 3], 4), ([8], 4), ([1, 1, 1], 5), ([], 3)])
+def test_packing_loses_no_tokens(lengths, seq_len):
+  rng = np.random.default_rng(0)
+  arrays = [rng.integers(1, 100, size=n) for n in lengths]
+  windows, weights = pipeline.pack(arrays, seq_len)
+  stream = np.concatenate(arrays) if arrays else np.zeros(0)
+  assert windows.shape[1] == seq_len and windows.shape == weights.shape
+  np.testing.assert_array_equal(windows[weights > 0], stream)
+  assert weights.sum() == stream.size and windows.shape[0] == -(-stream.size // seq_len)
+
+
+def test_grain_batches_are_deterministic_and_indexable():
+  windows = np.arange(200).reshape(50, 4)
+  a = pipeline.train_batches(windows, 8, seed=3)
+  b = pipeline.train_batches(windows, 8, seed=3)
+  for i in (0, 1, 7, 1000):
+    np.testing.assert_array_equal(a[i], b[i])
+  first_epoch = np.concatenate([a[i] for i in range(6)])
+  assert len({tuple(r) for r in first_epoch.tolist()}) == 48  # a permutation: no window twice within an epoch
+  assert not np.array_equal(a[0], pipeline.train_batches(windows, 8, seed=4)[0])
+
+
+def test_markov_data_set_reports_its_entropy():
+  data = pipeline.build_data(DataConfig(name="markov", seq_len=16, markov_states=5, markov_windows=64), 8, 0)
+  assert data.train_batches[0].shape == (8, 16) and data.train_batches[0].max() < 5
+  assert 0 < data.info["entropy_bits_per_token"] < np.log2(5)
