@@ -161,6 +161,24 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
                           train=TrainConfig(**_typed(TrainConfig, raw.get("train", {}), "train")))
 
 
+def stdlib_tiny(process: str = "absorbing", loss: str = "masked", arg: str | None = None):
+  """The stdlib byte-level experiment shared by ``configs/stdlib_*.py``: a ~4M-parameter model, 600 steps of
+  batch 32 x 128 bytes. Only the process and the loss differ between those configs, so they compare processes at
+  equal budgets. ``arg='runlocal'`` trains 60 steps as a smoke test."""
+  arg = parse_arg(arg, ("runlocal",))
+  cfg = base_config()
+  cfg.process.update(name=process, loss=loss, schedule="linear", num_steps=1000, hybrid_lambda=0.01,
+                     nn_k=8, nn_rate_scale=4.0, nn_uniform_rate=0.1)
+  cfg.model.update(num_layers=4, d_model=256, num_heads=4, mlp_dim=640, cond_dim=128, max_len=128,
+                   time_conditioning=True)
+  cfg.data.update(name="stdlib", tokenizer="bytes", seq_len=128)
+  cfg.train.update(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=50, eval_every=200, eval_batches=8,
+                   checkpoint_every=200, sample_steps=128)
+  if arg == "runlocal":
+    cfg.train.update(steps=60, eval_every=60, checkpoint_every=60, log_every=10)
+  return cfg
+
+
 def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:
   """For ``get_config(arg)``: ``arg`` must be None or one of ``valid``."""
   if arg is not None and arg not in valid:

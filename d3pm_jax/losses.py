@@ -46,7 +46,9 @@ def _sum_positions(values_BxL, weights_BxL):
 
 
 def _gather(values_BxLxV, index_BxL):
-  return jnp.take_along_axis(values_BxLxV, index_BxL[..., None], axis=-1)[..., 0]
+  """values[..., index] as a masked sum: its gradient is a fused select, not a scatter into a zero [B, L, V]."""
+  hit = jnp.arange(values_BxLxV.shape[-1]) == index_BxL[..., None]
+  return jnp.sum(jnp.where(hit, values_BxLxV, 0.0), axis=-1)
 
 
 def _log_linear(process: Process, log_w_xV, t):
@@ -157,7 +159,10 @@ def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind:
     t_B = sample_times(time_key, batch, antithetic, _float_dtype())
     return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL)
 
-  diffusion_B = jnp.mean(jax.lax.map(one_draw, jax.random.split(key, num_time_samples)), axis=0)
+  draw_keys = jax.random.split(key, num_time_samples)
+  # One draw (training) is called directly: inside lax.map's loop XLA cannot fuse it with the backward pass.
+  diffusion_B = (one_draw(draw_keys[0]) if num_time_samples == 1 else
+                 jnp.mean(jax.lax.map(one_draw, draw_keys), axis=0))
   out = {"diffusion": diffusion_B, "prior": prior(process, x0_BxL, weights_BxL)}
   if with_recon:
     out["recon"] = reconstruction(process, logits_fn, recon_key, x0_BxL, weights_BxL)

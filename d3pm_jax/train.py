@@ -122,10 +122,13 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
       total_grads, total_loss, total_nelbo = carry
       return (jax.tree_util.tree_map(jnp.add, total_grads, grads), total_loss + loss, total_nelbo + nelbo), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
-                                           (jax.random.split(step_rng, accum), micro_NxBxL))
-    grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+    keys = jax.random.split(step_rng, accum)
+    if accum == 1:  # no accumulator buffers: they cost a full pass over the parameters
+      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL)
+    else:
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (keys, micro_NxBxL))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = config.train.ema_decay
@@ -247,21 +250,34 @@ def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
 
 
 class MetricsWriter:
-  """JSONL metrics (process 0 only) and a console progress line with rate and ETA."""
+  """Metrics to ``metrics.jsonl`` and TensorBoard (``workdir/tensorboard``), from process 0 only, and a console
+  progress line with rate and ETA."""
 
   def __init__(self, workdir: str, total_steps: int, quiet: bool = False):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.total = total_steps
-    self.quiet = quiet or jax.process_index() != 0
+    self.is_writer = jax.process_index() == 0
+    self.quiet = quiet or not self.is_writer
     self.start = time.time()
     self.start_step = None
+    self.tensorboard = None
+    if self.is_writer:
+      import tensorboardX  # imported here: only the writing process needs it
+      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict) -> None:
-    if jax.process_index() != 0:
+    if not self.is_writer:
       return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.tensorboard.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
   def progress(self, step: int, metrics: dict) -> None:
     if self.start_step is None:
@@ -335,6 +351,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
       save_checkpoint(manager, state, {"next_batch": next_batch}, fingerprint)
   if pending is not None:
     writer.write(pending[0], jax.device_get(pending[1]))
+  writer.close()
   manager.wait_until_finished()
   manager.close()
   return {"state": state, "validation": results, "data": data, "model": model, "process": process}

@@ -192,5 +192,6 @@ def test_cli_trains_and_prints_bits_and_samples(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "validation:" in out.stdout and "bits per byte" in out.stdout and "samples" in out.stdout
   assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "corpus.json").exists()
+  assert any((tmp_path / "tensorboard").iterdir())
   bad = subprocess.run(cmd[:-2] + ["--config.train.stepz=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert bad.returncode != 0 and "stepz" in bad.stderr

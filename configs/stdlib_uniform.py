@@ -1,0 +1,11 @@
+"""stdlib corpus, uniform diffusion with the continuous-time (CTMC / score-entropy) ELBO.
+
+The same model, data and budget as configs/stdlib_tiny.py; only the process and the loss differ.
+Run:    d3pm-train --config=configs/stdlib_uniform.py --workdir=/tmp/stdlib_uniform
+Args:   ':runlocal' trains 60 steps as a smoke test.
+"""
+from d3pm_jax.config import stdlib_tiny
+
+
+def get_config(arg=None):
+  return stdlib_tiny("uniform", "ctmc", arg)

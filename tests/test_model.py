@@ -1,0 +1,94 @@
+"""The transformer: attention against JAX's reference, causality, rotary relativity, logical axes, adaLN-zero."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d3pm_jax.models.transformer import ModelConfig, Transformer, attention, forward_flops_per_token, rotary
+
+
+def tiny(**kw):
+  base = dict(vocab_size=11, max_len=16, num_layers=2, d_model=32, num_heads=2, mlp_dim=48, cond_dim=16)
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_matches_jax_reference(causal):
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 9, 3, 8)) for i in range(3))
+  np.testing.assert_allclose(attention(q, k, v, causal), jax.nn.dot_product_attention(q, k, v, is_causal=causal),
+                             atol=1e-5)
+  grad = lambda f: jax.grad(lambda q: jnp.sum(jnp.sin(f(q))))(q)
+  np.testing.assert_allclose(grad(lambda q: attention(q, k, v, causal)),
+                             grad(lambda q: jax.nn.dot_product_attention(q, k, v, is_causal=causal)), atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  q = jnp.tile(jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 8)), (1, 12, 1, 1))
+  k = jnp.tile(jax.random.normal(jax.random.PRNGKey(1), (1, 1, 1, 8)), (1, 12, 1, 1))
+  scores = jnp.einsum("blhk,bmhk->lm", rotary(q, 100.0), rotary(k, 100.0))
+  for offset in (1, 3):
+    np.testing.assert_allclose(jnp.diagonal(scores, offset)[:-1], jnp.diagonal(scores, offset)[1:], rtol=1e-5)
+  assert not np.allclose(scores[0, 1], scores[0, 4])
+
+
+def test_causal_model_never_looks_ahead():
+  model = Transformer(tiny(causal=True))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 10), 0, 11)
+  params = model.init(jax.random.PRNGKey(1), tokens)
+  base = model.apply(params, tokens)
+  changed = model.apply(params, tokens.at[0, 6].set((tokens[0, 6] + 1) % 11))
+  np.testing.assert_allclose(base[:, :6], changed[:, :6], atol=1e-6)
+  assert not np.allclose(base[:, 6:], changed[:, 6:])
+  bidirectional = Transformer(tiny())
+  p2 = bidirectional.init(jax.random.PRNGKey(1), tokens)
+  assert not np.allclose(bidirectional.apply(p2, tokens)[:, :6],
+                         bidirectional.apply(p2, tokens.at[0, 6].set((tokens[0, 6] + 1) % 11))[:, :6])
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = Transformer(tiny(time_conditioning=True))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1,)))
+  leaves = jax.tree_util.tree_leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+
+
+def test_adaln_zero_starts_as_the_unconditioned_network_and_then_uses_time():
+  model = Transformer(tiny(time_conditioning=True))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 11)
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), tokens, jnp.zeros((2,)))["params"])
+  out = lambda p, t: model.apply({"params": p}, tokens, jnp.full((2,), t))
+  np.testing.assert_allclose(out(params, 0.1), out(params, 0.9), atol=1e-6)  # zero-initialised modulation
+  nudged = jax.tree_util.tree_map(lambda x: x + 0.05, params)
+  assert not np.allclose(out(nudged, 0.1), out(nudged, 0.9), atol=1e-4)
+  with pytest.raises(ValueError, match="pass t_B"):
+    model.apply({"params": params}, tokens)
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_params():
+  model = Transformer(tiny(dtype="bfloat16"))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(0), tokens)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(nn.unbox(variables)))
+  out = model.apply(variables, tokens)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, Transformer(tiny()).apply(variables, tokens), atol=0.1)
+
+
+def test_flop_count_matches_an_independent_tally():
+  cfg = tiny()
+  d, f, layers, vocab, length = 32, 48, 2, 11, 16
+  per_layer = 2 * (4 * d * d + 3 * d * f) + 2 * 2 * length * d
+  assert forward_flops_per_token(cfg, length) == layers * per_layer + 2 * d * vocab
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(norm="batch"), "unknown norm 'batch'"),
+    (dict(dtype="float16"), "unknown dtype 'float16'"),
+    (dict(d_model=30, num_heads=4), "even width"),
+    (dict(num_layers=0), "model.num_layers must be a positive integer"),
+])
+def test_bad_model_config(kw, match):
+  with pytest.raises(ValueError, match=match):
+    tiny(**kw)
