@@ -77,23 +77,26 @@ def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> Train
 
 
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
-               evaluate: bool = False) -> dict:
-  """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits)."""
+               evaluate: bool = False, weights_BxL=None) -> dict:
+  """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
+  ``weights_BxL`` (1 real, 0 padding) removes padded positions from every sum."""
   pcfg = config.process
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
     inputs = jnp.concatenate([jnp.full_like(x0_BxL[:, :1], bos), x0_BxL[:, :-1]], axis=1)
     log_p = jax.nn.log_softmax(model.apply({"params": params}, inputs)[..., :bos])
-    nll_B = -jnp.sum(jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0], axis=1)
+    nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
+    nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
     return {"loss": nll_B, "nelbo": nll_B}
 
   def logits_fn(x_t_BxL, t_B):
     return model.apply({"params": params}, x_t_BxL, t_B)
 
   if pcfg.loss == "d3pm":
-    out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda)
+    out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
     return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
-  out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate)
+  out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate,
+                               weights_BxL=weights_BxL)
   return {"loss": out["nelbo"], **out}
 
 
@@ -142,22 +145,26 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
 
 def make_eval_step(config, model, process):
   def eval_step(params, key, x0_BxL, weights_BxL):
-    terms = loss_terms(config, model, process, params, key, x0_BxL, evaluate=True)
-    return terms["nelbo"]
+    return loss_terms(config, model, process, params, key, x0_BxL, evaluate=True, weights_BxL=weights_BxL)["nelbo"]
   return eval_step
 
 
 def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
-  """Validation NELBO in bits per token over ``eval_batches`` fixed windows, accumulated in float64 on the host.
-  The windows are the first ones of the validation split (padding excluded from the token count)."""
+  """Validation NELBO in bits per token over ``eval_batches`` batches of fixed windows spread evenly over the
+  validation split, accumulated in float64 on the host; padded positions count neither nats nor tokens."""
   acc = losses.LikelihoodAccumulator()
   batch = config.train.batch_size
-  num = min(config.train.eval_batches * batch, data.val_windows.shape[0] // batch * batch)
+  available = data.val_windows.shape[0]
+  if available < batch:
+    raise ValueError(f"the validation split has {available} windows, fewer than train.batch_size={batch}")
+  num = min(config.train.eval_batches * batch, available // batch * batch)
+  # Windows spread evenly over the whole split, not just its first files.
+  chosen = np.linspace(0, available - 1, num).round().astype(int)
   for i, start in enumerate(range(0, num, batch)):
-    x0 = jnp.asarray(data.val_windows[start:start + batch])
-    weights = data.val_weights[start:start + batch]
-    nats_B = eval_step(params, jax.random.fold_in(key, i), x0, None)
-    acc.add(np.asarray(nats_B) * weights.mean(axis=1), weights.sum(axis=1))
+    x0 = jnp.asarray(data.val_windows[chosen[start:start + batch]])
+    weights = data.val_weights[chosen[start:start + batch]]
+    nats_B = eval_step(params, jax.random.fold_in(key, i), x0, jnp.asarray(weights))
+    acc.add(nats_B, weights.sum(axis=1))
   return acc.result()
 
 
@@ -231,8 +238,8 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
-def save_checkpoint(manager, state: TrainState, data_state: dict, fingerprint: dict) -> None:
-  manager.save(int(state.step), args=ocp.args.Composite(
+def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fingerprint: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
       experiment=ocp.args.JsonSave(fingerprint)))
 
@@ -329,26 +336,27 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   train_step = jax.jit(make_train_step(config, model, process, optimizer), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(config, model, process))
   eval_key = jax.random.PRNGKey(tcfg.seed + 1)
-  last_step = tcfg.steps if stop_after is None else min(tcfg.steps, int(state.step) + stop_after)
+  step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
+  last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
   pending = None
   results = {}
-  while int(state.step) < last_step:
+  while step < last_step:
     batch = jnp.asarray(data.train_batches[next_batch])
     next_batch += 1
     state, metrics = train_step(state, batch)
-    step = next_batch_step = int(state.step)
+    step += 1
     # Metrics are fetched one step late, so the host never waits on the step it just dispatched.
     if pending is not None and (pending[0] % tcfg.log_every == 0 or pending[0] == 1):
       host = jax.device_get(pending[1])
       writer.write(pending[0], host)
       writer.progress(pending[0], host)
-    pending = (next_batch_step, metrics)
+    pending = (step, metrics)
     if step % tcfg.eval_every == 0 or step == tcfg.steps:
       results = evaluate(config, eval_step, state.params, data, eval_key)
       writer.write(step, {f"val_{k}": v for k, v in results.items()})
       writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
     if step % tcfg.checkpoint_every == 0 or step == last_step:
-      save_checkpoint(manager, state, {"next_batch": next_batch}, fingerprint)
+      save_checkpoint(manager, state, step, {"next_batch": next_batch}, fingerprint)
   if pending is not None:
     writer.write(pending[0], jax.device_get(pending[1]))
   writer.close()
