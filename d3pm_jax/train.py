@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from d3pm_jax import losses
+from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer, count_params
@@ -76,6 +76,11 @@ def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> Train
                     ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
 
 
+def shift_right(tokens_BxL, bos: int):
+  """The autoregressive model's input: a start token, then every token but the last."""
+  return jnp.concatenate([jnp.full_like(tokens_BxL[:, :1], bos), tokens_BxL[:, :-1]], axis=1)
+
+
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
                evaluate: bool = False, weights_BxL=None) -> dict:
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
@@ -83,8 +88,7 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   pcfg = config.process
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
-    inputs = jnp.concatenate([jnp.full_like(x0_BxL[:, :1], bos), x0_BxL[:, :-1]], axis=1)
-    log_p = jax.nn.log_softmax(model.apply({"params": params}, inputs)[..., :bos])
+    log_p = jax.nn.log_softmax(model.apply({"params": params}, shift_right(x0_BxL, bos))[..., :bos])
     nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
     nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
     return {"loss": nll_B, "nelbo": nll_B}
@@ -171,8 +175,8 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
 # ---------------------------------------------------------------- sampling
 
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int):
-  """Ancestral sampling in one ``lax.scan``; the autoregressive baseline samples token by token (full recompute;
-  the KV-cache decoder lives with the samplers)."""
+  """Ancestral sampling (``sampling.sample``); the autoregressive baseline samples token by token with full
+  recomputation (a KV-cache decoder is still to come)."""
   length = config.data.seq_len
 
   if process is None:
@@ -181,8 +185,7 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
     def sample_ar(params, key):
       def body(tokens_BxL, inputs):
         pos, step_key = inputs
-        inputs_BxL = jnp.concatenate([jnp.full((batch, 1), bos), tokens_BxL[:, :-1]], axis=1)
-        logits = model.apply({"params": params}, inputs_BxL)[:, pos, :bos]
+        logits = model.apply({"params": params}, shift_right(tokens_BxL, bos))[:, pos, :bos]
         return tokens_BxL.at[:, pos].set(jax.random.categorical(step_key, logits)), None
 
       tokens, _ = jax.lax.scan(body, jnp.zeros((batch, length), jnp.int32),
@@ -190,23 +193,11 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
       return tokens
     return jax.jit(sample_ar)
 
+  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
+
   def sample(params, key):
-    init_key, key = jax.random.split(key)
-    x_BxL = jax.random.categorical(init_key, jnp.log(process.prior()), shape=(batch, length)).astype(jnp.int32)
-
-    def body(x_t, inputs):
-      i, step_key = inputs
-      t = jnp.full((batch,), i / num_steps)
-      s = jnp.full((batch,), (i - 1) / num_steps)
-      log_p0 = process.x0_log_probs(model.apply({"params": params}, x_t, t), x_t)
-      post = process.posterior_logits(jnp.exp(log_p0), x_t, jnp.maximum(s, 0.0), t)
-      # The last step draws x_0 from the denoiser itself.
-      logits = jnp.where(i == 1, log_p0, post)
-      return jax.random.categorical(step_key, logits).astype(jnp.int32), None
-
-    steps = jnp.arange(num_steps, 0, -1)
-    x_BxL, _ = jax.lax.scan(body, x_BxL, (steps, jax.random.split(key, num_steps)))
-    return x_BxL
+    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg)[0]
   return jax.jit(sample)
 
 

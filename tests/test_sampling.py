@@ -1,0 +1,135 @@
+"""Samplers: clamped conditioning, the oracle reproduces the chain's statistics, skipping is exact, scan size."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d3pm_jax import get_schedule, make_process
+from d3pm_jax.data.synthetic import MarkovSource
+from d3pm_jax.sampling import SamplerConfig, sample
+
+V = 6
+
+
+def build(name):
+  kwargs = {}
+  if name == "nearest_neighbor":
+    kwargs = dict(embeddings=np.random.default_rng(0).normal(size=(V, 3)), k=2, rate_scale=4.0)
+  return make_process(name, V, get_schedule("cosine"), **kwargs)
+
+
+def random_logits_fn(x_t, t_B):  # time-independent, depends on x_t: a stand-in network
+  table = jax.random.normal(jax.random.PRNGKey(0), (V, V))
+  return table[x_t] + jnp.roll(table[x_t], 1, axis=1) * 0.5
+
+
+CASES = [("absorbing", "ancestral"), ("absorbing", "confidence"), ("uniform", "ancestral"),
+         ("nearest_neighbor", "ancestral")]
+
+
+@pytest.mark.parametrize("name,strategy", CASES)
+def test_given_tokens_never_change_and_no_mask_remains(name, strategy):
+  proc = build(name)
+  batch, length = 8, 12
+  prompt = jax.random.randint(jax.random.PRNGKey(1), (batch, length), 0, proc.num_data_states)
+  prefix = jnp.broadcast_to(jnp.arange(length) < 4, (batch, length))
+  infill = jax.random.bernoulli(jax.random.PRNGKey(2), 0.4, (batch, length))
+  for given in (prefix, infill):
+    cfg = SamplerConfig(num_steps=10, strategy=strategy, return_trajectory=True)
+    x0, traj = sample(proc, random_logits_fn, jax.random.PRNGKey(3), batch, length, cfg, given, prompt)
+    assert traj.shape == (10, batch, length)
+    for x in list(traj) + [x0]:
+      np.testing.assert_array_equal(np.asarray(x)[np.asarray(given)], np.asarray(prompt)[np.asarray(given)])
+    assert int(x0.max()) < proc.num_data_states  # no mask token after the last step
+    assert bool(jnp.any(x0[~given] != prompt[~given]))  # free positions really were generated
+
+
+def test_confidence_sampler_unmasks_on_schedule():
+  proc = build("absorbing")
+  cfg = SamplerConfig(num_steps=8, strategy="confidence", return_trajectory=True, time_grid="uniform")
+  _, traj = sample(proc, random_logits_fn, jax.random.PRNGKey(0), 4, 40, cfg)
+  masked = np.asarray((traj == proc.mask_id).sum(axis=2))  # [steps, B]
+  assert np.all(np.diff(masked, axis=0) <= 0) and np.all(masked[-1] == 0)
+  alpha = proc.schedule.alpha
+  for i, s in enumerate(np.arange(7, -1, -1) / 8):  # after step i the time is s
+    expected = 0 if s == 0 else int(np.floor((1 - float(alpha(s))) / (1 - float(alpha(1.0))) * 40))
+    assert np.all(masked[i] == expected), (i, masked[i], expected)
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", ["absorbing", "uniform", "nearest_neighbor"])
+def test_oracle_ancestral_sampling_reproduces_the_chain(name):
+  """With the exact denoiser and 100 steps, unigram and bigram frequencies of 4000 samples match the chain's
+  exact marginals within 0.03 absolute (a few standard errors at this sample size), fixed seed."""
+  k, length, num = 4, 6, 4000
+  src = MarkovSource.random(seed=0, num_states=k, concentration=2.0)
+  proc = make_process(name, k + (name == "absorbing"), get_schedule("linear"),
+                      **(dict(embeddings=np.random.default_rng(0).normal(size=(k, 2)), k=2, rate_scale=3.0)
+                         if name == "nearest_neighbor" else {}))
+  cfg = SamplerConfig(num_steps=100, precision="float64")
+  x0, _ = jax.jit(lambda key: sample(proc, src.oracle_logits_fn(proc), key, num, length, cfg))(jax.random.PRNGKey(7))
+  x0 = np.asarray(x0)
+  init, trans = np.asarray(src.initial_K), np.asarray(src.transition_KxK)
+  marginal = init
+  for n in range(length - 1):
+    np.testing.assert_allclose(np.bincount(x0[:, n], minlength=k) / num, marginal, atol=0.03)
+    joint = marginal[:, None] * trans
+    counts = np.zeros((k, k))
+    np.add.at(counts, (x0[:, n], x0[:, n + 1]), 1.0)
+    np.testing.assert_allclose(counts / num, joint, atol=0.03)
+    marginal = marginal @ trans
+
+
+@pytest.mark.parametrize("name,strategy", CASES)
+def test_skipping_unchanged_steps_gives_exactly_the_same_samples(name, strategy):
+  proc = build(name)
+  calls = []
+
+  def counted(x_t, t_B):
+    jax.debug.callback(lambda: calls.append(1))
+    return random_logits_fn(x_t, t_B)
+
+  base = SamplerConfig(num_steps=48, strategy=strategy)  # more steps than positions: many steps change nothing
+  plain, _ = sample(proc, random_logits_fn, jax.random.PRNGKey(5), 2, 8, base)
+  skipped, _ = sample(proc, counted, jax.random.PRNGKey(5), 2, 8, SamplerConfig(**{**base.__dict__,
+                                                                                   "skip_unchanged": True}))
+  np.testing.assert_array_equal(plain, skipped)
+  if name == "absorbing":
+    assert len(calls) < 48, len(calls)  # the network really was skipped
+
+
+def test_compiled_program_does_not_grow_with_steps():
+  proc = build("absorbing")
+
+  def hlo_size(steps):
+    fn = lambda key: sample(proc, random_logits_fn, key, 2, 8, SamplerConfig(num_steps=steps))[0]
+    return len(jax.jit(fn).lower(jax.random.PRNGKey(0)).compile().as_text())
+
+  small, large = hlo_size(16), hlo_size(1024)
+  assert large < 1.2 * small, (small, large)
+
+
+def test_top_p_keeps_only_the_nucleus():
+  from d3pm_jax.sampling import categorical
+  log_probs = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: categorical(k, log_probs, SamplerConfig(top_p=0.8)))(
+      jax.random.split(jax.random.PRNGKey(0), 2000))
+  counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 2000
+  assert counts[2] == 0 and counts[3] == 0
+  np.testing.assert_allclose(counts[:2], [0.625, 0.375], atol=0.04)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: SamplerConfig(strategy="greedy"), "unknown sampling strategy 'greedy'; valid"),
+    (lambda: SamplerConfig(time_grid="log"), "unknown time grid 'log'"),
+    (lambda: SamplerConfig(top_p=0.0), "top_p must lie in"),
+    (lambda: sample(build("uniform"), random_logits_fn, jax.random.PRNGKey(0), 1, 4,
+                    SamplerConfig(strategy="confidence")), "needs the absorbing process"),
+    (lambda: sample(build("uniform"), random_logits_fn, jax.random.PRNGKey(0), 1, 4,
+                    SamplerConfig(precision="float64")), "needs 64-bit JAX"),
+    (lambda: sample(build("uniform"), random_logits_fn, jax.random.PRNGKey(0), 1, 4,
+                    given_BxL=jnp.ones((1, 4), bool)), "pass given_BxL and prompt_BxL together"),
+])
+def test_bad_input(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
