@@ -7,6 +7,8 @@ Strategies:
   confidence   absorbing only (MaskGIT / LLaDA): every masked position draws a token from p_theta(x_0 | x_t);
                the most confident ones are kept so that the number still masked follows 1 - alpha(s), the others
                stay (are re-)masked. The last step unmasks everything.
+Semi-autoregressive blocks (``num_blocks``, absorbing): blocks are generated left to right, each conditioned on
+the finished blocks before it.
 Conditioning: ``given_BxL`` marks positions whose ``prompt_BxL`` tokens are fixed (a prefix prompt or an
 infilling template); they are written into x at every step and never change.
 ``skip_unchanged`` reuses the previous step's network output when x_t did not change, which is exact when the
@@ -40,6 +42,8 @@ class SamplerConfig:
   precision: str = "float32"
   skip_unchanged: bool = False
   return_trajectory: bool = False
+  greedy: bool = False           # argmax instead of a random draw (tests; deterministic decoding)
+  num_blocks: int = 1            # semi-autoregressive blocks (absorbing); num_steps steps per block
 
   def __post_init__(self):
     _checks.check_choice("sampling strategy", self.strategy, STRATEGIES)
@@ -49,6 +53,8 @@ class SamplerConfig:
       raise ValueError(f"num_steps must be >= 1; got {self.num_steps}")
     if not self.temperature > 0:
       raise ValueError(f"temperature must be positive; got {self.temperature}")
+    if self.num_blocks < 1:
+      raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must lie in (0, 1]; got {self.top_p}")
 
@@ -74,6 +80,8 @@ def categorical(key, log_probs_xV, cfg: SamplerConfig):
     cutoff_index = jnp.sum(cumulative < cfg.top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_desc, jnp.minimum(cutoff_index, logits.shape[-1] - 1), axis=-1)
     logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  if cfg.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   gumbel = jax.random.gumbel(key, logits.shape, dtype)
   return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
 
@@ -88,7 +96,7 @@ def _initial_state(process: Process, key, batch: int, length: int):
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
            given_BxL=None, prompt_BxL=None):
   """Draws ``[batch, length]`` tokens from the reverse process; returns ``(x0_BxL, trajectory)`` where the
-  trajectory ``[num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``."""
+  trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``."""
   if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"strategy 'confidence' needs the absorbing process; got {type(process).__name__}. "
                      "Use strategy='ancestral'")
@@ -101,12 +109,34 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
     _checks.check_token_ids("prompt_BxL", jnp.where(given_BxL, prompt_BxL, 0), process.num_data_states)
   given_BxL = jnp.asarray(given_BxL, bool)
   prompt_BxL = jnp.asarray(prompt_BxL, jnp.int32)
+  if cfg.num_blocks > 1 and not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"semi-autoregressive blocks (num_blocks={cfg.num_blocks}) need the absorbing process; "
+                     f"got {type(process).__name__}")
+  if length % cfg.num_blocks:
+    raise ValueError(f"length {length} must be divisible by num_blocks={cfg.num_blocks}")
+  init_key, key = jax.random.split(key)
+  x_BxL = _initial_state(process, init_key, batch, length)
+  # Semi-autoregressive: block b is generated with every earlier block fixed to its result and every later
+  # block fixed to its initial (masked) state; one block is the plain sampler.
+  block = length // cfg.num_blocks
+  position = jnp.arange(length)
+  trajectories = []
+  for b in range(cfg.num_blocks):
+    outside = (position < b * block) | (position >= (b + 1) * block)
+    x_BxL, trajectory = _sample_scan(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
+                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg)
+    trajectories.append(trajectory)
+  return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None)
+
+
+def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig):
+  """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped."""
+  batch, length = x_BxL.shape
 
   def clamp(x_BxL):
     return jnp.where(given_BxL, prompt_BxL, x_BxL)
 
-  init_key, key = jax.random.split(key)
-  x_BxL = clamp(_initial_state(process, init_key, batch, length))
+  x_BxL = clamp(x_BxL)
   times = time_grid(cfg.time_grid, cfg.num_steps)
   schedule = process.schedule
   num_free_B = jnp.sum(~given_BxL, axis=1)
@@ -152,3 +182,31 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   steps = jnp.arange(cfg.num_steps, 0, -1)
   (x0_BxL, _), trajectory = jax.lax.scan(step, (x_BxL, cache0), (steps, jax.random.split(key, cfg.num_steps)))
   return x0_BxL, trajectory
+
+
+def autoregressive_sample(model, params, key, batch: int, length: int, bos: int,
+                          cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None):
+  """Left-to-right decoding of the causal baseline with a KV cache, one token per ``lax.scan`` step.
+
+  ``model`` is a causal ``Transformer`` whose last id ``bos`` starts every sequence; positions marked in
+  ``given_BxL`` take their ``prompt_BxL`` token instead of a draw (a prefix prompt). Returns ``[batch, length]``.
+  """
+  if (given_BxL is None) != (prompt_BxL is None):
+    raise ValueError("pass given_BxL and prompt_BxL together (which positions are fixed, and their tokens)")
+  if given_BxL is None:
+    given_BxL = jnp.zeros((batch, length), bool)
+    prompt_BxL = jnp.zeros((batch, length), jnp.int32)
+  cache = model.init(jax.random.PRNGKey(0), jnp.zeros((batch, length), jnp.int32), decode=True)["cache"]
+
+  def step(carry, inputs):
+    cache, previous_B = carry
+    pos, step_key = inputs
+    logits, mutated = model.apply({"params": params, "cache": cache}, previous_B[:, None], decode=True,
+                                  mutable=["cache"])
+    drawn_B = categorical(step_key, jax.nn.log_softmax(logits[:, 0, :bos]), cfg)
+    token_B = jnp.where(given_BxL[:, pos], prompt_BxL[:, pos], drawn_B)
+    return (mutated["cache"], token_B), token_B
+
+  start = jnp.full((batch,), bos, jnp.int32)
+  _, tokens_LxB = jax.lax.scan(step, (cache, start), (jnp.arange(length), jax.random.split(key, length)))
+  return tokens_LxB.T

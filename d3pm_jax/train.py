@@ -175,23 +175,12 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
 # ---------------------------------------------------------------- sampling
 
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int):
-  """Ancestral sampling (``sampling.sample``); the autoregressive baseline samples token by token with full
-  recomputation (a KV-cache decoder is still to come)."""
+  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
+  autoregressive baseline (``sampling``)."""
   length = config.data.seq_len
-
   if process is None:
     bos = model.config.vocab_size - 1
-
-    def sample_ar(params, key):
-      def body(tokens_BxL, inputs):
-        pos, step_key = inputs
-        logits = model.apply({"params": params}, shift_right(tokens_BxL, bos))[:, pos, :bos]
-        return tokens_BxL.at[:, pos].set(jax.random.categorical(step_key, logits)), None
-
-      tokens, _ = jax.lax.scan(body, jnp.zeros((batch, length), jnp.int32),
-                               (jnp.arange(length), jax.random.split(key, length)))
-      return tokens
-    return jax.jit(sample_ar)
+    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos))
 
   sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
 

@@ -133,3 +133,54 @@ def test_top_p_keeps_only_the_nucleus():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_one_semi_autoregressive_block_is_the_plain_sampler():
+  from d3pm_jax.sampling import _initial_state, _sample_scan
+  proc = build("absorbing")
+  cfg = SamplerConfig(num_steps=12, strategy="confidence")
+  key = jax.random.PRNGKey(4)
+  blocked, _ = sample(proc, random_logits_fn, key, 3, 12, cfg)
+  init_key, scan_key = jax.random.split(key)
+  x_init = _initial_state(proc, init_key, 3, 12)
+  none = jnp.zeros((3, 12), bool)
+  plain, _ = _sample_scan(proc, random_logits_fn, jax.random.fold_in(scan_key, 0), x_init, none, x_init, cfg)
+  np.testing.assert_array_equal(blocked, plain)
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
+def test_semi_autoregressive_blocks_finish_left_to_right(strategy):
+  proc = build("absorbing")
+  cfg = SamplerConfig(num_steps=5, strategy=strategy, num_blocks=3, return_trajectory=True)
+  prompt = jnp.zeros((2, 12), jnp.int32).at[:, 0].set(3)
+  given = jnp.zeros((2, 12), bool).at[:, 0].set(True)
+  x0, traj = sample(proc, random_logits_fn, jax.random.PRNGKey(1), 2, 12, cfg, given, prompt)
+  traj = np.asarray(traj)
+  assert traj.shape[0] == 15 and int(x0.max()) < proc.mask_id
+  for b in range(3):
+    during = traj[b * 5:(b + 1) * 5]
+    assert np.all(during[:, :, (b + 1) * 4:] == proc.mask_id)  # later blocks untouched
+    assert np.all(during[-1, :, : (b + 1) * 4] != proc.mask_id)  # this block done at its end
+    assert np.all(during[:, :, 0] == 3)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+  from d3pm_jax.models.transformer import ModelConfig, Transformer
+  from d3pm_jax.sampling import autoregressive_sample
+  cfg = ModelConfig(vocab_size=12, max_len=16, num_layers=2, d_model=32, num_heads=2, mlp_dim=48, causal=True)
+  model = Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 10), jnp.int32))["params"]
+  bos, batch, length = 11, 3, 10
+  prompt = jnp.zeros((batch, length), jnp.int32).at[:, :2].set(jnp.array([[4, 5], [6, 7], [8, 9]]))
+  given = jnp.zeros((batch, length), bool).at[:, :2].set(True)
+  cached = autoregressive_sample(model, params, jax.random.PRNGKey(1), batch, length, bos,
+                                 SamplerConfig(greedy=True), given, prompt)
+  tokens = prompt
+  for pos in range(2, length):  # greedy decoding, recomputing the whole prefix every step
+    inputs = jnp.concatenate([jnp.full((batch, 1), bos), tokens[:, :-1]], axis=1)
+    tokens = tokens.at[:, pos].set(jnp.argmax(model.apply({"params": params}, inputs)[:, pos, :bos], axis=-1))
+  np.testing.assert_array_equal(cached, tokens)
+  assert len(set(np.asarray(cached[:, 2:]).ravel().tolist())) > 1
+  with pytest.raises(ValueError, match="needs a causal model"):
+    Transformer(ModelConfig(vocab_size=12, max_len=16, num_layers=1, d_model=32, num_heads=2, mlp_dim=48)).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32), decode=True)
