@@ -179,6 +179,12 @@ def stdlib_tiny(process: str = "absorbing", loss: str = "masked", arg: str | Non
   return cfg
 
 
+def experiment_from_dict(raw: dict) -> ExperimentConfig:
+  """Inverse of ``dataclasses.asdict(experiment)`` (as written to ``workdir/experiment.json``)."""
+  return ExperimentConfig(model=ModelConfig(**raw["model"]), process=ProcessConfig(**raw["process"]),
+                          data=DataConfig(**raw["data"]), train=TrainConfig(**raw["train"]))
+
+
 def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:
   """For ``get_config(arg)``: ``arg`` must be None or one of ``valid``."""
   if arg is not None and arg not in valid:

@@ -11,6 +11,7 @@ Semi-autoregressive blocks (``num_blocks``, absorbing): blocks are generated lef
 the finished blocks before it.
 Conditioning: ``given_BxL`` marks positions whose ``prompt_BxL`` tokens are fixed (a prefix prompt or an
 infilling template); they are written into x at every step and never change.
+``on_step`` (a no-argument host function) is called after every step, for progress bars.
 ``skip_unchanged`` reuses the previous step's network output when x_t did not change, which is exact when the
 denoiser does not look at t.
 Categorical draws use the Gumbel-max trick in ``precision`` (float64 needs ``jax_enable_x64``): float32 Gumbel
@@ -94,7 +95,7 @@ def _initial_state(process: Process, key, batch: int, length: int):
 
 
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
-           given_BxL=None, prompt_BxL=None):
+           given_BxL=None, prompt_BxL=None, on_step=None):
   """Draws ``[batch, length]`` tokens from the reverse process; returns ``(x0_BxL, trajectory)`` where the
   trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``."""
   if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
@@ -124,12 +125,13 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   for b in range(cfg.num_blocks):
     outside = (position < b * block) | (position >= (b + 1) * block)
     x_BxL, trajectory = _sample_scan(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
-                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg)
+                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg, on_step)
     trajectories.append(trajectory)
   return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None)
 
 
-def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig):
+def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
+                 on_step=None):
   """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped."""
   batch, length = x_BxL.shape
 
@@ -153,6 +155,8 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
   def step(carry, inputs):
     x_t, cache = carry
     i, step_key = inputs
+    if on_step is not None:  # a host callback per step, e.g. a progress bar
+      jax.debug.callback(on_step)
     t_B = jnp.full((batch,), times[i])
     s_B = jnp.full((batch,), times[i - 1])
     log_p0 = denoise(x_t, t_B, cache)

@@ -224,6 +224,20 @@ def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fin
       experiment=ocp.args.JsonSave(fingerprint)))
 
 
+def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
+  """The parameters (or EMA parameters) of ``workdir``'s latest checkpoint, and its step."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
+  model = Transformer(config.model)
+  abstract = jax.eval_shape(lambda: init_state(config, model, make_optimizer(config.train)))
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  manager.close()
+  return (state.ema_params if use_ema else state.params), step
+
+
 def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
   """(state, data_state) from the latest checkpoint, or None when there is none."""
   step = manager.latest_step()
@@ -295,6 +309,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "corpus.json"), "w") as f:
       json.dump(data.info, f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, "experiment.json"), "w") as f:  # what d3pm-sample rebuilds the model from
+      json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
   model = Transformer(config.model)
   process = build_process(config.process, config.model)
   optimizer = make_optimizer(tcfg)

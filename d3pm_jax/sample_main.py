@@ -1,0 +1,127 @@
+"""``d3pm-sample --workdir=DIR [--steps N] [--strategy S] [--prompt TEXT | --infill TEMPLATE]``.
+
+Loads the latest checkpoint of a ``d3pm-train`` workdir and prints decoded samples. ``--prompt`` fixes a prefix;
+``--infill`` fixes a template in which ``[MASK]`` marks one free token and ``[MASK]*20`` twenty (backslash
+escapes ``\\n`` and ``\\t`` are understood). Given tokens never change; positions after the prompt or template are
+generated too, up to the model's sequence length.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from d3pm_jax import sampling, train
+from d3pm_jax.config import experiment_from_dict
+from d3pm_jax.data import tokenizers
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
+_STEPS = flags.DEFINE_integer("steps", 128, "Reverse steps (diffusion; per block with --blocks).")
+_STRATEGY = flags.DEFINE_enum("strategy", "ancestral", list(sampling.STRATEGIES), "Sampling strategy.")
+_BLOCKS = flags.DEFINE_integer("blocks", 1, "Semi-autoregressive blocks (absorbing).")
+_NUM = flags.DEFINE_integer("num_samples", 4, "How many samples.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass.")
+_PROMPT = flags.DEFINE_string("prompt", None, "A prefix to continue.")
+_INFILL = flags.DEFINE_string("infill", None, "A template with [MASK] or [MASK]*N holes.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_EMA = flags.DEFINE_bool("ema", False, "Sample with the EMA parameters.")
+flags.mark_flag_as_required("workdir")
+
+MASK_PATTERN = re.compile(r"\[MASK\](?:\*(\d+))?")
+
+
+def parse_template(template: str, tokenizer, length: int):
+  """(given_L bool, prompt_L int32) from a template: text pieces are fixed, ``[MASK]*N`` leaves N free tokens."""
+  given, tokens = [], []
+  pos = 0
+  for match in MASK_PATTERN.finditer(template):
+    piece = tokenizer.encode(template[pos:match.start()].encode())
+    given += [True] * len(piece)
+    tokens += piece.tolist()
+    holes = int(match.group(1) or 1)
+    given += [False] * holes
+    tokens += [0] * holes
+    pos = match.end()
+  tail = tokenizer.encode(template[pos:].encode())
+  given += [True] * len(tail)
+  tokens += tail.tolist()
+  if len(tokens) > length:
+    raise ValueError(f"the template needs {len(tokens)} tokens but the model's sequence length is {length}")
+  pad = length - len(tokens)
+  return np.array(given + [False] * pad), np.array(tokens + [0] * pad, np.int32)
+
+
+def _tokenizer(config, workdir):
+  if config.data.tokenizer == "bytes":
+    return tokenizers.ByteTokenizer()
+  path = config.data.tokenizer_path or os.path.join(workdir, "stdlib_spm.model")
+  return tokenizers.make_tokenizer("sentencepiece", path)
+
+
+class Progress:
+  def __init__(self, total: int):
+    self.total, self.done = total, 0
+
+  def __call__(self):
+    self.done += 1
+    if self.done % max(1, self.total // 20) == 0 or self.done == self.total:
+      print(f"\rsampling: step {self.done}/{self.total}", end="\n" if self.done == self.total else "",
+            file=sys.stderr, flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  workdir = _WORKDIR.value
+  path = os.path.join(workdir, "experiment.json")
+  if not os.path.exists(path):
+    raise app.UsageError(f"{path} does not exist; is {workdir} a d3pm-train workdir?")
+  with open(path) as f:
+    config = experiment_from_dict(json.load(f))
+  if _PROMPT.value is not None and _INFILL.value is not None:
+    raise app.UsageError("pass either --prompt or --infill, not both")
+  if config.data.name != "stdlib":
+    raise app.UsageError(f"d3pm-sample decodes text; this workdir trained on {config.data.name!r}")
+  tokenizer = _tokenizer(config, workdir)
+  params, step = train.restore_params(workdir, config, _EMA.value)
+  length, batch = config.data.seq_len, _NUM.value
+  given = prompt = None
+  template = _INFILL.value if _INFILL.value is not None else _PROMPT.value
+  if template is not None:
+    template = template.replace("\\n", "\n").replace("\\t", "\t")
+    given_L, prompt_L = parse_template(template, tokenizer, length)
+    given, prompt = jnp.tile(given_L, (batch, 1)), jnp.tile(prompt_L, (batch, 1))
+  model = train.Transformer(config.model)
+  process = train.build_process(config.process, config.model)
+  cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
+                               temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+  key = jax.random.PRNGKey(_SEED.value)
+  print(f"checkpoint step {step} of {workdir}", file=sys.stderr)
+  if process is None:
+    if _INFILL.value is not None:
+      raise app.UsageError("the autoregressive baseline continues prompts; it cannot infill")
+    tokens = sampling.autoregressive_sample(model, params, key, batch, length, config.model.vocab_size - 1, cfg,
+                                            given, prompt)
+  else:
+    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+    progress = Progress(cfg.num_steps * cfg.num_blocks)
+    tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress)
+  for row in np.asarray(tokens):
+    print("-" * 40)
+    print(tokenizer.decode(row).decode("utf-8", errors="replace"))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
