@@ -32,6 +32,8 @@ _PROMPT = flags.DEFINE_string("prompt", None, "A prefix to continue.")
 _INFILL = flags.DEFINE_string("infill", None, "A template with [MASK] or [MASK]*N holes.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _EMA = flags.DEFINE_bool("ema", False, "Sample with the EMA parameters.")
+_PRECISION = flags.DEFINE_enum("precision", "float64", ["float32", "float64"],
+                               "Precision of the categorical draws (float64 turns on 64-bit JAX).")
 flags.mark_flag_as_required("workdir")
 
 MASK_PATTERN = re.compile(r"\[MASK\](?:\*(\d+))?")
@@ -80,6 +82,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if _PRECISION.value == "float64":
+    jax.config.update("jax_enable_x64", True)
   workdir = _WORKDIR.value
   path = os.path.join(workdir, "experiment.json")
   if not os.path.exists(path):
@@ -102,7 +106,7 @@ def main(argv):
   model = train.Transformer(config.model)
   process = train.build_process(config.process, config.model)
   cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
-                               temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+                               temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value)
   key = jax.random.PRNGKey(_SEED.value)
   print(f"checkpoint step {step} of {workdir}", file=sys.stderr)
   if process is None:
@@ -114,6 +118,8 @@ def main(argv):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     progress = Progress(cfg.num_steps * cfg.num_blocks)
     tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress)
+  print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
+        file=sys.stderr)
   for row in np.asarray(tokens):
     print("-" * 40)
     print(tokenizer.decode(row).decode("utf-8", errors="replace"))

@@ -14,8 +14,9 @@ infilling template); they are written into x at every step and never change.
 ``on_step`` (a no-argument host function) is called after every step, for progress bars.
 ``skip_unchanged`` reuses the previous step's network output when x_t did not change, which is exact when the
 denoiser does not look at t.
-Categorical draws use the Gumbel-max trick in ``precision`` (float64 needs ``jax_enable_x64``): float32 Gumbel
-noise truncates the tail of the distribution and lowers sample diversity.
+Categorical draws use the Gumbel-max trick in ``precision`` (float64 needs ``jax_enable_x64``; ``auto`` takes it
+when enabled): float32 Gumbel noise truncates the tail of the distribution and lowers sample diversity, so report
+``unigram_entropy`` of samples beside any quality figure.
 """
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from d3pm_jax import _checks
 from d3pm_jax.processes import AbsorbingProcess, Process
 
 STRATEGIES = ("ancestral", "confidence")
 TIME_GRIDS = ("uniform", "cosine")
-PRECISIONS = ("float32", "float64")
+PRECISIONS = ("auto", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class SamplerConfig:
   time_grid: str = "uniform"
   temperature: float = 1.0
   top_p: float = 1.0
-  precision: str = "float32"
+  precision: str = "auto"       # float64 where 64-bit JAX is enabled, else float32
   skip_unchanged: bool = False
   return_trajectory: bool = False
   greedy: bool = False           # argmax instead of a random draw (tests; deterministic decoding)
@@ -69,7 +71,10 @@ def time_grid(name: str, num_steps: int):
 def categorical(key, log_probs_xV, cfg: SamplerConfig):
   """A draw from softmax(log_probs / temperature) restricted to the top-p nucleus, by Gumbel-max in
   ``cfg.precision``."""
-  dtype = jnp.dtype(cfg.precision)
+  precision = cfg.precision
+  if precision == "auto":
+    precision = "float64" if jax.config.jax_enable_x64 else "float32"
+  dtype = jnp.dtype(precision)
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
     raise ValueError("precision='float64' needs 64-bit JAX: set jax.config.update('jax_enable_x64', True) "
                      "or use precision='float32'")
@@ -214,3 +219,10 @@ def autoregressive_sample(model, params, key, batch: int, length: int, bos: int,
   start = jnp.full((batch,), bos, jnp.int32)
   _, tokens_LxB = jax.lax.scan(step, (cache, start), (jnp.arange(length), jax.random.split(key, length)))
   return tokens_LxB.T
+
+
+def unigram_entropy(tokens, vocab_size: int) -> float:
+  """Entropy in bits of the token frequencies of a batch of samples: a diversity check to report beside quality."""
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size).astype(np.float64)
+  freqs = counts[counts > 0] / counts.sum()
+  return float(-(freqs * np.log2(freqs)).sum())

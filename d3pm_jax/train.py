@@ -367,6 +367,8 @@ def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout)
   sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples)
   tokens = np.asarray(sampler(result["state"].params, jax.random.PRNGKey(tcfg.seed + 2)))
   texts = []
+  print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
+        file=writer_out)
   tok = result["data"].tokenizer
   for row in tokens:
     text = tok.decode(row).decode("utf-8", errors="replace") if tok is not None else " ".join(map(str, row))

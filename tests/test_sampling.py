@@ -123,6 +123,7 @@ def test_top_p_keeps_only_the_nucleus():
     (lambda: SamplerConfig(strategy="greedy"), "unknown sampling strategy 'greedy'; valid"),
     (lambda: SamplerConfig(time_grid="log"), "unknown time grid 'log'"),
     (lambda: SamplerConfig(top_p=0.0), "top_p must lie in"),
+    (lambda: SamplerConfig(precision="float16"), "unknown sampling precision .float16."),
     (lambda: sample(build("uniform"), random_logits_fn, jax.random.PRNGKey(0), 1, 4,
                     SamplerConfig(strategy="confidence")), "needs the absorbing process"),
     (lambda: sample(build("uniform"), random_logits_fn, jax.random.PRNGKey(0), 1, 4,
@@ -184,3 +185,10 @@ def test_kv_cache_decoding_equals_full_recomputation():
   with pytest.raises(ValueError, match="needs a causal model"):
     Transformer(ModelConfig(vocab_size=12, max_len=16, num_layers=1, d_model=32, num_heads=2, mlp_dim=48)).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32), decode=True)
+
+
+def test_unigram_entropy():
+  from d3pm_jax.sampling import unigram_entropy
+  assert unigram_entropy(np.arange(8), 8) == pytest.approx(3.0)
+  assert unigram_entropy(np.zeros(10, int), 8) == 0.0
+  assert unigram_entropy(np.array([0, 0, 1, 1]), 8) == pytest.approx(1.0)
