@@ -13,6 +13,7 @@ import ml_collections
 
 from d3pm_jax import _checks
 from d3pm_jax.models.transformer import ModelConfig
+from d3pm_jax.sharding import MeshConfig
 
 PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")
@@ -100,6 +101,7 @@ class ExperimentConfig:
   process: ProcessConfig
   data: DataConfig
   train: TrainConfig
+  mesh: MeshConfig = MeshConfig()
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -113,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.process = section(ProcessConfig)
   cfg.data = section(DataConfig)
   cfg.train = section(TrainConfig)
+  cfg.mesh = section(MeshConfig)
   cfg.lock()  # config files may change values but never add keys: a misspelt key raises at once
   return cfg
 
@@ -145,9 +148,10 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
   the mask (absorbing) or a start token (autoregressive). The autoregressive baseline is causal and never
   time-conditioned, whatever ``model.time_conditioning`` says."""
   raw: dict[str, Any] = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-  unknown = set(raw) - {"model", "process", "data", "train"}
+  unknown = set(raw) - {"model", "process", "data", "train", "mesh"}
   if unknown:
-    raise ValueError(f"unknown config sections {sorted(unknown)}; valid: ['data', 'model', 'process', 'train']")
+    raise ValueError(f"unknown config sections {sorted(unknown)}; valid: ['data', 'mesh', 'model', 'process', "
+                     "'train']")
   process = ProcessConfig(**_typed(ProcessConfig, raw.get("process", {}), "process"))
   extra = 1 if process.name in ("absorbing", "autoregressive") else 0
   model_values = _typed(ModelConfig, {k: v for k, v in raw.get("model", {}).items() if k != "vocab_size"}, "model")
@@ -157,8 +161,13 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
   data = DataConfig(**_typed(DataConfig, raw.get("data", {}), "data"))
   if data.seq_len > model.max_len:
     raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}")
+  mesh_values = _typed(MeshConfig, raw.get("mesh", {}), "mesh")
+  if "rules" in mesh_values:  # ConfigDicts and JSON turn the rules into lists; they are pairs
+    mesh_values["rules"] = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                                 for name, axes in mesh_values["rules"])
   return ExperimentConfig(model=model, process=process, data=data,
-                          train=TrainConfig(**_typed(TrainConfig, raw.get("train", {}), "train")))
+                          train=TrainConfig(**_typed(TrainConfig, raw.get("train", {}), "train")),
+                          mesh=MeshConfig(**mesh_values))
 
 
 def stdlib_tiny(process: str = "absorbing", loss: str = "masked", arg: str | None = None):
@@ -181,8 +190,10 @@ def stdlib_tiny(process: str = "absorbing", loss: str = "masked", arg: str | Non
 
 def experiment_from_dict(raw: dict) -> ExperimentConfig:
   """Inverse of ``dataclasses.asdict(experiment)`` (as written to ``workdir/experiment.json``)."""
-  return ExperimentConfig(model=ModelConfig(**raw["model"]), process=ProcessConfig(**raw["process"]),
-                          data=DataConfig(**raw["data"]), train=TrainConfig(**raw["train"]))
+  return from_config({k: raw[k] for k in ("process", "data", "train", "mesh")} |
+                     {"model": {k: v for k, v in raw["model"].items() if k not in ("vocab_size", "causal")}},
+                     vocab_size=raw["model"]["vocab_size"] - (1 if raw["process"]["name"] in
+                                                             ("absorbing", "autoregressive") else 0))
 
 
 def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from d3pm_jax import losses, sampling
+from d3pm_jax import losses, sampling, sharding
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer, count_params
@@ -74,6 +74,39 @@ def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> Train
   params = nn.unbox(model.init(init_rng, tokens, jnp.zeros((1,)))["params"])
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
                     ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the train state and the batch live: the mesh and the shardings derived from the logical rules."""
+  mesh: jax.sharding.Mesh
+  state: Any            # a TrainState of NamedShardings
+  batch: Any            # NamedSharding of [B, L]
+  replicated: Any
+
+
+def make_placement(config: ExperimentConfig, model: Transformer, optimizer, devices=None) -> Placement:
+  """Shards parameters, EMA and optimiser state by the config's logical-axis rules and the batch over
+  (data, fsdp); raises if a sharded dimension does not divide over its mesh axes."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = config.mesh.rules
+  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1,)))["params"])
+  params_sh = sharding.param_shardings(boxed, mesh, rules)
+  abstract = jax.eval_shape(lambda: init_state(config, model, optimizer))
+  replicated = sharding.replicated(mesh)
+  state_sh = TrainState(step=replicated, params=params_sh, ema_params=params_sh, rng=replicated,
+                        opt_state=sharding.like_params(abstract.opt_state, abstract.params, params_sh, mesh))
+  batch_sh = sharding.batch_sharding(mesh, rules, config.train.batch_size // config.train.grad_accum,
+                                     config.data.seq_len)
+  return Placement(mesh=mesh, state=state_sh, batch=batch_sh, replicated=replicated)
+
+
+def global_batch(placement: Placement, local_BxL):
+  """This process's rows of the batch, assembled into one global array sharded over (data, fsdp)."""
+  local_BxL = np.asarray(local_BxL)
+  global_shape = (local_BxL.shape[0] * jax.process_count(),) + local_BxL.shape[1:]
+  return jax.make_array_from_process_local_data(placement.batch, local_BxL, global_shape)
 
 
 def shift_right(tokens_BxL, bos: int):
@@ -318,7 +351,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   fingerprint = _fingerprint(config)
   manager = checkpoint_manager(workdir, tcfg)
 
-  state = init_state(config, model, optimizer)
+  placement = make_placement(config, model, optimizer)
+  state = jax.jit(lambda: init_state(config, model, optimizer), out_shardings=placement.state)()
   next_batch = 0
   restored = restore_checkpoint(manager, state, fingerprint)
   if restored is not None:
@@ -329,7 +363,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
              f"({config.process.loss}); data: {data.info.get('train_windows')} training windows of "
              f"{config.data.seq_len} tokens")
 
-  train_step = jax.jit(make_train_step(config, model, process, optimizer), donate_argnums=(0,))
+  train_step = jax.jit(make_train_step(config, model, process, optimizer), donate_argnums=(0,),
+                       in_shardings=(placement.state, None), out_shardings=(placement.state, placement.replicated))
   eval_step = jax.jit(make_eval_step(config, model, process))
   eval_key = jax.random.PRNGKey(tcfg.seed + 1)
   step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
@@ -337,7 +372,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   pending = None
   results = {}
   while step < last_step:
-    batch = jnp.asarray(data.train_batches[next_batch])
+    batch = global_batch(placement, data.train_batches[next_batch])
     next_batch += 1
     state, metrics = train_step(state, batch)
     step += 1

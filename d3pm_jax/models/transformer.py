@@ -195,8 +195,8 @@ class Block(nn.Module):
       mods = [None] * 6
     else:
       mod = nn.Dense(6 * cfg.d_model, dtype=jnp.float32, name="adaln",
-                     kernel_init=_partitioned(nn.initializers.zeros, ("cond", "mlp")),
-                     bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(cond_BxC)
+                     kernel_init=_partitioned(nn.initializers.zeros, ("cond", "embed")),
+                     bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(cond_BxC)
       mods = jnp.split(mod[:, None, :], 6, axis=-1)
 
     def branch(h, module, norm_name, shift, scale, gate):
@@ -250,8 +250,8 @@ class Transformer(nn.Module):
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
       shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",
-                                        kernel_init=_partitioned(nn.initializers.zeros, ("cond", "mlp")),
-                                        bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(cond_BxC)[:, None],
+                                        kernel_init=_partitioned(nn.initializers.zeros, ("cond", "embed")),
+                                        bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(cond_BxC)[:, None],
                                2, axis=-1)
       y = y * (1.0 + scale) + shift
     return Linear((cfg.vocab_size,), ("embed", "vocab"), jnp.float32, name="head")(y)

@@ -1,0 +1,110 @@
+"""Sharding on 8 fake CPU devices (each check runs in a subprocess whose XLA_FLAGS are set before JAX starts)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from d3pm_jax.sharding import MeshConfig
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+PRELUDE = textwrap.dedent("""
+    import importlib.util, json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from d3pm_jax import train
+    from d3pm_jax.config import from_config
+    from d3pm_jax.data import pipeline
+    from d3pm_jax.models.transformer import Transformer
+    spec = importlib.util.spec_from_file_location("cfg", "configs/test.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+
+    def experiment(mesh):
+      cfg = module.get_config("uniform")  # V = 256 bytes: divisible by the tensor axis
+      cfg.train.update(batch_size=8, steps=3, ema_decay=0.9)
+      cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+      return from_config(cfg, 256)
+
+    def run(mesh, devices):
+      exp = experiment(mesh)
+      model = Transformer(exp.model)
+      process = train.build_process(exp.process, exp.model)
+      optimizer = train.make_optimizer(exp.train)
+      placement = train.make_placement(exp, model, optimizer, devices)
+      state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
+      step = jax.jit(train.make_train_step(exp, model, process, optimizer),
+                     out_shardings=(placement.state, placement.replicated))
+      data = pipeline.build_data(exp.data, 8, 0)
+      for i in range(3):
+        state, _ = step(state, train.global_batch(placement, data.train_batches[i]))
+      return state
+""")
+
+
+def run_script(body: str, devices: int = 8) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_train_step_equals_single_device():
+  """Same parameters after 3 steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,4,2) as on one device; tolerance
+  atol 1e-5 (reductions are summed in a different order across devices)."""
+  result = run_script("""
+      reference = run((1, 1, 1), jax.devices()[:1])
+      errors = {}
+      for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]:
+        state = run(mesh, jax.devices())
+        diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                       (state.params, state.ema_params), (reference.params, reference.ema_params))
+        errors[str(mesh)] = max(jax.tree_util.tree_leaves(diffs))
+      moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+          lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), reference.params,
+          train.init_state(experiment((1, 1, 1)), Transformer(experiment((1, 1, 1)).model),
+                           train.make_optimizer(experiment((1, 1, 1)).train)).params)))
+      print(json.dumps({"errors": errors, "moved": moved}))
+  """)
+  assert result["moved"] > 1e-3  # training really changed the parameters
+  for mesh, err in result["errors"].items():
+    assert err < 1e-5, (mesh, err)
+
+
+def test_fsdp_really_shards_parameters():
+  result = run_script("""
+      state = run((1, 8, 1), jax.devices())
+      fractions = {}
+      for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        if leaf.size >= 1024:
+          shard = leaf.addressable_shards[0].data
+          fractions[jax.tree_util.keystr(path)] = shard.size / leaf.size
+      mu = state.opt_state[1][0].mu["block_0"]["mlp"]["wi_gate"]["kernel"]
+      print(json.dumps({"fractions": fractions, "mu": mu.addressable_shards[0].data.size / mu.size}))
+  """)
+  assert result["fractions"] and all(f == 1 / 8 for f in result["fractions"].values()), result
+  assert result["mu"] == 1 / 8  # the optimiser state follows its parameter
+
+
+@pytest.mark.parametrize("sizes,devices,match", [
+    ((3, 1, 1), 8, r"has 3 devices but 8 are available"),
+    ((-1, -1, 1), 8, "at most one may be -1"),
+    ((-1, 3, 1), 8, "8 devices do not divide by 3"),
+])
+def test_invalid_meshes_raise(sizes, devices, match):
+  with pytest.raises(ValueError, match=match):
+    MeshConfig(*sizes).shape(devices)
+
+
+def test_indivisible_dimension_names_the_parameter():
+  result = run_script("""
+      try:
+        run((1, 1, 8), jax.devices())  # 2 heads cannot split over 8 tensor devices
+        print(json.dumps({"error": None}))
+      except ValueError as e:
+        print(json.dumps({"error": str(e)}))
+  """)
+  assert result["error"] and "does not divide over mesh axes ('tensor',)" in result["error"]
