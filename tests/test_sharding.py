@@ -108,3 +108,50 @@ def test_indivisible_dimension_names_the_parameter():
         print(json.dumps({"error": str(e)}))
   """)
   assert result["error"] and "does not divide over mesh axes ('tensor',)" in result["error"]
+
+
+def test_sharded_train_step_lowers_for_tpu_and_cuda():
+  result = run_script("""
+      exp = experiment((2, 2, 2))
+      model = Transformer(exp.model)
+      process = train.build_process(exp.process, exp.model)
+      optimizer = train.make_optimizer(exp.train)
+      placement = train.make_placement(exp, model, optimizer)
+      abstract = jax.eval_shape(lambda: train.init_state(exp, model, optimizer))
+      abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract, placement.state)
+      batch = jax.ShapeDtypeStruct((8, exp.data.seq_len), jnp.int32, sharding=placement.batch)
+      step = jax.jit(train.make_train_step(exp, model, process, optimizer),
+                     out_shardings=(placement.state, placement.replicated))
+      sizes = {}
+      for platform in ("tpu", "cuda"):
+        lowered = step.trace(abstract, batch).lower(lowering_platforms=(platform,))
+        sizes[platform] = len(lowered.as_text())
+      print(json.dumps(sizes))
+  """)
+  assert result["tpu"] > 1000 and result["cuda"] > 1000
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+  """Train 2 steps on (8,1,1) and checkpoint; resume on (1,4,2) for 2 more. The result equals 4 steps straight
+  on (8,1,1) (atol 1e-5) and the restored state lives on the new mesh."""
+  result = run_script(f"""
+      import dataclasses
+      from d3pm_jax.sharding import MeshConfig
+      def with_mesh(mesh, steps):
+        exp = experiment(mesh)
+        return dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=steps, checkpoint_every=2,
+                                                                  eval_every=100))
+      data = pipeline.build_data(with_mesh((1, 1, 1), 4).data, 8, 0)
+      work = {str(tmp_path)!r}
+      train.train_and_evaluate(with_mesh((8, 1, 1), 4), work + "/moved", data, stop_after=2, quiet=True)
+      moved = train.train_and_evaluate(with_mesh((1, 4, 2), 4), work + "/moved", data, quiet=True)["state"]
+      straight = train.train_and_evaluate(with_mesh((8, 1, 1), 4), work + "/straight", data, quiet=True)["state"]
+      err = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+          lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), moved.params, straight.params)))
+      kernel = moved.params["block_0"]["mlp"]["wi_gate"]["kernel"]
+      print(json.dumps({{"err": err, "mesh": dict(kernel.sharding.mesh.shape),
+                         "fraction": kernel.addressable_shards[0].data.size / kernel.size}}))
+  """)
+  assert result["err"] < 1e-5, result
+  assert result["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and result["fraction"] == 1 / 8
