@@ -92,6 +92,17 @@ def categorical(key, log_probs_xV, cfg: SamplerConfig):
   return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
 
 
+def _conditioning(given_BxL, prompt_BxL, batch: int, length: int, num_tokens: int):
+  """Validated ``(given bool, prompt int32)``; nothing is given when both are None."""
+  if (given_BxL is None) != (prompt_BxL is None):
+    raise ValueError("pass given_BxL and prompt_BxL together (which positions are fixed, and their tokens)")
+  if given_BxL is None:
+    return jnp.zeros((batch, length), bool), jnp.zeros((batch, length), jnp.int32)
+  given_BxL = jnp.asarray(given_BxL, bool)
+  _checks.check_token_ids("prompt_BxL", jnp.where(given_BxL, prompt_BxL, 0), num_tokens)
+  return given_BxL, jnp.asarray(prompt_BxL, jnp.int32)
+
+
 def _initial_state(process: Process, key, batch: int, length: int):
   if isinstance(process, AbsorbingProcess):
     return jnp.full((batch, length), process.mask_id, jnp.int32)
@@ -106,15 +117,7 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"strategy 'confidence' needs the absorbing process; got {type(process).__name__}. "
                      "Use strategy='ancestral'")
-  if (given_BxL is None) != (prompt_BxL is None):
-    raise ValueError("pass given_BxL and prompt_BxL together (which positions are fixed, and their tokens)")
-  if given_BxL is None:
-    given_BxL = jnp.zeros((batch, length), bool)
-    prompt_BxL = jnp.zeros((batch, length), jnp.int32)
-  else:
-    _checks.check_token_ids("prompt_BxL", jnp.where(given_BxL, prompt_BxL, 0), process.num_data_states)
-  given_BxL = jnp.asarray(given_BxL, bool)
-  prompt_BxL = jnp.asarray(prompt_BxL, jnp.int32)
+  given_BxL, prompt_BxL = _conditioning(given_BxL, prompt_BxL, batch, length, process.num_data_states)
   if cfg.num_blocks > 1 and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"semi-autoregressive blocks (num_blocks={cfg.num_blocks}) need the absorbing process; "
                      f"got {type(process).__name__}")
@@ -200,11 +203,7 @@ def autoregressive_sample(model, params, key, batch: int, length: int, bos: int,
   ``model`` is a causal ``Transformer`` whose last id ``bos`` starts every sequence; positions marked in
   ``given_BxL`` take their ``prompt_BxL`` token instead of a draw (a prefix prompt). Returns ``[batch, length]``.
   """
-  if (given_BxL is None) != (prompt_BxL is None):
-    raise ValueError("pass given_BxL and prompt_BxL together (which positions are fixed, and their tokens)")
-  if given_BxL is None:
-    given_BxL = jnp.zeros((batch, length), bool)
-    prompt_BxL = jnp.zeros((batch, length), jnp.int32)
+  given_BxL, prompt_BxL = _conditioning(given_BxL, prompt_BxL, batch, length, bos)
   cache = model.init(jax.random.PRNGKey(0), jnp.zeros((batch, length), jnp.int32), decode=True)["cache"]
 
   def step(carry, inputs):
