@@ -51,12 +51,6 @@ def _gather(values_BxLxV, index_BxL):
   return jnp.sum(jnp.where(hit, values_BxLxV, 0.0), axis=-1)
 
 
-def _log_linear(process: Process, log_w_xV, t):
-  """log(w @ Qbar(t)) from log w, shifted so the linear map never sees overflowing or all-zero inputs."""
-  shift = jax.lax.stop_gradient(jnp.max(log_w_xV, axis=-1, keepdims=True))
-  return safe_log(process.marginal(jnp.exp(log_w_xV - shift), t)) + shift
-
-
 def antithetic_times(key, batch: int, dtype=jnp.float32):
   """Low-discrepancy times ``t_B``: one uniform offset, then evenly spaced modulo 1 (MD4/VDM's antithetic)."""
   offset = jax.random.uniform(key, (), dtype=dtype)
@@ -109,11 +103,9 @@ def ctmc_diffusion(process: Process, logits_fn: LogitsFn, key, x0_BxL, t_B, weig
   x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
   log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
   # Model ratio: log s_hat_y = log sum_h p(h) Qbar[h, y] / Qbar[h, x_t], dropping h with Qbar[h, x_t] = 0.
-  col_BxLxV = process.marginal_column(x_t_BxL, t_B)
-  log_w = jnp.where(col_BxLxV > 0, log_p_BxLxV - safe_log(col_BxLxV), NEG_INF)
-  log_s_hat = _log_linear(process, log_w, t_B)
+  log_s_hat = process.log_ratio_mixture(log_p_BxLxV, x_t_BxL, t_B, t_B)
   # True ratio given x_0: log s_y = log Qbar[x_0, y] - log Qbar[x_0, x_t].
-  log_row = safe_log(process.marginal(jax.nn.one_hot(x0_BxL, num_states, dtype=col_BxLxV.dtype), t_B))
+  log_row = safe_log(process.marginal(jax.nn.one_hot(x0_BxL, num_states, dtype=log_s_hat.dtype), t_B))
   log_s = log_row - _gather(log_row, x_t_BxL)[..., None]
   s_positive = log_s > 0.5 * NEG_INF
   # s (r - 1 - log r) with log r = log s_hat - log s, written with expm1 to keep precision when r ~ 1;

@@ -245,10 +245,14 @@ def check_compatible(saved: dict, current: dict) -> None:
                      "the original config. Differences: " + "; ".join(diffs))
 
 
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True,
                                          create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  return ocp.CheckpointManager(_checkpoint_dir(workdir), options=options)
 
 
 def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fingerprint: dict) -> None:
@@ -259,7 +263,7 @@ def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fin
 
 def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
   """The parameters (or EMA parameters) of ``workdir``'s latest checkpoint, and its step."""
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+  manager = ocp.CheckpointManager(_checkpoint_dir(workdir),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:

@@ -110,13 +110,18 @@ class Process(abc.ABC):
     ``sum_{x_0} q(x_s | x_t, x_0) p(x_0 | x_t)``, so an exact x_0-posterior gives the exact reverse step. Values
     of x_0 that cannot have produced ``x_t`` (q(x_t | x_0) = 0) are dropped and the rest renormalised.
     """
-    col_t = self.marginal_column(x_t, t)
-    log_w = safe_log(x0_probs) - safe_log(col_t)
-    log_w = jnp.where(col_t > 0, log_w, NEG_INF)
-    shift = jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True))
-    mixed = self.marginal(jnp.exp(log_w - shift), s)
-    logits = safe_log(self.transition_column(x_t, s, t)) + safe_log(mixed)
+    logits = safe_log(self.transition_column(x_t, s, t)) + self.log_ratio_mixture(safe_log(x0_probs), x_t, t, s)
     return jax.nn.log_softmax(logits, axis=-1)
+
+  def log_ratio_mixture(self, x0_log_probs, x_t, t, u):
+    """log sum_h p(h) Qbar(u)[h, y] / Qbar(t)[h, x_t] for every y, ``[..., V]``; h with Qbar(t)[h, x_t] = 0
+    (which cannot have produced x_t) are dropped. At u = t this is the model's ratio q_t(y) / q_t(x_t) of the
+    CTMC ELBO; at u = s < t, up to the transition factor, the posterior mixture."""
+    col_t = self.marginal_column(x_t, t)
+    log_w = jnp.where(col_t > 0, x0_log_probs - safe_log(col_t), NEG_INF)
+    # Shifted so the linear map never sees overflowing or all-zero inputs.
+    shift = jax.lax.stop_gradient(jnp.max(log_w, axis=-1, keepdims=True))
+    return safe_log(self.marginal(jnp.exp(log_w - shift), u)) + shift
 
   def x0_log_probs(self, logits, x_t):
     """Normalised log p(x_0 | x_t) ``[..., V]`` from a network's raw ``logits``. Overridden by absorbing (SUBS)."""
