@@ -27,6 +27,15 @@ DEFAULT_RULES = (
     ("norm", None),
     ("cond", None),
     ("cond_hidden", None),
+    # Activations: the batch over (data, fsdp), heads / MLP hidden / logits over tensor (Megatron), the residual
+    # stream's width whole on every device (FSDP gathers weights, not activations).
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from d3pm_jax import losses, sampling, sharding
+from d3pm_jax import losses, multihost, sampling, sharding
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer, count_params
@@ -102,11 +102,21 @@ def make_placement(config: ExperimentConfig, model: Transformer, optimizer, devi
   return Placement(mesh=mesh, state=state_sh, batch=batch_sh, replicated=replicated)
 
 
-def global_batch(placement: Placement, local_BxL):
-  """This process's rows of the batch, assembled into one global array sharded over (data, fsdp)."""
+def global_batch(sharding, local_BxL):
+  """This process's rows of a batch (``pipeline.process_rows``), assembled into one global array sharded over
+  (data, fsdp): on one process, the whole batch placed on the mesh."""
   local_BxL = np.asarray(local_BxL)
   global_shape = (local_BxL.shape[0] * jax.process_count(),) + local_BxL.shape[1:]
-  return jax.make_array_from_process_local_data(placement.batch, local_BxL, global_shape)
+  return jax.make_array_from_process_local_data(sharding, local_BxL, global_shape)
+
+
+def under_mesh_rules(fn, placement: Placement, rules):
+  """``fn`` traced with the mesh and the logical-axis rules in scope, so the model's activation constraints
+  (``with_logical_constraint``) become sharding constraints."""
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(placement.mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
 
 
 def shift_right(tokens_BxL, bos: int):
@@ -186,9 +196,24 @@ def make_eval_step(config, model, process):
   return eval_step
 
 
-def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
+def compile_steps(config: ExperimentConfig, model, process, optimizer, placement: Placement):
+  """The jitted train step ``(state, batch) -> (state, metrics)`` (state donated, laid out by ``placement``) and
+  eval step ``(params, key, x0, weights) -> nats_B``; both trace under the mesh rules, and return replicated
+  metrics, so every process can read them."""
+  rules = config.mesh.rules
+  train_step = jax.jit(under_mesh_rules(make_train_step(config, model, process, optimizer), placement, rules),
+                       donate_argnums=(0,), in_shardings=(placement.state, placement.batch),
+                       out_shardings=(placement.state, placement.replicated))
+  eval_step = jax.jit(under_mesh_rules(make_eval_step(config, model, process), placement, rules),
+                      in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch),
+                      out_shardings=placement.replicated)
+  return train_step, eval_step
+
+
+def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Placement) -> dict:
   """Validation NELBO in bits per token over ``eval_batches`` batches of fixed windows spread evenly over the
-  validation split, accumulated in float64 on the host; padded positions count neither nats nor tokens."""
+  validation split, accumulated in float64 on the host; padded positions count neither nats nor tokens. Every
+  process holds the validation windows and supplies its rows of each batch."""
   acc = losses.LikelihoodAccumulator()
   batch = config.train.batch_size
   available = data.val_windows.shape[0]
@@ -197,30 +222,35 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key) -> dict:
   num = min(config.train.eval_batches * batch, available // batch * batch)
   # Windows spread evenly over the whole split, not just its first files.
   chosen = np.linspace(0, available - 1, num).round().astype(int)
+  mine = pipeline.process_rows(batch)
   for i, start in enumerate(range(0, num, batch)):
-    x0 = jnp.asarray(data.val_windows[chosen[start:start + batch]])
-    weights = data.val_weights[chosen[start:start + batch]]
-    nats_B = eval_step(params, jax.random.fold_in(key, i), x0, jnp.asarray(weights))
-    acc.add(nats_B, weights.sum(axis=1))
+    rows = chosen[start:start + batch]
+    x0 = global_batch(placement.batch, data.val_windows[rows][mine])
+    weights = data.val_weights[rows]
+    nats_B = eval_step(params, np.asarray(jax.random.fold_in(key, i)), x0,
+                       global_batch(placement.batch, weights[mine]))
+    acc.add(np.asarray(nats_B), weights.sum(axis=1))
   return acc.result()
 
 
 # ---------------------------------------------------------------- sampling
 
-def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int):
+def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None):
   """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
-  autoregressive baseline (``sampling``)."""
+  autoregressive baseline (``sampling``). With parameters spread over several processes, pass a replicated
+  ``out_sharding`` so every process can read the tokens."""
   length = config.data.seq_len
   if process is None:
     bos = model.config.vocab_size - 1
-    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos))
+    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos),
+                   out_shardings=out_sharding)
 
   sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
 
   def sample(params, key):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg)[0]
-  return jax.jit(sample)
+  return jax.jit(sample, out_shardings=out_sharding)
 
 
 # ---------------------------------------------------------------- checkpoints and logging
@@ -367,16 +397,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
              f"({config.process.loss}); data: {data.info.get('train_windows')} training windows of "
              f"{config.data.seq_len} tokens")
 
-  train_step = jax.jit(make_train_step(config, model, process, optimizer), donate_argnums=(0,),
-                       in_shardings=(placement.state, None), out_shardings=(placement.state, placement.replicated))
-  eval_step = jax.jit(make_eval_step(config, model, process))
+  train_step, eval_step = compile_steps(config, model, process, optimizer, placement)
   eval_key = jax.random.PRNGKey(tcfg.seed + 1)
   step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
   last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
   pending = None
   results = {}
   while step < last_step:
-    batch = global_batch(placement, data.train_batches[next_batch])
+    batch = global_batch(placement.batch, data.train_batches[next_batch])
     next_batch += 1
     state, metrics = train_step(state, batch)
     step += 1
@@ -387,7 +415,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
       writer.progress(pending[0], host)
     pending = (step, metrics)
     if step % tcfg.eval_every == 0 or step == tcfg.steps:
-      results = evaluate(config, eval_step, state.params, data, eval_key)
+      results = evaluate(config, eval_step, state.params, data, eval_key, placement)
       writer.write(step, {f"val_{k}": v for k, v in results.items()})
       writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
     if step % tcfg.checkpoint_every == 0 or step == last_step:
@@ -397,15 +425,20 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   writer.close()
   manager.wait_until_finished()
   manager.close()
-  return {"state": state, "validation": results, "data": data, "model": model, "process": process}
+  return {"state": state, "validation": results, "data": data, "model": model, "process": process,
+          "placement": placement}
 
 
 def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout) -> list:
-  """Draws ``num_samples`` sequences with the trained parameters and prints them decoded."""
+  """Draws ``num_samples`` sequences with the trained parameters and prints them decoded (every process draws
+  them, as one SPMD program; process 0 prints)."""
   tcfg = config.train
-  sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples)
-  tokens = np.asarray(sampler(result["state"].params, jax.random.PRNGKey(tcfg.seed + 2)))
+  sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples,
+                         out_sharding=result["placement"].replicated)
+  tokens = np.asarray(sampler(result["state"].params, np.asarray(jax.random.PRNGKey(tcfg.seed + 2))))
   texts = []
+  if not multihost.is_leader():
+    writer_out = open(os.devnull, "w")
   print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
         file=writer_out)
   tok = result["data"].tokenizer

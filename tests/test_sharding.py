@@ -35,11 +35,10 @@ PRELUDE = textwrap.dedent("""
       optimizer = train.make_optimizer(exp.train)
       placement = train.make_placement(exp, model, optimizer, devices)
       state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
-      step = jax.jit(train.make_train_step(exp, model, process, optimizer),
-                     out_shardings=(placement.state, placement.replicated))
+      step, _ = train.compile_steps(exp, model, process, optimizer, placement)
       data = pipeline.build_data(exp.data, 8, 0)
       for i in range(3):
-        state, _ = step(state, train.global_batch(placement, data.train_batches[i]))
+        state, _ = step(state, train.global_batch(placement.batch, data.train_batches[i]))
       return state
 """)
 
@@ -121,8 +120,7 @@ def test_sharded_train_step_lowers_for_tpu_and_cuda():
       abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         abstract, placement.state)
       batch = jax.ShapeDtypeStruct((8, exp.data.seq_len), jnp.int32, sharding=placement.batch)
-      step = jax.jit(train.make_train_step(exp, model, process, optimizer),
-                     out_shardings=(placement.state, placement.replicated))
+      step, _ = train.compile_steps(exp, model, process, optimizer, placement)
       sizes = {}
       for platform in ("tpu", "cuda"):
         lowered = step.trace(abstract, batch).lower(lowering_platforms=(platform,))

@@ -13,6 +13,7 @@ import grain
 import jax
 import numpy as np
 
+from d3pm_jax import multihost
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import stdlib, tokenizers
 from d3pm_jax.data.synthetic import MarkovSource
@@ -57,11 +58,27 @@ class Data:
   info: dict
 
 
-def train_batches(windows_NxL: np.ndarray, batch_per_process: int, seed: int) -> grain.MapDataset:
+def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+  """This process's share of the training stream: element i is rows ``[p b, (p + 1) b)`` of global batch i
+  (``b = batch_size / P`` for process p of P), so the processes read disjoint rows and the global batch assembled
+  from them is the same for any number of processes. Only the rows a process uses are ever read."""
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if batch_size % count:
+    raise ValueError(f"train.batch_size={batch_size} must divide evenly over {count} processes")
+  per = batch_size // count
   # shuffle-then-repeat draws a fresh permutation for every epoch.
-  ds = grain.MapDataset.source(windows_NxL).shuffle(seed=seed).repeat(_EPOCHS)
-  ds = ds[jax.process_index()::jax.process_count()]
-  return ds.batch(batch_per_process, drop_remainder=True)
+  stream = grain.MapDataset.source(windows_NxL).shuffle(seed=seed).repeat(_EPOCHS)
+  mine = grain.MapDataset.range(len(stream) // batch_size * per).map(
+      lambda k: stream[(k // per) * batch_size + p * per + k % per])
+  return mine.batch(per, drop_remainder=True)
+
+
+def process_rows(batch_size: int) -> slice:
+  """The rows of a global batch this process supplies (the same split as ``train_batches``)."""
+  per = batch_size // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
 def _stdlib(config: DataConfig, workdir: str | None):
@@ -72,8 +89,10 @@ def _stdlib(config: DataConfig, workdir: str | None):
     if workdir is None:
       raise ValueError("training a sentencepiece tokenizer needs a workdir (or set data.tokenizer_path)")
     prefix = os.path.join(workdir, "stdlib_spm")
-    tok = (tokenizers.SentencePieceTokenizer(prefix + ".model") if os.path.exists(prefix + ".model") else
-           tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size))
+    if not os.path.exists(prefix + ".model") and multihost.is_leader():  # one process trains, the rest wait
+      tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size)
+    multihost.sync("sentencepiece tokenizer trained")
+    tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
   else:
     tok = tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
   info = {s: stdlib.fingerprint(splits[s], contents[s]) for s in stdlib.SPLITS}
@@ -100,7 +119,7 @@ def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | No
   train_windows = train_windows[train_weights.min(axis=1) > 0]  # training drops the one padded window
   val_windows, val_weights = pack(encoded["validation"], config.seq_len)
   info.update(train_windows=int(train_windows.shape[0]), validation_windows=int(val_windows.shape[0]))
-  return Data(tokenizer=tok, train_batches=train_batches(train_windows, batch_size // jax.process_count(), seed),
+  return Data(tokenizer=tok, train_batches=train_batches(train_windows, batch_size, seed),
               val_windows=val_windows, val_weights=val_weights, info=info)
 
 

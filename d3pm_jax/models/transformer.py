@@ -36,11 +36,13 @@ class ModelConfig:
   dtype: str = "float32"
   remat: bool = False
   rope_base: float = 10000.0
+  vocab_pad_multiple: int = 1    # embedding and head rows rounded up to this, so 'vocab' divides a tensor axis
 
   def __post_init__(self):
     _checks.check_choice("norm", self.norm, NORMS)
     _checks.check_choice("dtype", self.dtype, DTYPES)
-    for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim"):
+    for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim",
+                 "vocab_pad_multiple"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"model.{name} must be a positive integer; got {getattr(self, name)}")
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
@@ -51,9 +53,23 @@ class ModelConfig:
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
+  @property
+  def padded_vocab_size(self) -> int:
+    """Rows of the embedding and the output head; the logits are cut back to ``vocab_size``."""
+    return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
 
 def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
+
+
+def _constrain(x, names):
+  """A sharding constraint by logical activation names; a no-op unless the caller traces under a mesh and
+  ``nn.logical_axis_rules`` (the train and eval steps do, see ``train.compile_steps``)."""
+  return nn.with_logical_constraint(x, names)
+
+
+_RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Norm(nn.Module):
@@ -146,7 +162,8 @@ class Attention(nn.Module):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     heads = (cfg.num_heads, head_dim)
-    q, k, v = (Linear(heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(x_BxLxD)
+    q, k, v = (_constrain(Linear(heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(x_BxLxD),
+                          ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
                for n in ("query", "key", "value"))
     if self.decode:
       if not cfg.causal:
@@ -180,7 +197,8 @@ class GluMlp(nn.Module):
     cfg = self.config
     gate = Linear((cfg.mlp_dim,), ("embed", "mlp"), cfg.compute_dtype, name="wi_gate")(x_BxLxD)
     up = Linear((cfg.mlp_dim,), ("embed", "mlp"), cfg.compute_dtype, name="wi_up")(x_BxLxD)
-    return Linear((cfg.d_model,), ("mlp", "embed"), cfg.compute_dtype, name="wo")(nn.silu(gate) * up)
+    hidden = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return Linear((cfg.d_model,), ("mlp", "embed"), cfg.compute_dtype, name="wo")(hidden)
 
 
 class Block(nn.Module):
@@ -206,7 +224,7 @@ class Block(nn.Module):
       # The barrier makes XLA materialise the modulated input once; otherwise (on CPU) it fuses the norm and
       # modulation into each consuming matmul and recomputes them there: about 5% of a train step.
       y = module(jax.lax.optimization_barrier(y.astype(cfg.compute_dtype)))
-      return h + (y if gate is None else y * gate).astype(h.dtype)
+      return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
     x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, name="attention"), "attention_norm", *mods[:3])
     return branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
@@ -230,9 +248,9 @@ class Transformer(nn.Module):
     cfg = self.config
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name="embed",
+    embed = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name="embed",
                      embedding_init=_partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
-    x_BxLxD = embed(tokens_BxL).astype(cfg.compute_dtype)
+    x_BxLxD = _constrain(embed(tokens_BxL).astype(cfg.compute_dtype), _RESIDUAL)
     cond_BxC = None
     if cfg.time_conditioning:
       if t_B is None:
@@ -254,7 +272,9 @@ class Transformer(nn.Module):
                                         bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(cond_BxC)[:, None],
                                2, axis=-1)
       y = y * (1.0 + scale) + shift
-    return Linear((cfg.vocab_size,), ("embed", "vocab"), jnp.float32, name="head")(y)
+    logits = Linear((cfg.padded_vocab_size,), ("embed", "vocab"), jnp.float32, name="head")(y)
+    logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return logits if cfg.padded_vocab_size == cfg.vocab_size else logits[..., :cfg.vocab_size]
 
 
 def count_params(params) -> int:
@@ -266,6 +286,6 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   the attention scores and the weighted sum (2 * 2 * seq_len * d_model per layer). Embedding gathers, norms and
   the per-sequence time MLP are not counted. A train step costs three times this (forward + backward)."""
   per_layer = 4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.mlp_dim
-  matmul_params = cfg.num_layers * per_layer + cfg.d_model * cfg.vocab_size
+  matmul_params = cfg.num_layers * per_layer + cfg.d_model * cfg.padded_vocab_size
   attention = cfg.num_layers * 4 * seq_len * cfg.d_model
   return 2.0 * matmul_params + attention
