@@ -299,7 +299,10 @@ def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False
   if step is None:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
   model = Transformer(config.model)
-  abstract = jax.eval_shape(lambda: init_state(config, model, make_optimizer(config.train)))
+  # Onto this process's first device, whatever mesh (or number of hosts) saved the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                    jax.eval_shape(lambda: init_state(config, model, make_optimizer(config.train))))
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
   manager.close()
   return (state.ema_params if use_ema else state.params), step
@@ -393,6 +396,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
     state, data_state = restored
     next_batch = int(data_state["next_batch"])
     writer.log(f"resumed from step {int(state.step)} in {workdir}")
+  if jax.process_count() > 1:  # every process says which rows it feeds: the first thing to check on a new cluster
+    rows = pipeline.process_rows(tcfg.batch_size)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+          f"rows {rows.start}:{rows.stop} of each global batch of {tcfg.batch_size}", flush=True)
   writer.log(f"model: {count_params(state.params):,} parameters; process: {config.process.name} "
              f"({config.process.loss}); data: {data.info.get('train_windows')} training windows of "
              f"{config.data.seq_len} tokens")

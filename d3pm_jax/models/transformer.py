@@ -230,6 +230,22 @@ class Block(nn.Module):
     return branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
 
 
+class Embed(nn.Module):
+  """Token embedding ``[V_padded, D]``. The table is stored sharded by its parameter rules (FSDP), but gathered
+  whole before the lookup (its 'activation' layout is replicated): a lookup into an FSDP-sharded table would give
+  activations split over ``embed``, which XLA can only bring back to the batch-sharded residual stream by
+  replicating them ("involuntary full rematerialization")."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL):
+    cfg = self.config
+    table = self.param("embedding", _partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
+                       (cfg.padded_vocab_size, cfg.d_model), jnp.float32)
+    table = _constrain(table, (None, "activation_embed"))
+    return jnp.take(table.astype(cfg.compute_dtype), tokens_BxL, axis=0)
+
+
 def timestep_embedding(t_B, dim: int):
   """Sinusoidal features of 1000 t, ``[B, dim]``."""
   half = dim // 2
@@ -248,9 +264,7 @@ class Transformer(nn.Module):
     cfg = self.config
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
-    embed = nn.Embed(cfg.padded_vocab_size, cfg.d_model, dtype=cfg.compute_dtype, name="embed",
-                     embedding_init=_partitioned(nn.initializers.normal(1.0), ("vocab", "embed")))
-    x_BxLxD = _constrain(embed(tokens_BxL).astype(cfg.compute_dtype), _RESIDUAL)
+    x_BxLxD = _constrain(Embed(cfg, name="embed")(tokens_BxL), _RESIDUAL)
     cond_BxC = None
     if cfg.time_conditioning:
       if t_B is None:

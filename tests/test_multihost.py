@@ -1,0 +1,108 @@
+"""Multi-host: the decision to join a job, each process's share of the data, and two real processes trained
+through launch/local_multiprocess.sh against one process with the same devices."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from d3pm_jax import multihost, train
+from d3pm_jax.config import experiment_from_dict
+from d3pm_jax.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SLURM = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}
+
+
+@pytest.mark.parametrize("mode,flags,environ,expected", [
+    ("auto", (None, None, None), {}, None),                                   # a plain run stays single-process
+    ("auto", ("10.0.0.1:1234", 2, 1), {}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
+                                          "process_id": 1}),
+    ("auto", (None, None, None), SLURM, {}),                                  # JAX detects the SLURM job
+    ("auto", (None, None, None), dict(SLURM, SLURM_NTASKS="1"), None),        # a one-task job is a plain run
+    ("auto", (None, None, None), {"TPU_WORKER_HOSTNAMES": "w0,w1"}, {}),      # a multi-host TPU slice
+    ("auto", (None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1"}, {}),     # JAX's own variable
+    ("on", (None, None, None), {}, {}),
+    ("off", (None, None, None), SLURM, None),
+])
+def test_plan(mode, flags, environ, expected):
+  assert multihost.plan(mode, *flags, environ=environ) == expected
+
+
+@pytest.mark.parametrize("mode,flags,match", [
+    ("auto", ("h:1", 2, None), r"\['process_id'\] missing"),
+    ("auto", ("h:1", 2, 2), r"--process_id=2 must lie in \[0, 2\)"),
+    ("off", ("h:1", 2, 0), "contradicts"),
+    ("sometimes", (None, None, None), r"unknown distributed mode 'sometimes'; valid: \['auto', 'off', 'on'\]"),
+])
+def test_plan_rejects_bad_flags(mode, flags, match):
+  with pytest.raises(ValueError, match=match):
+    multihost.plan(mode, *flags, environ={})
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_read_disjoint_rows_of_the_same_global_batches(processes):
+  windows = np.arange(97)[:, None] * np.ones((1, 3), np.int32)
+  whole = pipeline.train_batches(windows, 8, seed=5, process_index=0, process_count=1)
+  shares = [pipeline.train_batches(windows, 8, seed=5, process_index=p, process_count=processes)
+            for p in range(processes)]
+  for i in (0, 1, 11, 12, 40):  # 12 batches of 8 fill one epoch of 97: 11 and 12 straddle a reshuffle
+    parts = [s[i] for s in shares]
+    assert all(part.shape == (8 // processes, 3) for part in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), whole[i])
+    ids = [set(part[:, 0]) for part in parts]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == 8  # no window read by two processes
+
+
+def test_indivisible_batch_raises():
+  with pytest.raises(ValueError, match="train.batch_size=6 must divide evenly over 4 processes"):
+    pipeline.train_batches(np.zeros((10, 2), np.int32), 6, seed=0, process_index=0, process_count=4)
+
+
+ARGS = ["--config=configs/test.py", "--config.data.name=markov", "--config.train.batch_size=8",
+        "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+        "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """2 processes x 2 CPU devices (gloo collectives over 127.0.0.1) train 3 steps on a (data=2, fsdp=2) mesh and
+  end with the parameters of 1 process x 4 devices (atol 1e-5: the same mesh, reductions crossing processes) and
+  the same validation bits; each process feeds its own half of every batch, and only process 0 prints results."""
+  command = [sys.executable, "-m", "d3pm_jax.main", *ARGS]
+  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *command,
+                          f"--workdir={tmp_path / 'multi'}"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, env=env)
+  assert multi.returncode == 0, multi.stderr[-4000:]
+  single = subprocess.run([*command, f"--workdir={tmp_path / 'single'}"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                                   JAX_PLATFORMS="cpu"))
+  assert single.returncode == 0, single.stderr[-4000:]
+
+  worker_log = (tmp_path / "logs" / "process_1.log").read_text()
+  assert "process 0 of 2: 2 local devices, rows 0:4 of each global batch of 8" in multi.stdout
+  assert "process 1 of 2: 2 local devices, rows 4:8 of each global batch of 8" in worker_log
+  assert "validation:" not in worker_log and "samples" not in worker_log
+
+  def bits(out):
+    return [line for line in out.splitlines() if line.startswith("validation:")]
+  assert bits(multi.stdout) and bits(multi.stdout) == bits(single.stdout)
+
+  config = experiment_from_dict(json.loads((tmp_path / "single" / "experiment.json").read_text()))
+  params = {name: train.restore_params(str(tmp_path / name), config) for name in ("multi", "single")}
+  assert params["multi"][1] == params["single"][1] == 3
+  initial = train.init_state(config, train.Transformer(config.model), train.make_optimizer(config.train)).params
+  diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                params["multi"][0], params["single"][0])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                 params["single"][0], initial)
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3  # training really moved the parameters
+  assert max(jax.tree_util.tree_leaves(diff)) < 1e-5
+  # Metrics come from process 0 alone: one record per logged step, as in the single-process run.
+  records = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("multi", "single")]
+  assert len(records[0]) == len(records[1]) > 0
