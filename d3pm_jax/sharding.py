@@ -80,7 +80,8 @@ def _checked(spec: PartitionSpec, shape, mesh, what: str) -> NamedSharding:
     size = math.prod(mesh.shape[a] for a in _mesh_axes(entry))
     if dim % size:
       raise ValueError(f"{what}: dimension {dim} does not divide over mesh axes {_mesh_axes(entry)} of total size "
-                       f"{size} (mesh {dict(mesh.shape)}); change the mesh or the model size")
+                       f"{size} (mesh {dict(mesh.shape)}); change the mesh or the model size (a vocabulary is padded by "
+                       "model.vocab_pad_multiple)")
   return NamedSharding(mesh, spec)
 
 

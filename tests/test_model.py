@@ -92,3 +92,18 @@ def test_flop_count_matches_an_independent_tally():
 def test_bad_model_config(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)
+
+
+def test_padded_vocabulary_is_the_unpadded_model_on_the_first_rows():
+  """vocab_pad_multiple adds embedding rows and head columns that no token reaches and no logit shows: the
+  padded model equals the unpadded one whose embedding and head are the padded model's first V rows/columns."""
+  padded, plain = Transformer(tiny(vocab_pad_multiple=8, time_conditioning=True)), Transformer(tiny(time_conditioning=True))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 11)
+  t = jnp.array([0.3, 0.8])
+  params = nn.unbox(padded.init(jax.random.PRNGKey(1), tokens, t)["params"])
+  assert params["embed"]["embedding"].shape == (16, 32) and params["head"]["kernel"].shape == (32, 16)
+  cut = dict(params, embed={"embedding": params["embed"]["embedding"][:11]},
+             head={"kernel": params["head"]["kernel"][:, :11]})
+  logits = padded.apply({"params": params}, tokens, t)
+  assert logits.shape == (2, 8, 11)
+  np.testing.assert_allclose(logits, plain.apply({"params": cut}, tokens, t), atol=1e-6)
