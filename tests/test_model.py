@@ -97,7 +97,8 @@ def test_bad_model_config(kw, match):
 def test_padded_vocabulary_is_the_unpadded_model_on_the_first_rows():
   """vocab_pad_multiple adds embedding rows and head columns that no token reaches and no logit shows: the
   padded model equals the unpadded one whose embedding and head are the padded model's first V rows/columns."""
-  padded, plain = Transformer(tiny(vocab_pad_multiple=8, time_conditioning=True)), Transformer(tiny(time_conditioning=True))
+  padded = Transformer(tiny(vocab_pad_multiple=8, time_conditioning=True))
+  plain = Transformer(tiny(time_conditioning=True))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 11)
   t = jnp.array([0.3, 0.8])
   params = nn.unbox(padded.init(jax.random.PRNGKey(1), tokens, t)["params"])

@@ -106,3 +106,66 @@ def test_two_processes_train_like_one(tmp_path):
   # Metrics come from process 0 alone: one record per logged step, as in the single-process run.
   records = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("multi", "single")]
   assert len(records[0]) == len(records[1]) > 0
+
+
+def _fake_tool(directory: pathlib.Path, name: str, body: str) -> None:
+  path = directory / name
+  path.write_text("#!/usr/bin/env bash\n" + body)
+  path.chmod(0o755)
+
+
+def test_tpu_pod_launcher_runs_the_same_command_on_every_worker(tmp_path):
+  """With a stand-in gcloud that records its arguments: one ssh to --worker=all whose remote command, read back by
+  a shell, is d3pm-train --distributed=on with every flag intact (spaces and quotes included)."""
+  _fake_tool(tmp_path, "gcloud", f'printf "%s\\n" "$@" > {tmp_path}/argv\n')
+  env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", PROJECT="lab", REPO_DIR="/opt/d3pm")
+  flags = ["--config=configs/diffusion_1b.py", "--workdir=/shared/run one", "--config.train.steps=7"]
+  out = subprocess.run(["bash", "launch/tpu_pod.sh", "pod-a", "us-west4-a", *flags], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT, env=env)
+  assert out.returncode == 0, out.stderr
+  argv = (tmp_path / "argv").read_text().splitlines()
+  assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "pod-a"]
+  assert {"--project=lab", "--zone=us-west4-a", "--worker=all"} <= set(argv)
+  remote = next(a for a in argv if a.startswith("--command="))[len("--command="):]
+  # What the worker's shell will run, split as that shell splits it:
+  words = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + remote.split("&& d3pm-train", 1)[1]],
+                         capture_output=True, text=True).stdout.splitlines()
+  assert remote.startswith("cd /opt/d3pm && pip install") and "&& d3pm-train " in remote
+  assert words == ["--distributed=on", *flags]
+
+
+def test_slurm_script_joins_through_slurm_variables(tmp_path):
+  """The sbatch script run under a stand-in srun that starts 2 tasks with SLURM's variables (and 2 CPU devices
+  each): JAX finds the coordinator, process count and ids from them alone, and the job trains and checkpoints."""
+  import socket
+  for job_id in range(1000, 1000 + 4096):  # JAX derives the coordinator port from the job id
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", job_id % 4096 + 61440))
+        break
+      except OSError:
+        continue
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  _fake_tool(tmp_path, "srun", f"""
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for i in 0 1; do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > {logs}/task_$i.log 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
+exit $status
+""")
+  env = dict(os.environ, PATH=f"{tmp_path}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+             SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  flags = [a.replace("steps=3", "steps=2") for a in ARGS] + [f"--workdir={tmp_path / 'work'}"]
+  out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *flags], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+  task = [(logs / f"task_{i}.log").read_text() for i in range(2)]
+  assert out.returncode == 0, out.stderr[-2000:] + task[0][-2000:] + task[1][-2000:]
+  assert "process 0 of 2" in task[0] and "validation:" in task[0]
+  assert "process 1 of 2" in task[1] and "validation:" not in task[1]
+  assert (tmp_path / "work" / "checkpoints" / "2").is_dir()

@@ -194,3 +194,35 @@ def test_padded_vocabulary_shards_over_tensor():
   assert "dimension 257 does not divide" in result["error"] and "vocab_pad_multiple" in result["error"]
   assert result["shape"] == [384, 32] and result["fraction"] == 1 / 8
   assert result["err"] < 1e-5
+
+
+def test_scale_configs_place_on_their_meshes():
+  """configs/md4_small.py and configs/diffusion_1b.py (32k vocabulary) place on 8 devices with their own mesh
+  and with FSDP + tensor; for the ~1B model, FSDP over 8 devices holds at most 1/7 of the replicated per-device
+  train state (the figure benchmarks/scaling.py prints), from the shardings the train loop uses (no compile)."""
+  result = run_script("""
+      import dataclasses
+      from d3pm_jax.models.transformer import count_params
+      out = {}
+      for name in ("md4_small", "diffusion_1b"):
+        spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+        mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+        base = from_config(mod.get_config(), 32000)
+        model, optimizer = Transformer(base.model), train.make_optimizer(base.train)
+        abstract = jax.eval_shape(lambda: train.init_state(base, model, optimizer))
+        per_device = {}
+        for mesh in ("config", (8, 1, 1), (1, 8, 1), (1, 4, 2)):
+          exp = base if mesh == "config" else dataclasses.replace(base, mesh=dataclasses.replace(
+              base.mesh, data=mesh[0], fsdp=mesh[1], tensor=mesh[2]))
+          placement = train.make_placement(exp, model, optimizer)
+          per_device[str(mesh)] = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(
+              jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(placement.state)))
+        out[name] = {"params": count_params(abstract.params), "bytes": per_device}
+      print(json.dumps(out))
+  """)
+  assert 1.0e9 < result["diffusion_1b"]["params"] < 1.2e9
+  assert 1.2e8 < result["md4_small"]["params"] < 1.6e8
+  big = result["diffusion_1b"]["bytes"]
+  assert big["(1, 8, 1)"] <= big["(8, 1, 1)"] / 7 and big["(1, 4, 2)"] <= big["(8, 1, 1)"] / 7
+  assert big["config"] == big["(1, 8, 1)"]  # its default mesh is FSDP over every device
+  assert result["md4_small"]["bytes"]["config"] == result["md4_small"]["bytes"]["(8, 1, 1)"]

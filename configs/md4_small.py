@@ -1,0 +1,27 @@
+"""MD4-S at its published scale: a 12-layer, d=768 masked-diffusion transformer (GPT-2-small sized: 92M
+non-embedding parameters with a GLU of width 2048, 142M in all), 1024-token sequences, batch 512, 1M AdamW steps.
+
+Data: the OpenWebText / LM1B pipelines are not in the library yet, so this trains on the stdlib corpus with a
+locally trained 32k sentencepiece vocabulary; MD4's published OWT numbers do not apply to it.
+
+Mesh: data parallel over every device (-1). The train state (2.3 GB of float32 parameters, Adam moments and EMA)
+fits each accelerator, so FSDP buys nothing here. The workdir must be shared by all hosts (NFS, a gcsfuse mount).
+    d3pm-train --config=configs/md4_small.py --workdir=/shared/md4_small                (one host)
+    launch/tpu_pod.sh NAME ZONE --config=configs/md4_small.py --workdir=/shared/md4_small (a TPU pod)
+    sbatch launch/slurm_gpu.sbatch --config=configs/md4_small.py --workdir=/shared/md4_small (GPU nodes)
+"""
+from d3pm_jax.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+  parse_arg(arg, ())
+  cfg = base_config()
+  cfg.process.update(name="absorbing", loss="masked", schedule="linear")
+  cfg.model.update(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, cond_dim=128, max_len=1024,
+                   time_conditioning=True, dtype="bfloat16", vocab_pad_multiple=128)
+  cfg.data.update(name="stdlib", tokenizer="sentencepiece", spm_vocab_size=32000, seq_len=1024)
+  cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=3e-4, warmup_steps=2500, min_lr_ratio=0.0,
+                   weight_decay=0.0, b2=0.999, ema_decay=0.9999, log_every=100, eval_every=10_000,
+                   eval_batches=16, checkpoint_every=5000, keep_checkpoints=3, sample_steps=1000)
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  return cfg
