@@ -3,6 +3,7 @@ through launch/local_multiprocess.sh against one process with the same devices."
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -64,20 +65,26 @@ def test_indivisible_batch_raises():
 
 
 ARGS = ["--config=configs/test.py", "--config.data.name=markov", "--config.train.batch_size=8",
-        "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.checkpoint_every=3",
+        "--config.train.steps=3", "--config.train.eval_every=3",
         "--config.mesh.data=2", "--config.mesh.fsdp=2"]
 
 
 def test_two_processes_train_like_one(tmp_path):
   """2 processes x 2 CPU devices (gloo collectives over 127.0.0.1) train 3 steps on a (data=2, fsdp=2) mesh and
   end with the parameters of 1 process x 4 devices (atol 1e-5: the same mesh, reductions crossing processes) and
-  the same validation bits; each process feeds its own half of every batch, and only process 0 prints results."""
-  command = [sys.executable, "-m", "d3pm_jax.main", *ARGS]
+  the same validation bits; each process feeds its own half of every batch, and only process 0 prints results.
+  Then the step-3 checkpoint is removed and the 2 processes resume from the one both saved at step 2: they end
+  with the same parameters again."""
+  command = [sys.executable, "-m", "d3pm_jax.main", *ARGS, "--config.train.checkpoint_every=2"]
   env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
-  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *command,
+
+  def launch():
+    out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *command,
                           f"--workdir={tmp_path / 'multi'}"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT, env=env)
-  assert multi.returncode == 0, multi.stderr[-4000:]
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+  multi = launch()
   single = subprocess.run([*command, f"--workdir={tmp_path / 'single'}"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT,
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -106,6 +113,15 @@ def test_two_processes_train_like_one(tmp_path):
   # Metrics come from process 0 alone: one record per logged step, as in the single-process run.
   records = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("multi", "single")]
   assert len(records[0]) == len(records[1]) > 0
+
+  shutil.rmtree(tmp_path / "multi" / "checkpoints" / "3")
+  resumed = launch()
+  assert "resumed from step 2" in resumed.stdout
+  again, step = train.restore_params(str(tmp_path / "multi"), config)
+  assert step == 3
+  diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                again, params["single"][0])
+  assert max(jax.tree_util.tree_leaves(diff)) < 1e-5
 
 
 def _fake_tool(directory: pathlib.Path, name: str, body: str) -> None:
