@@ -8,7 +8,8 @@ the one the train loop runs) with abstract inputs, so nothing of the model's siz
   train loop places them with (exact);
 - args/device: XLA's own ``memory_analysis().argument_size_in_bytes`` of the compiled step (state + one batch);
 - temp/device: XLA's temporary buffers for the step (activations, gradients, gathered weights), for a small lowering
-  batch, so read it as relative across meshes, not as the production figure.
+  batch, so read it as relative across meshes, not as the production figure. A config with ``scan_layers`` also
+  gets an FSDP row with the layers unrolled, to show what the scan saves.
 Target (issue 5): FSDP over 8 devices holds at most 1/7 of the replicated per-device state.
 """
 from __future__ import annotations
@@ -54,7 +55,10 @@ def main() -> None:
   base = from_config(_load_config(args.config), vocab_size=args.vocab)
   base = dataclasses.replace(base, data=dataclasses.replace(base.data, seq_len=args.seq_len),
                              train=dataclasses.replace(base.train, batch_size=args.batch, grad_accum=1))
-  meshes = [("replicated (data parallel)", (n, 1, 1)), ("FSDP", (1, n, 1)), ("FSDP + tensor", (1, n // 2, 2))]
+  meshes = [("replicated (data parallel)", (n, 1, 1), False), ("FSDP", (1, n, 1), False),
+            ("FSDP + tensor", (1, n // 2, 2), False)]
+  if base.model.scan_layers:  # what scanning the blocks saves: the same FSDP step with the layers unrolled
+    meshes.append(("FSDP, layers unrolled", (1, n, 1), True))
   model = Transformer(base.model)
   process = train.build_process(base.process, base.model)
   optimizer = train.make_optimizer(base.train)
@@ -67,8 +71,12 @@ def main() -> None:
   print(f"{'mesh':28s} {'(data,fsdp,tensor)':>18s} {'state/device':>13s} {'vs replicated':>13s} "
         f"{'args/device':>12s} {'temp/device':>12s} {'compile s':>9s}")
   replicated_bytes = None
-  for name, mesh in meshes:
+  for name, mesh, unrolled in meshes:
     exp = dataclasses.replace(base, mesh=dataclasses.replace(base.mesh, data=mesh[0], fsdp=mesh[1], tensor=mesh[2]))
+    if unrolled:
+      exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, scan_layers=False))
+    model = Transformer(exp.model)
+    abstract = jax.eval_shape(lambda: train.init_state(exp, model, optimizer))
     placement = train.make_placement(exp, model, optimizer)
     per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                      for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(placement.state)))

@@ -18,7 +18,7 @@ def get_config(arg=None):
   cfg = base_config()
   cfg.process.update(name="absorbing", loss="masked", schedule="linear")
   cfg.model.update(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, cond_dim=128, max_len=1024,
-                   time_conditioning=True, dtype="bfloat16", vocab_pad_multiple=128)
+                   time_conditioning=True, dtype="bfloat16", scan_layers=True, vocab_pad_multiple=128)
   cfg.data.update(name="stdlib", tokenizer="sentencepiece", spm_vocab_size=32000, seq_len=1024)
   cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=3e-4, warmup_steps=2500, min_lr_ratio=0.0,
                    weight_decay=0.0, b2=0.999, ema_decay=0.9999, log_every=100, eval_every=10_000,

@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("norm", None),
     ("cond", None),
     ("cond_hidden", None),
+    ("layers", None),                # the stacked axis of model.scan_layers
     # Activations: the batch over (data, fsdp), heads / MLP hidden / logits over tensor (Megatron), the residual
     # stream's width whole on every device (FSDP gathers weights, not activations).
     ("activation_batch", ("data", "fsdp")),

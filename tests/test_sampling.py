@@ -165,10 +165,12 @@ def test_semi_autoregressive_blocks_finish_left_to_right(strategy):
     assert np.all(during[:, :, 0] == 3)
 
 
-def test_kv_cache_decoding_equals_full_recomputation():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_kv_cache_decoding_equals_full_recomputation(scan_layers):
   from d3pm_jax.models.transformer import ModelConfig, Transformer
   from d3pm_jax.sampling import autoregressive_sample
-  cfg = ModelConfig(vocab_size=12, max_len=16, num_layers=2, d_model=32, num_heads=2, mlp_dim=48, causal=True)
+  cfg = ModelConfig(vocab_size=12, max_len=16, num_layers=2, d_model=32, num_heads=2, mlp_dim=48, causal=True,
+                    scan_layers=scan_layers)
   model = Transformer(cfg)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 10), jnp.int32))["params"]
   bos, batch, length = 11, 3, 10

@@ -22,14 +22,15 @@ PRELUDE = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("cfg", "configs/test.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 
-    def experiment(mesh):
+    def experiment(mesh, scan=False):
       cfg = module.get_config("uniform")  # V = 256 bytes: divisible by the tensor axis
+      cfg.model.scan_layers = scan
       cfg.train.update(batch_size=8, steps=3, ema_decay=0.9)
       cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
       return from_config(cfg, 256)
 
-    def run(mesh, devices):
-      exp = experiment(mesh)
+    def run(mesh, devices, scan=False):
+      exp = experiment(mesh, scan)
       model = Transformer(exp.model)
       process = train.build_process(exp.process, exp.model)
       optimizer = train.make_optimizer(exp.train)
@@ -52,8 +53,8 @@ def run_script(body: str, devices: int = 8) -> dict:
 
 
 def test_sharded_train_step_equals_single_device():
-  """Same parameters after 3 steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,4,2) as on one device; tolerance
-  atol 1e-5 (reductions are summed in a different order across devices)."""
+  """Same parameters after 3 steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,4,2) as on one device, and for the
+  scanned-layers model on (1,4,2); tolerance atol 1e-5 (reductions are summed in a different order)."""
   result = run_script("""
       reference = run((1, 1, 1), jax.devices()[:1])
       errors = {}
@@ -62,6 +63,11 @@ def test_sharded_train_step_equals_single_device():
         diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                                        (state.params, state.ema_params), (reference.params, reference.ema_params))
         errors[str(mesh)] = max(jax.tree_util.tree_leaves(diffs))
+      # Layers scanned over stacked weights (model.scan_layers), FSDP + tensor against one device.
+      scanned = [run(mesh, devices, scan=True) for mesh, devices in [((1, 1, 1), jax.devices()[:1]),
+                                                                     ((1, 4, 2), jax.devices())]]
+      errors["scanned (1, 4, 2)"] = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+          lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), scanned[0].params, scanned[1].params)))
       moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
           lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), reference.params,
           train.init_state(experiment((1, 1, 1)), Transformer(experiment((1, 1, 1)).model),

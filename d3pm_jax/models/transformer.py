@@ -35,6 +35,7 @@ class ModelConfig:
   norm: str = "rms"
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False      # one lax.scan over stacked blocks: compile time and live memory O(1) in depth
   rope_base: float = 10000.0
   vocab_pad_multiple: int = 1    # embedding and head rows rounded up to this, so 'vocab' divides a tensor axis
 
@@ -202,9 +203,11 @@ class GluMlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block; with a conditioning vector, adaLN-zero shifts, scales and gates both branches."""
+  """Pre-norm block; with a conditioning vector, adaLN-zero shifts, scales and gates both branches. ``scanned``
+  blocks return ``(x, None)``, the carry and output ``nn.scan`` expects."""
   config: ModelConfig
   decode: bool = False
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxC):
@@ -227,7 +230,8 @@ class Block(nn.Module):
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
     x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, name="attention"), "attention_norm", *mods[:3])
-    return branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
+    x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
+    return (x_BxLxD, None) if self.scanned else x_BxLxD
 
 
 class Embed(nn.Module):
@@ -276,9 +280,17 @@ class Transformer(nn.Module):
                                                                             ("cond_hidden", "cond")),
                      bias_init=_partitioned(nn.initializers.zeros, ("cond",)))
       cond_BxC = out(nn.silu(hidden(timestep_embedding(t_B, cfg.cond_dim))))
-    block = nn.remat(Block) if cfg.remat else Block
-    for layer in range(cfg.num_layers):
-      x_BxLxD = block(cfg, decode, name=f"block_{layer}")(x_BxLxD, cond_BxC)
+    if cfg.scan_layers:
+      # Parameters (and KV caches) gain a leading 'layers' axis of size num_layers: params["blocks"][...].
+      block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+      blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast,), length=cfg.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, name="blocks")(x_BxLxD, cond_BxC)
+    else:
+      block = nn.remat(Block) if cfg.remat else Block
+      for layer in range(cfg.num_layers):
+        x_BxLxD = block(cfg, decode, name=f"block_{layer}")(x_BxLxD, cond_BxC)
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
       shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",
