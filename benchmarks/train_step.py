@@ -74,7 +74,7 @@ def main():
   for r in rows:
     print(f"{r['name']:44s} {r['params']:9,d} {r['compile_s']:9.2f} {r['step_ms']:8.1f} {r['tokens_per_s']:9.0f} "
           f"{r['gflops']:8.1f} {r['mfu']:6.1%}")
-  print(f"target: 7,500 tokens/s (1.2x the 6,300 of a widely used JAX MD4 implementation on this machine)")
+  print("target: 7,500 tokens/s (1.2x the 6,300 of a widely used JAX MD4 implementation on this machine)")
 
 
 if __name__ == "__main__":

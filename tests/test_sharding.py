@@ -205,7 +205,8 @@ def test_padded_vocabulary_shards_over_tensor():
 def test_scale_configs_place_on_their_meshes():
   """configs/md4_small.py and configs/diffusion_1b.py (32k vocabulary) place on 8 devices with their own mesh
   and with FSDP + tensor; for the ~1B model, FSDP over 8 devices holds at most 1/7 of the replicated per-device
-  train state (the figure benchmarks/scaling.py prints), from the shardings the train loop uses (no compile)."""
+  train state (the figure benchmarks/scaling.py prints), from the shardings the train loop uses (no compile); its
+  train step, at a small batch, lowers for TPU and CUDA."""
   result = run_script("""
       import dataclasses
       from d3pm_jax.models.transformer import count_params
@@ -224,6 +225,13 @@ def test_scale_configs_place_on_their_meshes():
           per_device[str(mesh)] = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(
               jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(placement.state)))
         out[name] = {"params": count_params(abstract.params), "bytes": per_device}
+      # The real ~1B step (bf16, remat, scanned layers, FSDP + tensor) lowers for TPU and GPU.
+      state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract, placement.state)
+      batch_in = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=placement.batch)
+      step, _ = train.compile_steps(exp, model, train.build_process(exp.process, exp.model), optimizer, placement)
+      out["lowered"] = {p: len(step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text())
+                        for p in ("tpu", "cuda")}
       print(json.dumps(out))
   """)
   assert 1.0e9 < result["diffusion_1b"]["params"] < 1.2e9
@@ -232,3 +240,4 @@ def test_scale_configs_place_on_their_meshes():
   assert big["(1, 8, 1)"] <= big["(8, 1, 1)"] / 7 and big["(1, 4, 2)"] <= big["(8, 1, 1)"] / 7
   assert big["config"] == big["(1, 8, 1)"]  # its default mesh is FSDP over every device
   assert result["md4_small"]["bytes"]["config"] == result["md4_small"]["bytes"]["(8, 1, 1)"]
+  assert result["lowered"]["tpu"] > 10_000 and result["lowered"]["cuda"] > 10_000
