@@ -39,9 +39,12 @@ def bench(name: str, cfg, steps: int, peak: float) -> dict:
   model = Transformer(exp.model)
   process = train.build_process(exp.process, exp.model)
   optimizer = train.make_optimizer(exp.train)
-  state = train.init_state(exp, model, optimizer)
-  step = jax.jit(train.make_train_step(exp, model, process, optimizer), donate_argnums=(0,))
-  batch = jax.random.randint(jax.random.PRNGKey(0), (exp.train.batch_size, exp.data.seq_len), 0, 256)
+  # The train loop's own step: placed on the mesh, traced under its sharding rules, state donated.
+  placement = train.make_placement(exp, model, optimizer)
+  state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
+  step, _ = train.compile_steps(exp, model, process, optimizer, placement)
+  batch = train.global_batch(placement.batch, np.random.default_rng(0).integers(
+      0, 256, (exp.train.batch_size, exp.data.seq_len), dtype=np.int32))
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
