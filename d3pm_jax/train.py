@@ -110,11 +110,11 @@ def global_batch(sharding, local_BxL):
   return jax.make_array_from_process_local_data(sharding, local_BxL, global_shape)
 
 
-def under_mesh_rules(fn, placement: Placement, rules):
+def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
   """``fn`` traced with the mesh and the logical-axis rules in scope, so the model's activation constraints
   (``with_logical_constraint``) become sharding constraints."""
   def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(placement.mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args)
   return wrapped
 
@@ -200,11 +200,11 @@ def compile_steps(config: ExperimentConfig, model, process, optimizer, placement
   """The jitted train step ``(state, batch) -> (state, metrics)`` (state donated, laid out by ``placement``) and
   eval step ``(params, key, x0, weights) -> nats_B``; both trace under the mesh rules, and return replicated
   metrics, so every process can read them."""
-  rules = config.mesh.rules
-  train_step = jax.jit(under_mesh_rules(make_train_step(config, model, process, optimizer), placement, rules),
+  mesh, rules = placement.mesh, config.mesh.rules
+  train_step = jax.jit(under_mesh_rules(make_train_step(config, model, process, optimizer), mesh, rules),
                        donate_argnums=(0,), in_shardings=(placement.state, placement.batch),
                        out_shardings=(placement.state, placement.replicated))
-  eval_step = jax.jit(under_mesh_rules(make_eval_step(config, model, process), placement, rules),
+  eval_step = jax.jit(under_mesh_rules(make_eval_step(config, model, process), mesh, rules),
                       in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch),
                       out_shardings=placement.replicated)
   return train_step, eval_step
@@ -437,15 +437,15 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
 
 
 def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout) -> list:
-  """Draws ``num_samples`` sequences with the trained parameters and prints them decoded (every process draws
-  them, as one SPMD program; process 0 prints)."""
+  """Draws ``num_samples`` sequences with the trained parameters and prints them decoded. Every process draws
+  them (one SPMD program); process 0 prints them and returns the texts, the others return []."""
   tcfg = config.train
   sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples,
                          out_sharding=result["placement"].replicated)
   tokens = np.asarray(sampler(result["state"].params, np.asarray(jax.random.PRNGKey(tcfg.seed + 2))))
-  texts = []
   if not multihost.is_leader():
-    writer_out = open(os.devnull, "w")
+    return []
+  texts = []
   print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
         file=writer_out)
   tok = result["data"].tokenizer

@@ -60,25 +60,27 @@ class Data:
 
 def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
-  """This process's share of the training stream: element i is rows ``[p b, (p + 1) b)`` of global batch i
-  (``b = batch_size / P`` for process p of P), so the processes read disjoint rows and the global batch assembled
-  from them is the same for any number of processes. Only the rows a process uses are ever read."""
+  """This process's share of the training stream: element i is its rows (``process_rows``) of global batch i, so
+  the processes read disjoint rows and the global batch assembled from them is the same for any number of
+  processes. Only the rows a process uses are ever read."""
+  rows = process_rows(batch_size, process_index, process_count)
+  per = rows.stop - rows.start
+  # shuffle-then-repeat draws a fresh permutation for every epoch.
+  stream = grain.MapDataset.source(windows_NxL).shuffle(seed=seed).repeat(_EPOCHS)
+  mine = grain.MapDataset.range(len(stream) // batch_size * per).map(
+      lambda k: stream[(k // per) * batch_size + rows.start + k % per])
+  return mine.batch(per, drop_remainder=True)
+
+
+def process_rows(batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+  """Rows ``[p b, (p + 1) b)`` of a global batch, ``b = batch_size / P``: what process p of P (default: this
+  process of the running job) supplies."""
   p = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if batch_size % count:
     raise ValueError(f"train.batch_size={batch_size} must divide evenly over {count} processes")
   per = batch_size // count
-  # shuffle-then-repeat draws a fresh permutation for every epoch.
-  stream = grain.MapDataset.source(windows_NxL).shuffle(seed=seed).repeat(_EPOCHS)
-  mine = grain.MapDataset.range(len(stream) // batch_size * per).map(
-      lambda k: stream[(k // per) * batch_size + p * per + k % per])
-  return mine.batch(per, drop_remainder=True)
-
-
-def process_rows(batch_size: int) -> slice:
-  """The rows of a global batch this process supplies (the same split as ``train_batches``)."""
-  per = batch_size // jax.process_count()
-  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+  return slice(p * per, (p + 1) * per)
 
 
 def _stdlib(config: DataConfig, workdir: str | None):
@@ -103,8 +105,7 @@ def _stdlib(config: DataConfig, workdir: str | None):
 
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None) -> Data:
   """Loads the data set named by ``config``; ``batch_size`` is global and split evenly over JAX processes."""
-  if batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={batch_size} must divide evenly over {jax.process_count()} processes")
+  process_rows(batch_size)  # fails before any loading if the batch does not split over the processes
   if config.name == "stdlib":
     tok, encoded, info = _stdlib(config, workdir)
   else:  # markov: a synthetic source with known entropy, for tests and calibration
