@@ -69,11 +69,13 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None, num_p
   return True
 
 
-def sync(name: str) -> None:
-  """A barrier across processes (a no-op for one process): every process waits here until all arrive."""
+def sync(name: str, timeout_s: int = 3 * 3600) -> None:
+  """A barrier across processes (a no-op for one process): every process waits here, up to ``timeout_s``, until
+  all arrive. It waits on the coordination service, not on a device collective: a collective's first use gives
+  up after 30 s (gloo on CPU), far less than one process may spend, e.g. training a tokenizer."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    import orbax.checkpoint as ocp
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def is_leader() -> bool:

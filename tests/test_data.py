@@ -50,7 +50,10 @@ def test_sentencepiece_trained_locally_round_trips_exactly(tmp_path):
   train = stdlib.read_files(files[:60])
   tok = tokenizers.SentencePieceTokenizer.train(train, str(tmp_path / "spm"), vocab_size=600)
   assert tok.vocab_size == 600
-  held_out = stdlib.read_files(files[60:90]) + ["tabs\tand  spaces\n\n  unicode: é ✓ 中文\r\n".encode()]
+  held_out = stdlib.read_files(files[60:90]) + ["tabs\tand  spaces\n\n  unicode: é ✓ 中文\r\n".encode(),
+                                                # invalid UTF-8, the model's own whitespace mark, a lone surrogate
+                                                b"latin-1 caf\xe9 \xff\xfe end", "a\u2581b \u2581".encode(),
+                                                b"x\xed\xb2\x80y"]
   total_bytes = total_ids = 0
   for data in held_out:
     ids = tok.encode(data)

@@ -92,6 +92,7 @@ def _stdlib(config: DataConfig, workdir: str | None):
       raise ValueError("training a sentencepiece tokenizer needs a workdir (or set data.tokenizer_path)")
     prefix = os.path.join(workdir, "stdlib_spm")
     if not os.path.exists(prefix + ".model") and multihost.is_leader():  # one process trains, the rest wait
+      os.makedirs(workdir, exist_ok=True)  # a fresh --workdir does not exist yet
       tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size)
     multihost.sync("sentencepiece tokenizer trained")
     tok = tokenizers.SentencePieceTokenizer(prefix + ".model")

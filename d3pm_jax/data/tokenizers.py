@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -14,6 +15,8 @@ import numpy as np
 from d3pm_jax import _checks
 
 TOKENIZERS = ("bytes", "sentencepiece")
+# Runs that bypass the sentencepiece model: undecodable bytes (surrogate escapes) and the whitespace mark U+2581.
+_RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
 
 class ByteTokenizer:
@@ -41,16 +44,48 @@ class SentencePieceTokenizer:
       raise ValueError(f"sentencepiece model {self.model_path!r} does not exist; train one with "
                        "SentencePieceTokenizer.train(...) or pass an existing .model path")
     self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+    self._tables()
 
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
 
   def encode(self, data: bytes) -> np.ndarray:
-    return np.asarray(self._sp.encode(data.decode("utf-8", errors="surrogateescape")), np.int32)
+    """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
+    whitespace mark, which it would decode as a space), become byte-fallback pieces, so any input round-trips."""
+    ids = []
+    for i, segment in enumerate(_RAW.split(data.decode("utf-8", errors="surrogateescape"))):
+      if i % 2 == 0:
+        ids.extend(self._sp.encode(segment) if segment else [])
+      else:
+        raw = segment.encode("utf-8", errors="surrogateescape")
+        ids.extend(self._byte_ids[b] for b in raw)
+    return np.asarray(ids, np.int32)
 
   def decode(self, ids) -> bytes:
-    return self._sp.decode([int(i) for i in np.asarray(ids)]).encode("utf-8", errors="surrogateescape")
+    """The exact bytes of ``ids`` (byte pieces are raw bytes, so invalid UTF-8 survives); unknown pieces, which
+    encoding never produces but a sampler may, show as U+2047."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"sentencepiece ids must lie in [0, {self.vocab_size}); got min {ids.min()}, max {ids.max()}")
+    return b"".join(self._piece_bytes[i] for i in ids.tolist())
+
+  def _tables(self):
+    self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    if any(self._sp.is_unknown(i) for i in self._byte_ids):
+      raise ValueError(f"sentencepiece model {self.model_path!r} has no byte-fallback pieces, so it cannot encode "
+                       "every input; train it with SentencePieceTokenizer.train (byte_fallback=True)")
+    pieces = []
+    for i in range(self.vocab_size):
+      if self._sp.is_byte(i):
+        pieces.append(bytes([int(self._sp.id_to_piece(i)[3:5], 16)]))
+      elif self._sp.is_unknown(i):
+        pieces.append("\u2047".encode())
+      elif self._sp.is_control(i):
+        pieces.append(b"")
+      else:
+        pieces.append(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    self._piece_bytes = pieces
 
   @classmethod
   def train(cls, texts: Iterable[bytes], model_prefix: str, vocab_size: int = 8192,
