@@ -185,3 +185,30 @@ exit $status
   assert "process 0 of 2" in task[0] and "validation:" in task[0]
   assert "process 1 of 2" in task[1] and "validation:" not in task[1]
   assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
+
+
+BARRIER = """
+import sys, time
+args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
+import jax
+jax.distributed.initialize(args["coordinator_address"], int(args["num_processes"]), int(args["process_id"]))
+from d3pm_jax import multihost
+if jax.process_index() == 0:
+  time.sleep(40)  # e.g. training the tokenizer while the others wait
+start = time.time()
+multihost.sync("slow leader")
+print(f"waited {time.time() - start:.1f}", flush=True)
+"""
+
+
+def test_barrier_outlasts_a_slow_leader(tmp_path):
+  """multihost.sync waits on the coordination service: process 1 waits 40 s for process 0 (a device-collective
+  barrier gives up after 30 s on CPU)."""
+  script = tmp_path / "barrier.py"
+  script.write_text(BARRIER)
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "1", "--", sys.executable, str(script)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs")))
+  assert out.returncode == 0, out.stderr[-3000:]
+  waited = float((tmp_path / "logs" / "process_1.log").read_text().split("waited ")[1].split()[0])
+  assert waited > 35
