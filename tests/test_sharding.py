@@ -29,8 +29,8 @@ PRELUDE = textwrap.dedent("""
       cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
       return from_config(cfg, 256)
 
-    def run(mesh, devices, scan=False):
-      exp = experiment(mesh, scan)
+    def run(mesh, devices, scan=False, exp=None):
+      exp = exp or experiment(mesh, scan)
       model = Transformer(exp.model)
       process = train.build_process(exp.process, exp.model)
       optimizer = train.make_optimizer(exp.train)
@@ -174,23 +174,13 @@ def test_padded_vocabulary_shards_over_tensor():
         exp = dataclasses.replace(exp, process=dataclasses.replace(exp.process, name="absorbing", loss="masked"))
         return dataclasses.replace(exp, model=dataclasses.replace(exp.model, vocab_size=257,
                                                                   vocab_pad_multiple=multiple))
-      def run_exp(exp, devices):
-        model = Transformer(exp.model)
-        optimizer = train.make_optimizer(exp.train)
-        placement = train.make_placement(exp, model, optimizer, devices)
-        state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
-        step, _ = train.compile_steps(exp, model, train.build_process(exp.process, exp.model), optimizer, placement)
-        data = pipeline.build_data(exp.data, 8, 0)
-        for i in range(3):
-          state, _ = step(state, train.global_batch(placement.batch, data.train_batches[i]))
-        return state
       try:
-        run_exp(padded((1, 4, 2), 1), jax.devices())
+        run(None, jax.devices(), exp=padded((1, 4, 2), 1))
         error = None
       except ValueError as e:
         error = str(e)
-      sharded = run_exp(padded((1, 4, 2), 128), jax.devices())
-      single = run_exp(padded((1, 1, 1), 128), jax.devices()[:1])
+      sharded = run(None, jax.devices(), exp=padded((1, 4, 2), 128))
+      single = run(None, jax.devices()[:1], exp=padded((1, 1, 1), 128))
       table = sharded.params["embed"]["embedding"]
       err = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
           lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), sharded.params, single.params)))
