@@ -74,7 +74,8 @@ def main():
   for skip in (False, True):
     cfg = sampling.SamplerConfig(num_steps=steps, skip_unchanged=skip)
     run = jax.jit(lambda p, k: sampling.sample(
-        process, lambda xt, tb: untimed_model.apply({"params": p}, xt), k, batch, length, cfg)[0])
+        process, lambda xt, tb: untimed_model.apply({"params": p}, xt), k, batch, length, cfg,
+        time_conditioned=False)[0])
     results[skip] = timed(run, untimed_params, jax.random.PRNGKey(2), reps=reps)
   print(f"skip unchanged steps (length {length}, {steps} steps, no time conditioning): "
         f"{results[False]:.2f} s -> {results[True]:.2f} s, speedup {results[False] / results[True]:.2f}x")

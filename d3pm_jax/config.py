@@ -25,7 +25,7 @@ class ProcessConfig:
   """Which corruption process and which loss. ``autoregressive`` trains the causal baseline with the same loop."""
   name: str = "absorbing"
   loss: str = "masked"
-  schedule: str = "cosine"
+  schedule: str = "linear"       # every shipped config, and MD4's and MDLM's text setups
   eps: float = 1e-4
   num_steps: int = 1000          # T of the discrete-time D3PM loss
   hybrid_lambda: float = 0.01    # D3PM's hybrid loss weight

@@ -194,10 +194,14 @@ def d3pm_step_terms(process: Process, logits_fn: LogitsFn, key, x0_BxL, step_B, 
 
 def d3pm_loss(process: Process, logits_fn: LogitsFn, key, x0_BxL, num_steps: int, hybrid_lambda: float = 0.01,
               weights_BxL=None) -> dict:
-  """D3PM's training objective with one random step per sequence, nats ``[B]``.
+  """D3PM's training objective with one random step i ~ U{1..T} per sequence, nats ``[B]``.
 
-  ``vlb`` = T * (term of the sampled step) + prior, an unbiased estimate of the full VLB; ``loss`` = vlb +
-  hybrid_lambda * CE(x_0 | x_t) (D3PM's hybrid loss; lambda = 0 gives the pure VLB).
+  ``vlb`` = T * L_i + prior is an unbiased estimate of the full bound (what is reported), where L_i is the step's
+  term (KL for i >= 2, -log p(x_0 | x_1) for i = 1). ``loss`` is what D3PM's reference code trains on:
+  L_i + hybrid_lambda * CE(x_0 | x_i), the one-step term and the cross-entropy side by side, without the factor T
+  and without the prior (which has no parameters). So lambda = 0.01 here is D3PM's hybrid_coeff = 0.01; weighting
+  CE against T * L_i instead would make it 1e-5 of the bound at T = 1000. lambda = 0 trains on the pure VLB.
+  ``ce`` is -log p_theta(x_0 | x_i).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got {num_steps}")
@@ -206,7 +210,7 @@ def d3pm_loss(process: Process, logits_fn: LogitsFn, key, x0_BxL, num_steps: int
   step_B = jax.random.randint(step_key, (x0_BxL.shape[0],), 1, num_steps + 1)
   terms = d3pm_step_terms(process, logits_fn, noise_key, x0_BxL, step_B, num_steps, weights_BxL)
   vlb_B = num_steps * terms["vlb"] + prior(process, x0_BxL, weights_BxL)
-  return {"vlb": vlb_B, "ce": terms["ce"], "loss": vlb_B + hybrid_lambda * terms["ce"]}
+  return {"vlb": vlb_B, "ce": terms["ce"], "loss": terms["vlb"] + hybrid_lambda * terms["ce"]}
 
 
 def d3pm_vlb_exact(process: Process, logits_fn: LogitsFn, key, x0_BxL, num_steps: int, weights_BxL=None):

@@ -24,10 +24,14 @@ from d3pm_jax.data import tokenizers
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Reverse steps (diffusion; per block with --blocks).")
 _STRATEGY = flags.DEFINE_enum("strategy", "ancestral", list(sampling.STRATEGIES), "Sampling strategy.")
-_BLOCKS = flags.DEFINE_integer("blocks", 1, "Semi-autoregressive blocks (absorbing).")
+_BLOCKS = flags.DEFINE_integer(
+    "blocks", 1, "Semi-autoregressive blocks (absorbing), left to right; a time-conditioned model is given the time "
+    "that matches the fraction of the whole sequence still masked.")
+_GRID = flags.DEFINE_enum("time_grid", "uniform", list(sampling.TIME_GRIDS), "Reverse-step times.")
 _NUM = flags.DEFINE_integer("num_samples", 4, "How many samples.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of the denoiser's prediction p(x_0 | x_t).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass of the denoiser's prediction p(x_0 | x_t).")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Take the argmax of p(x_0 | x_t); which positions unmask stays random.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prefix to continue.")
 _INFILL = flags.DEFINE_string("infill", None, "A template with [MASK] or [MASK]*N holes.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -106,7 +110,8 @@ def main(argv):
   model = train.Transformer(config.model)
   process = train.build_process(config.process, config.model)
   cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
-                               temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value)
+                               temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value,
+                               greedy=_GREEDY.value, time_grid=_GRID.value)
   key = jax.random.PRNGKey(_SEED.value)
   print(f"checkpoint step {step} of {workdir}", file=sys.stderr)
   if process is None:
@@ -117,7 +122,8 @@ def main(argv):
   else:
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     progress = Progress(cfg.num_steps * cfg.num_blocks)
-    tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress)
+    tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress,
+                                time_conditioned=config.model.time_conditioning)
   print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
         file=sys.stderr)
   for row in np.asarray(tokens):

@@ -1,22 +1,34 @@
 """Samplers: one ``jax.lax.scan`` over a static number of steps, for every process.
 
+Every knob acts on the denoiser's prediction p_theta(x_0 | x_t) (``shape_prediction``): ``temperature`` tempers
+it, ``top_p`` keeps its nucleus and ``greedy`` replaces it by its argmax (one-hot). The reverse step is then formed
+exactly from the shaped prediction, so how many tokens move at each step (for absorbing: how many are unmasked)
+follows the schedule whatever the knobs say; this is what MD4, MDLM and LLaDA do.
+
 Strategies:
-  ancestral    x_s ~ sum_{x_0} q(x_s | x_t, x_0) p_theta(x_0 | x_t) (``Process.posterior_logits``), the last step
-               drawing x_0 from the denoiser; for absorbing this is MD4/MDLM ancestral sampling, and unmasked
-               tokens carry over because the posterior keeps them.
-  confidence   absorbing only (MaskGIT / LLaDA): every masked position draws a token from p_theta(x_0 | x_t);
-               the most confident ones are kept so that the number still masked follows 1 - alpha(s), the others
-               stay (are re-)masked. The last step unmasks everything.
+  ancestral    x_s ~ sum_{x_0} q(x_s | x_t, x_0) p~(x_0 | x_t) with p~ the shaped prediction
+               (``Process.posterior_logits``); the last step draws x_0 from p~. For absorbing (MD4/MDLM ancestral
+               sampling with carry-over) this is done in two stages, exact in float32: each masked position is
+               unmasked with the schedule's probability (alpha(s) - alpha(t)) / (1 - alpha(t)) and then takes a
+               token drawn from p~; unmasked tokens never change. Drawing mask-versus-token in one categorical
+               would pit a mask probability near 1 against tens of thousands of tiny token probabilities.
+  confidence   absorbing only (MaskGIT / LLaDA): every masked position proposes a token drawn from p~; the
+               proposals the model is most sure of (its own probability p_theta(proposal | x_t), before the knobs)
+               are kept so that the number still masked follows 1 - alpha(s), the others stay masked. The last
+               step unmasks everything.
 Semi-autoregressive blocks (``num_blocks``, absorbing): blocks are generated left to right, each conditioned on
-the finished blocks before it.
+the finished blocks before it (clean) and the blocks after it (masked). Each block reruns t from 1 to 0 for its
+own unmasking schedule, but the whole sequence is never masked at the rate that t implies; a time-conditioned
+model never saw such inputs in training, so the network is given instead the time whose keep-probability matches
+the fraction of the sequence still masked (``Schedule.time_at_alpha``), which is what it was trained on.
 Conditioning: ``given_BxL`` marks positions whose ``prompt_BxL`` tokens are fixed (a prefix prompt or an
 infilling template); they are written into x at every step and never change.
 ``on_step`` (a no-argument host function) is called after every step, for progress bars.
-``skip_unchanged`` reuses the previous step's network output when x_t did not change, which is exact when the
-denoiser does not look at t.
-Categorical draws use the Gumbel-max trick in ``precision`` (float64 needs ``jax_enable_x64``; ``auto`` takes it
-when enabled): float32 Gumbel noise truncates the tail of the distribution and lowers sample diversity, so report
-``unigram_entropy`` of samples beside any quality figure.
+``skip_unchanged`` reuses the previous step's network output when x_t did not change. That is exact only when the
+denoiser does not see t: ``sample`` refuses it for a time-conditioned model (``time_conditioned=True``, the
+default, and every shipped config) unless ``approximate_skip=True`` asks for the approximation (MDLM's caching).
+Draws use ``draws.categorical`` in ``precision`` (``auto`` takes float64 when 64-bit JAX is enabled), whose Gumbel
+noise does not saturate in float32; report ``unigram_entropy`` of samples beside any quality figure.
 """
 from __future__ import annotations
 
@@ -27,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import _checks
-from d3pm_jax.processes import AbsorbingProcess, Process
+from d3pm_jax import _checks, draws
+from d3pm_jax.processes import NEG_INF, AbsorbingProcess, Process
+from d3pm_jax.processes.base import expand_time
 
 STRATEGIES = ("ancestral", "confidence")
-TIME_GRIDS = ("uniform", "cosine")
+TIME_GRIDS = ("uniform", "cosine", "md4_cosine")
 PRECISIONS = ("auto", "float32", "float64")
 
 
@@ -40,12 +53,13 @@ class SamplerConfig:
   num_steps: int = 64
   strategy: str = "ancestral"
   time_grid: str = "uniform"
-  temperature: float = 1.0
-  top_p: float = 1.0
-  precision: str = "auto"       # float64 where 64-bit JAX is enabled, else float32
+  temperature: float = 1.0       # tempers p_theta(x_0 | x_t)
+  top_p: float = 1.0             # nucleus of the tempered p_theta(x_0 | x_t)
+  precision: str = "auto"        # float64 where 64-bit JAX is enabled, else float32
   skip_unchanged: bool = False
+  approximate_skip: bool = False  # allow skip_unchanged for a time-conditioned model (an approximation)
   return_trajectory: bool = False
-  greedy: bool = False           # argmax instead of a random draw (tests; deterministic decoding)
+  greedy: bool = False           # the argmax of p_theta(x_0 | x_t); the unmasking schedule stays random
   num_blocks: int = 1            # semi-autoregressive blocks (absorbing); num_steps steps per block
 
   def __post_init__(self):
@@ -61,35 +75,54 @@ class SamplerConfig:
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must lie in (0, 1]; got {self.top_p}")
 
+  @property
+  def dtype(self):
+    """The float type of the draws; float64 needs 64-bit JAX."""
+    precision = self.precision
+    if precision == "auto":
+      precision = "float64" if jax.config.jax_enable_x64 else "float32"
+    if precision == "float64" and not jax.config.jax_enable_x64:
+      raise ValueError("precision='float64' needs 64-bit JAX: set jax.config.update('jax_enable_x64', True) "
+                       "or use precision='float32'")
+    return jnp.dtype(precision)
+
 
 def time_grid(name: str, num_steps: int):
-  """Times ``[num_steps + 1]`` from 0 to 1: uniform, or cosine-spaced (denser near both ends)."""
+  """Times ``[num_steps + 1]`` from 0 to 1 at u = i / num_steps:
+    uniform     t = u
+    cosine      t = (1 - cos(pi u)) / 2           dense near both ends
+    md4_cosine  t = cos(pi/2 (1 - u))             MD4's grid for text: dense near t = 1, where few tokens move
+  """
+  _checks.check_choice("time grid", name, TIME_GRIDS)
   u = jnp.arange(num_steps + 1) / num_steps
-  return u if name == "uniform" else 0.5 * (1.0 - jnp.cos(math.pi * u))
+  if name == "uniform":
+    return u
+  if name == "cosine":
+    return 0.5 * (1.0 - jnp.cos(math.pi * u))
+  return jnp.sin(0.5 * math.pi * u)  # = cos(pi/2 (1 - u)), exactly 0 and 1 at the ends
+
+
+def shape_prediction(log_p0_xV, cfg: SamplerConfig):
+  """The denoiser's prediction log p_theta(x_0 | x_t) ``[..., V]`` after the knobs, normalised: tempered by
+  ``cfg.temperature``, cut to its ``cfg.top_p`` nucleus (the smallest set of the most likely values whose mass
+  reaches top_p, ties kept), or one-hot at its argmax when ``cfg.greedy``. Excluded values get ``NEG_INF``."""
+  log_p = log_p0_xV.astype(jnp.promote_types(log_p0_xV.dtype, jnp.float32))
+  states = jnp.arange(log_p.shape[-1])
+  if cfg.greedy:
+    return jnp.where(states == jnp.argmax(log_p, axis=-1, keepdims=True), 0.0, NEG_INF).astype(log_p.dtype)
+  log_p = jax.nn.log_softmax(log_p / cfg.temperature, axis=-1)
+  if cfg.top_p < 1.0:
+    sorted_desc = jnp.sort(log_p, axis=-1)[..., ::-1]
+    cumulative = jnp.cumsum(jnp.exp(sorted_desc), axis=-1)
+    cutoff_index = jnp.minimum(jnp.sum(cumulative < cfg.top_p, axis=-1, keepdims=True), log_p.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(sorted_desc, cutoff_index, axis=-1)
+    log_p = jax.nn.log_softmax(jnp.where(log_p >= cutoff, log_p, NEG_INF), axis=-1)
+  return log_p
 
 
 def categorical(key, log_probs_xV, cfg: SamplerConfig):
-  """A draw from softmax(log_probs / temperature) restricted to the top-p nucleus, by Gumbel-max in
-  ``cfg.precision``."""
-  precision = cfg.precision
-  if precision == "auto":
-    precision = "float64" if jax.config.jax_enable_x64 else "float32"
-  dtype = jnp.dtype(precision)
-  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-    raise ValueError("precision='float64' needs 64-bit JAX: set jax.config.update('jax_enable_x64', True) "
-                     "or use precision='float32'")
-  logits = jax.nn.log_softmax(log_probs_xV.astype(dtype) / cfg.temperature, axis=-1)
-  if cfg.top_p < 1.0:
-    sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
-    cumulative = jnp.cumsum(jnp.exp(sorted_desc), axis=-1)
-    # The smallest set whose mass reaches top_p: keep every logit >= the last one needed.
-    cutoff_index = jnp.sum(cumulative < cfg.top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_desc, jnp.minimum(cutoff_index, logits.shape[-1] - 1), axis=-1)
-    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
-  if cfg.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  gumbel = jax.random.gumbel(key, logits.shape, dtype)
-  return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
+  """A draw from the shaped ``log_probs_xV`` (``shape_prediction``) in ``cfg.precision``; int32 ``[...]``."""
+  return draws.categorical(key, shape_prediction(log_probs_xV, cfg), cfg.dtype)
 
 
 def _conditioning(given_BxL, prompt_BxL, batch: int, length: int, num_tokens: int):
@@ -111,18 +144,28 @@ def _initial_state(process: Process, key, batch: int, length: int):
 
 
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
-           given_BxL=None, prompt_BxL=None, on_step=None):
+           given_BxL=None, prompt_BxL=None, on_step=None, time_conditioned: bool = True):
   """Draws ``[batch, length]`` tokens from the reverse process; returns ``(x0_BxL, trajectory)`` where the
-  trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``."""
+  trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``.
+
+  ``logits_fn(x_t_BxL, t_B)`` is the denoiser; ``time_conditioned=False`` declares that it ignores ``t_B``, which
+  makes ``cfg.skip_unchanged`` exact (it is refused otherwise unless ``cfg.approximate_skip``).
+  """
   if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"strategy 'confidence' needs the absorbing process; got {type(process).__name__}. "
                      "Use strategy='ancestral'")
+  if cfg.skip_unchanged and time_conditioned and not cfg.approximate_skip:
+    raise ValueError("skip_unchanged reuses the network's output when x_t did not change, which is exact only for "
+                     "a denoiser that does not see t, and this one is time-conditioned (time_conditioned=True; every "
+                     "shipped config is). Pass time_conditioned=False for a model without time conditioning, or "
+                     "SamplerConfig(approximate_skip=True) to accept the approximation (MDLM's caching)")
   given_BxL, prompt_BxL = _conditioning(given_BxL, prompt_BxL, batch, length, process.num_data_states)
   if cfg.num_blocks > 1 and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"semi-autoregressive blocks (num_blocks={cfg.num_blocks}) need the absorbing process; "
                      f"got {type(process).__name__}")
   if length % cfg.num_blocks:
     raise ValueError(f"length {length} must be divisible by num_blocks={cfg.num_blocks}")
+  _ = cfg.dtype  # raises here, not inside the scan, when float64 is asked for without 64-bit JAX
   init_key, key = jax.random.split(key)
   x_BxL = _initial_state(process, init_key, batch, length)
   # Semi-autoregressive: block b is generated with every earlier block fixed to its result and every later
@@ -133,14 +176,35 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   for b in range(cfg.num_blocks):
     outside = (position < b * block) | (position >= (b + 1) * block)
     x_BxL, trajectory = _sample_scan(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
-                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg, on_step)
+                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg, on_step,
+                                     match_time_to_masking=cfg.num_blocks > 1)
     trajectories.append(trajectory)
   return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None)
 
 
+def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig):
+  """One ancestral step x_t -> x_s from the denoiser's prediction ``log_p0_xV`` = log p_theta(x_0 | x_t)
+  ``[..., V]``: the knobs shape the prediction, and x_s is drawn from the exact reverse step it implies. Where
+  ``s == 0`` (the end of the grid) x_0 is drawn from the shaped prediction itself. ``s`` and ``t`` broadcast
+  against the leading dims of ``x_t`` (``t_B`` against ``x_BxL``). Returns int32 like ``x_t``."""
+  log_p = shape_prediction(log_p0_xV, cfg)
+  token_key, move_key = jax.random.split(key)
+  at_end = expand_time(s, jnp.ndim(x_t)) == 0
+  if isinstance(process, AbsorbingProcess):
+    # Two stages: whether a masked position unmasks (the schedule alone decides), then its token from p~.
+    alpha_s = process.keep_probability(s, jnp.ndim(x_t))
+    alpha_t = process.keep_probability(t, jnp.ndim(x_t))
+    unmask_p = jnp.where(at_end, 1.0, (alpha_s - alpha_t) / (1.0 - alpha_t))
+    unmask = (x_t == process.mask_id) & draws.bernoulli(move_key, unmask_p, jnp.shape(x_t), cfg.dtype)
+    return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_t).astype(jnp.int32)
+  posterior = process.posterior_logits(jnp.exp(log_p), x_t, s, t)
+  return draws.categorical(token_key, jnp.where(at_end[..., None], log_p, posterior), cfg.dtype)
+
+
 def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
-                 on_step=None):
-  """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped."""
+                 on_step=None, match_time_to_masking: bool = False):
+  """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped.
+  ``match_time_to_masking`` gives the network the time whose alpha matches the unmasked fraction of x_t."""
   batch, length = x_BxL.shape
 
   def clamp(x_BxL):
@@ -152,6 +216,8 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
   num_free_B = jnp.sum(~given_BxL, axis=1)
 
   def network(x_t, t_B):
+    if match_time_to_masking:
+      t_B = schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
     return process.x0_log_probs(logits_fn(x_t, t_B), x_t)
 
   def denoise(x_t, t_B, cache):
@@ -168,11 +234,10 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     t_B = jnp.full((batch,), times[i])
     s_B = jnp.full((batch,), times[i - 1])
     log_p0 = denoise(x_t, t_B, cache)
-    draw_key, rank_key = jax.random.split(step_key)
     if cfg.strategy == "ancestral":
-      posterior = process.posterior_logits(jnp.exp(log_p0), x_t, s_B, t_B)
-      x_s = categorical(draw_key, jnp.where(i == 1, log_p0, posterior), cfg)
+      x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg)
     else:
+      draw_key, rank_key = jax.random.split(step_key)
       proposal = categorical(draw_key, log_p0, cfg)
       confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
       masked = x_t == process.mask_id

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -142,6 +143,20 @@ class Schedule:
     _checks.check_unit_interval("t", t)
     t = jnp.asarray(t, dtype=jnp.result_type(float, t))
     return (1.0 - 2.0 * self.eps) * self._raw_derivative(t)
+
+  def time_at_alpha(self, alpha, iterations: int = 40):
+    """The time t with alpha(t) = ``alpha`` (any shape; clipped to [alpha(1), alpha(0)]), by bisection, since
+    alpha is non-increasing: 40 halvings resolve t to 1e-12. Where alpha is flat, some t of the flat stretch."""
+    target = jnp.clip(jnp.asarray(alpha, dtype=jnp.result_type(float, alpha)), self.alpha(1.0), self.alpha(0.0))
+
+    def halve(_, bounds):
+      lo, hi = bounds
+      mid = 0.5 * (lo + hi)
+      later = self.alpha(mid) > target  # alpha still above the target: t lies after mid
+      return jnp.where(later, mid, lo), jnp.where(later, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, halve, (jnp.zeros_like(target), jnp.ones_like(target)))
+    return 0.5 * (lo + hi)
 
   def tau(self, t):
     """tau(t) = -log alpha(t), the integrated rate: Qbar(t) = expm(tau(t) R)."""

@@ -249,7 +249,8 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
 
   def sample(params, key):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
-    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg)[0]
+    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
+                           time_conditioned=config.model.time_conditioning)[0]
   return jax.jit(sample, out_shardings=out_sharding)
 
 

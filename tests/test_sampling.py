@@ -1,4 +1,6 @@
 """Samplers: clamped conditioning, the oracle reproduces the chain's statistics, skipping is exact, scan size."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,11 +93,27 @@ def test_skipping_unchanged_steps_gives_exactly_the_same_samples(name, strategy)
 
   base = SamplerConfig(num_steps=48, strategy=strategy)  # more steps than positions: many steps change nothing
   plain, _ = sample(proc, random_logits_fn, jax.random.PRNGKey(5), 2, 8, base)
-  skipped, _ = sample(proc, counted, jax.random.PRNGKey(5), 2, 8, SamplerConfig(**{**base.__dict__,
-                                                                                   "skip_unchanged": True}))
+  skipping = dataclasses.replace(base, skip_unchanged=True)
+  skipped, _ = sample(proc, counted, jax.random.PRNGKey(5), 2, 8, skipping, time_conditioned=False)
   np.testing.assert_array_equal(plain, skipped)
   if name == "absorbing":
     assert len(calls) < 48, len(calls)  # the network really was skipped
+
+
+def test_skipping_is_refused_for_a_time_conditioned_model_unless_approximation_is_asked():
+  proc = build("absorbing")
+  skipping = SamplerConfig(num_steps=48, skip_unchanged=True)
+  with pytest.raises(ValueError, match="time-conditioned.*approximate_skip=True"):
+    sample(proc, random_logits_fn, jax.random.PRNGKey(5), 2, 8, skipping)  # time_conditioned defaults to True
+  calls = []
+
+  def timed_fn(x_t, t_B):  # does look at t
+    jax.debug.callback(lambda: calls.append(1))
+    return random_logits_fn(x_t, t_B) + t_B[:, None, None]
+
+  approx, _ = sample(proc, timed_fn, jax.random.PRNGKey(5), 2, 8,
+                     dataclasses.replace(skipping, approximate_skip=True))
+  assert 8 <= len(calls) < 48 and int(approx.max()) < proc.mask_id
 
 
 def test_compiled_program_does_not_grow_with_steps():

@@ -6,8 +6,15 @@ Construction (once, float64, on the host):
   2. the graph Laplacian L = diag(deg) - W normalised by the largest degree, so A = I - L / max_deg is a symmetric
      doubly-stochastic matrix and R = A - I = -L / max_deg (every edge has rate 1 / max_deg);
   3. optionally ``uniform_rate`` u mixes in the uniform process: R <- (1 - u) R + u (1 1^T / V - I);
-  4. R is symmetric, so R = U diag(lam) U^T and Qbar(t) = U diag(exp(tau(t) lam)) U^T. Only U, lam and R are
-     stored (``[V, V]``, ``[V]``, ``[V, V]``); a row of Qbar(t) is gathered as (U[x] * exp(tau lam)) @ U^T.
+  4. Qbar(t) = expm(tau R) by uniformisation: with lam = max_i -R_ii and P = I + R / lam (non-negative, symmetric,
+     doubly stochastic), expm(tau R) = sum_k Poisson(k; tau lam) P^k. Every term is non-negative, so the sum keeps
+     float32's *relative* accuracy on every entry, the tiny ones included (an eigendecomposition U exp(tau L) U^T
+     cancels to ~6e-7 absolute error in float32, which zeroes or inflates the entries between distant tokens at
+     small t and ruins the reverse step). P^k for k <= K is computed once in float64 on the host and stored
+     (``[K + 1, V, V]``), K chosen so the Poisson tail at tau(1) lam is below 1e-13; each call builds Qbar for its
+     distinct times (``[N, V, V]`` from ``[N, K + 1] @ [K + 1, V * V]``) and gathers rows or multiplies by it.
+     Memory grows as K V^2: about 23 MB at V = 257, rate_scale = 4 and eps = 1e-4; the process is meant for the
+     small vocabularies D3PM used it on (characters, bytes).
 
 A k-NN graph can be disconnected (k = 1 usually is); then Qbar(t) never mixes across components and the ELBO's
 prior term stays large. Construction counts the components and refuses a disconnected graph unless
@@ -26,11 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
+import scipy.stats
 
-from d3pm_jax.processes.base import Process
+from d3pm_jax import draws
+from d3pm_jax.processes.base import Process, safe_log
 from d3pm_jax.schedules import Schedule
 
 METRICS = ("euclidean", "cosine")
+_TAIL = 1e-13                     # Poisson mass left out of the uniformisation series
+_HIGHEST = jax.lax.Precision.HIGHEST  # full float32 matmuls on TPU/GPU too (the default may round to bfloat16)
 
 
 def load_embeddings(embeddings) -> np.ndarray:
@@ -69,10 +80,10 @@ def knn_graph(embeddings_VxD: np.ndarray, k: int, metric: str = "euclidean") -> 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NearestNeighborProcess(Process):
   """Build with ``NearestNeighborProcess.from_embeddings``; a pytree (its arrays are leaves)."""
-  eigvecs_VxV: jax.Array
-  eigvals_V: jax.Array
+  powers_KxVxV: jax.Array        # P^k for k = 0..K, float64 on the host
   rates_VxV: jax.Array
   schedule: Schedule
+  uniformization_rate: float     # lam = max_i -R_ii; P = I + R / lam
   spectral_gap: float
   num_components: int
 
@@ -93,6 +104,9 @@ class NearestNeighborProcess(Process):
       raise ValueError(f"uniform_rate must lie in [0, 1); got {uniform_rate}")
     if not rate_scale > 0:
       raise ValueError(f"rate_scale must be positive; got {rate_scale}")
+    if not schedule.eps > 0:
+      raise ValueError(f"the nearest-neighbour process needs a schedule with eps > 0 (alpha(1) = eps bounds the "
+                       f"total rate tau(1) = -log eps); got eps={schedule.eps}")
     neighbors = knn_graph(table, k, metric)
     adjacency = np.zeros((num_states, num_states))
     adjacency[np.repeat(np.arange(num_states), k), neighbors.ravel()] = 1.0
@@ -107,9 +121,16 @@ class NearestNeighborProcess(Process):
     rates = (adjacency - np.diag(degree)) / degree.max()
     rates = (1.0 - uniform_rate) * rates + uniform_rate * (np.full_like(rates, 1.0 / num_states) - np.eye(num_states))
     rates = rate_scale * rates
-    eigvals, eigvecs = np.linalg.eigh(rates)
-    spectral_gap = float(-np.sort(eigvals)[-2])
-    process = cls(eigvecs_VxV=eigvecs, eigvals_V=eigvals, rates_VxV=rates, schedule=schedule,
+    spectral_gap = float(-np.sort(np.linalg.eigvalsh(rates))[-2])
+    lam = float(-np.diag(rates).min())
+    # Enough terms that the Poisson weight left beyond K at the largest total rate tau(1) lam is below 1e-13.
+    num_terms = int(scipy.stats.poisson.isf(_TAIL, float(schedule.tau(1.0)) * lam)) + 2
+    step = np.eye(num_states) + rates / lam
+    powers = [np.eye(num_states)]
+    for _ in range(num_terms - 1):
+      nxt = powers[-1] @ step
+      powers.append(np.maximum(0.5 * (nxt + nxt.T), 0.0))  # exactly symmetric, so a row is also a column
+    process = cls(powers_KxVxV=np.stack(powers), rates_VxV=rates, schedule=schedule, uniformization_rate=lam,
                   spectral_gap=spectral_gap, num_components=int(num_components))
     if process.mixing_residual > 0.05:
       warnings.warn(f"nearest-neighbour process mixes poorly: exp(-tau(1) * spectral_gap) = "
@@ -119,25 +140,45 @@ class NearestNeighborProcess(Process):
 
   @property
   def num_states(self) -> int:
-    return self.eigvals_V.shape[0]
+    return self.rates_VxV.shape[0]
 
   @property
   def mixing_residual(self) -> float:
     """exp(-tau(1) * spectral_gap): the surviving amplitude of the slowest-mixing mode at t = 1."""
     return float(np.exp(-float(self.schedule.tau(1.0)) * self.spectral_gap))
 
-  def _factor(self, a):
-    """exp(tau * lam) for tau = -log(a): ``a.shape + (V,)``."""
-    return jnp.exp(-jnp.log(a)[..., None] * jnp.asarray(self.eigvals_V))
+  def _matrices(self, a_N):
+    """Qbar = expm(-log(a) R) for keep-probabilities ``a_N``: ``[N, V, V]``, a positive sum of P^k."""
+    powers = jnp.asarray(self.powers_KxVxV)
+    dtype = jnp.result_type(a_N.dtype, powers.dtype)
+    mu_N = -jnp.log(a_N.astype(dtype)) * self.uniformization_rate
+    k = jnp.arange(powers.shape[0], dtype=dtype)
+    log_w_NxK = -mu_N[:, None] + jax.scipy.special.xlogy(k, mu_N[:, None]) - jax.scipy.special.gammaln(k + 1.0)
+    return jnp.einsum("nk,kvw->nvw", jnp.exp(log_w_NxK), powers.astype(dtype), precision=_HIGHEST)
+
+  def _by_time(self, a, shape):
+    """Groups the leading dims ``shape`` by distinct time: ``(a_N, lead, rest)`` with ``a`` carrying one value per
+    index of ``lead = shape[:r]`` and none along ``rest = shape[r:]``."""
+    a = jnp.asarray(a)
+    a = a.reshape((1,) * (len(shape) - a.ndim) + a.shape)
+    r = max((i + 1 for i, d in enumerate(a.shape) if d != 1), default=0)
+    lead = tuple(np.broadcast_shapes(a.shape[:r], tuple(shape[:r])))
+    return jnp.broadcast_to(a.reshape(a.shape[:r]), lead).reshape(-1), lead, tuple(shape[r:])
 
   def _apply(self, probs_xV, a):
-    u = jnp.asarray(self.eigvecs_VxV, dtype=probs_xV.dtype)
-    return jnp.maximum(((probs_xV @ u) * self._factor(a).astype(probs_xV.dtype)) @ u.T, 0.0)
+    a_N, lead, rest = self._by_time(a, probs_xV.shape[:-1])
+    probs_NxMxV = jnp.broadcast_to(probs_xV, lead + rest + probs_xV.shape[-1:]).reshape(
+        (a_N.shape[0], -1, self.num_states))
+    q_NxVxV = self._matrices(a_N)
+    out = jnp.einsum("nmv,nvw->nmw", probs_NxMxV, q_NxVxV.astype(probs_xV.dtype), precision=_HIGHEST)
+    return out.reshape(lead + rest + (self.num_states,))
 
   def _column(self, x, a):
-    u = jnp.asarray(self.eigvecs_VxV)
+    a_N, lead, rest = self._by_time(a, jnp.shape(x))
+    x_NxM = jnp.broadcast_to(x, lead + rest).reshape((a_N.shape[0], -1))
     # Qbar is symmetric, so its column x is its row x.
-    return jnp.maximum((u[x] * self._factor(a).astype(u.dtype)) @ u.T, 0.0)
+    rows = jnp.take_along_axis(self._matrices(a_N), x_NxM[:, :, None], axis=1)
+    return rows.reshape(lead + rest + (self.num_states,))
 
   def rate_column(self, x):
     return jnp.asarray(self.rates_VxV)[x]
@@ -151,11 +192,11 @@ class NearestNeighborProcess(Process):
   def sample_marginal(self, key, x0, t):
     self._check_data("x0", x0)
     row_xV = self._column(x0, self.keep_probability(t, jnp.ndim(x0)))
-    return jax.random.categorical(key, jnp.log(row_xV)).astype(jnp.asarray(x0).dtype)
+    return draws.categorical(key, safe_log(row_xV)).astype(jnp.asarray(x0).dtype)
 
 
 jax.tree_util.register_dataclass(
     NearestNeighborProcess,
-    data_fields=["eigvecs_VxV", "eigvals_V", "rates_VxV"],
-    meta_fields=["schedule", "spectral_gap", "num_components"],
+    data_fields=["powers_KxVxV", "rates_VxV"],
+    meta_fields=["schedule", "uniformization_rate", "spectral_gap", "num_components"],
 )
