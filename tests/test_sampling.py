@@ -212,3 +212,39 @@ def test_unigram_entropy():
   assert unigram_entropy(np.arange(8), 8) == pytest.approx(3.0)
   assert unigram_entropy(np.zeros(10, int), 8) == 0.0
   assert unigram_entropy(np.array([0, 0, 1, 1]), 8) == pytest.approx(1.0)
+
+
+def test_time_grids():
+  from d3pm_jax.sampling import time_grid
+  u = np.arange(9) / 8
+  np.testing.assert_allclose(time_grid("uniform", 8), u, atol=1e-7)
+  np.testing.assert_allclose(time_grid("md4_cosine", 8), np.cos(np.pi / 2 * (1 - u)), atol=1e-7)
+  md4 = np.diff(np.asarray(time_grid("md4_cosine", 8)))
+  assert np.all(md4 > 0) and md4[-1] < md4[0] / 5  # dense near t = 1
+  both = np.diff(np.asarray(time_grid("cosine", 8)))
+  assert both[0] == pytest.approx(both[-1], rel=1e-5) and both[0] < both[4] / 4  # dense near both ends
+
+
+def test_semi_autoregressive_network_sees_the_time_of_its_masked_fraction():
+  """Linear schedule: alpha(t) = eps + (1 - 2 eps)(1 - t), so a sequence with a fraction f masked matches
+  t = (f - eps) / (1 - 2 eps) (clipped to [0, 1]). Each block reruns its own schedule, but the network must be
+  told that time, not the block's."""
+  proc = make_process("absorbing", V, get_schedule("linear"))
+  eps = proc.schedule.eps
+  seen = []
+
+  def recording_fn(x_t, t_B):
+    jax.debug.callback(lambda x, t: seen.append((np.asarray(x), np.asarray(t))), x_t, t_B)
+    return random_logits_fn(x_t, t_B) + t_B[:, None, None]
+
+  cfg = SamplerConfig(num_steps=4, num_blocks=3)
+  sample(proc, recording_fn, jax.random.PRNGKey(0), 2, 12, cfg)
+  assert len(seen) == 12
+  block_times = set()
+  for x_t, t_B in seen:
+    frac = (x_t == proc.mask_id).mean(axis=1)
+    np.testing.assert_allclose(t_B, np.clip((frac - eps) / (1 - 2 * eps), 0, 1), atol=1e-6)
+    block_times.add(round(float(t_B[0]), 6))
+  assert len(block_times) > 4
+  with pytest.raises(ValueError, match="length 10 must be divisible by num_blocks=3"):
+    sample(proc, recording_fn, jax.random.PRNGKey(0), 2, 10, cfg)

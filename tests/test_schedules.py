@@ -114,3 +114,14 @@ def test_time_outside_unit_interval_raises(t):
 
 def test_valid_names_listed():
   assert set(schedules.CONTINUOUS) | set(schedules.DISCRETE) == set(schedules.VALID_NAMES)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "poly2", "geometric", "cosine_betas"])
+def test_time_at_alpha_inverts_alpha(name):
+  sched = get_schedule(name, num_steps=50 if name == "cosine_betas" else None)
+  t = jnp.linspace(0.0, 1.0, 41)
+  back = sched.time_at_alpha(sched.alpha(t))
+  np.testing.assert_allclose(sched.alpha(back), sched.alpha(t), atol=2e-6)
+  if name != "cosine_betas":  # strictly decreasing alpha: the time itself comes back
+    np.testing.assert_allclose(back, t, atol=1e-4)
+  np.testing.assert_allclose(sched.time_at_alpha(jnp.array([2.0, -1.0])), [0.0, 1.0], atol=1e-6)  # clipped
