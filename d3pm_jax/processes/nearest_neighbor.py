@@ -14,7 +14,11 @@ Construction (once, float64, on the host):
      (``[K + 1, V, V]``), K chosen so the Poisson tail at tau(1) lam is below 1e-13; each call builds Qbar for its
      distinct times (``[N, V, V]`` from ``[N, K + 1] @ [K + 1, V * V]``) and gathers rows or multiplies by it.
      Memory grows as K V^2: about 23 MB at V = 257, rate_scale = 4 and eps = 1e-4; the process is meant for the
-     small vocabularies D3PM used it on (characters, bytes).
+     small vocabularies D3PM used it on (characters, bytes). The one limit left in float32 is its range: entries
+     below ~1e-38 flush to zero. On a graph without a uniform share, tokens ten or more edges apart at t ~ 1/1000
+     then look unreachable from each other, and a prediction placed on such a token drops out of the reverse
+     step. A uniform share (``uniform_rate``, 0.1 in every shipped config) keeps every entry above ~1e-6 there;
+     64-bit JAX removes the limit.
 
 A k-NN graph can be disconnected (k = 1 usually is); then Qbar(t) never mixes across components and the ELBO's
 prior term stays large. Construction counts the components and refuses a disconnected graph unless
