@@ -60,7 +60,8 @@ class SamplerConfig:
   approximate_skip: bool = False  # allow skip_unchanged for a time-conditioned model (an approximation)
   return_trajectory: bool = False
   greedy: bool = False           # the argmax of p_theta(x_0 | x_t); the unmasking schedule stays random
-  num_blocks: int = 1            # semi-autoregressive blocks (absorbing); num_steps steps per block
+  num_blocks: int = 1            # semi-autoregressive blocks (absorbing), num_steps each; the network is told
+                                 # the time that matches the masked fraction (see the module docstring)
 
   def __post_init__(self):
     _checks.check_choice("sampling strategy", self.strategy, STRATEGIES)
