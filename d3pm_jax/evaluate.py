@@ -1,0 +1,113 @@
+"""Evaluation that states its noise: likelihood with a 95% interval over sequences, where in t the bits are
+spent, and generative perplexity with the unigram entropy of the samples beside it.
+
+Per-sequence values are nats ``[N]``; ``summarize`` turns them into bits per token, bits per byte and perplexity,
+each a token- (or byte-) weighted ratio of sums with the half-width of its 95% interval over the N sequences
+(the delta method for a ratio estimator). Sequences are the unit of sampling: every Monte-Carlo estimate here
+(random times, random x_t) is independent across sequences, so the interval covers that noise as well as the
+spread of the data.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d3pm_jax import _checks, losses, sampling
+from d3pm_jax.processes import AbsorbingProcess, Process
+
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
+
+
+def ratio_mean_interval(values_N, weights_N, z: float = Z95) -> tuple[float, float]:
+  """``sum(values) / sum(weights)`` and the half-width of its ``z`` interval over the N sequences, in float64:
+  se = sqrt(N / (N - 1) * sum((v_i - r w_i)^2)) / sum(w). Needs N >= 2."""
+  values = np.asarray(values_N, np.float64).ravel()
+  weights = np.asarray(weights_N, np.float64).ravel()
+  if values.shape != weights.shape:
+    raise ValueError(f"values and weights differ in shape: {values.shape} vs {weights.shape}")
+  if values.size < 2:
+    raise ValueError(f"an interval needs at least 2 sequences; got {values.size}")
+  total = weights.sum()
+  if not total > 0:
+    raise ValueError("the weights (token or byte counts) sum to zero")
+  ratio = values.sum() / total
+  n = values.size
+  se = math.sqrt(n / (n - 1) * np.sum((values - ratio * weights) ** 2)) / total
+  return float(ratio), float(z * se)
+
+
+def summarize(nats_N, tokens_N, bytes_N=None) -> dict:
+  """Bits per token (and per byte when ``bytes_N`` is given) with their 95% half-widths, and perplexity per
+  token with its interval's ends, from per-sequence nats and token (byte) counts."""
+  nats, half = ratio_mean_interval(nats_N, tokens_N)
+  out = {"bits_per_token": nats / math.log(2.0), "bits_per_token_95": half / math.log(2.0),
+         "perplexity": math.exp(nats), "perplexity_95": [math.exp(nats - half), math.exp(nats + half)],
+         "nats_per_token": nats, "sequences": int(np.size(tokens_N)), "tokens": int(np.sum(tokens_N))}
+  if bytes_N is not None:
+    per_byte, half_byte = ratio_mean_interval(nats_N, bytes_N)
+    out.update(bits_per_byte=per_byte / math.log(2.0), bits_per_byte_95=half_byte / math.log(2.0),
+               bytes=int(np.sum(bytes_N)))
+  return out
+
+
+def stratified_times(key, num_samples: int, batch: int, dtype=jnp.float32):
+  """``t_KxB``: for each sequence a grid (k + u_b) / K, k < K, shifted by its own uniform u_b. Each t is uniform
+  on [0, 1), so the mean over k is unbiased, and the K times cover [0, 1) evenly."""
+  u_B = jax.random.uniform(key, (batch,), dtype=dtype)
+  return (jnp.arange(num_samples, dtype=dtype)[:, None] + u_B[None, :]) / num_samples
+
+
+def continuous_nelbo(process: Process, logits_fn, key, x0_BxL, *, num_time_samples: int, kind: str = "ctmc",
+                     weights_BxL=None) -> dict:
+  """The continuous-time NELBO per sequence with ``num_time_samples`` stratified times each, the
+  reconstruction and prior terms included, nats ``[B]`` under 'nelbo', 'diffusion', 'recon', 'prior'.
+  'times_KxB' and 'integrand_KxB' (the diffusion integrand at each time) feed ``loss_by_time``."""
+  _checks.check_choice("continuous ELBO kind", kind, losses.CONTINUOUS_KINDS)
+  if num_time_samples < 1:
+    raise ValueError(f"num_time_samples must be >= 1; got {num_time_samples}")
+  if kind == "masked" and not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"the masked ELBO needs the absorbing process; got {type(process).__name__}")
+  term = losses.masked_diffusion if kind == "masked" else losses.ctmc_diffusion
+  time_key, noise_key, recon_key = jax.random.split(key, 3)
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  times_KxB = stratified_times(time_key, num_time_samples, x0_BxL.shape[0], dtype)
+  integrand_KxB = jax.lax.map(
+      lambda args: term(process, logits_fn, args[0], x0_BxL, args[1], weights_BxL),
+      (jax.random.split(noise_key, num_time_samples), times_KxB))
+  out = {"diffusion": jnp.mean(integrand_KxB, axis=0),
+         "recon": losses.reconstruction(process, logits_fn, recon_key, x0_BxL, weights_BxL),
+         "prior": losses.prior(process, x0_BxL, weights_BxL)}
+  out["nelbo"] = out["diffusion"] + out["recon"] + out["prior"]
+  return {**out, "times_KxB": times_KxB, "integrand_KxB": integrand_KxB}
+
+
+def loss_by_time(times_KxB, integrand_KxB, tokens_B, num_bins: int = 10) -> dict:
+  """Where in t the bits are spent: the diffusion integrand in bits per token, averaged within ``num_bins``
+  equal bins of t (its integral over t, the bins' mean, is the diffusion term). Returns bin edges, means and
+  the draws per bin, as lists for JSON."""
+  times = np.asarray(times_KxB, np.float64).ravel()
+  per_token = (np.asarray(integrand_KxB, np.float64) / np.asarray(tokens_B, np.float64)[None, :]).ravel()
+  which = np.minimum((times * num_bins).astype(int), num_bins - 1)
+  counts = np.bincount(which, minlength=num_bins)
+  sums = np.bincount(which, weights=per_token, minlength=num_bins)
+  means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan) / math.log(2.0)
+  return {"edges": np.linspace(0.0, 1.0, num_bins + 1).tolist(), "bits_per_token": means.tolist(),
+          "draws": counts.tolist()}
+
+
+def generative_perplexity(tokens_NxL, evaluator_nll_fn, vocab_size: int) -> dict:
+  """Generative perplexity of samples under an evaluator model, with the unigram entropy of the samples.
+
+  ``evaluator_nll_fn(tokens_NxL) -> nats [N]`` is the evaluator's exact negative log-likelihood of each sample
+  (an AR model, or a source's own likelihood in tests). A low gen-ppl alone can mean degenerate samples: one
+  token repeated scores well under most evaluators, and only its low unigram entropy gives it away.
+  """
+  tokens = np.asarray(tokens_NxL)
+  nats_N = np.asarray(evaluator_nll_fn(tokens), np.float64)
+  out = summarize(nats_N, np.full(tokens.shape[0], tokens.shape[1]))
+  return {"gen_ppl": out["perplexity"], "gen_ppl_95": out["perplexity_95"],
+          "gen_bits_per_token": out["bits_per_token"], "gen_bits_per_token_95": out["bits_per_token_95"],
+          "unigram_entropy": sampling.unigram_entropy(tokens, vocab_size), "samples": int(tokens.shape[0])}
