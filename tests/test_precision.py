@@ -37,7 +37,8 @@ def test_first_absorbing_step_at_gpt2_vocabulary_unmasks_the_expected_number():
   x_t = jnp.full((CHUNK, 1), proc.mask_id, jnp.int32)
   unmasked = 0
   for c in range(CHUNKS):
-    logits = 2.0 * jax.random.normal(jax.random.PRNGKey(100 + c), (CHUNK, 1, GPT2_VOCAB + 1))
+    # An untrained network: nearly flat over 50,257 tokens, each ~2e-8 of the posterior against ~0.999 for mask.
+    logits = 0.1 * jax.random.normal(jax.random.PRNGKey(100 + c), (CHUNK, 1, GPT2_VOCAB + 1))
     x_s = np.asarray(step(jax.random.PRNGKey(c), logits))
     unmasked += int((x_s != proc.mask_id).sum())
     assert x_s.max() <= proc.mask_id
