@@ -7,7 +7,6 @@ generated too, up to the model's sequence length.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -17,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from d3pm_jax import sampling, train
-from d3pm_jax.config import experiment_from_dict
+from d3pm_jax import checkpoints, sampling, state
 from d3pm_jax.data import tokenizers
+from d3pm_jax.models.transformer import Transformer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Reverse steps (diffusion; per block with --blocks).")
@@ -89,17 +88,16 @@ def main(argv):
   if _PRECISION.value == "float64":
     jax.config.update("jax_enable_x64", True)
   workdir = _WORKDIR.value
-  path = os.path.join(workdir, "experiment.json")
-  if not os.path.exists(path):
-    raise app.UsageError(f"{path} does not exist; is {workdir} a d3pm-train workdir?")
-  with open(path) as f:
-    config = experiment_from_dict(json.load(f))
+  try:
+    config = checkpoints.load_experiment(workdir)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   if _PROMPT.value is not None and _INFILL.value is not None:
     raise app.UsageError("pass either --prompt or --infill, not both")
   if config.data.name != "stdlib":
     raise app.UsageError(f"d3pm-sample decodes text; this workdir trained on {config.data.name!r}")
   tokenizer = _tokenizer(config, workdir)
-  params, step = train.restore_params(workdir, config, _EMA.value)
+  params, step = checkpoints.restore_params(workdir, config, _EMA.value)
   length, batch = config.data.seq_len, _NUM.value
   given = prompt = None
   template = _INFILL.value if _INFILL.value is not None else _PROMPT.value
@@ -107,8 +105,8 @@ def main(argv):
     template = template.replace("\\n", "\n").replace("\\t", "\t")
     given_L, prompt_L = parse_template(template, tokenizer, length)
     given, prompt = jnp.tile(given_L, (batch, 1)), jnp.tile(prompt_L, (batch, 1))
-  model = train.Transformer(config.model)
-  process = train.build_process(config.process, config.model)
+  model = Transformer(config.model)
+  process = state.build_process(config.process, config.model)
   cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
                                temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value,
                                greedy=_GREEDY.value, time_grid=_GRID.value)

@@ -1,9 +1,11 @@
-"""One train loop: state, optimiser, jit-compiled step, evaluation, samples, metrics and orbax checkpoints.
+"""The one train loop: placement on the mesh, jit-compiled train and eval steps, validation during training and
+samples at the end, for 1 device, N devices and N hosts.
 
 ``train_and_evaluate(config, workdir)`` trains, evaluates validation bits per token, writes metrics to
-``workdir/metrics.jsonl`` and checkpoints (state, rng and data-iterator position) to ``workdir/checkpoints``.
-A workdir with checkpoints resumes from the latest one; a checkpoint whose model or process differs from the
-config is refused, never mixed.
+``workdir/metrics.jsonl`` (``metrics.py``) and checkpoints (state, rng and data-iterator position) to
+``workdir/checkpoints`` (``checkpoints.py``). A workdir with checkpoints resumes from the latest one; a checkpoint
+whose model or process differs from the config is refused, never mixed. The run's building blocks (train state,
+optimiser, process) are in ``state.py``.
 """
 from __future__ import annotations
 
@@ -12,69 +14,26 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from d3pm_jax import losses, multihost, sampling, sharding
-from d3pm_jax.config import ExperimentConfig, ProcessConfig
+from d3pm_jax import checkpoints, losses, multihost, sampling, sharding
+from d3pm_jax import metrics as metrics_lib
+from d3pm_jax.config import ExperimentConfig
 from d3pm_jax.data import pipeline
-from d3pm_jax.models.transformer import ModelConfig, Transformer, count_params
-from d3pm_jax.processes import Process, make_process
-from d3pm_jax.schedules import get_schedule
+from d3pm_jax.models.transformer import Transformer, count_params
+from d3pm_jax.processes import Process
+# The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
+# re-exported here because the loop's callers reach them through ``train``.
+from d3pm_jax.state import TrainState, build_process, init_state, make_optimizer  # noqa: F401
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-  rng: jax.Array
-
-
-# ---------------------------------------------------------------- building blocks
-
-def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
-  """The corruption process for the model's vocabulary; None for the autoregressive baseline."""
-  if cfg.is_autoregressive:
-    return None
-  schedule = get_schedule(cfg.schedule, eps=cfg.eps)
-  if cfg.name != "nearest_neighbor":
-    return make_process(cfg.name, model_cfg.vocab_size, schedule)
-  if cfg.nn_embeddings:
-    embeddings = cfg.nn_embeddings
-  elif model_cfg.vocab_size == 256:
-    embeddings = pipeline.byte_features()
-  else:
-    raise ValueError("process.nn_embeddings (a .npy table [V, D]) is required unless the tokenizer is bytes")
-  return make_process("nearest_neighbor", model_cfg.vocab_size, schedule, embeddings=embeddings, k=cfg.nn_k,
-                      rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
-
-
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to ``min_lr_ratio``, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
-
-
-def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> TrainState:
-  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
-  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  params = nn.unbox(model.init(init_rng, tokens, jnp.zeros((1,)))["params"])
-  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
-                    ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
-
+# ---------------------------------------------------------------- placement
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
@@ -254,120 +213,6 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
   return jax.jit(sample, out_shardings=out_sharding)
 
 
-# ---------------------------------------------------------------- checkpoints and logging
-
-def _fingerprint(config: ExperimentConfig) -> dict:
-  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change)."""
-  return {"model": dataclasses.asdict(config.model), "process": dataclasses.asdict(config.process),
-          "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
-
-
-def check_compatible(saved: dict, current: dict) -> None:
-  diffs = []
-  for section in sorted(set(saved) | set(current)):
-    a, b = saved.get(section), current.get(section)
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
-                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    elif a != b:
-      diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
-  if diffs:
-    raise ValueError("the workdir holds a checkpoint of a different experiment; use a new --workdir or restore "
-                     "the original config. Differences: " + "; ".join(diffs))
-
-
-def _checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
-
-
-def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True,
-                                         create=True)
-  return ocp.CheckpointManager(_checkpoint_dir(workdir), options=options)
-
-
-def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fingerprint: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      experiment=ocp.args.JsonSave(fingerprint)))
-
-
-def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
-  """The parameters (or EMA parameters) of ``workdir``'s latest checkpoint, and its step."""
-  manager = ocp.CheckpointManager(_checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
-  model = Transformer(config.model)
-  # Onto this process's first device, whatever mesh (or number of hosts) saved the checkpoint.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                    jax.eval_shape(lambda: init_state(config, model, make_optimizer(config.train))))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  manager.close()
-  return (state.ema_params if use_ema else state.params), step
-
-
-def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
-  """(state, data_state) from the latest checkpoint, or None when there is none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
-  check_compatible(saved["experiment"], json.loads(json.dumps(fingerprint)))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return restored["state"], restored["data"]
-
-
-class MetricsWriter:
-  """Metrics to ``metrics.jsonl`` and TensorBoard (``workdir/tensorboard``), from process 0 only, and a console
-  progress line with rate and ETA."""
-
-  def __init__(self, workdir: str, total_steps: int, quiet: bool = False):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.total = total_steps
-    self.is_writer = jax.process_index() == 0
-    self.quiet = quiet or not self.is_writer
-    self.start = time.time()
-    self.start_step = None
-    self.tensorboard = None
-    if self.is_writer:
-      import tensorboardX  # imported here: only the writing process needs it
-      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step: int, metrics: dict) -> None:
-    if not self.is_writer:
-      return
-    record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k != "step":
-        self.tensorboard.add_scalar(k, v, step)
-
-  def close(self) -> None:
-    if self.tensorboard is not None:
-      self.tensorboard.close()
-
-  def progress(self, step: int, metrics: dict) -> None:
-    if self.start_step is None:
-      self.start_step, self.start = step, time.time()
-      return
-    if self.quiet:
-      return
-    rate = (step - self.start_step) / max(time.time() - self.start, 1e-9)
-    eta = (self.total - step) / max(rate, 1e-9)
-    shown = " ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-    print(f"step {step}/{self.total} [{step / self.total:6.1%}] {rate:.2f} steps/s eta {eta:5.0f}s {shown}",
-          flush=True)
-
-  def log(self, text: str) -> None:
-    if not self.quiet:
-      print(text, flush=True)
-
-
 # ---------------------------------------------------------------- the loop
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Data | None = None,
@@ -385,14 +230,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   model = Transformer(config.model)
   process = build_process(config.process, config.model)
   optimizer = make_optimizer(tcfg)
-  writer = MetricsWriter(workdir, tcfg.steps, quiet)
-  fingerprint = _fingerprint(config)
-  manager = checkpoint_manager(workdir, tcfg)
+  writer = metrics_lib.MetricsWriter(workdir, tcfg.steps, quiet)
+  fingerprint = checkpoints.fingerprint(config)
+  manager = checkpoints.checkpoint_manager(workdir, tcfg)
 
   placement = make_placement(config, model, optimizer)
   state = jax.jit(lambda: init_state(config, model, optimizer), out_shardings=placement.state)()
   next_batch = 0
-  restored = restore_checkpoint(manager, state, fingerprint)
+  restored = checkpoints.restore_checkpoint(manager, state, fingerprint)
   if restored is not None:
     state, data_state = restored
     next_batch = int(data_state["next_batch"])
@@ -427,7 +272,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
       writer.write(step, {f"val_{k}": v for k, v in results.items()})
       writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
     if step % tcfg.checkpoint_every == 0 or step == last_step:
-      save_checkpoint(manager, state, step, {"next_batch": next_batch}, fingerprint)
+      checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch}, fingerprint)
   if pending is not None:
     writer.write(pending[0], jax.device_get(pending[1]))
   writer.close()

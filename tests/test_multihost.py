@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from d3pm_jax import multihost, train
+from d3pm_jax import checkpoints, multihost, train
 from d3pm_jax.config import experiment_from_dict
 from d3pm_jax.data import pipeline
 
@@ -101,7 +101,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert bits(multi.stdout) and bits(multi.stdout) == bits(single.stdout)
 
   config = experiment_from_dict(json.loads((tmp_path / "single" / "experiment.json").read_text()))
-  params = {name: train.restore_params(str(tmp_path / name), config) for name in ("multi", "single")}
+  params = {name: checkpoints.restore_params(str(tmp_path / name), config) for name in ("multi", "single")}
   assert params["multi"][1] == params["single"][1] == 3
   initial = train.init_state(config, train.Transformer(config.model), train.make_optimizer(config.train)).params
   diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
@@ -117,7 +117,7 @@ def test_two_processes_train_like_one(tmp_path):
   shutil.rmtree(tmp_path / "multi" / "checkpoints" / "3")
   resumed = launch()
   assert "resumed from step 2" in resumed.stdout
-  again, step = train.restore_params(str(tmp_path / "multi"), config)
+  again, step = checkpoints.restore_params(str(tmp_path / "multi"), config)
   assert step == 3
   diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                                 again, params["single"][0])

@@ -1,0 +1,98 @@
+"""Orbax checkpoints of a workdir: save and resume the train state (with the data position and the experiment's
+fingerprint), and read a finished run's parameters and config without the train loop."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from d3pm_jax.config import ExperimentConfig, experiment_from_dict
+from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.state import TrainState, init_state, make_optimizer
+
+
+def fingerprint(config: ExperimentConfig) -> dict:
+  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change)."""
+  return {"model": dataclasses.asdict(config.model), "process": dataclasses.asdict(config.process),
+          "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+  diffs = []
+  for section in sorted(set(saved) | set(current)):
+    a, b = saved.get(section), current.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      diffs.append(f"{section}: checkpoint {a!r} vs config {b!r}")
+  if diffs:
+    raise ValueError("the workdir holds a checkpoint of a different experiment; use a new --workdir or restore "
+                     "the original config. Differences: " + "; ".join(diffs))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True,
+                                         create=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fingerprint: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      experiment=ocp.args.JsonSave(fingerprint)))
+
+
+def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
+  """The parameters (or EMA parameters) of ``workdir``'s latest checkpoint, and its step."""
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
+  model = Transformer(config.model)
+  # Onto this process's first device, whatever mesh (or number of hosts) saved the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                    jax.eval_shape(lambda: init_state(config, model, make_optimizer(config.train))))
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  manager.close()
+  return (state.ema_params if use_ema else state.params), step
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
+  """(state, data_state) from the latest checkpoint, or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+  check_compatible(saved["experiment"], json.loads(json.dumps(fingerprint)))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return restored["state"], restored["data"]
+
+
+def load_experiment(workdir: str) -> ExperimentConfig:
+  """The config a ``d3pm-train`` run wrote to ``workdir/experiment.json``."""
+  path = os.path.join(workdir, "experiment.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist; is {workdir} a d3pm-train workdir?")
+  with open(path) as f:
+    return experiment_from_dict(json.load(f))
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of ``workdir``'s latest checkpoint, or None when it has none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  manager.close()
+  return step

@@ -1,0 +1,60 @@
+"""What a run is made of, shared by training, evaluation and sampling: the train state, the optimiser, the
+corruption process a config names, and a fresh state. Nothing here runs a loop or touches a workdir."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from d3pm_jax.config import ExperimentConfig, ProcessConfig
+from d3pm_jax.data import pipeline
+from d3pm_jax.models.transformer import ModelConfig, Transformer
+from d3pm_jax.processes import Process, make_process
+from d3pm_jax.schedules import get_schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+
+
+def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
+  """The corruption process for the model's vocabulary; None for the autoregressive baseline."""
+  if cfg.is_autoregressive:
+    return None
+  schedule = get_schedule(cfg.schedule, eps=cfg.eps)
+  if cfg.name != "nearest_neighbor":
+    return make_process(cfg.name, model_cfg.vocab_size, schedule)
+  if cfg.nn_embeddings:
+    embeddings = cfg.nn_embeddings
+  elif model_cfg.vocab_size == 256:
+    embeddings = pipeline.byte_features()
+  else:
+    raise ValueError("process.nn_embeddings (a .npy table [V, D]) is required unless the tokenizer is bytes")
+  return make_process("nearest_neighbor", model_cfg.vocab_size, schedule, embeddings=embeddings, k=cfg.nn_k,
+                      rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay to ``min_lr_ratio``, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, 1),
+      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> TrainState:
+  rng, init_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  params = nn.unbox(model.init(init_rng, tokens, jnp.zeros((1,)))["params"])
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
