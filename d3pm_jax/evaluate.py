@@ -111,3 +111,12 @@ def generative_perplexity(tokens_NxL, evaluator_nll_fn, vocab_size: int) -> dict
   return {"gen_ppl": out["perplexity"], "gen_ppl_95": out["perplexity_95"],
           "gen_bits_per_token": out["bits_per_token"], "gen_bits_per_token_95": out["bits_per_token_95"],
           "unigram_entropy": sampling.unigram_entropy(tokens, vocab_size), "samples": int(tokens.shape[0])}
+
+
+def window_bytes(tokenizer, tokens_NxL, weights_NxL=None) -> np.ndarray:
+  """The byte length of each window's decoded text ``[N]`` (padding, weight 0, excluded): the denominator of bits
+  per byte, so byte-level and subword models compare on the same text. Exact because the tokenizers decode ids
+  to exact bytes (``data/tokenizers.py``)."""
+  tokens = np.asarray(tokens_NxL)
+  keep = np.ones(tokens.shape, bool) if weights_NxL is None else np.asarray(weights_NxL) > 0
+  return np.array([len(tokenizer.decode(row[mask])) for row, mask in zip(tokens, keep)], np.int64)

@@ -107,3 +107,23 @@ def test_generative_perplexity_recovers_the_entropy_rate_and_exposes_degenerate_
   repeated = evaluate.generative_perplexity(np.zeros((num, length), np.int32), nll, 4)
   assert repeated["gen_ppl"] < 0.6 * from_source["gen_ppl"]  # gen-ppl alone would rank it best...
   assert repeated["unigram_entropy"] == 0.0 < from_source["unigram_entropy"] - 1.0  # ...its entropy gives it away
+
+
+def test_bits_per_byte_of_a_sentencepiece_model_counts_the_decoded_text(tmp_path):
+  """Windows of a sentencepiece-encoded text (the last one padded): bits per byte is the total nats over the
+  text's own byte length, i.e. bits per token times tokens per byte of the same text."""
+  from d3pm_jax.data import stdlib, tokenizers
+  files = stdlib.list_files()
+  tok = tokenizers.SentencePieceTokenizer.train(stdlib.read_files(files[:40]), str(tmp_path / "spm"), vocab_size=400)
+  text = b"".join(stdlib.read_files(files[40:50])) + "caf\u00e9 \u2581 \u4e2d\u6587\n".encode() + b"\xff\xfe"
+  ids = tok.encode(text)
+  length = 64
+  num = -(-len(ids) // length)
+  windows = np.zeros((num, length), np.int64)
+  weights = np.zeros((num, length))
+  windows.flat[: len(ids)], weights.flat[: len(ids)] = ids, 1.0
+  nats_per_position = np.random.default_rng(0).uniform(0.5, 3.0, windows.shape) * weights
+  out = evaluate.summarize(nats_per_position.sum(1), weights.sum(1), evaluate.window_bytes(tok, windows, weights))
+  assert out["bytes"] == len(text) and out["tokens"] == len(ids) < 0.7 * len(text)
+  assert out["bits_per_byte"] == pytest.approx(nats_per_position.sum() / len(text) / math.log(2.0), rel=1e-12)
+  assert out["bits_per_byte"] == pytest.approx(out["bits_per_token"] * len(ids) / len(text), rel=1e-12)
