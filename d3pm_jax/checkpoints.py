@@ -44,10 +44,10 @@ def checkpoint_manager(workdir: str, cfg) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, fingerprint: dict) -> None:
+def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, experiment: dict) -> None:
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      experiment=ocp.args.JsonSave(fingerprint)))
+      experiment=ocp.args.JsonSave(experiment)))
 
 
 def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
@@ -67,13 +67,14 @@ def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False
   return (state.ema_params if use_ema else state.params), step
 
 
-def restore_checkpoint(manager, abstract_state: TrainState, fingerprint: dict):
-  """(state, data_state) from the latest checkpoint, or None when there is none."""
+def restore_checkpoint(manager, abstract_state: TrainState, expected: dict):
+  """(state, data_state) from the latest checkpoint, or None when there is none; refused unless its fingerprint
+  equals ``expected``."""
   step = manager.latest_step()
   if step is None:
     return None
   saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
-  check_compatible(saved["experiment"], json.loads(json.dumps(fingerprint)))
+  check_compatible(saved["experiment"], json.loads(json.dumps(expected)))
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"]

@@ -1,5 +1,6 @@
 """What a run is made of, shared by training, evaluation and sampling: the train state, the optimiser, the
-corruption process a config names, and a fresh state. Nothing here runs a loop or touches a workdir."""
+corruption process and the loss a config names, and a fresh state. Nothing here runs a loop or touches a
+workdir."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from d3pm_jax import losses
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
@@ -58,3 +60,31 @@ def init_state(config: ExperimentConfig, model: Transformer, optimizer) -> Train
   params = nn.unbox(model.init(init_rng, tokens, jnp.zeros((1,)))["params"])
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=optimizer.init(params),
                     ema_params=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+
+def shift_right(tokens_BxL, bos: int):
+  """The autoregressive model's input: a start token, then every token but the last."""
+  return jnp.concatenate([jnp.full_like(tokens_BxL[:, :1], bos), tokens_BxL[:, :-1]], axis=1)
+
+
+def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
+               evaluate: bool = False, weights_BxL=None) -> dict:
+  """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
+  ``weights_BxL`` (1 real, 0 padding) removes padded positions from every sum."""
+  pcfg = config.process
+  if pcfg.is_autoregressive:
+    bos = model.config.vocab_size - 1
+    log_p = jax.nn.log_softmax(model.apply({"params": params}, shift_right(x0_BxL, bos))[..., :bos])
+    nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
+    nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
+    return {"loss": nll_B, "nelbo": nll_B}
+
+  def logits_fn(x_t_BxL, t_B):
+    return model.apply({"params": params}, x_t_BxL, t_B)
+
+  if pcfg.loss == "d3pm":
+    out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
+    return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
+  out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate,
+                               weights_BxL=weights_BxL)
+  return {"loss": out["nelbo"], **out}

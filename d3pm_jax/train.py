@@ -27,10 +27,9 @@ from d3pm_jax import metrics as metrics_lib
 from d3pm_jax.config import ExperimentConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
-from d3pm_jax.processes import Process
 # The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
 # re-exported here because the loop's callers reach them through ``train``.
-from d3pm_jax.state import TrainState, build_process, init_state, make_optimizer  # noqa: F401
+from d3pm_jax.state import TrainState, build_process, init_state, loss_terms, make_optimizer  # noqa: F401
 
 
 # ---------------------------------------------------------------- placement
@@ -76,34 +75,6 @@ def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
       return fn(*args)
   return wrapped
-
-
-def shift_right(tokens_BxL, bos: int):
-  """The autoregressive model's input: a start token, then every token but the last."""
-  return jnp.concatenate([jnp.full_like(tokens_BxL[:, :1], bos), tokens_BxL[:, :-1]], axis=1)
-
-
-def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
-               evaluate: bool = False, weights_BxL=None) -> dict:
-  """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
-  ``weights_BxL`` (1 real, 0 padding) removes padded positions from every sum."""
-  pcfg = config.process
-  if pcfg.is_autoregressive:
-    bos = model.config.vocab_size - 1
-    log_p = jax.nn.log_softmax(model.apply({"params": params}, shift_right(x0_BxL, bos))[..., :bos])
-    nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
-    nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
-    return {"loss": nll_B, "nelbo": nll_B}
-
-  def logits_fn(x_t_BxL, t_B):
-    return model.apply({"params": params}, x_t_BxL, t_B)
-
-  if pcfg.loss == "d3pm":
-    out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
-    return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
-  out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate,
-                               weights_BxL=weights_BxL)
-  return {"loss": out["nelbo"], **out}
 
 
 def _mean_per_token(values_B, x0_BxL):
