@@ -1,6 +1,6 @@
 """What a run is made of, shared by training, evaluation and sampling: the train state, the optimiser, the
-corruption process and the loss a config names, and a fresh state. Nothing here runs a loop or touches a
-workdir."""
+corruption process, the loss and the sampler a config names, and a fresh state. Nothing here runs a loop or
+touches a workdir."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d3pm_jax import losses
+from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
@@ -88,3 +88,22 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate,
                                weights_BxL=weights_BxL)
   return {"loss": out["nelbo"], **out}
+
+
+def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None):
+  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
+  autoregressive baseline (``sampling``). With parameters spread over several processes, pass a replicated
+  ``out_sharding`` so every process can read the tokens."""
+  length = config.data.seq_len
+  if process is None:
+    bos = model.config.vocab_size - 1
+    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos),
+                   out_shardings=out_sharding)
+
+  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
+
+  def sample(params, key):
+    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
+                           time_conditioned=config.model.time_conditioning)[0]
+  return jax.jit(sample, out_shardings=out_sharding)

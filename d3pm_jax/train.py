@@ -29,7 +29,8 @@ from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
 # The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
 # re-exported here because the loop's callers reach them through ``train``.
-from d3pm_jax.state import TrainState, build_process, init_state, loss_terms, make_optimizer  # noqa: F401
+from d3pm_jax.state import (TrainState, build_process, init_state, loss_terms, make_optimizer,  # noqa: F401
+                            make_sampler)
 
 
 # ---------------------------------------------------------------- placement
@@ -161,27 +162,6 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
                        global_batch(placement.batch, weights[mine]))
     acc.add(np.asarray(nats_B), weights.sum(axis=1))
   return acc.result()
-
-
-# ---------------------------------------------------------------- sampling
-
-def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None):
-  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
-  autoregressive baseline (``sampling``). With parameters spread over several processes, pass a replicated
-  ``out_sharding`` so every process can read the tokens."""
-  length = config.data.seq_len
-  if process is None:
-    bos = model.config.vocab_size - 1
-    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos),
-                   out_shardings=out_sharding)
-
-  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
-
-  def sample(params, key):
-    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
-    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
-                           time_conditioned=config.model.time_conditioning)[0]
-  return jax.jit(sample, out_shardings=out_sharding)
 
 
 # ---------------------------------------------------------------- the loop

@@ -12,7 +12,7 @@ import pytest
 import scipy.special
 
 from d3pm_jax import checkpoints, train
-from d3pm_jax.eval_main import evaluate_workdir
+from d3pm_jax.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer
 
 from test_train import ROOT, experiment
@@ -66,10 +66,37 @@ def test_d3pm_run_reports_its_exact_bound_and_the_continuous_bound(trained):
 
 def test_cli_prints_the_table(trained):
   out = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", f"--workdir={trained['absorbing_d3pm']}",
-                        "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        "--quick", f"--evaluator={trained['autoregressive']}", "--sample_steps=2,4"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exact discrete-time VLB (T = 50)" in out.stdout and "continuous-time bound (ctmc)" in out.stdout
-  assert "64 of" in out.stdout
+  assert "64 of" in out.stdout and "scored by this project's autoregressive baseline" in out.stdout
+  assert "    2 steps: gen-ppl" in out.stdout and "    4 steps: gen-ppl" in out.stdout
   bad = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", "--workdir=/nonexistent"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and "is /nonexistent a d3pm-train workdir" in bad.stderr
+
+
+def test_generation_is_scored_by_the_evaluator(trained):
+  from d3pm_jax import state
+  from d3pm_jax.eval_workdir import generation_quality
+  workdir, evaluator = trained["absorbing_d3pm"], trained["autoregressive"]
+  config = checkpoints.load_experiment(workdir)
+  params, _ = checkpoints.restore_params(workdir, config)
+  model, process = Transformer(config.model), state.build_process(config.process, config.model)
+  out, samples = generation_quality(config, model, process, params, evaluator, [2, 8], num_samples=6)
+  assert sorted(out["by_steps"]) == ["2", "8"] and out["evaluator"]["checkpoint_step"] == 3
+  ev_config = checkpoints.load_experiment(evaluator)
+  ev_params, _ = checkpoints.restore_params(evaluator, ev_config)
+  bos = ev_config.model.vocab_size - 1
+  for steps, tokens in samples.items():
+    assert tokens.shape == (6, config.data.seq_len) and tokens.max() < bos
+    inputs = np.concatenate([np.full((6, 1), bos), tokens[:, :-1]], axis=1)
+    logits = np.asarray(Transformer(ev_config.model).apply({"params": ev_params}, jnp.asarray(inputs)),
+                        np.float64)[..., :bos]
+    nats = -np.take_along_axis(scipy.special.log_softmax(logits, -1), tokens[..., None], -1).sum()
+    got = out["by_steps"][str(steps)]
+    assert got["gen_ppl"] == pytest.approx(math.exp(nats / tokens.size), rel=1e-4)
+    assert got["samples_per_second"] > 0 and 0 < got["unigram_entropy"] <= 8
+  with pytest.raises(ValueError, match="must be an autoregressive baseline's workdir"):
+    generation_quality(config, model, process, params, workdir, [2], num_samples=2)

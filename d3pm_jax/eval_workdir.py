@@ -1,0 +1,159 @@
+"""Evaluating a trained workdir (``d3pm-eval`` is the command line over it): the likelihood of its latest
+checkpoint on the validation split with 95% intervals, the loss by t, and generation quality under an AR
+evaluator. The statistics themselves are in ``evaluate.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d3pm_jax import checkpoints, evaluate, losses, state
+from d3pm_jax.data import pipeline
+from d3pm_jax.models.transformer import Transformer
+
+
+def _chosen_windows(total: int, max_windows: int) -> np.ndarray:
+  if max_windows <= 0 or max_windows >= total:
+    return np.arange(total)
+  return np.linspace(0, total - 1, max_windows).round().astype(int)
+
+
+def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, max_windows: int = 0,
+                     use_ema: bool = False, seed: int = 0, num_bins: int = 10, progress=None,
+                     evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32) -> dict:
+  """Evaluates ``workdir``'s latest checkpoint on its validation split, and its samples under ``evaluator``
+  when given; returns (and writes to eval.json) the bounds' ``evaluate.summarize`` dicts, the loss by time,
+  generation quality per step count and what was evaluated."""
+  if time_samples < 1 or batch < 1:
+    raise ValueError(f"time_samples and batch must be >= 1; got {time_samples} and {batch}")
+  config = checkpoints.load_experiment(workdir)
+  params, step = checkpoints.restore_params(workdir, config, use_ema)
+  data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
+  model = Transformer(config.model)
+  process = state.build_process(config.process, config.model)
+  pcfg = config.process
+
+  def per_batch(params, key, x0_BxL, weights_BxL):
+    if pcfg.is_autoregressive:
+      return {"nelbo": state.loss_terms(config, model, None, params, key, x0_BxL, True, weights_BxL)["nelbo"]}
+    logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+    exact_key, key = jax.random.split(key)
+    kind = "ctmc" if pcfg.loss == "d3pm" else pcfg.loss
+    out = evaluate.continuous_nelbo(process, logits_fn, key, x0_BxL, num_time_samples=time_samples, kind=kind,
+                                    weights_BxL=weights_BxL)
+    terms = {"continuous": out["nelbo"], "times_KxB": out["times_KxB"], "integrand_KxB": out["integrand_KxB"]}
+    if pcfg.loss == "d3pm":
+      terms["nelbo"] = losses.d3pm_vlb_exact(process, logits_fn, exact_key, x0_BxL, pcfg.num_steps, weights_BxL)
+    else:
+      terms["nelbo"] = out["nelbo"]
+    return terms
+
+  step_fn = jax.jit(per_batch)
+  rows = _chosen_windows(data.val_windows.shape[0], max_windows)
+  windows, weights = data.val_windows[rows], data.val_weights[rows].astype(np.float32)
+  pad = -len(rows) % batch  # whole batches, one compiled shape: padded rows have weight 0 and are dropped
+  windows = np.concatenate([windows, np.zeros((pad, windows.shape[1]), windows.dtype)])
+  weights = np.concatenate([weights, np.zeros((pad, weights.shape[1]), weights.dtype)])
+  collected: dict[str, list] = {}
+  key = jax.random.PRNGKey(seed)
+  start = time.time()
+  for i in range(0, len(windows), batch):
+    out = jax.device_get(step_fn(params, jax.random.fold_in(key, i), jnp.asarray(windows[i:i + batch], jnp.int32),
+                                 jnp.asarray(weights[i:i + batch])))
+    for name, value in out.items():
+      collected.setdefault(name, []).append(np.asarray(value, np.float64))
+    if progress is not None:
+      progress(min(i + batch, len(rows)), len(rows), time.time() - start)
+  real = len(rows)
+  tokens = weights[:real].sum(axis=1)
+  byte_counts = (evaluate.window_bytes(data.tokenizer, windows[:real], weights[:real])
+                 if data.tokenizer is not None else None)
+  result = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "process": pcfg.name,
+            "loss": pcfg.loss, "ema": use_ema, "seed": seed,
+            "windows": real, "split_windows": int(data.val_windows.shape[0]), "seq_len": config.data.seq_len,
+            "bound": {"ar": "exact NLL", "d3pm": f"exact discrete-time VLB (T = {pcfg.num_steps})"}.get(
+                pcfg.loss, f"continuous NELBO ({pcfg.loss}, K = {time_samples})"),
+            "likelihood": evaluate.summarize(np.concatenate(collected["nelbo"])[:real], tokens, byte_counts)}
+  if "continuous" in collected:
+    if pcfg.loss == "d3pm":
+      result["continuous_bound"] = evaluate.summarize(np.concatenate(collected["continuous"])[:real], tokens,
+                                                      byte_counts)
+    result["loss_by_time"] = evaluate.loss_by_time(
+        np.concatenate(collected["times_KxB"], axis=1)[:, :real],
+        np.concatenate(collected["integrand_KxB"], axis=1)[:, :real], tokens, num_bins)
+  if evaluator:
+    result["generation"], _ = generation_quality(config, model, process, params, evaluator,
+                                                 [int(k) for k in sample_steps], num_samples, seed)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  return result
+
+
+def generation_quality(config, model, process, params, evaluator_workdir: str, step_counts, num_samples: int,
+                       seed: int = 0) -> tuple[dict, dict]:
+  """Samples ``num_samples`` sequences at each step count and scores them with the AR baseline in
+  ``evaluator_workdir``: generative perplexity (interval over samples), unigram entropy, samples per second
+  (compilation excluded). An AR model being evaluated decodes once, one step per token. Returns the figures and
+  the samples ``{steps: tokens [N, L]}``."""
+  ev_config = checkpoints.load_experiment(evaluator_workdir)
+  if not ev_config.process.is_autoregressive:
+    raise ValueError(f"--evaluator must be an autoregressive baseline's workdir; {evaluator_workdir} trained "
+                     f"process {ev_config.process.name!r}")
+  mine = (config.data.name, config.data.tokenizer, config.data.tokenizer_path)
+  theirs = (ev_config.data.name, ev_config.data.tokenizer, ev_config.data.tokenizer_path)
+  if mine != theirs or ev_config.model.max_len < config.data.seq_len:
+    raise ValueError(f"the evaluator must read the same data and tokenizer (data, tokenizer, path) {mine} and fit "
+                     f"{config.data.seq_len} tokens; {evaluator_workdir} has {theirs} and max_len "
+                     f"{ev_config.model.max_len}")
+  ev_params, ev_step = checkpoints.restore_params(evaluator_workdir, ev_config)
+  ev_model = Transformer(ev_config.model)
+  score = jax.jit(lambda p, x: state.loss_terms(ev_config, ev_model, None, p, jax.random.PRNGKey(0), x, True)["nelbo"])
+  num_tokens = ev_config.model.vocab_size - 1  # data tokens: the AR vocabulary less its start token
+  out = {"evaluator": {"workdir": os.path.abspath(evaluator_workdir), "checkpoint_step": int(ev_step),
+                       "model": "this project's autoregressive baseline trained on the same data"}, "by_steps": {}}
+  samples = {}
+  for steps in ([config.data.seq_len] if process is None else step_counts):
+    sampler = state.make_sampler(config, model, process, steps, num_samples)
+    key = jax.random.PRNGKey(seed + steps)
+    compiled = sampler.lower(params, key).compile()
+    start = time.time()
+    tokens = np.asarray(jax.block_until_ready(compiled(params, key)))
+    seconds = time.time() - start
+    quality = evaluate.generative_perplexity(tokens, lambda t: score(ev_params, jnp.asarray(t, jnp.int32)),
+                                             num_tokens)
+    out["by_steps"][str(steps)] = {**quality, "samples_per_second": num_samples / seconds}
+    samples[steps] = tokens
+  return out, samples
+
+
+def format_table(result: dict) -> str:
+  def row(name, s):
+    per_byte = f"{s['bits_per_byte']:.4f} ± {s['bits_per_byte_95']:.4f}" if "bits_per_byte" in s else "-"
+    lo, hi = s["perplexity_95"]
+    return (f"{name:<34s} {s['bits_per_token']:.4f} ± {s['bits_per_token_95']:.4f}  {per_byte:>17s}  "
+            f"{s['perplexity']:9.3f} [{lo:.3f}, {hi:.3f}]")
+
+  lines = [f"d3pm-eval {result['workdir']}: step {result['checkpoint_step']}, {result['process']} "
+           f"({result['loss']}), {result['windows']} of {result['split_windows']} validation windows, "
+           f"{result['likelihood']['tokens']} tokens; ± is a 95% interval over sequences",
+           f"{'bound':<34s} {'bits/token':>17s}  {'bits/byte':>17s}  {'perplexity (per token)':>26s}",
+           row(result["bound"][:34], result["likelihood"])]
+  if "continuous_bound" in result:
+    lines.append(row("continuous-time bound (ctmc)", result["continuous_bound"]))
+  if "generation" in result:
+    ev = result["generation"]["evaluator"]
+    lines.append(f"generation, scored by {ev['model']} ({ev['workdir']}, step {ev['checkpoint_step']}):")
+    for steps, g in result["generation"]["by_steps"].items():
+      lo, hi = g["gen_ppl_95"]
+      lines.append(f"  {steps:>5s} steps: gen-ppl {g['gen_ppl']:9.3f} [{lo:.3f}, {hi:.3f}], unigram entropy "
+                   f"{g['unigram_entropy']:.3f} bits, {g['samples_per_second']:.2f} samples/s")
+  if "loss_by_time" in result:
+    bins = result["loss_by_time"]
+    lines.append("bits per token by t: " + " ".join(
+        f"[{lo:.1f},{hi:.1f}) {v:.3f}" for lo, hi, v in zip(bins["edges"], bins["edges"][1:], bins["bits_per_token"])))
+  return "\n".join(lines)
