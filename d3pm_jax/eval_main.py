@@ -10,7 +10,9 @@ sequences, and where in t the bits go; prints a table and writes ``workdir/eval.
 Bits per byte come from each window's decoded bytes, so byte-level and subword models compare on the same text.
 With ``--evaluator=AR_WORKDIR`` (this project's AR baseline on the same data), samples at each of
 ``--sample_steps`` are scored: generative perplexity with the samples' unigram entropy beside it, and samples per
-second. Infilling is not evaluated yet. Runs on one process.
+second. Infilling: a held-out span of validation windows (``--infill_start``, ``--infill_length``; default the
+middle eighth) is filled by every sampling strategy the process supports, reporting token accuracy and, with an
+evaluator, its perplexity of the filled windows. Runs on one process.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ _EVALUATOR = flags.DEFINE_string("evaluator", None, "An autoregressive baseline'
                                  "scores samples for generative perplexity (skipped when not given).")
 _SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["16", "64", "256"], "Sampling step counts for generation.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 32, "Samples per step count.")
+_INFILL_WINDOWS = flags.DEFINE_integer("infill_windows", 64, "Windows for infilling (0: skip).")
+_INFILL_START = flags.DEFINE_integer("infill_start", -1, "First held-out position (-1: centre the span).")
+_INFILL_LENGTH = flags.DEFINE_integer("infill_length", 0, "Held-out span length (0: an eighth of the window).")
+_INFILL_STEPS = flags.DEFINE_integer("infill_steps", 64, "Sampling steps for infilling.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -49,7 +55,10 @@ def main(argv):
                               batch=_BATCH.value, max_windows=64 if _QUICK.value else _MAX_WINDOWS.value,
                               use_ema=_EMA.value, seed=_SEED.value, num_bins=_BINS.value, progress=progress,
                               evaluator=_EVALUATOR.value, sample_steps=[int(k) for k in _SAMPLE_STEPS.value],
-                              num_samples=4 if _QUICK.value else _NUM_SAMPLES.value)
+                              num_samples=4 if _QUICK.value else _NUM_SAMPLES.value,
+                              infill_windows=8 if _QUICK.value else _INFILL_WINDOWS.value,
+                              infill_start=_INFILL_START.value, infill_length=_INFILL_LENGTH.value,
+                              infill_steps=8 if _QUICK.value else _INFILL_STEPS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(format_table(result))

@@ -1,6 +1,6 @@
 """Evaluating a trained workdir (``d3pm-eval`` is the command line over it): the likelihood of its latest
 checkpoint on the validation split with 95% intervals, the loss by t, and generation quality under an AR
-evaluator. The statistics themselves are in ``evaluate.py``.
+evaluator, and infilling of a held-out span. The statistics themselves are in ``evaluate.py``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, losses, state
+from d3pm_jax import checkpoints, evaluate, losses, sampling, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 
@@ -25,10 +25,13 @@ def _chosen_windows(total: int, max_windows: int) -> np.ndarray:
 
 def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, max_windows: int = 0,
                      use_ema: bool = False, seed: int = 0, num_bins: int = 10, progress=None,
-                     evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32) -> dict:
-  """Evaluates ``workdir``'s latest checkpoint on its validation split, and its samples under ``evaluator``
-  when given; returns (and writes to eval.json) the bounds' ``evaluate.summarize`` dicts, the loss by time,
-  generation quality per step count and what was evaluated."""
+                     evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32,
+                     infill_windows: int = 64, infill_start: int = -1, infill_length: int = 0,
+                     infill_steps: int = 64) -> dict:
+  """Evaluates ``workdir``'s latest checkpoint on its validation split, its samples under ``evaluator`` (an AR
+  baseline's workdir) when given, and infilling of a held-out span (default: the middle eighth of
+  ``infill_windows`` windows; not for the AR baseline). Returns (and writes to eval.json) the bounds'
+  ``evaluate.summarize`` dicts, the loss by time, generation and infilling quality and what was evaluated."""
   if time_samples < 1 or batch < 1:
     raise ValueError(f"time_samples and batch must be >= 1; got {time_samples} and {batch}")
   config = checkpoints.load_experiment(workdir)
@@ -86,20 +89,25 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
     result["loss_by_time"] = evaluate.loss_by_time(
         np.concatenate(collected["times_KxB"], axis=1)[:, :real],
         np.concatenate(collected["integrand_KxB"], axis=1)[:, :real], tokens, num_bins)
-  if evaluator:
-    result["generation"], _ = generation_quality(config, model, process, params, evaluator,
+  scorer = load_evaluator(config, evaluator) if evaluator else None
+  if scorer is not None:
+    result["generation"], _ = generation_quality(config, model, process, params, scorer,
                                                  [int(k) for k in sample_steps], num_samples, seed)
+  if process is not None and infill_windows > 0:
+    span_length = infill_length or max(1, config.data.seq_len // 8)
+    span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
+    result["infilling"] = infilling_quality(
+        config, model, process, params, data, span_start=span_start, span_length=span_length,
+        num_steps=infill_steps, num_windows=infill_windows, score=scorer[0] if scorer else None,
+        num_tokens=scorer[1] if scorer else None, seed=seed)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   return result
 
 
-def generation_quality(config, model, process, params, evaluator_workdir: str, step_counts, num_samples: int,
-                       seed: int = 0) -> tuple[dict, dict]:
-  """Samples ``num_samples`` sequences at each step count and scores them with the AR baseline in
-  ``evaluator_workdir``: generative perplexity (interval over samples), unigram entropy, samples per second
-  (compilation excluded). An AR model being evaluated decodes once, one step per token. Returns the figures and
-  the samples ``{steps: tokens [N, L]}``."""
+def load_evaluator(config, evaluator_workdir: str):
+  """The AR baseline in ``evaluator_workdir`` as ``(score, num_tokens, info)``: ``score(tokens_NxL) -> nats [N]``
+  is its exact NLL of each sequence, ``num_tokens`` the data tokens. It must read the same data and tokenizer."""
   ev_config = checkpoints.load_experiment(evaluator_workdir)
   if not ev_config.process.is_autoregressive:
     raise ValueError(f"--evaluator must be an autoregressive baseline's workdir; {evaluator_workdir} trained "
@@ -112,10 +120,21 @@ def generation_quality(config, model, process, params, evaluator_workdir: str, s
                      f"{ev_config.model.max_len}")
   ev_params, ev_step = checkpoints.restore_params(evaluator_workdir, ev_config)
   ev_model = Transformer(ev_config.model)
-  score = jax.jit(lambda p, x: state.loss_terms(ev_config, ev_model, None, p, jax.random.PRNGKey(0), x, True)["nelbo"])
-  num_tokens = ev_config.model.vocab_size - 1  # data tokens: the AR vocabulary less its start token
-  out = {"evaluator": {"workdir": os.path.abspath(evaluator_workdir), "checkpoint_step": int(ev_step),
-                       "model": "this project's autoregressive baseline trained on the same data"}, "by_steps": {}}
+  nll = jax.jit(lambda p, x: state.loss_terms(ev_config, ev_model, None, p, jax.random.PRNGKey(0), x, True)["nelbo"])
+  info = {"workdir": os.path.abspath(evaluator_workdir), "checkpoint_step": int(ev_step),
+          "model": "this project's autoregressive baseline trained on the same data"}
+  # Data tokens: the AR vocabulary less its start token.
+  return (lambda tokens: nll(ev_params, jnp.asarray(tokens, jnp.int32))), ev_config.model.vocab_size - 1, info
+
+
+def generation_quality(config, model, process, params, evaluator, step_counts, num_samples: int,
+                       seed: int = 0) -> tuple[dict, dict]:
+  """Samples ``num_samples`` sequences at each step count and scores them with ``evaluator`` (``load_evaluator``'s
+  triple): generative perplexity (interval over samples), unigram entropy, samples per second (compilation
+  excluded). An AR model being evaluated decodes once, one step per token. Returns the figures and the samples
+  ``{steps: tokens [N, L]}``."""
+  score, num_tokens, info = evaluator
+  out = {"evaluator": info, "by_steps": {}}
   samples = {}
   for steps in ([config.data.seq_len] if process is None else step_counts):
     sampler = state.make_sampler(config, model, process, steps, num_samples)
@@ -124,11 +143,33 @@ def generation_quality(config, model, process, params, evaluator_workdir: str, s
     start = time.time()
     tokens = np.asarray(jax.block_until_ready(compiled(params, key)))
     seconds = time.time() - start
-    quality = evaluate.generative_perplexity(tokens, lambda t: score(ev_params, jnp.asarray(t, jnp.int32)),
-                                             num_tokens)
+    quality = evaluate.generative_perplexity(tokens, score, num_tokens)
     out["by_steps"][str(steps)] = {**quality, "samples_per_second": num_samples / seconds}
     samples[steps] = tokens
   return out, samples
+
+
+def infilling_quality(config, model, process, params, data, *, span_start: int, span_length: int, num_steps: int,
+                      num_windows: int, score=None, num_tokens: int | None = None, seed: int = 0) -> dict:
+  """Fills a held-out span of ``num_windows`` unpadded validation windows (spread over the split) with every
+  sampling strategy the process supports; token accuracy of the span, and with ``score`` (an evaluator's NLL
+  function) the evaluator's perplexity of the filled windows."""
+  full = np.flatnonzero(data.val_weights.min(axis=1) > 0)
+  rows = full[_chosen_windows(len(full), num_windows)]
+  windows = data.val_windows[rows]
+  strategies = ["ancestral", "confidence"] if process.num_data_states < process.num_states else ["ancestral"]
+  logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+  out = {"windows": int(len(rows)), "steps": num_steps, "by_strategy": {}}
+  for strategy in strategies:
+    cfg = sampling.SamplerConfig(num_steps=num_steps, strategy=strategy)
+    filled = evaluate.infill(process, logits_fn, jax.random.PRNGKey(seed), windows, span_start, span_length, cfg,
+                             time_conditioned=config.model.time_conditioning)
+    entry = {"accuracy": filled["accuracy"], "span": filled["span"]}
+    if score is not None:
+      quality = evaluate.generative_perplexity(filled["filled"], score, num_tokens)
+      entry.update(evaluator_ppl=quality["gen_ppl"], evaluator_ppl_95=quality["gen_ppl_95"])
+    out["by_strategy"][strategy] = entry
+  return out
 
 
 def format_table(result: dict) -> str:
@@ -152,6 +193,12 @@ def format_table(result: dict) -> str:
       lo, hi = g["gen_ppl_95"]
       lines.append(f"  {steps:>5s} steps: gen-ppl {g['gen_ppl']:9.3f} [{lo:.3f}, {hi:.3f}], unigram entropy "
                    f"{g['unigram_entropy']:.3f} bits, {g['samples_per_second']:.2f} samples/s")
+  if "infilling" in result:
+    inf = result["infilling"]
+    for strategy, entry in inf["by_strategy"].items():
+      ppl = f", evaluator perplexity {entry['evaluator_ppl']:.3f}" if "evaluator_ppl" in entry else ""
+      lines.append(f"infilling span {entry['span']} of {inf['windows']} windows, {inf['steps']} steps, {strategy}: "
+                   f"token accuracy {entry['accuracy']:.4f}{ppl}")
   if "loss_by_time" in result:
     bins = result["loss_by_time"]
     lines.append("bits per token by t: " + " ".join(

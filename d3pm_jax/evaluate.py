@@ -120,3 +120,21 @@ def window_bytes(tokenizer, tokens_NxL, weights_NxL=None) -> np.ndarray:
   tokens = np.asarray(tokens_NxL)
   keep = np.ones(tokens.shape, bool) if weights_NxL is None else np.asarray(weights_NxL) > 0
   return np.array([len(tokenizer.decode(row[mask])) for row, mask in zip(tokens, keep)], np.int64)
+
+
+def infill(process: Process, logits_fn, key, windows_NxL, span_start: int, span_length: int,
+           cfg: sampling.SamplerConfig, time_conditioned: bool = True) -> dict:
+  """Holds out ``[span_start, span_start + span_length)`` of every window and fills it with the sampler, every
+  other position given. Returns the filled windows ``[N, L]`` and the token accuracy of the filled span."""
+  windows = np.asarray(windows_NxL)
+  num, length = windows.shape
+  if not (0 <= span_start and 1 <= span_length and span_start + span_length <= length):
+    raise ValueError(f"the held-out span [{span_start}, {span_start + span_length}) must lie inside the windows' "
+                     f"{length} positions and hold at least one token")
+  held_out = np.zeros((num, length), bool)
+  held_out[:, span_start:span_start + span_length] = True
+  filled, _ = sampling.sample(process, logits_fn, key, num, length, cfg, jnp.asarray(~held_out),
+                              jnp.asarray(windows, jnp.int32), time_conditioned=time_conditioned)
+  filled = np.asarray(filled)
+  return {"filled": filled, "accuracy": float(np.mean(filled[held_out] == windows[held_out])),
+          "span": [span_start, span_start + span_length]}

@@ -72,6 +72,7 @@ def test_cli_prints_the_table(trained):
   assert "exact discrete-time VLB (T = 50)" in out.stdout and "continuous-time bound (ctmc)" in out.stdout
   assert "64 of" in out.stdout and "scored by this project's autoregressive baseline" in out.stdout
   assert "    2 steps: gen-ppl" in out.stdout and "    4 steps: gen-ppl" in out.stdout
+  assert "8 windows, 8 steps, ancestral: token accuracy" in out.stdout and ", confidence: token accuracy" in out.stdout
   bad = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", "--workdir=/nonexistent"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and "is /nonexistent a d3pm-train workdir" in bad.stderr
@@ -79,12 +80,13 @@ def test_cli_prints_the_table(trained):
 
 def test_generation_is_scored_by_the_evaluator(trained):
   from d3pm_jax import state
-  from d3pm_jax.eval_workdir import generation_quality
+  from d3pm_jax.eval_workdir import generation_quality, load_evaluator
   workdir, evaluator = trained["absorbing_d3pm"], trained["autoregressive"]
   config = checkpoints.load_experiment(workdir)
   params, _ = checkpoints.restore_params(workdir, config)
   model, process = Transformer(config.model), state.build_process(config.process, config.model)
-  out, samples = generation_quality(config, model, process, params, evaluator, [2, 8], num_samples=6)
+  out, samples = generation_quality(config, model, process, params, load_evaluator(config, evaluator), [2, 8],
+                                    num_samples=6)
   assert sorted(out["by_steps"]) == ["2", "8"] and out["evaluator"]["checkpoint_step"] == 3
   ev_config = checkpoints.load_experiment(evaluator)
   ev_params, _ = checkpoints.restore_params(evaluator, ev_config)
@@ -99,4 +101,4 @@ def test_generation_is_scored_by_the_evaluator(trained):
     assert got["gen_ppl"] == pytest.approx(math.exp(nats / tokens.size), rel=1e-4)
     assert got["samples_per_second"] > 0 and 0 < got["unigram_entropy"] <= 8
   with pytest.raises(ValueError, match="must be an autoregressive baseline's workdir"):
-    generation_quality(config, model, process, params, workdir, [2], num_samples=2)
+    load_evaluator(config, workdir)

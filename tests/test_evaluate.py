@@ -127,3 +127,22 @@ def test_bits_per_byte_of_a_sentencepiece_model_counts_the_decoded_text(tmp_path
   assert out["bytes"] == len(text) and out["tokens"] == len(ids) < 0.7 * len(text)
   assert out["bits_per_byte"] == pytest.approx(nats_per_position.sum() / len(text) / math.log(2.0), rel=1e-12)
   assert out["bits_per_byte"] == pytest.approx(out["bits_per_token"] * len(ids) / len(text), rel=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
+def test_infilling_accuracy_is_one_for_a_denoiser_that_knows_the_text_and_chance_for_noise(strategy):
+  from d3pm_jax.sampling import SamplerConfig
+  vocab = 9  # 8 data tokens and the mask
+  proc = make_process("absorbing", vocab, get_schedule("linear"))
+  windows = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (400, 12), 0, vocab - 1))
+  cfg = SamplerConfig(num_steps=8, strategy=strategy)
+  knowing = lambda x_t, t: 20.0 * jax.nn.one_hot(jnp.asarray(windows), vocab)  # sure of the true text
+  out = evaluate.infill(proc, knowing, jax.random.PRNGKey(1), windows, 3, 5, cfg, time_conditioned=False)
+  assert out["accuracy"] == 1.0 and out["span"] == [3, 8]
+  np.testing.assert_array_equal(out["filled"], windows)
+  noise = lambda x_t, t: jax.random.normal(jax.random.PRNGKey(2), x_t.shape + (vocab,))
+  out = evaluate.infill(proc, noise, jax.random.PRNGKey(3), windows, 3, 5, cfg, time_conditioned=False)
+  np.testing.assert_array_equal(np.delete(out["filled"], np.s_[3:8], axis=1), np.delete(windows, np.s_[3:8], axis=1))
+  assert abs(out["accuracy"] - 1 / 8) < 0.05  # 2000 filled tokens: chance is 1/8 +- 0.007
+  with pytest.raises(ValueError, match=r"span \[10, 15\) must lie inside"):
+    evaluate.infill(proc, noise, jax.random.PRNGKey(3), windows, 10, 5, cfg)
