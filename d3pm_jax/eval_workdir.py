@@ -15,6 +15,7 @@ import numpy as np
 from d3pm_jax import checkpoints, evaluate, losses, sampling, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.processes import AbsorbingProcess
 
 
 def _chosen_windows(total: int, max_windows: int) -> np.ndarray:
@@ -157,7 +158,7 @@ def infilling_quality(config, model, process, params, data, *, span_start: int, 
   full = np.flatnonzero(data.val_weights.min(axis=1) > 0)
   rows = full[_chosen_windows(len(full), num_windows)]
   windows = data.val_windows[rows]
-  strategies = ["ancestral", "confidence"] if process.num_data_states < process.num_states else ["ancestral"]
+  strategies = ["ancestral", "confidence"] if isinstance(process, AbsorbingProcess) else ["ancestral"]
   logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
   out = {"windows": int(len(rows)), "steps": num_steps, "by_strategy": {}}
   for strategy in strategies:
