@@ -87,13 +87,3 @@ def load_experiment(workdir: str) -> ExperimentConfig:
     raise ValueError(f"{path} does not exist; is {workdir} a d3pm-train workdir?")
   with open(path) as f:
     return experiment_from_dict(json.load(f))
-
-
-def latest_step(workdir: str) -> int | None:
-  """The step of ``workdir``'s latest checkpoint, or None when it has none."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return None
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  manager.close()
-  return step

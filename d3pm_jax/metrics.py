@@ -1,5 +1,5 @@
-"""Metrics of a run: ``metrics.jsonl`` and TensorBoard events written by process 0, a console progress line,
-and reading the records back (for evaluation and comparison reports)."""
+"""Metrics of a run: ``metrics.jsonl`` and TensorBoard events written by process 0, and a console progress
+line."""
 from __future__ import annotations
 
 import json
@@ -54,12 +54,3 @@ class MetricsWriter:
   def log(self, text: str) -> None:
     if not self.quiet:
       print(text, flush=True)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """Every record of ``workdir/metrics.jsonl`` in order (training metrics and ``val_*`` evaluations)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
