@@ -18,12 +18,6 @@ from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.processes import AbsorbingProcess
 
 
-def _chosen_windows(total: int, max_windows: int) -> np.ndarray:
-  if max_windows <= 0 or max_windows >= total:
-    return np.arange(total)
-  return np.linspace(0, total - 1, max_windows).round().astype(int)
-
-
 def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, max_windows: int = 0,
                      use_ema: bool = False, seed: int = 0, num_bins: int = 10, progress=None,
                      evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32,
@@ -58,7 +52,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
     return terms
 
   step_fn = jax.jit(per_batch)
-  rows = _chosen_windows(data.val_windows.shape[0], max_windows)
+  rows = pipeline.spread_rows(data.val_windows.shape[0], max_windows)
   windows, weights = data.val_windows[rows], data.val_weights[rows].astype(np.float32)
   pad = -len(rows) % batch  # whole batches, one compiled shape: padded rows have weight 0 and are dropped
   windows = np.concatenate([windows, np.zeros((pad, windows.shape[1]), windows.dtype)])
@@ -99,8 +93,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
     span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
     result["infilling"] = infilling_quality(
         config, model, process, params, data, span_start=span_start, span_length=span_length,
-        num_steps=infill_steps, num_windows=infill_windows, score=scorer[0] if scorer else None,
-        num_tokens=scorer[1] if scorer else None, seed=seed)
+        num_steps=infill_steps, num_windows=infill_windows, evaluator=scorer, seed=seed)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   return result
@@ -151,12 +144,12 @@ def generation_quality(config, model, process, params, evaluator, step_counts, n
 
 
 def infilling_quality(config, model, process, params, data, *, span_start: int, span_length: int, num_steps: int,
-                      num_windows: int, score=None, num_tokens: int | None = None, seed: int = 0) -> dict:
+                      num_windows: int, evaluator=None, seed: int = 0) -> dict:
   """Fills a held-out span of ``num_windows`` unpadded validation windows (spread over the split) with every
-  sampling strategy the process supports; token accuracy of the span, and with ``score`` (an evaluator's NLL
-  function) the evaluator's perplexity of the filled windows."""
+  sampling strategy the process supports; token accuracy of the span, and with ``evaluator``
+  (``load_evaluator``'s triple) the evaluator's perplexity of the filled windows."""
   full = np.flatnonzero(data.val_weights.min(axis=1) > 0)
-  rows = full[_chosen_windows(len(full), num_windows)]
+  rows = full[pipeline.spread_rows(len(full), num_windows)]
   windows = data.val_windows[rows]
   strategies = ["ancestral", "confidence"] if isinstance(process, AbsorbingProcess) else ["ancestral"]
   logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
@@ -166,8 +159,8 @@ def infilling_quality(config, model, process, params, data, *, span_start: int, 
     filled = evaluate.infill(process, logits_fn, jax.random.PRNGKey(seed), windows, span_start, span_length, cfg,
                              time_conditioned=config.model.time_conditioning)
     entry = {"accuracy": filled["accuracy"], "span": filled["span"]}
-    if score is not None:
-      quality = evaluate.generative_perplexity(filled["filled"], score, num_tokens)
+    if evaluator is not None:
+      quality = evaluate.generative_perplexity(filled["filled"], evaluator[0], evaluator[1])
       entry.update(evaluator_ppl=quality["gen_ppl"], evaluator_ppl_95=quality["gen_ppl_95"])
     out["by_strategy"][strategy] = entry
   return out

@@ -151,8 +151,7 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
   if available < batch:
     raise ValueError(f"the validation split has {available} windows, fewer than train.batch_size={batch}")
   num = min(config.train.eval_batches * batch, available // batch * batch)
-  # Windows spread evenly over the whole split, not just its first files.
-  chosen = np.linspace(0, available - 1, num).round().astype(int)
+  chosen = pipeline.spread_rows(available, num)
   mine = pipeline.process_rows(batch)
   for i, start in enumerate(range(0, num, batch)):
     rows = chosen[start:start + batch]

@@ -18,6 +18,15 @@ from d3pm_jax.models.transformer import Transformer
 from test_train import ROOT, experiment
 
 
+def direct_ar_nats(config, params, tokens_NxL, weights_NxL):
+  """The causal model's NLL of ``tokens``, position by position in float64 numpy."""
+  bos = config.model.vocab_size - 1
+  inputs = np.concatenate([np.full((tokens_NxL.shape[0], 1), bos), tokens_NxL[:, :-1]], axis=1)
+  logits = np.asarray(Transformer(config.model).apply({"params": params}, jnp.asarray(inputs)), np.float64)[..., :bos]
+  log_p = scipy.special.log_softmax(logits, axis=-1)
+  return -(np.take_along_axis(log_p, tokens_NxL[..., None], -1)[..., 0] * weights_NxL).sum()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   runs = {}
@@ -39,11 +48,7 @@ def test_autoregressive_likelihood_equals_a_direct_computation(trained):
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
   rows = np.linspace(0, data.val_windows.shape[0] - 1, 20).round().astype(int)
   windows, weights = data.val_windows[rows], data.val_weights[rows]
-  bos = config.model.vocab_size - 1
-  inputs = np.concatenate([np.full((20, 1), bos), windows[:, :-1]], axis=1)
-  logits = np.asarray(Transformer(config.model).apply({"params": params}, jnp.asarray(inputs)), np.float64)[..., :bos]
-  log_p = scipy.special.log_softmax(logits, axis=-1)
-  nats = -(np.take_along_axis(log_p, windows[..., None], -1)[..., 0] * weights).sum()
+  nats = direct_ar_nats(config, params, windows, weights)
   like = result["likelihood"]
   assert like["tokens"] == int(weights.sum())
   assert like["bits_per_token"] == pytest.approx(nats / weights.sum() / math.log(2.0), rel=1e-5)
@@ -90,13 +95,9 @@ def test_generation_is_scored_by_the_evaluator(trained):
   assert sorted(out["by_steps"]) == ["2", "8"] and out["evaluator"]["checkpoint_step"] == 3
   ev_config = checkpoints.load_experiment(evaluator)
   ev_params, _ = checkpoints.restore_params(evaluator, ev_config)
-  bos = ev_config.model.vocab_size - 1
   for steps, tokens in samples.items():
-    assert tokens.shape == (6, config.data.seq_len) and tokens.max() < bos
-    inputs = np.concatenate([np.full((6, 1), bos), tokens[:, :-1]], axis=1)
-    logits = np.asarray(Transformer(ev_config.model).apply({"params": ev_params}, jnp.asarray(inputs)),
-                        np.float64)[..., :bos]
-    nats = -np.take_along_axis(scipy.special.log_softmax(logits, -1), tokens[..., None], -1).sum()
+    assert tokens.shape == (6, config.data.seq_len) and tokens.max() < ev_config.model.vocab_size - 1
+    nats = direct_ar_nats(ev_config, ev_params, tokens, np.ones(tokens.shape))
     got = out["by_steps"][str(steps)]
     assert got["gen_ppl"] == pytest.approx(math.exp(nats / tokens.size), rel=1e-4)
     assert got["samples_per_second"] > 0 and 0 < got["unigram_entropy"] <= 8

@@ -83,6 +83,14 @@ def process_rows(batch_size: int, process_index: int | None = None, process_coun
   return slice(p * per, (p + 1) * per)
 
 
+def spread_rows(total: int, num: int) -> np.ndarray:
+  """``num`` row indices spread evenly over ``[0, total)`` (all of them when ``num`` is 0 or >= total), so an
+  evaluation subset covers the whole split rather than its first files."""
+  if num <= 0 or num >= total:
+    return np.arange(total)
+  return np.linspace(0, total - 1, num).round().astype(int)
+
+
 def _stdlib(config: DataConfig, workdir: str | None):
   files = stdlib.list_files()
   splits = {s: stdlib.split_files(files, s, config.validation_permille) for s in stdlib.SPLITS}
