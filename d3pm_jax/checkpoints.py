@@ -80,6 +80,18 @@ def restore_checkpoint(manager, abstract_state: TrainState, expected: dict):
   return restored["state"], restored["data"]
 
 
+def read_progress(workdir: str) -> dict | None:
+  """``{"step": ..., "next_batch": ..., "train_seconds": ...}`` of ``workdir``'s latest checkpoint (the wall time
+  of the train loop over all its sessions, compilation included), or None when it has no checkpoint."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  data = None if step is None else manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+  manager.close()
+  return None if step is None else {"step": int(step), **data}
+
+
 def load_experiment(workdir: str) -> ExperimentConfig:
   """The config a ``d3pm-train`` run wrote to ``workdir/experiment.json``."""
   path = os.path.join(workdir, "experiment.json")

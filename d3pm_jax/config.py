@@ -181,7 +181,7 @@ def stdlib_tiny(process: str = "absorbing", loss: str = "masked", arg: str | Non
   cfg.model.update(num_layers=4, d_model=256, num_heads=4, mlp_dim=640, cond_dim=128, max_len=128,
                    time_conditioning=True)
   cfg.data.update(name="stdlib", tokenizer="bytes", seq_len=128)
-  cfg.train.update(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=50, eval_every=200, eval_batches=8,
+  cfg.train.update(steps=600, batch_size=32, learning_rate=3e-3, warmup_steps=50, eval_every=100, eval_batches=8,
                    checkpoint_every=200, sample_steps=128)
   if arg == "runlocal":
     cfg.train.update(steps=60, eval_every=60, checkpoint_every=60, log_every=10)

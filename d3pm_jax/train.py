@@ -3,9 +3,10 @@ samples at the end, for 1 device, N devices and N hosts.
 
 ``train_and_evaluate(config, workdir)`` trains, evaluates validation bits per token, writes metrics to
 ``workdir/metrics.jsonl`` (``metrics.py``) and checkpoints (state, rng and data-iterator position) to
-``workdir/checkpoints`` (``checkpoints.py``). A workdir with checkpoints resumes from the latest one; a checkpoint
-whose model or process differs from the config is refused, never mixed. The run's building blocks (train state,
-optimiser, process) are in ``state.py``.
+``workdir/checkpoints`` (``checkpoints.py``), with the train loop's wall time summed over its sessions
+(``train_seconds``, also logged at each evaluation). A workdir with checkpoints resumes from the latest one; a
+checkpoint whose model or process differs from the config is refused, never mixed. The run's building blocks
+(train state, optimiser, process) are in ``state.py``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -187,10 +189,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   placement = make_placement(config, model, optimizer)
   state = jax.jit(lambda: init_state(config, model, optimizer), out_shardings=placement.state)()
   next_batch = 0
+  seconds_before = 0.0  # wall time of the earlier sessions of this run, carried in its checkpoints
   restored = checkpoints.restore_checkpoint(manager, state, fingerprint)
   if restored is not None:
     state, data_state = restored
     next_batch = int(data_state["next_batch"])
+    seconds_before = float(data_state.get("train_seconds", 0.0))
     writer.log(f"resumed from step {int(state.step)} in {workdir}")
   if jax.process_count() > 1:  # every process says which rows it feeds: the first thing to check on a new cluster
     rows = pipeline.process_rows(tcfg.batch_size)
@@ -206,6 +210,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
   pending = None
   results = {}
+  started = time.time()
   while step < last_step:
     batch = global_batch(placement.batch, data.train_batches[next_batch])
     next_batch += 1
@@ -219,10 +224,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
     pending = (step, metrics)
     if step % tcfg.eval_every == 0 or step == tcfg.steps:
       results = evaluate(config, eval_step, state.params, data, eval_key, placement)
-      writer.write(step, {f"val_{k}": v for k, v in results.items()})
+      writer.write(step, {**{f"val_{k}": v for k, v in results.items()},
+                          "train_seconds": seconds_before + time.time() - started})
       writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
     if step % tcfg.checkpoint_every == 0 or step == last_step:
-      checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch}, fingerprint)
+      checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch,
+                                                         "train_seconds": seconds_before + time.time() - started},
+                                  fingerprint)
   if pending is not None:
     writer.write(pending[0], jax.device_get(pending[1]))
   writer.close()

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from d3pm_jax import train
+from d3pm_jax import checkpoints, train
 from d3pm_jax.config import from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
@@ -97,6 +98,18 @@ def test_resume_is_exact(tmp_path, data):
   for name in ("params", "ema_params", "opt_state", "rng", "step"):
     jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(straight["state"], name),
                            getattr(resumed["state"], name))
+
+
+def test_train_seconds_add_up_over_sessions(tmp_path, data, monkeypatch):
+  """The wall time in a checkpoint is this session's plus the earlier sessions' (a clock that ticks 1000 s per
+  read: each session reads it at its start and at its checkpoint, the last one also at the final evaluation)."""
+  clock = iter(range(0, 10**6, 1000))
+  monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+  exp = experiment(steps=4, checkpoint_every=2, eval_every=100)
+  train.train_and_evaluate(exp, str(tmp_path), data, stop_after=2, quiet=True)
+  assert checkpoints.read_progress(str(tmp_path)) == {"step": 2, "next_batch": 2, "train_seconds": 1000.0}
+  train.train_and_evaluate(exp, str(tmp_path), data, quiet=True)
+  assert checkpoints.read_progress(str(tmp_path)) == {"step": 4, "next_batch": 4, "train_seconds": 3000.0}
 
 
 def test_resuming_with_an_incompatible_model_is_refused(tmp_path, data):
