@@ -4,8 +4,9 @@ The likelihood of a trained run on its validation split (all of it unless capped
 sequences, and where in t the bits go; prints a table and writes ``workdir/eval.json``.
   continuous-time models   the Monte-Carlo NELBO with K stratified times per sequence, reconstruction and prior
                            included (``evaluate.continuous_nelbo``);
-  D3PM (discrete time)     the exact full-T bound (``losses.d3pm_vlb_exact``: T network calls per batch), and the
-                           continuous-time (CTMC) bound of the same network beside it;
+  D3PM (discrete time)     the exact full-T bound (``losses.d3pm_vlb_exact``: T network calls per window, so
+                           ``--exact_windows`` caps it), and the continuous-time (CTMC) bound of the same network
+                           beside it on every evaluated window;
   autoregressive           the exact NLL.
 Bits per byte come from each window's decoded bytes, so byte-level and subword models compare on the same text.
 With ``--evaluator=AR_WORKDIR`` (this project's AR baseline on the same data), samples at each of
@@ -26,7 +27,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", 16, "Stratified times per sequence (continuous bounds).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Windows per evaluation batch.")
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Evaluate this many windows spread over the split (0: all).")
-_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 64 windows and 4 time samples.")
+_EXACT_WINDOWS = flags.DEFINE_integer("exact_windows", 0, "D3PM runs: the exact bound (T network calls per window) "
+                                     "on this many of the evaluated windows (0: all); the continuous bound covers all.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 64 windows (16 for an exact D3PM bound), 4 time samples, "
+                            "4 samples per step count, 8 infilling windows of 8 steps.")
 _EMA = flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the Monte-Carlo draws.")
 _BINS = flags.DEFINE_integer("bins", 10, "Bins of t for the loss-by-time curve.")
@@ -46,13 +50,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
 
-  def progress(done, total, seconds):
-    print(f"\revaluating: {done}/{total} windows, {seconds:.0f} s", end="\n" if done == total else "",
+  def progress(label, done, total, seconds):
+    print(f"\r{label}: {done}/{total} windows, {seconds:.0f} s", end="\n" if done == total else "",
           file=sys.stderr, flush=True)
 
   try:
     result = evaluate_workdir(_WORKDIR.value, time_samples=4 if _QUICK.value else _TIME_SAMPLES.value,
                               batch=_BATCH.value, max_windows=64 if _QUICK.value else _MAX_WINDOWS.value,
+                              exact_windows=16 if _QUICK.value else _EXACT_WINDOWS.value,
                               use_ema=_EMA.value, seed=_SEED.value, num_bins=_BINS.value, progress=progress,
                               evaluator=_EVALUATOR.value, sample_steps=[int(k) for k in _SAMPLE_STEPS.value],
                               num_samples=4 if _QUICK.value else _NUM_SAMPLES.value,

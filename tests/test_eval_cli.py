@@ -59,14 +59,25 @@ def test_autoregressive_likelihood_equals_a_direct_computation(trained):
 
 
 def test_d3pm_run_reports_its_exact_bound_and_the_continuous_bound(trained):
-  result = evaluate_workdir(trained["absorbing_d3pm"], batch=8, max_windows=16, time_samples=4)
+  workdir = trained["absorbing_d3pm"]
+  result = evaluate_workdir(workdir, batch=8, max_windows=32, exact_windows=16, time_samples=4)
   assert result["bound"] == "exact discrete-time VLB (T = 50)"
   exact, continuous = result["likelihood"], result["continuous_bound"]
-  assert exact["tokens"] == continuous["tokens"] > 0
+  assert (exact["sequences"], continuous["sequences"], result["exact_windows"]) == (16, 32, 16)
+  # The exact bound covers 16 windows spread over the 32 (ends included); eval_windows.npz lines the nats up with
+  # the split's rows.
+  saved = np.load(os.path.join(workdir, "eval_windows.npz"))
+  subset = np.linspace(0, 31, 16).round().astype(int)
+  assert np.array_equal(np.flatnonzero(~np.isnan(saved["nats"])), subset)
+  config = checkpoints.load_experiment(workdir)
+  from d3pm_jax.data import pipeline
+  data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
+  assert np.array_equal(saved["tokens"], data.val_weights[saved["rows"]].sum(axis=1))
+  assert exact["tokens"] == saved["tokens"][subset].sum() and continuous["tokens"] == saved["tokens"].sum()
   # Both bound the same network's NLL; an untrained network's two bounds agree to within their noise.
   assert abs(exact["bits_per_token"] - continuous["bits_per_token"]) < (
       exact["bits_per_token_95"] + continuous["bits_per_token_95"])
-  assert sum(result["loss_by_time"]["draws"]) == 16 * 4  # every window's four stratified times are binned
+  assert sum(result["loss_by_time"]["draws"]) == 32 * 4  # every window's four stratified times are binned
 
 
 def test_cli_prints_the_table(trained):
