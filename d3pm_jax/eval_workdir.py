@@ -36,7 +36,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
     raise ValueError(f"time_samples and batch must be >= 1 and max_windows, exact_windows >= 0; got "
                      f"{time_samples}, {batch}, {max_windows}, {exact_windows}")
   settings = {"time_samples": time_samples, "batch": batch, "max_windows": max_windows,
-              "exact_windows": exact_windows, "ema": use_ema, "seed": seed, "bins": num_bins,
+              "exact_windows": exact_windows, "use_ema": use_ema, "seed": seed, "num_bins": num_bins,
               "evaluator": os.path.abspath(evaluator) if evaluator else None,
               "sample_steps": [int(k) for k in sample_steps], "num_samples": num_samples,
               "infill_windows": infill_windows, "infill_start": infill_start, "infill_length": infill_length,

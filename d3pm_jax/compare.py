@@ -1,0 +1,396 @@
+"""Comparing corruption processes (``d3pm-compare`` is the command line over it): each config trained at its own
+budget into ``DIR/<name>`` (a finished run is reused, an unfinished one resumed), every run evaluated with the
+same ``evaluate_workdir`` settings (an evaluation with the same settings of the same checkpoint is reused), and
+``DIR/report.md`` written with its tables and PNG plots. Running it again trains and evaluates nothing.
+
+Fairness is checked, not assumed: every config must read the same data (corpus, tokenizer, window length), and
+whatever else differs between the configs (network, budget) is listed in the report. Likelihoods are also
+compared window by window against a reference run (the AR baseline when there is one): the difference of two
+runs on the same windows has a much narrower interval than either run's own, because the windows' difficulty
+cancels.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d3pm_jax import checkpoints, evaluate, sampling, train
+from d3pm_jax.config import from_config
+from d3pm_jax.data import pipeline
+from d3pm_jax.eval_workdir import evaluate_workdir
+from d3pm_jax.models.transformer import count_params
+
+PLOTS = ("val_loss_vs_tokens.png", "gen_ppl_vs_steps.png", "loss_vs_t.png")
+
+
+# ---------------------------------------------------------------- configs
+
+def load_config_file(spec: str):
+  """``"path/to/config.py[:arg]"`` -> ``(name, ConfigDict)``: the file's ``get_config(arg)``; the run's name is the
+  file's stem, with ``_arg`` appended when an argument is given."""
+  path, _, arg = spec.partition(":")
+  if not path.endswith(".py") or not os.path.isfile(path):
+    raise ValueError(f"--configs entries must be config files 'path.py[:arg]'; {spec!r} is not (no file {path!r})")
+  module_spec = importlib.util.spec_from_file_location(f"d3pm_compare_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} has no get_config(arg) function")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return (f"{stem}_{arg}" if arg else stem), module.get_config(arg or None)
+
+
+def apply_overrides(cfg, overrides) -> None:
+  """``["train.steps=100", ...]`` set on ``cfg`` (a ConfigDict) in place; values are Python literals or strings."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"an override must read section.key=value; got {item!r}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node, *path = key.split(".")
+    target = cfg
+    for part in [node] + path[:-1]:
+      if part not in target:
+        raise ValueError(f"override {item!r}: no section {part!r}; valid: {sorted(target.keys())}")
+      target = target[part]
+    if not path or path[-1] not in target:
+      raise ValueError(f"override {item!r}: no key {key!r}; valid keys there: {sorted(target.keys())}")
+    try:
+      target[path[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"override {item!r}: {e}") from e
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def differences(configs: dict) -> dict:
+  """``{key: {run: value}}`` for every config field (process fields excluded) on which the runs differ."""
+  flat = {name: {k: v for k, v in _flatten(dataclasses.asdict(c)).items() if not k.startswith("process.")}
+          for name, c in configs.items()}
+  keys = sorted(set().union(*flat.values()))
+  return {k: {name: f.get(k) for name, f in flat.items()} for k in keys
+          if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1}
+
+
+# ---------------------------------------------------------------- training
+
+def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=print):
+  """Trains ``raw_config`` into ``workdir`` to its ``train.steps``: nothing when a checkpoint is already there,
+  resumed from the latest checkpoint otherwise. Returns ``(config, status, data)`` with status 'reused', 'resumed'
+  or 'trained'. A workdir holding another experiment is refused."""
+  preliminary = from_config(raw_config, vocab_size=2)  # validates every key before any work
+  data = pipeline.build_data(preliminary.data, preliminary.train.batch_size, preliminary.train.seed, workdir)
+  config = from_config(raw_config, vocab_size=pipeline.vocab_size_of(data, preliminary.data))
+  progress = checkpoints.read_progress(workdir)
+  if progress is not None:
+    checkpoints.check_compatible(checkpoints.fingerprint(checkpoints.load_experiment(workdir)),
+                                 json.loads(json.dumps(checkpoints.fingerprint(config))))
+    if progress["step"] >= config.train.steps:
+      return config, "reused", data
+  log(f"{name}: {'resuming from step ' + str(progress['step']) if progress else 'training'} to step "
+      f"{config.train.steps} in {workdir}")
+  train.train_and_evaluate(config, workdir, data, quiet=quiet)
+  return config, ("resumed" if progress else "trained"), data
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+  """This machine's float32 matmul rate in GFLOP/s (best of ``repeats``), to state beside wall times."""
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best / 1e9
+
+
+# ---------------------------------------------------------------- evaluation
+
+def eval_settings_with_defaults(given: dict) -> dict:
+  """``evaluate_workdir``'s keyword arguments: ``given`` over its defaults (so that two invocations that spell the
+  same settings differently reuse one evaluation)."""
+  params = inspect.signature(evaluate_workdir).parameters
+  unknown = sorted(set(given) - set(params) - {"progress"})
+  if unknown or "evaluator" in given:
+    raise ValueError(f"unknown evaluation settings {unknown or ['evaluator']}; valid: "
+                     f"{sorted(set(params) - {'workdir', 'evaluator'})}")
+  out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty and k != "evaluator"}
+  out.update(given)
+  out["sample_steps"] = [int(k) for k in out["sample_steps"]]
+  return out
+
+
+def ensure_evaluated(workdir: str, settings: dict, evaluator: str | None, log=print) -> dict:
+  """``workdir``'s ``eval.json`` when it evaluated the latest checkpoint with these settings (and the evaluator's
+  current checkpoint); otherwise a fresh ``evaluate_workdir``."""
+  path = os.path.join(workdir, "eval.json")
+  step = checkpoints.read_progress(workdir)["step"]
+  wanted = {**{k: v for k, v in settings.items() if k != "progress"},
+            "evaluator": os.path.abspath(evaluator) if evaluator else None}
+  if os.path.exists(path) and os.path.exists(os.path.join(workdir, "eval_windows.npz")):
+    with open(path) as f:
+      old = json.load(f)
+    saved = old.get("settings")
+    same_evaluator = (evaluator is None or old.get("generation", {}).get("evaluator", {}).get("checkpoint_step")
+                      == checkpoints.read_progress(evaluator)["step"])
+    if old.get("checkpoint_step") == step and saved == wanted and same_evaluator:
+      return old
+  log(f"evaluating {workdir} (step {step})")
+  return evaluate_workdir(workdir, evaluator=evaluator, **settings)
+
+
+def paired_difference(workdir: str, reference: str) -> dict | None:
+  """The run's bound minus the reference's, in bits per byte (per token where bytes are tokens), over the
+  windows both evaluated, with the 95% interval of the paired difference; None without common windows."""
+  a = np.load(os.path.join(workdir, "eval_windows.npz"))
+  b = np.load(os.path.join(reference, "eval_windows.npz"))
+  common, ia, ib = np.intersect1d(a["rows"], b["rows"], return_indices=True)
+  keep = ~np.isnan(a["nats"][ia]) & ~np.isnan(b["nats"][ib])
+  if keep.sum() < 2:
+    return None
+  diff = a["nats"][ia][keep] - b["nats"][ib][keep]
+  value, half = evaluate.ratio_mean_interval(diff, a["bytes"][ia][keep])
+  return {"bits_per_byte": value / math.log(2.0), "bits_per_byte_95": half / math.log(2.0),
+          "windows": int(keep.sum())}
+
+
+# ---------------------------------------------------------------- the comparison
+
+def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None = None, eval_settings=None,
+            quiet: bool = True, log=print) -> dict:
+  """Trains (or reuses) every config in ``config_specs`` under ``workdir``, evaluates each with
+  ``eval_settings`` (``evaluate_workdir`` keyword arguments), writes ``report.md``, ``compare.json`` and the
+  plots. The evaluator of samples is the AR run among the configs, else ``evaluator``. Returns the summary
+  written to ``compare.json``, with each run's 'status' ('trained', 'resumed' or 'reused') and 'evaluated'."""
+  if not config_specs:
+    raise ValueError("--configs needs at least one config file")
+  os.makedirs(workdir, exist_ok=True)
+  raw = {}
+  for spec in config_specs:
+    name, cfg = load_config_file(spec)
+    if name in raw:
+      raise ValueError(f"two configs are named {name!r}; each run needs its own sub-workdir")
+    apply_overrides(cfg, overrides)
+    raw[name] = (spec, cfg)
+  data = {name: json.dumps(cfg.data.to_dict(), sort_keys=True) for name, (_, cfg) in raw.items()}
+  if len(set(data.values())) > 1:
+    raise ValueError("the configs must read the same data (every data.* field) to be compared; got "
+                     + "; ".join(f"{name}: {d}" for name, d in data.items()))
+
+  summary_path = os.path.join(workdir, "compare.json")
+  previous = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  configs, runs = {}, {}
+  for name, (spec, cfg) in raw.items():
+    sub = os.path.join(workdir, name)
+    configs[name], status, data = ensure_trained(name, cfg, sub, quiet=quiet, log=log)
+    runs[name] = {"config": spec, "workdir": sub, "status": status}
+  # The mark for the samples' unigram entropy: the validation text's own (the same data for every run).
+  val_entropy = sampling.unigram_entropy(data.val_windows[data.val_weights > 0], configs[name].model.vocab_size)
+  machine = previous.get("machine")
+  if machine is None or any(r["status"] != "reused" for r in runs.values()):
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+               "device": jax.devices()[0].device_kind, "matmul_gflops": round(matmul_gflops(), 1)}
+
+  ar_runs = [n for n, c in configs.items() if c.process.is_autoregressive]
+  scorer = os.path.join(workdir, ar_runs[0]) if ar_runs else evaluator
+  settings = eval_settings_with_defaults(eval_settings or {})
+  results = {}
+  for name, run in runs.items():
+    before = os.path.getmtime(os.path.join(run["workdir"], "eval.json")) if os.path.exists(
+        os.path.join(run["workdir"], "eval.json")) else None
+    results[name] = ensure_evaluated(run["workdir"], settings, scorer, log=log)
+    run["evaluated"] = before is None or os.path.getmtime(os.path.join(run["workdir"], "eval.json")) != before
+  reference = ar_runs[0] if ar_runs else next(iter(runs))
+  for name, run in runs.items():
+    cfg, progress = configs[name], checkpoints.read_progress(run["workdir"])
+    params, _ = checkpoints.restore_params(run["workdir"], cfg)
+    run.update(process=cfg.process.name, loss=cfg.process.loss, params=count_params(params), steps=progress["step"],
+               tokens_seen=progress["step"] * cfg.train.batch_size * cfg.data.seq_len,
+               train_seconds=progress.get("train_seconds"),
+               versus_reference=paired_difference(run["workdir"], os.path.join(workdir, reference)))
+  summary = {"runs": runs, "reference": reference, "machine": machine, "evaluator": scorer,
+             "validation_unigram_entropy": val_entropy,
+             "differences": differences(configs), "eval_settings": {k: v for k, v in settings.items()
+                                                                    if k != "progress"}}
+  curves = {name: _validation_curve(run["workdir"], configs[name]) for name, run in runs.items()}
+  write_plots(workdir, results, curves)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(format_report(summary, results))
+  with open(summary_path, "w") as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  return summary
+
+
+def _validation_curve(workdir: str, config) -> dict:
+  """(tokens seen, validation bits per token) at each evaluation the train loop logged, the last log of a step
+  winning (a resumed run may repeat steps)."""
+  points = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if "val_bits_per_token" in record:
+        points[record["step"]] = record["val_bits_per_token"]
+  steps = sorted(points)
+  per_step = config.train.batch_size * config.data.seq_len
+  return {"tokens": [s * per_step for s in steps], "bits_per_token": [points[s] for s in steps]}
+
+
+# ---------------------------------------------------------------- plots and report
+
+def write_plots(workdir: str, results: dict, curves: dict) -> None:
+  """The three PNGs of ``PLOTS`` under ``workdir``."""
+  import matplotlib  # imported here: only the report needs it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, curve in curves.items():
+    ax.plot(curve["tokens"], curve["bits_per_token"], marker="o", label=name)
+  ax.set(xlabel="training tokens seen", ylabel="validation bits per token (train-time estimate)",
+         title="Validation loss vs tokens seen")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, PLOTS[0]), dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, result in results.items():
+    by_steps = result.get("generation", {}).get("by_steps", {})
+    if by_steps:
+      steps = sorted(int(k) for k in by_steps)
+      ppl = [by_steps[str(k)]["gen_ppl"] for k in steps]
+      low = [ppl[i] - by_steps[str(k)]["gen_ppl_95"][0] for i, k in enumerate(steps)]
+      high = [by_steps[str(k)]["gen_ppl_95"][1] - ppl[i] for i, k in enumerate(steps)]
+      ax.errorbar(steps, ppl, yerr=[low, high], marker="o", capsize=3, label=name)
+  ax.set(xscale="log", yscale="log", xlabel="sampling steps (the AR baseline: one per token)",
+         ylabel="generative perplexity under the AR evaluator", title="Generative perplexity vs sampling steps")
+  ax.grid(alpha=0.3, which="both")
+  ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  else:
+    ax.text(0.5, 0.5, "no evaluator: generation was not scored", ha="center", transform=ax.transAxes)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, PLOTS[1]), dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, result in results.items():
+    bins = result.get("loss_by_time")
+    if bins:
+      centres = [(a + b) / 2 for a, b in zip(bins["edges"], bins["edges"][1:])]
+      ax.plot(centres, bins["bits_per_token"], marker="o", label=name)
+  ax.set(xlabel="diffusion time t", ylabel="ELBO integrand, bits per token",
+         title="Where in t each process spends its bits")
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, PLOTS[2]), dpi=120)
+  plt.close(fig)
+
+
+def _interval(value, half, digits=4):
+  return f"{value:.{digits}f} ± {half:.{digits}f}"
+
+
+def format_report(summary: dict, results: dict) -> str:
+  """``report.md``: what was compared on what machine, the likelihood and generation tables, the plots."""
+  runs, machine = summary["runs"], summary["machine"]
+  settings = summary["eval_settings"]
+  listing = ", ".join(f"`{name}` ({run['config']})" for name, run in runs.items())
+  lines = ["# Comparison of corruption processes", "",
+           f"Runs {listing}, trained and evaluated by `d3pm-compare` on {machine['device']} ({machine['cpus']} CPUs, "
+           f"{machine['platform']}, JAX {machine['jax']}, float32 matmul {machine['matmul_gflops']} GFLOP/s measured "
+           f"by the d3pm-compare invocation that last trained a run). Evaluation settings, the same for every run: "
+           + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
+           "## Likelihood on the validation split", "",
+           "± is a 95% interval over windows. The last column is the run's bound minus the reference run's "
+           f"(`{summary['reference']}`) on the same windows, with the interval of that paired difference.", "",
+           "| run | process (loss) | bound | windows | bits/byte | perplexity / token | vs reference, bits/byte |",
+           "|---|---|---|---|---|---|---|"]
+  for name, run in runs.items():
+    r = results[name]
+    like = r["likelihood"]
+    per_byte = like.get("bits_per_byte", like["bits_per_token"])
+    half = like.get("bits_per_byte_95", like["bits_per_token_95"])
+    versus = run["versus_reference"]
+    vs = ("(reference)" if name == summary["reference"] else
+          _interval(versus["bits_per_byte"], versus["bits_per_byte_95"]) + f" ({versus['windows']} windows)"
+          if versus else "-")
+    lo, hi = like["perplexity_95"]
+    lines.append(f"| {name} | {run['process']} ({run['loss']}) | {r['bound']} | {like['sequences']} | "
+                 f"{_interval(per_byte, half)} | {like['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |")
+    if "continuous_bound" in r:
+      c = r["continuous_bound"]
+      lo, hi = c["perplexity_95"]
+      lines.append(f"| {name} | {run['process']} ({run['loss']}) | continuous-time bound (ctmc, K = "
+                   f"{r['settings']['time_samples']}) | {c['sequences']} | "
+                   f"{_interval(c.get('bits_per_byte', c['bits_per_token']), c.get('bits_per_byte_95', c['bits_per_token_95']))}"
+                   f" | {c['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | - |")
+  lines += ["", "## Budget", "", "| run | parameters | steps | tokens seen | train wall time |", "|---|---|---|---|---|"]
+  for name, run in runs.items():
+    wall = f"{run['train_seconds'] / 60:.1f} min" if run.get("train_seconds") else "not recorded"
+    lines.append(f"| {name} | {run['params']:,} | {run['steps']} | {run['tokens_seen']:,} | {wall} |")
+  diffs = summary["differences"]
+  lines += ["", "Config fields that differ between the runs (besides the process): "
+            + ("; ".join(f"`{k}`: " + ", ".join(f"{n}={v}" for n, v in by_run.items()) for k, by_run in diffs.items())
+               if diffs else "none.")]
+  lines += ["", "## Generation", ""]
+  ev = next((r["generation"]["evaluator"] for r in results.values() if "generation" in r), None)
+  if ev is None:
+    lines.append("Not scored: no autoregressive run among the configs and no --evaluator.")
+  else:
+    lines += [f"Samples scored by {ev['model']} (`{os.path.basename(ev['workdir'])}`, step {ev['checkpoint_step']}). "
+              "Generative perplexity (gen-ppl, with its 95% interval over samples) rewards repetitive text, so the "
+              f"unigram entropy of the samples (bits) stands beside it; the validation text's own is "
+              f"{summary['validation_unigram_entropy']:.3f} bits. Samples/s exclude compilation.", "",
+              "| run | steps | gen-ppl | unigram entropy | samples/s |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+      for steps, g in sorted(r.get("generation", {}).get("by_steps", {}).items(), key=lambda kv: int(kv[0])):
+        lo, hi = g["gen_ppl_95"]
+        lines.append(f"| {name} | {steps} | {g['gen_ppl']:.2f} [{lo:.2f}, {hi:.2f}] | {g['unigram_entropy']:.3f} | "
+                     f"{g['samples_per_second']:.2f} |")
+  infill = {n: r["infilling"] for n, r in results.items() if "infilling" in r}
+  if infill:
+    first = next(iter(infill.values()))
+    span = next(iter(first["by_strategy"].values()))["span"]
+    lines += ["", "## Infilling", "",
+              f"A held-out span {span} of {first['windows']} validation windows, filled in {first['steps']} steps; "
+              "token accuracy of the span and the evaluator's perplexity of the filled windows.", "",
+              "| run | strategy | token accuracy | evaluator perplexity |", "|---|---|---|---|"]
+    for name, inf in infill.items():
+      for strategy, e in inf["by_strategy"].items():
+        ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
+        lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {ppl} |")
+  lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
+  return "\n".join(lines)

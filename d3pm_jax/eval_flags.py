@@ -1,0 +1,45 @@
+"""The evaluation flags that ``d3pm-eval`` and ``d3pm-compare`` share (defined once: absl refuses a flag defined
+twice in one process), and the ``eval_workdir.evaluate_workdir`` keyword arguments they make."""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+_TIME_SAMPLES = flags.DEFINE_integer("time_samples", 16, "Stratified times per sequence (continuous bounds).")
+_BATCH = flags.DEFINE_integer("batch", 32, "Windows per evaluation batch.")
+_MAX_WINDOWS = flags.DEFINE_integer("max_windows", 0, "Evaluate this many windows spread over the split (0: all).")
+_EXACT_WINDOWS = flags.DEFINE_integer("exact_windows", 0, "D3PM runs: the exact bound (T network calls per window) "
+                                     "on this many of the evaluated windows (0: all); the continuous bound covers all.")
+_QUICK = flags.DEFINE_bool("quick", False, "Smoke test: 64 windows (16 for an exact D3PM bound), 4 time samples, "
+                            "4 samples per step count, 8 infilling windows of 8 steps.")
+_EMA = flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the Monte-Carlo draws.")
+_BINS = flags.DEFINE_integer("bins", 10, "Bins of t for the loss-by-time curve.")
+_SAMPLE_STEPS = flags.DEFINE_list("sample_steps", ["16", "64", "256"], "Sampling step counts for generation.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 32, "Samples per step count.")
+_INFILL_WINDOWS = flags.DEFINE_integer("infill_windows", 64, "Windows for infilling (0: skip).")
+_INFILL_START = flags.DEFINE_integer("infill_start", -1, "First held-out position (-1: centre the span).")
+_INFILL_LENGTH = flags.DEFINE_integer("infill_length", 0, "Held-out span length (0: an eighth of the window).")
+_INFILL_STEPS = flags.DEFINE_integer("infill_steps", 64, "Sampling steps for infilling.")
+
+
+def eval_kwargs() -> dict:
+  """The flags' values as ``evaluate_workdir`` keyword arguments (``--quick`` caps the work), with a progress
+  line on stderr."""
+  quick = _QUICK.value
+  try:
+    steps = [int(k) for k in _SAMPLE_STEPS.value]
+  except ValueError as e:
+    raise ValueError(f"--sample_steps must be integers; got {_SAMPLE_STEPS.value}") from e
+  return {"time_samples": 4 if quick else _TIME_SAMPLES.value, "batch": _BATCH.value,
+          "max_windows": 64 if quick else _MAX_WINDOWS.value, "exact_windows": 16 if quick else _EXACT_WINDOWS.value,
+          "use_ema": _EMA.value, "seed": _SEED.value, "num_bins": _BINS.value, "sample_steps": steps,
+          "num_samples": 4 if quick else _NUM_SAMPLES.value, "infill_windows": 8 if quick else _INFILL_WINDOWS.value,
+          "infill_start": _INFILL_START.value, "infill_length": _INFILL_LENGTH.value,
+          "infill_steps": 8 if quick else _INFILL_STEPS.value, "progress": progress}
+
+
+def progress(label: str, done: int, total: int, seconds: float) -> None:
+  print(f"\r{label}: {done}/{total} windows, {seconds:.0f} s", end="\n" if done == total else "",
+        file=sys.stderr, flush=True)

@@ -1,0 +1,133 @@
+"""d3pm-compare on a micro budget (the tiny test config, absorbing diffusion and the AR baseline): it resumes an
+unfinished run, writes the tables and three real PNGs, and a second run (here through the CLI) trains and
+evaluates nothing, checked through the runs' step counters and logs rather than timing."""
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from d3pm_jax import checkpoints, compare, evaluate, train
+
+from test_train import ROOT, experiment
+
+CONFIGS = [str(ROOT / "configs" / "test.py"), str(ROOT / "configs" / "test.py") + ":autoregressive"]
+OVERRIDES = ["train.eval_every=2"]
+SETTINGS = {"max_windows": 24, "batch": 8, "time_samples": 2, "sample_steps": [2, 4], "num_samples": 4,
+            "infill_windows": 4, "infill_steps": 4}
+
+
+def counters(workdir):
+  """Per run: the latest checkpoint's step, the lines of metrics.jsonl, and eval.json's bytes."""
+  out = {}
+  for name in ("test", "test_autoregressive"):
+    sub = os.path.join(workdir, name)
+    with open(os.path.join(sub, "metrics.jsonl")) as f, open(os.path.join(sub, "eval.json")) as g:
+      out[name] = (checkpoints.read_progress(sub)["step"], len(f.readlines()), g.read())
+  return out
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("compare"))
+  # An unfinished run already in place: 2 of the 4 steps.
+  train.train_and_evaluate(experiment(eval_every=2), os.path.join(workdir, "test"), stop_after=2, quiet=True)
+  logged = []
+  summary = compare.compare(CONFIGS, workdir, overrides=OVERRIDES, eval_settings=SETTINGS, log=logged.append)
+  return workdir, summary, logged
+
+
+def test_compare_resumes_trains_and_evaluates_every_run(compared):
+  workdir, summary, logged = compared
+  runs = summary["runs"]
+  assert (runs["test"]["status"], runs["test_autoregressive"]["status"]) == ("resumed", "trained")
+  assert any("resuming from step 2" in line for line in logged)
+  assert all(run["evaluated"] and run["steps"] == 4 for run in runs.values())
+  assert runs["test"]["tokens_seen"] == 4 * 4 * 16 and runs["test"]["params"] > 0
+  assert runs["test"]["train_seconds"] > 0
+  # The AR run is the evaluator and the reference; both runs were evaluated with the same settings.
+  assert summary["reference"] == "test_autoregressive"
+  assert summary["evaluator"] == os.path.join(workdir, "test_autoregressive")
+  evals = [json.load(open(os.path.join(workdir, n, "eval.json"))) for n in runs]
+  assert evals[0]["settings"] == evals[1]["settings"] and evals[0]["settings"]["max_windows"] == 24
+  assert all(e["generation"]["evaluator"]["workdir"] == summary["evaluator"] for e in evals)
+  # The validation curve of the resumed run holds every evaluation (steps 2 and 4), logged by both sessions.
+  curve = compare._validation_curve(os.path.join(workdir, "test"), experiment())
+  assert curve["tokens"] == [2 * 64, 4 * 64]
+
+
+def test_paired_difference_is_the_difference_on_common_windows(compared):
+  workdir, summary, _ = compared
+  a = np.load(os.path.join(workdir, "test", "eval_windows.npz"))
+  b = np.load(os.path.join(workdir, "test_autoregressive", "eval_windows.npz"))
+  assert np.array_equal(a["rows"], b["rows"]) and np.array_equal(a["bytes"], b["bytes"])
+  versus = summary["runs"]["test"]["versus_reference"]
+  ea = json.load(open(os.path.join(workdir, "test", "eval.json")))["likelihood"]
+  eb = json.load(open(os.path.join(workdir, "test_autoregressive", "eval.json")))["likelihood"]
+  # On the same windows the difference of the bounds is the difference of the two runs' own figures...
+  assert versus["bits_per_byte"] == pytest.approx(ea["bits_per_byte"] - eb["bits_per_byte"], abs=1e-9)
+  assert versus["windows"] == 24
+  # ...and its interval is the paired one: the standard error of per-window differences, not of either run.
+  diff = a["nats"] - b["nats"]
+  per_window = diff / a["bytes"]
+  assert versus["bits_per_byte_95"] == pytest.approx(
+      evaluate.ratio_mean_interval(diff, a["bytes"])[1] / np.log(2.0), rel=1e-9)
+  assert versus["bits_per_byte_95"] < ea["bits_per_byte_95"] + eb["bits_per_byte_95"]
+  assert np.std(per_window) > 0
+
+
+def test_report_has_the_tables_and_real_plots(compared):
+  workdir, _, _ = compared
+  report = open(os.path.join(workdir, "report.md")).read()
+  for heading in ("## Likelihood on the validation split", "## Budget", "## Generation", "## Infilling"):
+    assert heading in report
+  assert "| test_autoregressive | autoregressive (ar) | exact NLL | 24 |" in report
+  assert "| test | 2 |" in report and "| test | 4 |" in report  # gen-ppl at both step counts
+  assert "| test | confidence |" in report and "(reference)" in report
+  for name in compare.PLOTS:
+    assert f"]({name})" in report
+    image = matplotlib.image.imread(os.path.join(workdir, name))  # decodes the PNG
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    rgb = image[..., :3]
+    ink = np.any(rgb < 0.9, axis=-1)  # not white: axes, text, lines
+    assert 0.01 < ink.mean() < 0.5
+    # The curves are drawn in colour (matplotlib's default cycle), not only black axes and text.
+    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
+    assert coloured.sum() > 200, name
+
+
+def test_running_again_trains_and_evaluates_nothing(compared):
+  workdir, _, _ = compared
+  before = counters(workdir)
+  report = open(os.path.join(workdir, "report.md")).read()
+  flags = [f"--configs={','.join(CONFIGS)}", f"--workdir={workdir}", f"--override={','.join(OVERRIDES)}"]
+  flags += [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in SETTINGS.items()]
+  out = subprocess.run([sys.executable, "-m", "d3pm_jax.compare_main", *flags], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "test: reused, evaluation reused" in out.stdout
+  assert "test_autoregressive: reused, evaluation reused" in out.stdout
+  assert counters(workdir) == before
+  assert open(os.path.join(workdir, "report.md")).read() == report
+
+
+def test_compare_refuses_configs_over_different_data(tmp_path):
+  with pytest.raises(ValueError, match="must read the same data"):
+    compare.compare([CONFIGS[0], str(ROOT / "configs" / "stdlib_ar.py")], str(tmp_path))  # seq_len 16 vs 128
+
+
+def test_bad_overrides_and_settings_name_the_valid_choices(tmp_path):
+  _, cfg = compare.load_config_file(CONFIGS[0])
+  with pytest.raises(ValueError, match=r"no key 'train.stepz'.*'steps'"):
+    compare.apply_overrides(cfg, ["train.stepz=3"])
+  with pytest.raises(ValueError, match=r"no section 'trian'.*'train'"):
+    compare.apply_overrides(cfg, ["trian.steps=3"])
+  compare.apply_overrides(cfg, ["train.steps=7", "process.schedule=cosine"])
+  assert (cfg.train.steps, cfg.process.schedule) == (7, "cosine")
+  with pytest.raises(ValueError, match="unknown evaluation settings.*time_samples"):
+    compare.eval_settings_with_defaults({"time_sample": 3})
+  with pytest.raises(ValueError, match="config files"):
+    compare.load_config_file("configs/nope.py")
