@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, sampling, train
+from d3pm_jax import checkpoints, evaluate, plots, sampling, train
 from d3pm_jax.config import from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.eval_workdir import evaluate_workdir
@@ -263,60 +263,11 @@ def _validation_curve(workdir: str, config) -> dict:
 
 def write_plots(workdir: str, results: dict, curves: dict) -> None:
   """The three PNGs of ``PLOTS`` under ``workdir``."""
-  import matplotlib  # imported here: only the report needs it
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import matplotlib.ticker
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, curve in curves.items():
-    ax.plot(curve["tokens"], curve["bits_per_token"], marker="o", label=name)
-  ax.set(xlabel="training tokens seen", ylabel="validation bits per token (train-time estimate)",
-         title="Validation loss vs tokens seen")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, PLOTS[0]), dpi=120)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, result in results.items():
-    by_steps = result.get("generation", {}).get("by_steps", {})
-    if by_steps:
-      steps = sorted(int(k) for k in by_steps)
-      ppl = [by_steps[str(k)]["gen_ppl"] for k in steps]
-      low = [ppl[i] - by_steps[str(k)]["gen_ppl_95"][0] for i, k in enumerate(steps)]
-      high = [by_steps[str(k)]["gen_ppl_95"][1] - ppl[i] for i, k in enumerate(steps)]
-      ax.errorbar(steps, ppl, yerr=[low, high], marker="o", capsize=3, label=name)
-  ax.set(xscale="log", yscale="log", xlabel="sampling steps (the AR baseline: one per token)",
-         ylabel="generative perplexity under the AR evaluator", title="Generative perplexity vs sampling steps")
-  ax.grid(alpha=0.3, which="both")
-  ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend()
-  else:
-    ax.text(0.5, 0.5, "no evaluator: generation was not scored", ha="center", transform=ax.transAxes)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, PLOTS[1]), dpi=120)
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, result in results.items():
-    bins = result.get("loss_by_time")
-    if bins:
-      centres = [(a + b) / 2 for a, b in zip(bins["edges"], bins["edges"][1:])]
-      ax.plot(centres, bins["bits_per_token"], marker="o", label=name)
-  ax.set(xlabel="diffusion time t", ylabel="ELBO integrand, bits per token",
-         title="Where in t each process spends its bits")
-  ax.grid(alpha=0.3)
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, PLOTS[2]), dpi=120)
-  plt.close(fig)
+  plots.validation_curves(os.path.join(workdir, PLOTS[0]), curves)
+  plots.generation_by_steps(os.path.join(workdir, PLOTS[1]),
+                            {name: r["generation"]["by_steps"] for name, r in results.items() if "generation" in r})
+  plots.loss_by_time(os.path.join(workdir, PLOTS[2]),
+                     {name: r["loss_by_time"] for name, r in results.items() if "loss_by_time" in r})
 
 
 def _interval(value, half, digits=4):

@@ -3,6 +3,7 @@ twice in one process), and the ``eval_workdir.evaluate_workdir`` keyword argumen
 from __future__ import annotations
 
 import sys
+import time
 
 from absl import flags
 
@@ -40,6 +41,14 @@ def eval_kwargs() -> dict:
           "infill_steps": 8 if quick else _INFILL_STEPS.value, "progress": progress}
 
 
+_last_shown = [0.0]
+
+
 def progress(label: str, done: int, total: int, seconds: float) -> None:
+  """A progress line on stderr, redrawn at most every 2 s (and at the end), so logs stay short."""
+  now = time.monotonic()
+  if done < total and now - _last_shown[0] < 2.0:
+    return
+  _last_shown[0] = now
   print(f"\r{label}: {done}/{total} windows, {seconds:.0f} s", end="\n" if done == total else "",
         file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, losses, sampling, state
+from d3pm_jax import checkpoints, evaluate, losses, plots, sampling, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.processes import AbsorbingProcess
@@ -31,7 +31,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   while its continuous-time bound covers them all. Returns (and writes to ``eval.json``, with the settings) the
   bounds' ``evaluate.summarize`` dicts, the loss by time, generation and infilling quality; the per-window nats
   go to ``eval_windows.npz`` (``rows``, ``tokens``, ``bytes``, ``nats``: NaN where the headline bound was not
-  computed, ``continuous_nats``) so that runs can be compared window by window."""
+  computed, ``continuous_nats``) so that runs can be compared window by window, and the loss by time is
+  plotted to ``loss_vs_t.png``."""
   if time_samples < 1 or batch < 1 or max_windows < 0 or exact_windows < 0:
     raise ValueError(f"time_samples and batch must be >= 1 and max_windows, exact_windows >= 0; got "
                      f"{time_samples}, {batch}, {max_windows}, {exact_windows}")
@@ -88,6 +89,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                                             None if byte_counts is None else byte_counts[kept])
   if "times_KxB" in first:
     result["loss_by_time"] = evaluate.loss_by_time(first["times_KxB"], first["integrand_KxB"], tokens, num_bins)
+    plots.loss_by_time(os.path.join(workdir, "loss_vs_t.png"), {os.path.basename(workdir.rstrip("/")) or workdir:
+                                                                result["loss_by_time"]})
   np.savez(os.path.join(workdir, "eval_windows.npz"), rows=rows, tokens=tokens, nats=nats,
            bytes=tokens if byte_counts is None else byte_counts, continuous_nats=first["nelbo"])
   scorer = load_evaluator(config, evaluator) if evaluator else None

@@ -89,14 +89,19 @@ def test_report_has_the_tables_and_real_plots(compared):
   assert "| test | confidence |" in report and "(reference)" in report
   for name in compare.PLOTS:
     assert f"]({name})" in report
-    image = matplotlib.image.imread(os.path.join(workdir, name))  # decodes the PNG
-    assert image.shape[0] > 300 and image.shape[1] > 500
-    rgb = image[..., :3]
-    ink = np.any(rgb < 0.9, axis=-1)  # not white: axes, text, lines
-    assert 0.01 < ink.mean() < 0.5
-    # The curves are drawn in colour (matplotlib's default cycle), not only black axes and text.
-    coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
-    assert coloured.sum() > 200, name
+    assert_real_png(os.path.join(workdir, name))
+
+
+def assert_real_png(path):
+  """The file decodes as an image with axes, text and coloured curves on a white ground."""
+  image = matplotlib.image.imread(path)
+  assert image.shape[0] > 300 and image.shape[1] > 500
+  rgb = image[..., :3]
+  ink = np.any(rgb < 0.9, axis=-1)  # not white: axes, text, lines
+  assert 0.01 < ink.mean() < 0.5
+  # The curves are drawn in colour (matplotlib's default cycle), not only black axes and text.
+  coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
+  assert coloured.sum() > 200, path
 
 
 def test_running_again_trains_and_evaluates_nothing(compared):

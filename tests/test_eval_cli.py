@@ -15,6 +15,7 @@ from d3pm_jax import checkpoints, train
 from d3pm_jax.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer
 
+from test_compare import assert_real_png
 from test_train import ROOT, experiment
 
 
@@ -78,6 +79,7 @@ def test_d3pm_run_reports_its_exact_bound_and_the_continuous_bound(trained):
   assert abs(exact["bits_per_token"] - continuous["bits_per_token"]) < (
       exact["bits_per_token_95"] + continuous["bits_per_token_95"])
   assert sum(result["loss_by_time"]["draws"]) == 32 * 4  # every window's four stratified times are binned
+  assert_real_png(os.path.join(workdir, "loss_vs_t.png"))
 
 
 def test_cli_prints_the_table(trained):

@@ -1,0 +1,61 @@
+"""PNG plots of evaluations (matplotlib, no display needed): validation loss vs tokens seen, generative perplexity
+vs sampling steps, and the loss by diffusion time. Each takes ``{run name: data}`` and writes one file."""
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def _figure(path: str, title: str, xlabel: str, ylabel: str):
+  import matplotlib  # imported here: only reports need it
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  try:
+    yield ax
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+    else:
+      ax.text(0.5, 0.5, "nothing to plot", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+  finally:
+    plt.close(fig)
+
+
+def validation_curves(path: str, curves: dict) -> None:
+  """``curves``: ``{name: {"tokens": [...], "bits_per_token": [...]}}``."""
+  with _figure(path, "Validation loss vs tokens seen", "training tokens seen",
+               "validation bits per token (train-time estimate)") as ax:
+    for name, curve in curves.items():
+      ax.plot(curve["tokens"], curve["bits_per_token"], marker="o", label=name)
+
+
+def generation_by_steps(path: str, by_run: dict) -> None:
+  """``by_run``: ``{name: {steps: {"gen_ppl": p, "gen_ppl_95": [lo, hi]}}}``, log-log with the intervals."""
+  import matplotlib.ticker
+
+  with _figure(path, "Generative perplexity vs sampling steps", "sampling steps (the AR baseline: one per token)",
+               "generative perplexity under the AR evaluator") as ax:
+    for name, by_steps in by_run.items():
+      steps = sorted(int(k) for k in by_steps)
+      ppl = [by_steps[str(k)]["gen_ppl"] for k in steps]
+      low = [p - by_steps[str(k)]["gen_ppl_95"][0] for p, k in zip(ppl, steps)]
+      high = [by_steps[str(k)]["gen_ppl_95"][1] - p for p, k in zip(ppl, steps)]
+      ax.errorbar(steps, ppl, yerr=[low, high], marker="o", capsize=3, label=name)
+    ax.set(xscale="log", yscale="log")
+    for axis in (ax.xaxis, ax.yaxis):
+      axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+      axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def loss_by_time(path: str, by_run: dict) -> None:
+  """``by_run``: ``{name: evaluate.loss_by_time(...)}``: the ELBO integrand by bin of t."""
+  with _figure(path, "Where in t each process spends its bits", "diffusion time t",
+               "ELBO integrand, bits per token") as ax:
+    for name, bins in by_run.items():
+      centres = [(a + b) / 2 for a, b in zip(bins["edges"], bins["edges"][1:])]
+      ax.plot(centres, bins["bits_per_token"], marker="o", label=name)
