@@ -145,8 +145,8 @@ def eval_settings_with_defaults(given: dict) -> dict:
 
 
 def ensure_evaluated(workdir: str, settings: dict, evaluator: str | None, log=print) -> dict:
-  """``workdir``'s ``eval.json`` when it evaluated the latest checkpoint with these settings (and the evaluator's
-  current checkpoint); otherwise a fresh ``evaluate_workdir``."""
+  """``(result, evaluated)``: ``workdir``'s ``eval.json`` and False when it evaluated the latest checkpoint with
+  these settings (and the evaluator's current checkpoint); otherwise a fresh ``evaluate_workdir`` and True."""
   path = os.path.join(workdir, "eval.json")
   step = checkpoints.read_progress(workdir)["step"]
   wanted = {**{k: v for k, v in settings.items() if k != "progress"},
@@ -158,9 +158,9 @@ def ensure_evaluated(workdir: str, settings: dict, evaluator: str | None, log=pr
     same_evaluator = (evaluator is None or old.get("generation", {}).get("evaluator", {}).get("checkpoint_step")
                       == checkpoints.read_progress(evaluator)["step"])
     if old.get("checkpoint_step") == step and saved == wanted and same_evaluator:
-      return old
+      return old, False
   log(f"evaluating {workdir} (step {step})")
-  return evaluate_workdir(workdir, evaluator=evaluator, **settings)
+  return evaluate_workdir(workdir, evaluator=evaluator, **settings), True
 
 
 def paired_difference(workdir: str, reference: str) -> dict | None:
@@ -196,10 +196,10 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
       raise ValueError(f"two configs are named {name!r}; each run needs its own sub-workdir")
     apply_overrides(cfg, overrides)
     raw[name] = (spec, cfg)
-  data = {name: json.dumps(cfg.data.to_dict(), sort_keys=True) for name, (_, cfg) in raw.items()}
-  if len(set(data.values())) > 1:
+  data_specs = {name: json.dumps(cfg.data.to_dict(), sort_keys=True) for name, (_, cfg) in raw.items()}
+  if len(set(data_specs.values())) > 1:
     raise ValueError("the configs must read the same data (every data.* field) to be compared; got "
-                     + "; ".join(f"{name}: {d}" for name, d in data.items()))
+                     + "; ".join(f"{name}: {d}" for name, d in data_specs.items()))
 
   summary_path = os.path.join(workdir, "compare.json")
   previous = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
@@ -220,10 +220,7 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
   settings = eval_settings_with_defaults(eval_settings or {})
   results = {}
   for name, run in runs.items():
-    before = os.path.getmtime(os.path.join(run["workdir"], "eval.json")) if os.path.exists(
-        os.path.join(run["workdir"], "eval.json")) else None
-    results[name] = ensure_evaluated(run["workdir"], settings, scorer, log=log)
-    run["evaluated"] = before is None or os.path.getmtime(os.path.join(run["workdir"], "eval.json")) != before
+    results[name], run["evaluated"] = ensure_evaluated(run["workdir"], settings, scorer, log=log)
   reference = ar_runs[0] if ar_runs else next(iter(runs))
   for name, run in runs.items():
     cfg, progress = configs[name], checkpoints.read_progress(run["workdir"])
