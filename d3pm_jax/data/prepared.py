@@ -1,0 +1,200 @@
+"""The prepared format: a corpus tokenised once into ArrayRecord shards of fixed-length rows, with a metadata file.
+
+Every row is ``seq_len`` tokens and ``seq_len`` segment ids (one int32 record of 2 x L): segment 0 is padding
+(weight 0, never attended to), and positions with the same non-zero id belong to the same document in that row.
+Three packing modes, one per published setup:
+
+  ``stream``  documents concatenated (each followed by ``separator`` when given, e.g. GPT-2's EOS) and cut into
+              rows; every real token has segment 1, so attention crosses document boundaries (MD4 / MDLM on
+              OpenWebText, text8, the stdlib corpus). Only the last row is padded.
+  ``packed``  documents concatenated and cut into rows, but each document in a row gets its own segment id
+              (1, 2, ...), so attention never crosses a document boundary; a document cut by a row boundary
+              continues as segment 1 of the next row (D3PM on LM1B: sentences packed into 128 tokens).
+  ``padded``  each document starts a fresh row and is padded to the row's end; a longer one wraps onto further
+              rows (MDLM on LM1B: one sentence per row).
+
+No token is lost or duplicated in any mode: the rows' real tokens, in order, are the documents' tokens (with the
+separators in ``stream``/``packed`` mode).
+
+``metadata.json`` holds the format version, the data set, ``seq_len``, the packing mode, the tokenizer (kind,
+vocabulary size and a SHA-256 fingerprint of its file or definition) and per split the rows, tokens, documents
+and shard files. Reading needs only grain and array_record, never TensorFlow.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+
+FORMAT_VERSION = 1
+PACKING = ("stream", "packed", "padded")
+METADATA = "metadata.json"
+
+
+class Packer:
+  """Turns a stream of documents (int token arrays) into rows ``[N, 2, L]`` (tokens, segment ids), chunk by
+  chunk: ``add(documents)`` returns the rows completed so far, ``finish()`` the padded last one."""
+
+  def __init__(self, seq_len: int, packing: str, separator: int | None = None):
+    if packing not in PACKING:
+      raise ValueError(f"unknown packing {packing!r}; valid: {list(PACKING)}")
+    if seq_len < 1:
+      raise ValueError(f"seq_len must be >= 1; got {seq_len}")
+    if separator is not None and packing == "padded":
+      raise ValueError("padded rows hold one document each and take no separator")
+    self.seq_len, self.packing, self.separator = seq_len, packing, separator
+    self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
+    self._docs = np.zeros(0, np.int64)     # the document index of each carried token
+    self._next_doc = 0
+    self.documents = 0
+    self.tokens = 0
+
+  def add(self, documents: Iterable) -> np.ndarray:
+    docs = [np.asarray(d, np.int32).ravel() for d in documents]
+    if self.separator is not None:
+      docs = [np.append(d, np.int32(self.separator)) for d in docs]
+    self.documents += len(docs)
+    self.tokens += sum(d.size for d in docs)
+    if self.packing == "padded":
+      return self._padded(docs)
+    lengths = np.array([d.size for d in docs], np.int64)
+    ids = np.repeat(np.arange(self._next_doc, self._next_doc + len(docs)), lengths)
+    self._next_doc += len(docs)
+    tokens = np.concatenate([self._tokens] + docs) if docs else self._tokens
+    doc_ids = np.concatenate([self._docs, ids])
+    full = tokens.size // self.seq_len * self.seq_len
+    self._tokens, self._docs = tokens[full:], doc_ids[full:]
+    return self._rows(tokens[:full], doc_ids[:full])
+
+  def finish(self) -> np.ndarray:
+    """The last, padded row of a ``stream``/``packed`` stream (none when it ended on a row boundary)."""
+    rows = self._rows(self._tokens, self._docs)
+    self._tokens, self._docs = np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return rows
+
+  def _rows(self, tokens, doc_ids) -> np.ndarray:
+    """Rows of ``tokens`` (a whole number of rows, or the final partial one, zero-padded)."""
+    n = -(-tokens.size // self.seq_len)
+    out = np.zeros((n, 2, self.seq_len), np.int32)
+    if self.packing == "stream":
+      segments = np.ones(tokens.size, np.int32)
+    else:  # packed (and padded, one document): documents numbered from 1 within each row
+      row_start = np.arange(tokens.size) // self.seq_len * self.seq_len
+      segments = (doc_ids - doc_ids[row_start] + 1).astype(np.int32)
+    tokens_flat, segments_flat = np.zeros(n * self.seq_len, np.int32), np.zeros(n * self.seq_len, np.int32)
+    tokens_flat[:tokens.size], segments_flat[:tokens.size] = tokens, segments
+    out[:, 0], out[:, 1] = tokens_flat.reshape(n, self.seq_len), segments_flat.reshape(n, self.seq_len)
+    return out
+
+  def _padded(self, docs) -> np.ndarray:
+    """Each document from the start of a fresh row (one document: segment 1), wrapping onto as many rows as it
+    needs."""
+    rows = [self._rows(d, np.zeros(d.size, np.int64)) for d in docs if d.size]
+    return np.concatenate(rows) if rows else np.zeros((0, 2, self.seq_len), np.int32)
+
+
+# ---------------------------------------------------------------- writing and reading shards
+
+class SplitWriter:
+  """Writes rows ``[N, 2, L]`` of one split into ArrayRecord shards of ``rows_per_shard`` rows each
+  (``{split}-00000.array_record``, ...)."""
+
+  def __init__(self, out_dir: str, split: str, seq_len: int, rows_per_shard: int = 65536):
+    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: F401 - fail early if missing
+    os.makedirs(out_dir, exist_ok=True)
+    self.out_dir, self.split, self.seq_len, self.rows_per_shard = out_dir, split, seq_len, rows_per_shard
+    self.shards: list[str] = []
+    self.rows = 0
+    self._writer = None
+    self._in_shard = 0
+
+  def write(self, rows_Nx2xL: np.ndarray) -> None:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    rows = np.asarray(rows_Nx2xL, np.int32)
+    if rows.ndim != 3 or rows.shape[1:] != (2, self.seq_len):
+      raise ValueError(f"rows must be [N, 2, {self.seq_len}]; got {rows.shape}")
+    for row in rows:
+      if self._writer is None or self._in_shard == self.rows_per_shard:
+        self._close_shard()
+        name = f"{self.split}-{len(self.shards):05d}.array_record"
+        self._writer = ArrayRecordWriter(os.path.join(self.out_dir, name), "group_size:1")
+        self.shards.append(name)
+      self._writer.write(row.tobytes())
+      self._in_shard += 1
+      self.rows += 1
+
+  def _close_shard(self):
+    if self._writer is not None:
+      self._writer.close()
+    self._writer, self._in_shard = None, 0
+
+  def close(self) -> dict:
+    self._close_shard()
+    return {"rows": self.rows, "shards": list(self.shards)}
+
+
+class PreparedSplit:
+  """One split of a prepared directory as a random-access sequence of rows: ``split[i]`` is int32 ``[2, L]``
+  (tokens, segment ids). Backed by grain's ArrayRecord source, so only the rows read are loaded."""
+
+  def __init__(self, prepared_dir: str, split: str):
+    import grain
+    self.metadata = load_metadata(prepared_dir)
+    if split not in self.metadata["splits"]:
+      raise ValueError(f"{prepared_dir} has no split {split!r}; it has {sorted(self.metadata['splits'])}")
+    info = self.metadata["splits"][split]
+    self.seq_len = int(self.metadata["seq_len"])
+    paths = [os.path.join(prepared_dir, name) for name in info["shards"]]
+    self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
+    if len(self._source) != info["rows"]:
+      raise ValueError(f"{prepared_dir}: split {split!r} should hold {info['rows']} rows (metadata.json) but its "
+                       f"shards hold {len(self._source)}; prepare it again")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return np.frombuffer(self._source[index], np.int32).reshape(2, self.seq_len)
+
+  def read_all(self) -> np.ndarray:
+    return np.stack([self[i] for i in range(len(self))]) if len(self) else np.zeros((0, 2, self.seq_len), np.int32)
+
+
+def write_metadata(prepared_dir: str, metadata: dict) -> None:
+  """Written last, so a directory with metadata holds complete shards."""
+  path = os.path.join(prepared_dir, METADATA)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def load_metadata(prepared_dir: str) -> dict:
+  path = os.path.join(prepared_dir, METADATA)
+  if not os.path.exists(path):
+    raise ValueError(f"{path} does not exist: {prepared_dir} is not a prepared data set (or its preparation did not "
+                     f"finish); run d3pm-prepare --out={prepared_dir}")
+  with open(path) as f:
+    metadata = json.load(f)
+  if metadata.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path} has format version {metadata.get('format_version')}; this d3pm_jax reads "
+                     f"{FORMAT_VERSION}; prepare it again")
+  return metadata
+
+
+def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, packing: str,
+                  separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536) -> dict:
+  """Packs ``documents`` (an iterable of token arrays) into ``out_dir``'s shards of ``split``; returns the split's
+  metadata entry (rows, tokens, documents, shards)."""
+  packer = Packer(seq_len, packing, separator)
+  writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
+  batch = []
+  for doc in documents:
+    batch.append(doc)
+    if len(batch) == chunk:
+      writer.write(packer.add(batch))
+      batch = []
+  writer.write(packer.add(batch))
+  writer.write(packer.finish())
+  return {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents)}

@@ -1,0 +1,107 @@
+"""The prepared format: every packing mode keeps every token once and in order, segment ids mark documents as the
+mode promises, chunking does not change the rows, and ArrayRecord shards read back exactly."""
+import os
+
+import numpy as np
+import pytest
+
+from d3pm_jax.data import prepared
+
+
+def random_documents(seed, count, max_len=40, vocab=50):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, vocab, rng.integers(1, max_len)).astype(np.int32) for _ in range(count)]
+
+
+def pack_all(docs, seq_len, packing, separator=None, chunk=None):
+  packer = prepared.Packer(seq_len, packing, separator)
+  parts = []
+  chunk = chunk or len(docs)
+  for i in range(0, len(docs), chunk):
+    parts.append(packer.add(docs[i:i + chunk]))
+  parts.append(packer.finish())
+  return np.concatenate(parts), packer
+
+
+@pytest.mark.parametrize("packing", prepared.PACKING)
+def test_no_token_is_lost_or_duplicated(packing):
+  docs = random_documents(0, 300)
+  separator = 0 if packing != "padded" else None
+  rows, packer = pack_all(docs, 16, packing, separator)
+  expected = np.concatenate([np.append(d, 0) if separator is not None else d for d in docs])
+  tokens, segments = rows[:, 0], rows[:, 1]
+  assert np.array_equal(tokens[segments > 0], expected)
+  assert np.all(tokens[segments == 0] == 0)  # padding is zeros
+  assert packer.tokens == expected.size and packer.documents == 300
+
+
+def test_stream_rows_are_full_except_the_last():
+  rows, _ = pack_all(random_documents(1, 100), 16, "stream")
+  segments = rows[:, 1]
+  assert np.all(segments[:-1] == 1) and segments[-1, 0] == 1
+  assert set(np.unique(segments[-1])) <= {0, 1}
+
+
+def test_packed_segment_ids_follow_documents_and_restart_in_every_row():
+  """Independent oracle: walk the documents token by token, numbering them from 1 in each row."""
+  docs = random_documents(2, 200)
+  seq_len = 16
+  rows, _ = pack_all(docs, seq_len, "packed")
+  expected_segments, position, last_doc, current = [], 0, None, 0
+  for index, doc in enumerate(docs):
+    for _ in doc:
+      if position % seq_len == 0:
+        last_doc, current = None, 0
+      if index != last_doc:
+        current += 1
+        last_doc = index
+      expected_segments.append(current)
+      position += 1
+  segments = rows[:, 1].reshape(-1)
+  assert np.array_equal(segments[:len(expected_segments)], expected_segments)
+  assert np.all(segments[len(expected_segments):] == 0)
+
+
+def test_padded_rows_hold_one_document_each_and_wrap():
+  docs = [np.arange(1, 6), np.arange(1, 40), np.arange(7, 8)]  # 5, 39 (3 rows of 16) and 1 tokens
+  rows, _ = pack_all(docs, 16, "padded")
+  assert rows.shape == (1 + 3 + 1, 2, 16)
+  assert np.array_equal(rows[0, 0, :5], np.arange(1, 6)) and np.all(rows[0, 1] == (np.arange(16) < 5))
+  assert np.array_equal(rows[1:4, 0].reshape(-1)[:39], np.arange(1, 40))
+  assert rows[3, 1].sum() == 39 - 32 and rows[4, 0, 0] == 7 and rows[4, 1].sum() == 1
+
+
+@pytest.mark.parametrize("packing", prepared.PACKING)
+def test_chunking_does_not_change_the_rows(packing):
+  docs = random_documents(3, 250)
+  whole, _ = pack_all(docs, 16, packing)
+  chunked, _ = pack_all(docs, 16, packing, chunk=7)
+  assert np.array_equal(whole, chunked)
+
+
+def test_shards_read_back_exactly(tmp_path):
+  docs = random_documents(4, 500)
+  info = prepared.prepare_split(str(tmp_path), "train", docs, 16, "packed", chunk=64, rows_per_shard=100)
+  rows, _ = pack_all(docs, 16, "packed")
+  assert info["rows"] == len(rows) and len(info["shards"]) == -(-len(rows) // 100)
+  assert info["documents"] == 500 and info["tokens"] == sum(d.size for d in docs)
+  prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "packed", "splits": {"train": info}})
+  split = prepared.PreparedSplit(str(tmp_path), "train")
+  assert len(split) == len(rows)
+  assert np.array_equal(split.read_all(), rows)
+  assert np.array_equal(split[len(rows) - 1], rows[-1])
+
+
+def test_unprepared_or_incomplete_directories_are_refused(tmp_path):
+  with pytest.raises(ValueError, match="not a prepared data set.*d3pm-prepare"):
+    prepared.PreparedSplit(str(tmp_path), "train")
+  info = prepared.prepare_split(str(tmp_path), "train", random_documents(5, 50), 16, "stream")
+  prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "stream",
+                                          "splits": {"train": {**info, "rows": info["rows"] + 1}}})
+  with pytest.raises(ValueError, match="should hold .* rows"):
+    prepared.PreparedSplit(str(tmp_path), "train")
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    prepared.PreparedSplit(str(tmp_path), "validation")
+  with pytest.raises(ValueError, match="unknown packing 'pack'; valid"):
+    prepared.Packer(16, "pack")
+  assert os.path.exists(tmp_path / "metadata.json")
