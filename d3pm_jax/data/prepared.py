@@ -102,7 +102,6 @@ class SplitWriter:
   (``{split}-00000.array_record``, ...)."""
 
   def __init__(self, out_dir: str, split: str, seq_len: int, rows_per_shard: int = 65536):
-    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: F401 - fail early if missing
     os.makedirs(out_dir, exist_ok=True)
     self.out_dir, self.split, self.seq_len, self.rows_per_shard = out_dir, split, seq_len, rows_per_shard
     self.shards: list[str] = []
