@@ -17,7 +17,7 @@ from d3pm_jax.sharding import MeshConfig
 
 PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")
-DATASETS = ("stdlib", "markov")
+DATASETS = ("stdlib", "markov", "text8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +57,15 @@ class DataConfig:
   validation_permille: int = 20
   markov_states: int = 8
   markov_windows: int = 4096
+  prepared_dir: str = ""         # a d3pm-prepare output; empty: read the corpus directly (stdlib, markov)
 
   def __post_init__(self):
     _checks.check_choice("data set", self.name, DATASETS)
     if self.seq_len < 2:
       raise ValueError(f"data.seq_len must be >= 2; got {self.seq_len}")
+    if self.name == "text8" and not self.prepared_dir:
+      raise ValueError("data set 'text8' is read from prepared shards: run d3pm-prepare --dataset=text8 "
+                       "--source=/path/to/text8.zip --out=DIR, then pass --config.data.prepared_dir=DIR")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,8 @@ def main(argv):
   data = pipeline.build_data(preliminary.data, preliminary.train.batch_size, preliminary.train.seed, _WORKDIR.value)
   config = from_config(_CONFIG.value, vocab_size=pipeline.vocab_size_of(data, preliminary.data))
   result = train.train_and_evaluate(config, _WORKDIR.value, data)
-  unit = "byte" if config.data.tokenizer == "bytes" and config.data.name == "stdlib" else "token"
+  unit = ("character" if config.data.name == "text8" else
+          "byte" if config.data.tokenizer == "bytes" and config.data.name == "stdlib" else "token")
   if multihost.is_leader():
     print(f"\nvalidation: {result['validation']['bits_per_token']:.4f} bits per {unit} "
           f"({result['validation']['tokens']} tokens)")

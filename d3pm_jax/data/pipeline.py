@@ -15,7 +15,7 @@ import numpy as np
 
 from d3pm_jax import multihost
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import stdlib, tokenizers
+from d3pm_jax.data import prepared, stdlib, tokenizers
 from d3pm_jax.data.synthetic import MarkovSource
 
 # Epochs of the training stream: far more than any run takes.
@@ -112,9 +112,61 @@ def _stdlib(config: DataConfig, workdir: str | None):
   return tok, encoded, info
 
 
+class _Tokens:
+  """The token half of a prepared split's rows, as a random-access source for grain."""
+
+  def __init__(self, split: prepared.PreparedSplit, length: int):
+    self.split, self.length = split, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index):
+    return self.split[int(index)][0]
+
+
+def check_prepared(metadata: dict, config: DataConfig, where: str) -> None:
+  """Refuses prepared shards made for another data set, window length or tokenizer than ``config``'s."""
+  want = {"dataset": config.name, "seq_len": config.seq_len, "tokenizer": config.tokenizer}
+  have = {"dataset": metadata["dataset"], "seq_len": metadata["seq_len"], "tokenizer": metadata["tokenizer"]["kind"]}
+  if config.name == "stdlib":  # the split is a hash of each path against this threshold
+    want["validation_permille"] = config.validation_permille
+    have["validation_permille"] = metadata["source"].get("validation_permille")
+  if config.tokenizer_path:
+    from d3pm_jax.prepare import tokenizer_fingerprint
+    want["tokenizer_sha256"] = tokenizer_fingerprint(tokenizers.make_tokenizer(config.tokenizer,
+                                                                               config.tokenizer_path))["sha256"]
+    have["tokenizer_sha256"] = metadata["tokenizer"]["sha256"]
+  diffs = [f"{k}: shards {have[k]!r} vs config {want[k]!r}" for k in want if have[k] != want[k]]
+  if diffs:
+    raise ValueError(f"the prepared shards in {where} do not match the config ({'; '.join(diffs)}); prepare the "
+                     f"data again with the config's settings or point data.prepared_dir elsewhere")
+  if metadata["packing"] != "stream":
+    raise ValueError(f"{where} holds {metadata['packing']!r} rows (several documents or padding per row); "
+                     f"training reads only 'stream' rows until attention masks by segment")
+
+
+def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
+  """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
+  validation is read into memory."""
+  metadata = prepared.load_metadata(config.prepared_dir)
+  check_prepared(metadata, config, config.prepared_dir)
+  train = prepared.PreparedSplit(config.prepared_dir, "train")
+  usable = len(train) - (1 if len(train) and train[len(train) - 1][1].min() == 0 else 0)  # drop a padded last row
+  val = prepared.PreparedSplit(config.prepared_dir, "validation").read_all()
+  tok = tokenizers.make_tokenizer(metadata["tokenizer"]["kind"], config.tokenizer_path or None)
+  info = {"prepared_dir": config.prepared_dir, "splits": metadata["splits"], "source": metadata["source"],
+          "train_windows": usable, "validation_windows": int(val.shape[0])}
+  return Data(tokenizer=tok, train_batches=train_batches(_Tokens(train, usable), batch_size, seed),
+              val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info)
+
+
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None) -> Data:
-  """Loads the data set named by ``config``; ``batch_size`` is global and split evenly over JAX processes."""
+  """Loads the data set named by ``config`` (from ``config.prepared_dir`` when set); ``batch_size`` is global and
+  split evenly over JAX processes."""
   process_rows(batch_size)  # fails before any loading if the batch does not split over the processes
+  if config.prepared_dir:
+    return _prepared(config, batch_size, seed)
   if config.name == "stdlib":
     tok, encoded, info = _stdlib(config, workdir)
   else:  # markov: a synthetic source with known entropy, for tests and calibration

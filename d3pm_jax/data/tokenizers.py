@@ -14,7 +14,7 @@ import numpy as np
 
 from d3pm_jax import _checks
 
-TOKENIZERS = ("bytes", "sentencepiece")
+TOKENIZERS = ("bytes", "sentencepiece", "text8")
 # Runs that bypass the sentencepiece model: undecodable bytes (surrogate escapes) and the whitespace mark U+2581.
 _RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
@@ -111,6 +111,9 @@ def make_tokenizer(name: str, model_path: str | None = None):
   _checks.check_choice("tokenizer", name, TOKENIZERS)
   if name == "bytes":
     return ByteTokenizer()
+  if name == "text8":
+    from d3pm_jax.data.text8 import Text8Tokenizer
+    return Text8Tokenizer()
   if not model_path:
     raise ValueError("tokenizer 'sentencepiece' needs data.tokenizer_path (a .model file)")
   return SentencePieceTokenizer(model_path)

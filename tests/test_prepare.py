@@ -1,0 +1,93 @@
+"""d3pm-prepare: the stdlib corpus through the prepared format gives the very batches and validation windows of
+the direct path; a tiny text8.zip made here prepares with the right split and round-trips, and d3pm-train trains
+on it; shards that do not match the config, and a missing source, are refused at once with a message."""
+import os
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from d3pm_jax import prepare
+from d3pm_jax.config import DataConfig
+from d3pm_jax.data import pipeline, prepared, text8
+
+from test_train import ROOT
+
+SPLITS = {"train": (0, 4000), "validation": (4000, 4600), "test": (4600, 5200)}
+
+
+@pytest.fixture(scope="module")
+def text8_zip(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+  words = [rng.choice(letters, rng.integers(1, 9)).tobytes() for _ in range(1200)]
+  text = b" ".join(words)[:5200]
+  path = tmp_path_factory.mktemp("text8") / "text8.zip"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("text8", text)
+  return str(path), text
+
+
+def test_prepared_stdlib_gives_the_same_batches_and_windows(tmp_path):
+  prepare.prepare_stdlib(str(tmp_path), seq_len=64)
+  direct = pipeline.build_data(DataConfig(seq_len=64), batch_size=8, seed=3)
+  via_shards = pipeline.build_data(DataConfig(seq_len=64, prepared_dir=str(tmp_path)), batch_size=8, seed=3)
+  assert np.array_equal(direct.val_windows, via_shards.val_windows)
+  assert np.array_equal(direct.val_weights, via_shards.val_weights)
+  assert direct.info["train_windows"] == via_shards.info["train_windows"]
+  assert len(direct.train_batches) == len(via_shards.train_batches)
+  for i in (0, 1, 977, len(direct.train_batches) - 1):
+    assert np.array_equal(direct.train_batches[i], via_shards.train_batches[i])
+
+
+def test_text8_prepares_with_its_split_and_round_trips(tmp_path, text8_zip):
+  path, text = text8_zip
+  metadata = prepare.prepare_text8(path, str(tmp_path), seq_len=32, split_chars=SPLITS)
+  tok = text8.Text8Tokenizer()
+  for split, (start, end) in SPLITS.items():
+    rows = prepared.PreparedSplit(str(tmp_path), split).read_all()
+    assert len(rows) == -(-(end - start) // 32) == metadata["splits"][split]["rows"]
+    assert tok.decode(rows[:, 0][rows[:, 1] > 0]) == text[start:end]
+  assert metadata["tokenizer"]["kind"] == "text8" and metadata["tokenizer"]["vocab_size"] == 27
+
+
+def test_text8_tokenizer_refuses_other_characters():
+  with pytest.raises(ValueError, match=r"byte b'A' at offset 3"):
+    text8.Text8Tokenizer().encode(b"abcA")
+
+
+def test_d3pm_train_trains_on_prepared_text8(tmp_path, text8_zip):
+  prepare.prepare_text8(text8_zip[0], str(tmp_path / "text8"), seq_len=16, split_chars=SPLITS)
+  out = subprocess.run(
+      [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
+       f"--workdir={tmp_path / 'run'}", "--config.data.name=text8", "--config.data.tokenizer=text8",
+       f"--config.data.prepared_dir={tmp_path / 'text8'}", "--config.train.steps=2"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "validation:" in out.stdout and "bits per character (" in out.stdout
+  # One batch of 4 windows spread over the 38 validation rows of 16: three full ones and the last, 600 - 37 * 16.
+  tokens = int(out.stdout.split("bits per character (")[1].split(" tokens")[0])
+  assert tokens == 3 * 16 + 8
+
+
+def test_mismatched_shards_are_refused(tmp_path, text8_zip):
+  prepare.prepare_text8(text8_zip[0], str(tmp_path), seq_len=32, split_chars=SPLITS)
+  with pytest.raises(ValueError, match=r"seq_len: shards 32 vs config 16.*prepare the data again"):
+    pipeline.build_data(DataConfig(name="text8", tokenizer="text8", seq_len=16, prepared_dir=str(tmp_path)), 4, 0)
+  with pytest.raises(ValueError, match=r"dataset: shards 'text8' vs config 'stdlib'"):
+    pipeline.build_data(DataConfig(seq_len=32, prepared_dir=str(tmp_path)), 4, 0)
+
+
+def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
+  start = time.time()
+  out = subprocess.run([sys.executable, "-m", "d3pm_jax.prepare_main", "--dataset=text8",
+                        f"--source={tmp_path / 'text8.zip'}", f"--out={tmp_path / 'out'}"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert out.returncode != 0 and time.time() - start < 10
+  assert "text8 not found at" in out.stderr and "http://mattmahoney.net/dc/text8.zip" in out.stderr
+  with pytest.raises(ValueError, match="is read from prepared shards: run d3pm-prepare --dataset=text8"):
+    DataConfig(name="text8", tokenizer="text8")
+  assert not os.path.exists(tmp_path / "out" / "metadata.json")
