@@ -136,3 +136,24 @@ def test_bad_overrides_and_settings_name_the_valid_choices(tmp_path):
     compare.eval_settings_with_defaults({"time_sample": 3})
   with pytest.raises(ValueError, match="config files"):
     compare.load_config_file("configs/nope.py")
+
+
+def test_paired_difference_uses_common_windows_and_the_chosen_bound(tmp_path):
+  """Two runs that evaluated overlapping rows, one with NaN where its exact bound was not computed: the
+  difference covers the rows both have, of the chosen bound, in bits per byte."""
+  a, b = tmp_path / "a", tmp_path / "b"
+  a.mkdir(), b.mkdir()
+  np.savez(a / "eval_windows.npz", rows=np.array([0, 2, 4, 6]), bytes=np.array([10, 20, 30, 40]),
+           nats=np.array([5.0, np.nan, 9.0, 12.0]), continuous_nats=np.array([4.0, 6.0, 8.0, 11.0]),
+           tokens=np.array([10, 20, 30, 40]))
+  np.savez(b / "eval_windows.npz", rows=np.array([2, 4, 6, 8]), bytes=np.array([20, 30, 40, 50]),
+           nats=np.array([3.0, 7.0, 7.0, 1.0]), continuous_nats=np.full(4, np.nan), tokens=np.array([20, 30, 40, 50]))
+  headline = compare.paired_difference(str(a), str(b))  # rows 4 and 6 (row 2 is NaN in a)
+  assert headline["windows"] == 2
+  assert headline["bits_per_byte"] == pytest.approx(((9 - 7) + (12 - 7)) / 70 / np.log(2))
+  continuous = compare.paired_difference(str(a), str(b), "continuous_nats", "nats")  # rows 2, 4, 6
+  assert continuous["windows"] == 3
+  assert continuous["bits_per_byte"] == pytest.approx(((6 - 3) + (8 - 7) + (11 - 7)) / 90 / np.log(2))
+  own_gap = compare.paired_difference(str(a), str(a), "nats", "continuous_nats")  # rows 0, 4, 6
+  assert own_gap["bits_per_byte"] == pytest.approx(3.0 / 80 / np.log(2))
+  assert compare.paired_difference(str(a), str(b), "nats", "continuous_nats") is None  # b has no continuous nats
