@@ -265,12 +265,14 @@ def _validation_curve(workdir: str, config) -> dict:
 # ---------------------------------------------------------------- plots and report
 
 def write_plots(workdir: str, results: dict, curves: dict) -> None:
-  """The three PNGs of ``PLOTS`` under ``workdir``."""
-  plots.validation_curves(os.path.join(workdir, PLOTS[0]), curves)
-  plots.generation_by_steps(os.path.join(workdir, PLOTS[1]),
-                            {name: r["generation"]["by_steps"] for name, r in results.items() if "generation" in r})
+  """The three PNGs of ``PLOTS`` under ``workdir``, each run in the same colour in all three."""
+  colors = plots.run_colors(results)
+  plots.validation_curves(os.path.join(workdir, PLOTS[0]), curves, colors)
+  plots.generation_by_steps(os.path.join(workdir, PLOTS[1]), {name: r["generation"]["by_steps"]
+                                                              for name, r in results.items() if "generation" in r},
+                            colors)
   plots.loss_by_time(os.path.join(workdir, PLOTS[2]),
-                     {name: r["loss_by_time"] for name, r in results.items() if "loss_by_time" in r})
+                     {name: r["loss_by_time"] for name, r in results.items() if "loss_by_time" in r}, colors)
 
 
 def _interval(value, half, digits=4):

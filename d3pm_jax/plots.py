@@ -1,8 +1,15 @@
 """PNG plots of evaluations (matplotlib, no display needed): validation loss vs tokens seen, generative perplexity
-vs sampling steps, and the loss by diffusion time. Each takes ``{run name: data}`` and writes one file."""
+vs sampling steps, and the loss by diffusion time. Each takes ``{run name: data}`` and writes one file; ``colors``
+(``{run name: colour}``, e.g. from ``run_colors``) keeps a run's colour the same across plots."""
 from __future__ import annotations
 
 import contextlib
+
+
+def run_colors(names) -> dict:
+  """One colour of matplotlib's default cycle per run, in order."""
+  cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+  return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
 
 
 @contextlib.contextmanager
@@ -26,18 +33,21 @@ def _figure(path: str, title: str, xlabel: str, ylabel: str):
     plt.close(fig)
 
 
-def validation_curves(path: str, curves: dict) -> None:
+def validation_curves(path: str, curves: dict, colors: dict | None = None) -> None:
   """``curves``: ``{name: {"tokens": [...], "bits_per_token": [...]}}``."""
+  colors = colors or run_colors(curves)
   with _figure(path, "Validation loss vs tokens seen", "training tokens seen",
                "validation bits per token (train-time estimate)") as ax:
     for name, curve in curves.items():
-      ax.plot(curve["tokens"], curve["bits_per_token"], marker="o", label=name)
+      ax.plot(curve["tokens"], curve["bits_per_token"], marker="o", label=name, color=colors[name])
 
 
-def generation_by_steps(path: str, by_run: dict) -> None:
-  """``by_run``: ``{name: {steps: {"gen_ppl": p, "gen_ppl_95": [lo, hi]}}}``, log-log with the intervals."""
+def generation_by_steps(path: str, by_run: dict, colors: dict | None = None) -> None:
+  """``by_run``: ``{name: {steps: {"gen_ppl": p, "gen_ppl_95": [lo, hi]}}}``, steps on a log axis, with the
+  intervals."""
   import matplotlib.ticker
 
+  colors = colors or run_colors(by_run)
   with _figure(path, "Generative perplexity vs sampling steps", "sampling steps (the AR baseline: one per token)",
                "generative perplexity under the AR evaluator") as ax:
     for name, by_steps in by_run.items():
@@ -45,17 +55,19 @@ def generation_by_steps(path: str, by_run: dict) -> None:
       ppl = [by_steps[str(k)]["gen_ppl"] for k in steps]
       low = [p - by_steps[str(k)]["gen_ppl_95"][0] for p, k in zip(ppl, steps)]
       high = [by_steps[str(k)]["gen_ppl_95"][1] - p for p, k in zip(ppl, steps)]
-      ax.errorbar(steps, ppl, yerr=[low, high], marker="o", capsize=3, label=name)
-    ax.set(xscale="log", yscale="log")
-    for axis in (ax.xaxis, ax.yaxis):
-      axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-      axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+      ax.errorbar(steps, ppl, yerr=[low, high], marker="o", capsize=3, label=name, color=colors[name])
+    ax.set(xscale="log")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted({int(k) for b in by_run.values() for k in b})))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def loss_by_time(path: str, by_run: dict) -> None:
+def loss_by_time(path: str, by_run: dict, colors: dict | None = None) -> None:
   """``by_run``: ``{name: evaluate.loss_by_time(...)}``: the ELBO integrand by bin of t."""
+  colors = colors or run_colors(by_run)
   with _figure(path, "Where in t each process spends its bits", "diffusion time t",
                "ELBO integrand, bits per token") as ax:
     for name, bins in by_run.items():
       centres = [(a + b) / 2 for a, b in zip(bins["edges"], bins["edges"][1:])]
-      ax.plot(centres, bins["bits_per_token"], marker="o", label=name)
+      ax.plot(centres, bins["bits_per_token"], marker="o", label=name, color=colors[name])
