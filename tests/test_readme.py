@@ -24,3 +24,21 @@ def test_readme_python_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
     assert float(namespace["md4"]["nelbo"].mean()) > 0
     assert abs(float(namespace["md4"]["nelbo"].mean()) - float(namespace["ctmc"]["nelbo"].mean())) < 1e-3
+
+
+def test_readme_comparison_comes_from_the_committed_report():
+  """The README's comparison table is the committed d3pm-compare report's, its plot is a real PNG there, and the
+  command beside it names the report's configs in the report's order."""
+  readme = (ROOT / "README.md").read_text()
+  report = (ROOT / "docs" / "comparison" / "report.md").read_text()
+  section = readme.split("## Comparing corruption processes")[1].split("\n## ")[0]
+  rows = [line for line in section.splitlines() if line.startswith("| stdlib_")]
+  assert len(rows) == 6
+  assert all(row in report.splitlines() for row in rows)
+  command = re.search(r"d3pm-compare --configs=(\S+)", section).group(1).split(",")
+  listed = re.findall(r"\(((?:configs/)[\w./]+)\)", report.split("\n\n")[1])
+  assert command == listed
+  plot = re.search(r"!\[[^\]]*\]\((docs/comparison/[\w.]+\.png)\)", section).group(1)
+  import matplotlib.image
+  image = matplotlib.image.imread(ROOT / plot)
+  assert image.shape[0] > 300 and (image[..., :3] < 0.9).any(axis=-1).mean() > 0.01
