@@ -4,12 +4,16 @@ over these functions. Each returns the metadata it wrote to ``out/metadata.json`
   stdlib   the embedded corpus (this interpreter's standard library), bytes, rows of ``seq_len`` (stream packing),
            split by a hash of each file's path exactly as ``d3pm-train`` splits it without preparation.
   text8    a local ``text8.zip``: 27 characters, the standard 90M/5M/5M split, rows of 256 (stream packing).
+  openwebtext  local jsonl / parquet / txt files with GPT-2's BPE from local tokenizer files: documents joined
+           with EOS, rows of 1024 (stream packing), the last 100k documents for validation (MD4, MDLM, SEDD).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 
-from d3pm_jax.data import prepared, stdlib, text8, tokenizers
+from d3pm_jax.data import openwebtext, prepared, stdlib, text8, tokenizers
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -19,6 +23,8 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     kind, definition = "bytes", b"bytes"
   elif isinstance(tokenizer, text8.Text8Tokenizer):
     kind, definition = "text8", tokenizer.fingerprint().encode()
+  elif isinstance(tokenizer, openwebtext.Gpt2Tokenizer):
+    return {"kind": "gpt2", "vocab_size": int(tokenizer.vocab_size), "sha256": tokenizer.fingerprint()}
   elif isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
     kind = "sentencepiece"
     with open(tokenizer.model_path, "rb") as f:
@@ -59,3 +65,29 @@ def prepare_text8(zip_path: str, out: str, seq_len: int = 256, split_chars: dict
   source = {"zip": zip_path, "split_chars": split_chars or text8.SPLIT_CHARS,
             "sha256": {split: hashlib.sha256(t).hexdigest() for split, t in texts.items()}}
   return _write(out, "text8", seq_len, "stream", tok, {s: [tok.encode(t)] for s, t in texts.items()}, source)
+
+
+def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1024,
+                        validation_documents: int = 100_000, chunk: int = 1000) -> dict:
+  """OpenWebText from the files under ``sources`` (read in sorted order): each document followed by GPT-2's EOS,
+  the stream cut into rows of ``seq_len``; the last ``validation_documents`` documents are the validation split."""
+  files = openwebtext.list_files(sources)
+  tok = openwebtext.Gpt2Tokenizer(tokenizer_path)
+  total = openwebtext.count_documents(files)
+  if not 0 < validation_documents < total:
+    raise ValueError(f"validation_documents must lie in (0, {total}) for these {total} documents; got "
+                     f"{validation_documents}")
+  texts = openwebtext.iter_documents(files)
+
+  def encoded(count):  # the next `count` documents of the one pass, tokenised in batches
+    remaining = count
+    while remaining:
+      batch = list(itertools.islice(texts, min(chunk, remaining)))
+      remaining -= len(batch)
+      yield from tok.encode_batch(batch)
+
+  source = {"files": [os.path.abspath(f) for f in files], "documents": total,
+            "validation_documents": validation_documents, "tokenizer_path": os.path.abspath(tokenizer_path)}
+  # Both generators read the one pass over the files, lazily: train is written (consumed) before validation starts.
+  splits = {"train": encoded(total - validation_documents), "validation": encoded(validation_documents)}
+  return _write(out, "openwebtext", seq_len, "stream", tok, splits, source, separator=tok.eos_id)

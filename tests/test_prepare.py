@@ -1,6 +1,10 @@
 """d3pm-prepare: the stdlib corpus through the prepared format gives the very batches and validation windows of
 the direct path; a tiny text8.zip made here prepares with the right split and round-trips, and d3pm-train trains
-on it; shards that do not match the config, and a missing source, are refused at once with a message."""
+on it; OpenWebText documents in jsonl / parquet / txt with a BPE trained here keep their order, EOS and held-out
+tail; shards that do not match the config, and a missing source or tokenizer, are refused at once with a
+message."""
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +16,7 @@ import pytest
 
 from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import pipeline, prepared, text8
+from d3pm_jax.data import openwebtext, pipeline, prepared, text8
 
 from test_train import ROOT
 
@@ -91,3 +95,71 @@ def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
   with pytest.raises(ValueError, match="is read from prepared shards: run d3pm-prepare --dataset=text8"):
     DataConfig(name="text8", tokenizer="text8")
   assert not os.path.exists(tmp_path / "out" / "metadata.json")
+
+
+WORDS = ("the model samples every masked position from its prediction while the schedule decides how many "
+         "tokens stay hidden at each step of the reverse process").split()
+
+
+@pytest.fixture(scope="module")
+def owt(tmp_path_factory):
+  """Twelve documents in a jsonl file, a parquet file and three txt files, and a byte-level BPE with GPT-2's EOS
+  trained on them here, saved both as tokenizer.json and as vocab.json + merges.txt."""
+  import pyarrow
+  import pyarrow.parquet
+  import tokenizers
+
+  rng = np.random.default_rng(1)
+  docs = [" ".join(rng.choice(WORDS, rng.integers(5, 40))) + ("\n" if i % 2 else "") for i in range(12)]
+  root = tmp_path_factory.mktemp("owt")
+  (root / "corpus").mkdir()
+  with open(root / "corpus" / "a.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[:5]))
+  pyarrow.parquet.write_table(pyarrow.table({"text": docs[5:9]}), root / "corpus" / "b.parquet")
+  for i, d in enumerate(docs[9:]):
+    (root / "corpus" / f"c{i}.txt").write_text(d)
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(docs, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+  bpe.save(str(root / "tokenizer.json"))
+  (root / "vocab").mkdir()
+  bpe.save_model(str(root / "vocab"))
+  return root, docs
+
+
+def test_openwebtext_prepares_documents_in_order_with_eos_and_the_last_ones_held_out(tmp_path, owt):
+  root, docs = owt
+  tok = openwebtext.Gpt2Tokenizer(str(root / "tokenizer.json"))
+  from_pair = openwebtext.Gpt2Tokenizer(str(root / "vocab"))
+  for doc in docs:
+    assert tok.decode(tok.encode(doc.encode())) == doc.encode()
+    assert np.array_equal(tok.encode(doc), from_pair.encode(doc))
+  metadata = prepare.prepare_openwebtext([str(root / "corpus")], str(root / "tokenizer.json"), str(tmp_path),
+                                         seq_len=32, validation_documents=3, chunk=2)
+  for split, chosen in (("train", docs[:9]), ("validation", docs[9:])):
+    rows = prepared.PreparedSplit(str(tmp_path), split).read_all()
+    expected = np.concatenate([np.append(tok.encode(d), tok.eos_id) for d in chosen])
+    assert np.array_equal(rows[:, 0][rows[:, 1] > 0], expected)
+    assert metadata["splits"][split]["documents"] == len(chosen)
+  assert metadata["tokenizer"]["kind"] == "gpt2" and metadata["separator"] == tok.eos_id
+  config = DataConfig(name="openwebtext", tokenizer="gpt2", tokenizer_path=str(root / "tokenizer.json"), seq_len=32,
+                      prepared_dir=str(tmp_path))
+  data = pipeline.build_data(config, batch_size=2, seed=0)
+  assert data.tokenizer.vocab_size == tok.vocab_size and data.val_windows.shape[1] == 32
+  # A different tokenizer file (the same merges, one token fewer) is refused by its fingerprint.
+  other = root / "other.json"
+  spec = json.loads((root / "tokenizer.json").read_text())
+  spec["model"]["vocab"].pop(next(iter(spec["model"]["vocab"])))
+  other.write_text(json.dumps(spec))
+  with pytest.raises(ValueError, match="tokenizer_sha256: shards"):
+    pipeline.build_data(dataclasses.replace(config, tokenizer_path=str(other)), batch_size=2, seed=0)
+
+
+def test_openwebtext_sources_and_tokenizer_missing_say_what_to_do(tmp_path, owt):
+  root, _ = owt
+  with pytest.raises(ValueError, match="holds no .jsonl/.parquet/.txt files; download the corpus"):
+    prepare.prepare_openwebtext([str(tmp_path / "nothing")], str(root / "tokenizer.json"), str(tmp_path / "out"))
+  with pytest.raises(ValueError, match="does not exist: copy GPT-2's tokenizer.json"):
+    prepare.prepare_openwebtext([str(root / "corpus")], str(tmp_path / "tok.json"), str(tmp_path / "out"))
+  with pytest.raises(ValueError, match=r"validation_documents must lie in \(0, 12\)"):
+    prepare.prepare_openwebtext([str(root / "corpus")], str(root / "tokenizer.json"), str(tmp_path / "out"),
+                                validation_documents=12)

@@ -14,7 +14,7 @@ import numpy as np
 
 from d3pm_jax import _checks
 
-TOKENIZERS = ("bytes", "sentencepiece", "text8")
+TOKENIZERS = ("bytes", "sentencepiece", "text8", "gpt2")
 # Runs that bypass the sentencepiece model: undecodable bytes (surrogate escapes) and the whitespace mark U+2581.
 _RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
@@ -114,6 +114,12 @@ def make_tokenizer(name: str, model_path: str | None = None):
   if name == "text8":
     from d3pm_jax.data.text8 import Text8Tokenizer
     return Text8Tokenizer()
+  if name == "gpt2":
+    if not model_path:
+      raise ValueError("tokenizer 'gpt2' needs data.tokenizer_path (GPT-2's tokenizer.json, or a directory with "
+                       "vocab.json and merges.txt)")
+    from d3pm_jax.data.openwebtext import Gpt2Tokenizer
+    return Gpt2Tokenizer(model_path)
   if not model_path:
     raise ValueError("tokenizer 'sentencepiece' needs data.tokenizer_path (a .model file)")
   return SentencePieceTokenizer(model_path)

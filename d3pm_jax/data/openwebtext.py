@@ -1,0 +1,117 @@
+"""OpenWebText from local files, tokenised with GPT-2's byte-level BPE from local tokenizer files (MD4, MDLM and
+SEDD's setup: documents joined with EOS, cut into rows of 1024, the last 100k documents held out for validation).
+
+Documents are read from ``.jsonl`` (one JSON object per line with a ``"text"`` field), ``.parquet`` (a ``text``
+column; needs pyarrow) or ``.txt`` (a whole file is one document) files, in sorted path order, so the split is
+the same on every machine. The tokenizer is ``tokenizer.json`` (Hugging Face ``tokenizers``) or a directory holding
+GPT-2's ``vocab.json`` and ``merges.txt``; both need the ``tokenizers`` package (the ``openwebtext`` extra).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib
+import json
+import os
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+EXTENSIONS = (".jsonl", ".parquet", ".txt")
+
+
+def _need(module: str, extra: str = "openwebtext"):
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ValueError(f"preparing OpenWebText needs the '{module}' package: pip install -e '.[{extra}]'") from e
+
+
+def list_files(sources) -> list[str]:
+  """The document files named by ``sources`` (files, directories or glob patterns), sorted; refuses a source
+  that matches nothing and files of another kind, naming them."""
+  files = []
+  for source in sources:
+    if os.path.isdir(source):
+      matched = [os.path.join(d, f) for d, _, names in os.walk(source) for f in names if f.endswith(EXTENSIONS)]
+    else:
+      matched = glob.glob(source)
+    if not matched:
+      raise ValueError(f"OpenWebText source {source!r} holds no {'/'.join(EXTENSIONS)} files; download the corpus "
+                       f"on a machine with network access (e.g. the Hugging Face 'Skylion007/openwebtext' parquet "
+                       f"files) and pass their directory with --source")
+    bad = [f for f in matched if not f.endswith(EXTENSIONS)]
+    if bad:
+      raise ValueError(f"unsupported OpenWebText files {bad[:3]}; valid extensions: {list(EXTENSIONS)}")
+    files += matched
+  return sorted(set(files))
+
+
+def iter_documents(files):
+  """Every document's text (str) of ``files``, in order."""
+  for path in files:
+    if path.endswith(".jsonl"):
+      with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+          if line.strip():
+            record = json.loads(line)
+            if "text" not in record:
+              raise ValueError(f"{path}:{number} has no 'text' field; it has {sorted(record)}")
+            yield record["text"]
+    elif path.endswith(".parquet"):
+      table = _need("pyarrow.parquet").read_table(path, columns=["text"])
+      yield from table.column("text").to_pylist()
+    else:
+      with open(path, encoding="utf-8") as f:
+        yield f.read()
+
+
+def count_documents(files) -> int:
+  return sum(1 for _ in iter_documents(files))
+
+
+@dataclasses.dataclass
+class Gpt2Tokenizer:
+  """GPT-2's byte-level BPE from ``path``: a ``tokenizer.json`` file, or a directory with ``vocab.json`` and
+  ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
+  path: str
+
+  def __post_init__(self):
+    tokenizers = _need("tokenizers")
+    if os.path.isdir(self.path):
+      vocab, merges = os.path.join(self.path, "vocab.json"), os.path.join(self.path, "merges.txt")
+      if not (os.path.exists(vocab) and os.path.exists(merges)):
+        raise ValueError(f"{self.path} should hold GPT-2's vocab.json and merges.txt (or pass a tokenizer.json)")
+      self._files = [vocab, merges]
+      self._tok = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+    elif os.path.isfile(self.path):
+      self._files = [self.path]
+      self._tok = tokenizers.Tokenizer.from_file(self.path)
+    else:
+      raise ValueError(f"GPT-2 tokenizer {self.path!r} does not exist: copy GPT-2's tokenizer.json (or vocab.json "
+                       f"and merges.txt) there and pass it with --tokenizer_path / data.tokenizer_path")
+    self.eos_id = self._tok.token_to_id(EOS)
+    if self.eos_id is None:
+      raise ValueError(f"the tokenizer at {self.path} has no {EOS} token")
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def encode(self, data: bytes | str) -> np.ndarray:
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    return np.asarray(self._tok.encode(text).ids, np.int32)
+
+  def encode_batch(self, texts) -> list:
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
+
+  def decode(self, ids) -> bytes:
+    return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
+
+  def fingerprint(self) -> str:
+    digest = hashlib.sha256()
+    for name in self._files:
+      with open(name, "rb") as f:
+        digest.update(f.read())
+    return digest.hexdigest()
