@@ -137,3 +137,28 @@ def test_scanned_layers_are_the_python_loop_over_the_same_weights():
                                   unstack(jax.grad(lambda p: loss(scanned, p))(stacked)),
                                   jax.grad(lambda p: loss(plain, p))(unstack(stacked)))
   assert max(jax.tree_util.tree_leaves(errors)) < 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_packed_documents_do_not_see_each_other(scan_layers):
+  """A row packing document A (positions 0-5) and document B (6-12), then 3 padding positions: A's logits equal
+  A's alone (B replaced by padding), B's equal B's alone at the start of a row (rotary scores are relative), and
+  changing B or the padding leaves A's logits unchanged."""
+  model = Transformer(tiny(scan_layers=scan_layers))
+  a = jax.random.randint(jax.random.PRNGKey(0), (1, 6), 0, 11)
+  b = jax.random.randint(jax.random.PRNGKey(1), (1, 7), 0, 11)
+  row = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3])
+  params = model.init(jax.random.PRNGKey(2), row)
+  packed = model.apply(params, row, segments_BxL=segments)
+  a_alone = model.apply(params, jnp.concatenate([a, jnp.zeros((1, 10), jnp.int32)], axis=1),
+                        segments_BxL=jnp.array([[1] * 6 + [0] * 10]))
+  b_alone = model.apply(params, jnp.concatenate([b, jnp.zeros((1, 9), jnp.int32)], axis=1),
+                        segments_BxL=jnp.array([[1] * 7 + [0] * 9]))
+  np.testing.assert_allclose(packed[:, :6], a_alone[:, :6], atol=1e-5)
+  np.testing.assert_allclose(packed[:, 6:13], b_alone[:, :7], atol=1e-4)
+  changed = model.apply(params, row.at[0, 8].set((row[0, 8] + 1) % 11).at[0, 14].set(5), segments_BxL=segments)
+  np.testing.assert_array_equal(packed[:, :6], changed[:, :6])
+  assert not np.allclose(packed[:, 6:13], changed[:, 6:13])
+  # Without segment ids the same row mixes the documents.
+  assert not np.allclose(model.apply(params, row)[:, :6], a_alone[:, :6], atol=1e-3)

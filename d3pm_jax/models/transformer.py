@@ -108,12 +108,20 @@ def rotary(x_BxLxHxK, base: float, positions_L=None):
   return out.reshape(x_BxLxHxK.shape).astype(x_BxLxHxK.dtype)
 
 
+def segment_mask(segments_BxL):
+  """``[B, 1, L, L]`` bool: query i sees key j when both lie in the same document of a packed row (the same
+  non-zero segment id); padding (segment 0) is seen by nobody."""
+  return ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
+
+
 def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None):
   """Softmax attention with heads moved next to the batch, so both products are plain batched matmuls, the
   1/sqrt(K) scale applied to q and the softmax normalisation applied to the [B, H, L, K] output rather than to the
   [B, H, L, L] weights. On CPU this is about 15% faster forward and backward than the XLA path of
-  ``jax.nn.dot_product_attention``; ``tests/test_model.py`` checks the two agree. ``kv_valid_M`` (bool over the
-  key positions) hides keys, as a KV cache's unwritten slots must be."""
+  ``jax.nn.dot_product_attention``; ``tests/test_model.py`` checks the two agree. ``kv_valid_M`` (bool, broadcast
+  against the ``[B, H, L, M]`` scores) hides keys: a KV cache's unwritten slots, or other documents of a packed
+  row (``segment_mask``). A query that sees no key (padding) gets an average of all values, which the loss
+  weights away."""
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores_BxHxLxL = jnp.matmul(q * (1.0 / math.sqrt(q.shape[-1])), jnp.swapaxes(k, -1, -2),
                               preferred_element_type=jnp.float32)
@@ -159,7 +167,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, segments_BxL=None):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     heads = (cfg.num_heads, head_dim)
@@ -186,7 +194,9 @@ class Attention(nn.Module):
                                 causal=False, kv_valid_M=visible)
         return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(
             out_BxLxHxK)
-    out_BxLxHxK = attention(rotary(q, cfg.rope_base), rotary(k, cfg.rope_base), v, causal=cfg.causal)
+    # Rotary scores depend only on the offset between positions, so row positions serve documents packed in a row.
+    out_BxLxHxK = attention(rotary(q, cfg.rope_base), rotary(k, cfg.rope_base), v, causal=cfg.causal,
+                            kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL))
     return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(out_BxLxHxK)
 
 
@@ -210,7 +220,7 @@ class Block(nn.Module):
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, cond_BxC):
+  def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None):
     cfg = self.config
     if cond_BxC is None:
       mods = [None] * 6
@@ -220,16 +230,17 @@ class Block(nn.Module):
                      bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(cond_BxC)
       mods = jnp.split(mod[:, None, :], 6, axis=-1)
 
-    def branch(h, module, norm_name, shift, scale, gate):
+    def branch(h, module, norm_name, shift, scale, gate, *extra):
       y = Norm(cfg.norm, learned_scale=cond_BxC is None, name=norm_name)(h)
       if shift is not None:
         y = y * (1.0 + scale) + shift
       # The barrier makes XLA materialise the modulated input once; otherwise (on CPU) it fuses the norm and
       # modulation into each consuming matmul and recomputes them there: about 5% of a train step.
-      y = module(jax.lax.optimization_barrier(y.astype(cfg.compute_dtype)))
+      y = module(jax.lax.optimization_barrier(y.astype(cfg.compute_dtype)), *extra)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, name="attention"), "attention_norm", *mods[:3])
+    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, name="attention"), "attention_norm", *mods[:3],
+                     segments_BxL)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
@@ -259,13 +270,16 @@ def timestep_embedding(t_B, dim: int):
 
 
 class Transformer(nn.Module):
-  """``__call__(tokens_BxL, t_B=None, decode=False) -> logits_BxLxV`` in float32. ``decode=True`` runs the
-  causal model incrementally against a KV cache (``mutable=['cache']``)."""
+  """``__call__(tokens_BxL, t_B=None, decode=False, segments_BxL=None) -> logits_BxLxV`` in float32.
+  ``decode=True`` runs the causal model incrementally against a KV cache (``mutable=['cache']``).
+  ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, t_B=None, decode: bool = False):
+  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None):
     cfg = self.config
+    if segments_BxL is not None and decode:
+      raise ValueError("segment ids are for training and scoring packed rows, not for KV-cache decoding")
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
     x_BxLxD = _constrain(Embed(cfg, name="embed")(tokens_BxL), _RESIDUAL)
@@ -284,13 +298,13 @@ class Transformer(nn.Module):
       # Parameters (and KV caches) gain a leading 'layers' axis of size num_layers: params["blocks"][...].
       block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast,), length=cfg.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = blocks(cfg, decode, scanned=True, name="blocks")(x_BxLxD, cond_BxC)
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, name="blocks")(x_BxLxD, cond_BxC, segments_BxL)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
-        x_BxLxD = block(cfg, decode, name=f"block_{layer}")(x_BxLxD, cond_BxC)
+        x_BxLxD = block(cfg, decode, name=f"block_{layer}")(x_BxLxD, cond_BxC, segments_BxL)
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
       shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",
