@@ -68,19 +68,28 @@ def shift_right(tokens_BxL, bos: int):
 
 
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
-               evaluate: bool = False, weights_BxL=None) -> dict:
+               evaluate: bool = False, weights_BxL=None, segments_BxL=None) -> dict:
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
-  ``weights_BxL`` (1 real, 0 padding) removes padded positions from every sum."""
+  ``weights_BxL`` (1 real, 0 padding; default: ``segments_BxL > 0``, else all 1) removes padded positions from
+  every sum. ``segments_BxL`` (packed rows) keeps the network's attention within each document, and the AR
+  baseline starts every document from the start token, so a packed row scores as its documents apart."""
   pcfg = config.process
+  if weights_BxL is None and segments_BxL is not None:
+    weights_BxL = (segments_BxL > 0).astype(jnp.float32)
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
-    log_p = jax.nn.log_softmax(model.apply({"params": params}, shift_right(x0_BxL, bos))[..., :bos])
+    inputs_BxL = shift_right(x0_BxL, bos)
+    if segments_BxL is not None:  # a document's first token is predicted from the start token, not the last one
+      starts = segments_BxL != jnp.pad(segments_BxL, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+      inputs_BxL = jnp.where(starts, bos, inputs_BxL)
+    logits = model.apply({"params": params}, inputs_BxL, segments_BxL=segments_BxL)
+    log_p = jax.nn.log_softmax(logits[..., :bos])
     nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
     nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
     return {"loss": nll_B, "nelbo": nll_B}
 
   def logits_fn(x_t_BxL, t_B):
-    return model.apply({"params": params}, x_t_BxL, t_B)
+    return model.apply({"params": params}, x_t_BxL, t_B, segments_BxL=segments_BxL)
 
   if pcfg.loss == "d3pm":
     out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
