@@ -45,6 +45,10 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   config = checkpoints.load_experiment(workdir)
   params, step = checkpoints.restore_params(workdir, config, use_ema)
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
+  if data.val_segments is not None:
+    raise ValueError(f"{workdir} trained on {data.info['packing']!r} rows (several documents or padding per row); "
+                     f"d3pm-eval scores plain windows only so far; the train loop's validation "
+                     f"(metrics.jsonl, val_bits_per_token) does handle these rows")
   model = Transformer(config.model)
   process = state.build_process(config.process, config.model)
   pcfg = config.process

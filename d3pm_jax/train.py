@@ -71,6 +71,15 @@ def global_batch(sharding, local_BxL):
   return jax.make_array_from_process_local_data(sharding, local_BxL, global_shape)
 
 
+def place_batch(placement: Placement, local):
+  """This process's rows of a training batch on the mesh: the tokens, or (tokens, segment ids) for packed rows
+  (``[B_local, 2, L]`` from the pipeline)."""
+  local = np.asarray(local)
+  if local.ndim == 3:
+    return global_batch(placement.batch, local[:, 0]), global_batch(placement.batch, local[:, 1])
+  return global_batch(placement.batch, local)
+
+
 def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
   """``fn`` traced with the mesh and the logical-axis rules in scope, so the model's activation constraints
   (``with_logical_constraint``) become sharding constraints."""
@@ -80,37 +89,44 @@ def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
   return wrapped
 
 
-def _mean_per_token(values_B, x0_BxL):
-  return jnp.sum(values_B) / x0_BxL.size
+def _mean_per_token(values_B, x0_BxL, segments_BxL=None):
+  """Per real token: every position of a plain window, the non-padding positions of a packed row."""
+  if segments_BxL is None:
+    return jnp.sum(values_B) / x0_BxL.size
+  return jnp.sum(values_B) / jnp.maximum(jnp.sum(segments_BxL > 0), 1)
 
 
 def make_train_step(config: ExperimentConfig, model, process, optimizer):
-  """A pure step ``(state, batch_BxL) -> (state, metrics)``; the batch is split into ``grad_accum`` micro-batches
-  whose gradients are averaged before one update."""
+  """A pure step ``(state, batch) -> (state, metrics)``; ``batch`` is the tokens ``[B, L]``, or for packed rows
+  the pair (tokens, segment ids). It is split into ``grad_accum`` micro-batches whose gradients are averaged
+  before one update."""
   accum = config.train.grad_accum
 
-  def micro_loss(params, key, x0_BxL):
-    terms = loss_terms(config, model, process, params, key, x0_BxL)
-    return _mean_per_token(terms["loss"], x0_BxL), _mean_per_token(terms["nelbo"], x0_BxL)
+  def micro_loss(params, key, x0_BxL, segments_BxL):
+    terms = loss_terms(config, model, process, params, key, x0_BxL, segments_BxL=segments_BxL)
+    return (_mean_per_token(terms["loss"], x0_BxL, segments_BxL),
+            _mean_per_token(terms["nelbo"], x0_BxL, segments_BxL))
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def step(state: TrainState, batch_BxL):
+  def step(state: TrainState, batch):
     rng, step_rng = jax.random.split(state.rng)
-    micro_NxBxL = batch_BxL.reshape((accum, -1) + batch_BxL.shape[1:])
+    batch_BxL, segments_BxL = batch if isinstance(batch, tuple) else (batch, None)
+    micro = lambda a: None if a is None else a.reshape((accum, -1) + a.shape[1:])
 
     def accumulate(carry, inputs):
-      key, x0 = inputs
-      (loss, nelbo), grads = grad_fn(state.params, key, x0)
+      key, x0, segments = inputs
+      (loss, nelbo), grads = grad_fn(state.params, key, x0, segments)
       total_grads, total_loss, total_nelbo = carry
       return (jax.tree_util.tree_map(jnp.add, total_grads, grads), total_loss + loss, total_nelbo + nelbo), None
 
     keys = jax.random.split(step_rng, accum)
     if accum == 1:  # no accumulator buffers: they cost a full pass over the parameters
-      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL)
+      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL, segments_BxL)
     else:
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (keys, micro_NxBxL))
+      (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
+                                             (keys, micro(batch_BxL), micro(segments_BxL)))
       grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -124,8 +140,9 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
 
 
 def make_eval_step(config, model, process):
-  def eval_step(params, key, x0_BxL, weights_BxL):
-    return loss_terms(config, model, process, params, key, x0_BxL, evaluate=True, weights_BxL=weights_BxL)["nelbo"]
+  def eval_step(params, key, x0_BxL, weights_BxL, segments_BxL=None):
+    return loss_terms(config, model, process, params, key, x0_BxL, evaluate=True, weights_BxL=weights_BxL,
+                      segments_BxL=segments_BxL)["nelbo"]
   return eval_step
 
 
@@ -138,7 +155,8 @@ def compile_steps(config: ExperimentConfig, model, process, optimizer, placement
                        donate_argnums=(0,), in_shardings=(placement.state, placement.batch),
                        out_shardings=(placement.state, placement.replicated))
   eval_step = jax.jit(under_mesh_rules(make_eval_step(config, model, process), mesh, rules),
-                      in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch),
+                      in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch,
+                                    placement.batch),
                       out_shardings=placement.replicated)
   return train_step, eval_step
 
@@ -159,8 +177,9 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
     rows = chosen[start:start + batch]
     x0 = global_batch(placement.batch, data.val_windows[rows][mine])
     weights = data.val_weights[rows]
+    segments = None if data.val_segments is None else global_batch(placement.batch, data.val_segments[rows][mine])
     nats_B = eval_step(params, np.asarray(jax.random.fold_in(key, i)), x0,
-                       global_batch(placement.batch, weights[mine]))
+                       global_batch(placement.batch, weights[mine]), segments)
     acc.add(np.asarray(nats_B), weights.sum(axis=1))
   return acc.result()
 
@@ -212,7 +231,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   results = {}
   started = time.time()
   while step < last_step:
-    batch = global_batch(placement.batch, data.train_batches[next_batch])
+    batch = place_batch(placement, data.train_batches[next_batch])
     next_batch += 1
     state, metrics = train_step(state, batch)
     step += 1

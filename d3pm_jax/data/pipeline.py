@@ -52,10 +52,11 @@ def byte_features() -> np.ndarray:
 @dataclasses.dataclass
 class Data:
   tokenizer: object
-  train_batches: grain.MapDataset   # element i: the i-th batch of this process, int32 [B_local, L]
-  val_windows: np.ndarray           # [N, L]
+  train_batches: grain.MapDataset   # element i: this process's i-th batch, int32 [B_local, L] (or [B_local, 2, L]:
+  val_windows: np.ndarray           # [N, L]                               tokens and segment ids, packed rows)
   val_weights: np.ndarray           # [N, L]
   info: dict
+  val_segments: np.ndarray | None = None   # [N, L] segment ids of packed rows (0: padding); None: one text per row
 
 
 def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
@@ -112,17 +113,19 @@ def _stdlib(config: DataConfig, workdir: str | None):
   return tok, encoded, info
 
 
-class _Tokens:
-  """The token half of a prepared split's rows, as a random-access source for grain."""
+class _Rows:
+  """A prepared split's first ``length`` rows as a random-access source for grain: the tokens ``[L]``, or with
+  ``segments`` the whole row ``[2, L]`` (tokens, segment ids)."""
 
-  def __init__(self, split: prepared.PreparedSplit, length: int):
-    self.split, self.length = split, length
+  def __init__(self, split: prepared.PreparedSplit, length: int, segments: bool):
+    self.split, self.length, self.segments = split, length, segments
 
   def __len__(self) -> int:
     return self.length
 
   def __getitem__(self, index):
-    return self.split[int(index)][0]
+    row = self.split[int(index)]
+    return row if self.segments else row[0]
 
 
 def check_prepared(metadata: dict, config: DataConfig, where: str) -> None:
@@ -141,24 +144,26 @@ def check_prepared(metadata: dict, config: DataConfig, where: str) -> None:
   if diffs:
     raise ValueError(f"the prepared shards in {where} do not match the config ({'; '.join(diffs)}); prepare the "
                      f"data again with the config's settings or point data.prepared_dir elsewhere")
-  if metadata["packing"] != "stream":
-    raise ValueError(f"{where} holds {metadata['packing']!r} rows (several documents or padding per row); "
-                     f"training reads only 'stream' rows until attention masks by segment")
 
 
 def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
   """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
-  validation is read into memory."""
+  validation is read into memory. ``stream`` rows are plain token windows (the padded last training row dropped);
+  ``packed`` and ``padded`` rows carry their segment ids to the model and the loss."""
   metadata = prepared.load_metadata(config.prepared_dir)
   check_prepared(metadata, config, config.prepared_dir)
+  segmented = metadata["packing"] != "stream"
   train = prepared.PreparedSplit(config.prepared_dir, "train")
-  usable = len(train) - (1 if len(train) and train[len(train) - 1][1].min() == 0 else 0)  # drop a padded last row
+  usable = len(train)
+  if not segmented and usable and train[usable - 1][1].min() == 0:
+    usable -= 1
   val = prepared.PreparedSplit(config.prepared_dir, "validation").read_all()
   tok = tokenizers.make_tokenizer(metadata["tokenizer"]["kind"], config.tokenizer_path or None)
-  info = {"prepared_dir": config.prepared_dir, "splits": metadata["splits"], "source": metadata["source"],
-          "train_windows": usable, "validation_windows": int(val.shape[0])}
-  return Data(tokenizer=tok, train_batches=train_batches(_Tokens(train, usable), batch_size, seed),
-              val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info)
+  info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
+          "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
+  return Data(tokenizer=tok, train_batches=train_batches(_Rows(train, usable, segmented), batch_size, seed),
+              val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
+              val_segments=val[:, 1] if segmented else None)
 
 
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None) -> Data:
