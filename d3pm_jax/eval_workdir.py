@@ -45,35 +45,34 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   config = checkpoints.load_experiment(workdir)
   params, step = checkpoints.restore_params(workdir, config, use_ema)
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
-  if data.val_segments is not None:
-    raise ValueError(f"{workdir} trained on {data.info['packing']!r} rows (several documents or padding per row); "
-                     f"d3pm-eval scores plain windows only so far; the train loop's validation "
-                     f"(metrics.jsonl, val_bits_per_token) does handle these rows")
   model = Transformer(config.model)
   process = state.build_process(config.process, config.model)
   pcfg = config.process
-  logits_fn = lambda params, x_t, t_B: model.apply({"params": params}, x_t, t_B)
+  # Packed rows (segment ids) keep the network's attention within each document.
+  logits_fn = lambda params, segments, x_t, t_B: model.apply({"params": params}, x_t, t_B, segments_BxL=segments)
 
-  def ar_nll(params, key, x0_BxL, weights_BxL):
-    return {"nelbo": state.loss_terms(config, model, None, params, key, x0_BxL, True, weights_BxL)["nelbo"]}
+  def ar_nll(params, key, x0_BxL, weights_BxL, segments_BxL):
+    return {"nelbo": state.loss_terms(config, model, None, params, key, x0_BxL, True, weights_BxL,
+                                      segments_BxL)["nelbo"]}
 
-  def continuous(params, key, x0_BxL, weights_BxL):
-    out = evaluate.continuous_nelbo(process, functools.partial(logits_fn, params), key, x0_BxL,
+  def continuous(params, key, x0_BxL, weights_BxL, segments_BxL):
+    out = evaluate.continuous_nelbo(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,
                                     num_time_samples=time_samples, kind="ctmc" if pcfg.loss == "d3pm" else pcfg.loss,
                                     weights_BxL=weights_BxL)
     return {"nelbo": out["nelbo"], "times_KxB": out["times_KxB"], "integrand_KxB": out["integrand_KxB"]}
 
-  def exact(params, key, x0_BxL, weights_BxL):
-    return {"nelbo": losses.d3pm_vlb_exact(process, functools.partial(logits_fn, params), key, x0_BxL,
+  def exact(params, key, x0_BxL, weights_BxL, segments_BxL):
+    return {"nelbo": losses.d3pm_vlb_exact(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,
                                            pcfg.num_steps, weights_BxL)}
 
   rows = pipeline.spread_rows(data.val_windows.shape[0], max_windows)
   windows, weights = data.val_windows[rows], data.val_weights[rows].astype(np.float32)
+  segments = None if data.val_segments is None else data.val_segments[rows]
   tokens = weights.sum(axis=1)
   byte_counts = evaluate.window_bytes(data.tokenizer, windows, weights) if data.tokenizer is not None else None
   key = jax.random.PRNGKey(seed)
-  first = _per_window(ar_nll if pcfg.is_autoregressive else continuous, params, key, windows, weights, batch,
-                      progress, "exact NLL" if pcfg.is_autoregressive else "continuous bound")
+  first = _per_window(ar_nll if pcfg.is_autoregressive else continuous, params, key, windows, weights, segments,
+                      batch, progress, "exact NLL" if pcfg.is_autoregressive else "continuous bound")
   nats = first["nelbo"]
   result = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "process": pcfg.name,
             "loss": pcfg.loss, "settings": settings, "windows": len(rows),
@@ -83,8 +82,9 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   if pcfg.loss == "d3pm":
     result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts)
     subset = pipeline.spread_rows(len(rows), exact_windows)
-    exact_nats = _per_window(exact, params, jax.random.fold_in(key, 1), windows[subset], weights[subset], batch,
-                             progress, f"exact VLB, T = {pcfg.num_steps} calls per window")["nelbo"]
+    exact_nats = _per_window(exact, params, jax.random.fold_in(key, 1), windows[subset], weights[subset],
+                             None if segments is None else segments[subset], batch, progress,
+                             f"exact VLB, T = {pcfg.num_steps} calls per window")["nelbo"]
     nats = np.full(len(rows), np.nan)
     nats[subset] = exact_nats
     result["exact_windows"] = len(subset)
@@ -112,20 +112,20 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   return result
 
 
-def _per_window(fn, params, key, windows_NxL, weights_NxL, batch: int, progress, label: str) -> dict:
-  """``fn(params, key, x0_BxL, weights_BxL) -> {name: [..., B]}`` over all windows in whole batches of one
-  compiled shape (the last padded with weight-0 rows, then dropped); arrays concatenated on their last axis in
-  float64."""
+def _per_window(fn, params, key, windows_NxL, weights_NxL, segments_NxL, batch: int, progress, label: str) -> dict:
+  """``fn(params, key, x0_BxL, weights_BxL, segments_BxL or None) -> {name: [..., B]}`` over all windows in whole
+  batches of one compiled shape (the last padded with weight-0 rows, then dropped); arrays concatenated on their
+  last axis in float64."""
   step_fn = jax.jit(fn)
   n = len(windows_NxL)
-  pad = -n % batch
-  windows = np.concatenate([windows_NxL, np.zeros((pad, windows_NxL.shape[1]), windows_NxL.dtype)])
-  weights = np.concatenate([weights_NxL, np.zeros((pad, weights_NxL.shape[1]), weights_NxL.dtype)])
+  pad = lambda a: None if a is None else np.concatenate([a, np.zeros((-n % batch, a.shape[1]), a.dtype)])
+  windows, weights, segments = pad(windows_NxL), pad(weights_NxL), pad(segments_NxL)
   collected: dict[str, list] = {}
   start = time.time()
   for i in range(0, len(windows), batch):
     out = jax.device_get(step_fn(params, jax.random.fold_in(key, i), jnp.asarray(windows[i:i + batch], jnp.int32),
-                                 jnp.asarray(weights[i:i + batch])))
+                                 jnp.asarray(weights[i:i + batch]),
+                                 None if segments is None else jnp.asarray(segments[i:i + batch], jnp.int32)))
     for name, value in out.items():
       collected.setdefault(name, []).append(np.asarray(value, np.float64))
     if progress is not None:
@@ -179,10 +179,13 @@ def generation_quality(config, model, process, params, evaluator, step_counts, n
 
 def infilling_quality(config, model, process, params, data, *, span_start: int, span_length: int, num_steps: int,
                       num_windows: int, evaluator=None, seed: int = 0) -> dict:
-  """Fills a held-out span of ``num_windows`` unpadded validation windows (spread over the split) with every
-  sampling strategy the process supports; token accuracy of the span, and with ``evaluator``
+  """Fills a held-out span of ``num_windows`` unpadded one-document validation windows (spread over the split)
+  with every sampling strategy the process supports; token accuracy of the span, and with ``evaluator``
   (``load_evaluator``'s triple) the evaluator's perplexity of the filled windows."""
-  full = np.flatnonzero(data.val_weights.min(axis=1) > 0)
+  whole = data.val_weights.min(axis=1) > 0  # unpadded windows, of one document where rows are packed
+  if data.val_segments is not None:
+    whole &= (data.val_segments == 1).all(axis=1)
+  full = np.flatnonzero(whole)
   rows = full[pipeline.spread_rows(len(full), num_windows)]
   windows = data.val_windows[rows]
   strategies = ["ancestral", "confidence"] if isinstance(process, AbsorbingProcess) else ["ancestral"]

@@ -165,17 +165,23 @@ def test_openwebtext_sources_and_tokenizer_missing_say_what_to_do(tmp_path, owt)
                                 validation_documents=12)
 
 
-@pytest.fixture(scope="module")
-def padded_dir(tmp_path_factory):
-  """Random byte documents of 1-20 tokens prepared one per row (padded to 16, wrapped), as the stdlib data set."""
-  out = str(tmp_path_factory.mktemp("padded"))
+def prepare_random_documents(out, packing):
+  """Random byte documents of 1-20 tokens prepared in rows of 16, as the stdlib data set; returns the validation
+  documents."""
   rng = np.random.default_rng(5)
   splits = {split: [rng.integers(0, 256, rng.integers(1, 21)) for _ in range(count)]
             for split, count in (("train", 300), ("validation", 40))}
-  infos = {split: prepared.prepare_split(out, split, docs, 16, "padded") for split, docs in splits.items()}
-  prepared.write_metadata(out, {"dataset": "stdlib", "seq_len": 16, "packing": "padded", "separator": None,
+  infos = {split: prepared.prepare_split(out, split, docs, 16, packing) for split, docs in splits.items()}
+  prepared.write_metadata(out, {"dataset": "stdlib", "seq_len": 16, "packing": packing, "separator": None,
                                 "tokenizer": prepare.tokenizer_fingerprint(tokenizers.ByteTokenizer()),
                                 "splits": infos, "source": {"validation_permille": 20}})
+  return splits["validation"]
+
+
+@pytest.fixture(scope="module")
+def padded_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("padded"))
+  prepare_random_documents(out, "padded")
   return out
 
 
@@ -214,6 +220,32 @@ def test_training_on_padded_rows_evaluates_real_tokens_only(tmp_path, padded_dir
   assert result["validation"]["tokens"] == int(data.val_weights[pipeline.spread_rows(len(data.val_windows),
                                                                                       evaluated)].sum())
   assert np.isfinite(result["validation"]["bits_per_token"])
+
+
+def test_d3pm_eval_scores_a_packed_row_as_its_documents_apart(tmp_path):
+  """An AR baseline trained on packed rows: d3pm-eval's NLL of the whole validation split equals the sum, over
+  the validation documents (cut where a row ends, as packing cuts them), of the model's NLL of each piece alone,
+  computed position by position."""
+  from d3pm_jax import checkpoints, train
   from d3pm_jax.eval_workdir import evaluate_workdir
-  with pytest.raises(ValueError, match="'padded' rows .* d3pm-eval scores plain windows only so far"):
-    evaluate_workdir(str(tmp_path))
+  from test_eval_cli import direct_ar_nats
+  docs = prepare_random_documents(str(tmp_path / "packed"), "packed")
+  base = experiment("autoregressive", steps=2, eval_every=2)
+  config = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_dir=str(tmp_path / "packed")))
+  train.train_and_evaluate(config, str(tmp_path / "run"), quiet=True)
+  result = evaluate_workdir(str(tmp_path / "run"), batch=8, infill_windows=0)
+  params, _ = checkpoints.restore_params(str(tmp_path / "run"), config)
+  pieces, position = [], 0
+  for doc in docs:
+    while doc.size:
+      take = min(doc.size, 16 - position % 16)
+      pieces.append(doc[:take])
+      doc, position = doc[take:], position + take
+  alone = 0.0
+  for piece in pieces:
+    window = np.zeros((1, 16), np.int64)
+    window[0, :piece.size] = piece
+    alone += direct_ar_nats(config, params, window, (np.arange(16) < piece.size)[None].astype(np.float64))
+  like = result["likelihood"]
+  assert like["tokens"] == sum(d.size for d in docs)
+  assert like["nats_per_token"] * like["tokens"] == pytest.approx(alone, rel=1e-5)
