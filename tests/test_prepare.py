@@ -249,3 +249,24 @@ def test_d3pm_eval_scores_a_packed_row_as_its_documents_apart(tmp_path):
   like = result["likelihood"]
   assert like["tokens"] == sum(d.size for d in docs)
   assert like["nats_per_token"] * like["tokens"] == pytest.approx(alone, rel=1e-5)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_processes_read_disjoint_complete_rows_of_prepared_shards(tmp_path, processes):
+  """Packed rows read from shards by 1, 2 or 4 processes: each global batch is the same, its rows split without
+  overlap, and one epoch's batches read every row once."""
+  prepare_random_documents(str(tmp_path), "packed")
+  split = prepared.PreparedSplit(str(tmp_path), "train")
+  source = pipeline.PreparedRows(split, len(split), segments=True)
+  whole = pipeline.train_batches(source, 8, seed=2, process_index=0, process_count=1)
+  shares = [pipeline.train_batches(source, 8, seed=2, process_index=p, process_count=processes)
+            for p in range(processes)]
+  all_rows = split.read_all()
+  row_ids = {row.tobytes(): i for i, row in enumerate(all_rows)}  # rows are distinct random documents
+  seen = []
+  for i in range(len(split) // 8):
+    parts = [np.asarray(s[i]) for s in shares]
+    assert all(part.shape == (8 // processes, 2, 16) for part in parts)
+    np.testing.assert_array_equal(np.concatenate(parts), whole[i])
+    seen += [row_ids[row.tobytes()] for part in parts for row in part]
+  assert len(seen) == len(set(seen)) == len(split) // 8 * 8

@@ -113,7 +113,7 @@ def _stdlib(config: DataConfig, workdir: str | None):
   return tok, encoded, info
 
 
-class _Rows:
+class PreparedRows:
   """A prepared split's first ``length`` rows as a random-access source for grain: the tokens ``[L]``, or with
   ``segments`` the whole row ``[2, L]`` (tokens, segment ids)."""
 
@@ -161,7 +161,7 @@ def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
   tok = tokenizers.make_tokenizer(metadata["tokenizer"]["kind"], config.tokenizer_path or None)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
-  return Data(tokenizer=tok, train_batches=train_batches(_Rows(train, usable, segmented), batch_size, seed),
+  return Data(tokenizer=tok, train_batches=train_batches(PreparedRows(train, usable, segmented), batch_size, seed),
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
               val_segments=val[:, 1] if segmented else None)
 
