@@ -292,8 +292,8 @@ def format_report(summary: dict, results: dict) -> str:
   listing = ", ".join(f"`{name}` ({run['config']})" for name, run in runs.items())
   lines = ["# Comparison of corruption processes", "",
            f"Runs {listing}, trained and evaluated by `d3pm-compare` on {machine['device']} ({machine['cpus']} CPUs, "
-           f"{machine['platform']}, JAX {machine['jax']}, float32 matmul {machine['matmul_gflops']} GFLOP/s measured "
-           f"by the d3pm-compare invocation that last trained a run). Evaluation settings, the same for every run: "
+           f"{machine['platform']}, JAX {machine['jax']}, float32 matmul {machine['matmul_gflops']} GFLOP/s, measured "
+           f"by d3pm-compare when it last trained a run or first found them all trained). Evaluation settings, the same for every run: "
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
            "## Likelihood on the validation split", "",
            "± is a 95% interval over windows. The last column is the run's bound minus the reference run's "
