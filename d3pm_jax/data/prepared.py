@@ -47,7 +47,6 @@ class Packer:
     self.seq_len, self.packing, self.separator = seq_len, packing, separator
     self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
-    self._next_doc = 0
     self.documents = 0
     self.tokens = 0
 
@@ -55,13 +54,12 @@ class Packer:
     docs = [np.asarray(d, np.int32).ravel() for d in documents]
     if self.separator is not None:
       docs = [np.append(d, np.int32(self.separator)) for d in docs]
+    first = self.documents  # the index of this chunk's first document in the whole stream
     self.documents += len(docs)
     self.tokens += sum(d.size for d in docs)
     if self.packing == "padded":
       return self._padded(docs)
-    lengths = np.array([d.size for d in docs], np.int64)
-    ids = np.repeat(np.arange(self._next_doc, self._next_doc + len(docs)), lengths)
-    self._next_doc += len(docs)
+    ids = np.repeat(np.arange(first, self.documents), np.array([d.size for d in docs], np.int64))
     tokens = np.concatenate([self._tokens] + docs) if docs else self._tokens
     doc_ids = np.concatenate([self._docs, ids])
     full = tokens.size // self.seq_len * self.seq_len
