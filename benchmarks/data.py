@@ -18,7 +18,9 @@ from d3pm_jax import prepare
 from d3pm_jax.config import from_config, stdlib_tiny
 from d3pm_jax.data import pipeline
 
-from train_step import bench, matmul_peak  # noqa: E402 - the sibling benchmark's train-step timer
+from d3pm_jax.metrics import matmul_peak
+
+from train_step import bench  # the sibling benchmark's train-step timer
 
 
 def pipeline_tokens_per_second(prepared_dir: str, batch_size: int, batches: int) -> dict:

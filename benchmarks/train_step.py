@@ -12,26 +12,12 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from d3pm_jax import train
 from d3pm_jax.config import from_config, stdlib_tiny
+from d3pm_jax.metrics import matmul_peak
 from d3pm_jax.models.transformer import Transformer, count_params, forward_flops_per_token
-
-
-def matmul_peak(n: int = 1024, reps: int = 30) -> float:
-  """Best float32 GFLOP/s of an n x n matmul chain."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ a)
-  x = f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    x = f(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-    x = x / jnp.max(jnp.abs(x))
-  return 2 * n ** 3 / best / 1e9
 
 
 def bench(name: str, cfg, steps: int, peak: float) -> dict:

@@ -19,13 +19,11 @@ import json
 import math
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, plots, sampling, train
+from d3pm_jax import checkpoints, evaluate, metrics, plots, sampling, train
 from d3pm_jax.config import from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.eval_workdir import evaluate_workdir
@@ -115,19 +113,6 @@ def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=
   return config, ("resumed" if progress else "trained"), data
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-  """This machine's float32 matmul rate in GFLOP/s (best of ``repeats``), to state beside wall times."""
-  a = jnp.ones((size, size), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best / 1e9
-
-
 # ---------------------------------------------------------------- evaluation
 
 def eval_settings_with_defaults(given: dict) -> dict:
@@ -215,7 +200,7 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
   machine = previous.get("machine")
   if machine is None or any(r["status"] != "reused" for r in runs.values()):
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-               "device": jax.devices()[0].device_kind, "matmul_gflops": round(matmul_gflops(), 1)}
+               "device": jax.devices()[0].device_kind, "matmul_gflops": round(metrics.matmul_peak(), 1)}
 
   ar_runs = [n for n, c in configs.items() if c.process.is_autoregressive]
   scorer = os.path.join(workdir, ar_runs[0]) if ar_runs else evaluator

@@ -1,5 +1,5 @@
-"""Metrics of a run: ``metrics.jsonl`` and TensorBoard events written by process 0, and a console progress
-line."""
+"""Metrics of a run: ``metrics.jsonl`` and TensorBoard events written by process 0, a console progress line, and
+the machine's float32 matmul rate that throughput figures are quoted against."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 class MetricsWriter:
@@ -54,3 +55,18 @@ class MetricsWriter:
   def log(self, text: str) -> None:
     if not self.quiet:
       print(text, flush=True)
+
+
+def matmul_peak(n: int = 1024, reps: int = 30) -> float:
+  """Best float32 GFLOP/s of an n x n matmul chain on the default device: the peak that MFU and wall times are
+  quoted against (measured in the same process, since the machine's speed varies from day to day)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ a)
+  x = f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    x = f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+    x = x / jnp.max(jnp.abs(x))
+  return 2 * n ** 3 / best / 1e9
