@@ -23,11 +23,9 @@ import platform
 import jax
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, metrics, plots, sampling, train
-from d3pm_jax.config import from_config
-from d3pm_jax.data import pipeline
+from d3pm_jax import checkpoints, evaluate, metrics, plots, sampling, state, train
 from d3pm_jax.eval_workdir import evaluate_workdir
-from d3pm_jax.models.transformer import count_params
+from d3pm_jax.models.transformer import Transformer, count_params
 
 PLOTS = ("val_loss_vs_tokens.png", "gen_ppl_vs_steps.png", "loss_vs_t.png")
 
@@ -98,9 +96,7 @@ def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=
   """Trains ``raw_config`` into ``workdir`` to its ``train.steps``: nothing when a checkpoint is already there,
   resumed from the latest checkpoint otherwise. Returns ``(config, status, data)`` with status 'reused', 'resumed'
   or 'trained'. A workdir holding another experiment is refused."""
-  preliminary = from_config(raw_config, vocab_size=2)  # validates every key before any work
-  data = pipeline.build_data(preliminary.data, preliminary.train.batch_size, preliminary.train.seed, workdir)
-  config = from_config(raw_config, vocab_size=pipeline.vocab_size_of(data, preliminary.data))
+  config, data = train.build_experiment(raw_config, workdir)
   progress = checkpoints.read_progress(workdir)
   if progress is not None:
     checkpoints.check_compatible(checkpoints.fingerprint(checkpoints.load_experiment(workdir)),
@@ -129,23 +125,27 @@ def eval_settings_with_defaults(given: dict) -> dict:
   return out
 
 
-def ensure_evaluated(workdir: str, settings: dict, evaluator: str | None, log=print) -> dict:
-  """``(result, evaluated)``: ``workdir``'s ``eval.json`` and False when it evaluated the latest checkpoint with
-  these settings (and the evaluator's current checkpoint); otherwise a fresh ``evaluate_workdir`` and True."""
+def ensure_evaluated(workdir: str, step: int, settings: dict, evaluator: str | None, evaluator_step: int | None,
+                     log=print) -> tuple[dict, bool]:
+  """``(result, evaluated)``: ``workdir``'s ``eval.json`` and False when it evaluated checkpoint ``step`` with
+  these settings (and the evaluator's checkpoint ``evaluator_step``); otherwise a fresh ``evaluate_workdir`` and
+  True."""
   path = os.path.join(workdir, "eval.json")
-  step = checkpoints.read_progress(workdir)["step"]
-  wanted = {**{k: v for k, v in settings.items() if k != "progress"},
-            "evaluator": os.path.abspath(evaluator) if evaluator else None}
+  wanted = {**_recorded(settings), "evaluator": os.path.abspath(evaluator) if evaluator else None}
   if os.path.exists(path) and os.path.exists(os.path.join(workdir, "eval_windows.npz")):
     with open(path) as f:
       old = json.load(f)
-    saved = old.get("settings")
-    same_evaluator = (evaluator is None or old.get("generation", {}).get("evaluator", {}).get("checkpoint_step")
-                      == checkpoints.read_progress(evaluator)["step"])
-    if old.get("checkpoint_step") == step and saved == wanted and same_evaluator:
+    same_evaluator = (evaluator is None or
+                      old.get("generation", {}).get("evaluator", {}).get("checkpoint_step") == evaluator_step)
+    if old.get("checkpoint_step") == step and old.get("settings") == wanted and same_evaluator:
       return old, False
   log(f"evaluating {workdir} (step {step})")
   return evaluate_workdir(workdir, evaluator=evaluator, **settings), True
+
+
+def _recorded(settings: dict) -> dict:
+  """The settings as ``eval.json`` records them: all but the progress callback."""
+  return {k: v for k, v in settings.items() if k != "progress"}
 
 
 def paired_difference(workdir: str, reference: str, bound: str = "nats", reference_bound: str = "nats") -> dict | None:
@@ -189,12 +189,16 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
                      + "; ".join(f"{name}: {d}" for name, d in data_specs.items()))
 
   summary_path = os.path.join(workdir, "compare.json")
-  previous = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  previous = {}
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      previous = json.load(f)
   configs, runs = {}, {}
   for name, (spec, cfg) in raw.items():
     sub = os.path.join(workdir, name)
     configs[name], status, data = ensure_trained(name, cfg, sub, quiet=quiet, log=log)
     runs[name] = {"config": spec, "workdir": sub, "status": status}
+  progress = {name: checkpoints.read_progress(run["workdir"]) for name, run in runs.items()}
   # The mark for the samples' unigram entropy: the validation text's own (the same data for every run).
   val_entropy = sampling.unigram_entropy(data.val_windows[data.val_weights > 0], configs[name].model.vocab_size)
   machine = previous.get("machine")
@@ -205,16 +209,19 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
   ar_runs = [n for n, c in configs.items() if c.process.is_autoregressive]
   scorer = os.path.join(workdir, ar_runs[0]) if ar_runs else evaluator
   settings = eval_settings_with_defaults(eval_settings or {})
+  scorer_step = (progress[ar_runs[0]]["step"] if ar_runs else
+                 checkpoints.read_progress(evaluator)["step"] if evaluator else None)
   results = {}
   for name, run in runs.items():
-    results[name], run["evaluated"] = ensure_evaluated(run["workdir"], settings, scorer, log=log)
+    results[name], run["evaluated"] = ensure_evaluated(run["workdir"], progress[name]["step"], settings, scorer,
+                                                       scorer_step, log=log)
   reference = ar_runs[0] if ar_runs else next(iter(runs))
   for name, run in runs.items():
-    cfg, progress = configs[name], checkpoints.read_progress(run["workdir"])
-    params, _ = checkpoints.restore_params(run["workdir"], cfg)
-    run.update(process=cfg.process.name, loss=cfg.process.loss, params=count_params(params), steps=progress["step"],
-               tokens_seen=progress["step"] * cfg.train.batch_size * cfg.data.seq_len,
-               train_seconds=progress.get("train_seconds"),
+    cfg, step = configs[name], progress[name]["step"]
+    shapes = jax.eval_shape(lambda: state.init_state(cfg, Transformer(cfg.model), state.make_optimizer(cfg.train)))
+    run.update(process=cfg.process.name, loss=cfg.process.loss, params=count_params(shapes.params), steps=step,
+               tokens_seen=step * cfg.train.batch_size * cfg.data.seq_len,
+               train_seconds=progress[name].get("train_seconds"),
                versus_reference=paired_difference(run["workdir"], os.path.join(workdir, reference)))
     if "continuous_bound" in results[name]:  # D3PM: how much looser the exact T-step bound is, window by window
       run["exact_minus_continuous"] = paired_difference(run["workdir"], run["workdir"], "nats", "continuous_nats")
@@ -222,8 +229,7 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
                                                              "continuous_nats", "nats")
   summary = {"runs": runs, "reference": reference, "machine": machine, "evaluator": scorer,
              "validation_unigram_entropy": val_entropy,
-             "differences": differences(configs), "eval_settings": {k: v for k, v in settings.items()
-                                                                    if k != "progress"}}
+             "differences": differences(configs), "eval_settings": _recorded(settings)}
   curves = {name: _validation_curve(run["workdir"], configs[name]) for name, run in runs.items()}
   write_plots(workdir, results, curves)
   with open(os.path.join(workdir, "report.md"), "w") as f:

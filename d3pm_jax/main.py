@@ -10,8 +10,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d3pm_jax import multihost, train
-from d3pm_jax.config import from_config
-from d3pm_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
                                           lock_config=True)
@@ -30,9 +28,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass options as --config.section.key=value")
   logging.set_verbosity(logging.WARNING)  # orbax and JAX log every checkpoint at INFO
   multihost.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  preliminary = from_config(_CONFIG.value, vocab_size=2)  # validates every key before any work
-  data = pipeline.build_data(preliminary.data, preliminary.train.batch_size, preliminary.train.seed, _WORKDIR.value)
-  config = from_config(_CONFIG.value, vocab_size=pipeline.vocab_size_of(data, preliminary.data))
+  config, data = train.build_experiment(_CONFIG.value, _WORKDIR.value)
   result = train.train_and_evaluate(config, _WORKDIR.value, data)
   unit = ("character" if config.data.name == "text8" else
           "byte" if config.data.tokenizer == "bytes" and config.data.name == "stdlib" else "token")

@@ -26,7 +26,7 @@ import optax
 
 from d3pm_jax import checkpoints, losses, multihost, sampling, sharding
 from d3pm_jax import metrics as metrics_lib
-from d3pm_jax.config import ExperimentConfig
+from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
 # The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
@@ -185,6 +185,14 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
 
 
 # ---------------------------------------------------------------- the loop
+
+def build_experiment(raw_config, workdir: str | None):
+  """``(config, data)`` from a config file's ConfigDict: every key is validated before any loading, then the
+  data is loaded and the model's vocabulary taken from its tokenizer."""
+  preliminary = from_config(raw_config, vocab_size=2)
+  data = pipeline.build_data(preliminary.data, preliminary.train.batch_size, preliminary.train.seed, workdir)
+  return from_config(raw_config, vocab_size=pipeline.vocab_size_of(data, preliminary.data)), data
+
 
 def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Data | None = None,
                        stop_after: int | None = None, quiet: bool = False) -> dict:
