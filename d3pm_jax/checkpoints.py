@@ -50,10 +50,14 @@ def save_checkpoint(manager, state: TrainState, step: int, data_state: dict, exp
       experiment=ocp.args.JsonSave(experiment)))
 
 
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager of ``workdir``'s checkpoints: for looking at a run, never for training it."""
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False):
   """The parameters (or EMA parameters) of ``workdir``'s latest checkpoint, and its step."""
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = _reader(workdir)
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
@@ -85,7 +89,7 @@ def read_progress(workdir: str) -> dict | None:
   of the train loop over all its sessions, compilation included), or None when it has no checkpoint."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
-  manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = _reader(workdir)
   step = manager.latest_step()
   data = None if step is None else manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
   manager.close()
