@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import importlib
 import json
 import os
 
 import numpy as np
+
+from d3pm_jax.data import tokenizers
 
 EOS = "<|endoftext|>"
 EXTENSIONS = (".jsonl", ".parquet", ".txt")
@@ -76,18 +77,19 @@ class Gpt2Tokenizer:
   """GPT-2's byte-level BPE from ``path``: a ``tokenizer.json`` file, or a directory with ``vocab.json`` and
   ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
   path: str
+  name = "gpt2"
 
   def __post_init__(self):
-    tokenizers = _need("tokenizers")
+    hf_tokenizers = _need("tokenizers")
     if os.path.isdir(self.path):
       vocab, merges = os.path.join(self.path, "vocab.json"), os.path.join(self.path, "merges.txt")
       if not (os.path.exists(vocab) and os.path.exists(merges)):
         raise ValueError(f"{self.path} should hold GPT-2's vocab.json and merges.txt (or pass a tokenizer.json)")
       self._files = [vocab, merges]
-      self._tok = tokenizers.ByteLevelBPETokenizer(vocab, merges)
+      self._tok = hf_tokenizers.ByteLevelBPETokenizer(vocab, merges)
     elif os.path.isfile(self.path):
       self._files = [self.path]
-      self._tok = tokenizers.Tokenizer.from_file(self.path)
+      self._tok = hf_tokenizers.Tokenizer.from_file(self.path)
     else:
       raise ValueError(f"GPT-2 tokenizer {self.path!r} does not exist: copy GPT-2's tokenizer.json (or vocab.json "
                        f"and merges.txt) there and pass it with --tokenizer_path / data.tokenizer_path")
@@ -110,8 +112,4 @@ class Gpt2Tokenizer:
     return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
 
   def fingerprint(self) -> str:
-    digest = hashlib.sha256()
-    for name in self._files:
-      with open(name, "rb") as f:
-        digest.update(f.read())
-    return digest.hexdigest()
+    return tokenizers.file_sha256(*self._files)

@@ -136,9 +136,7 @@ def check_prepared(metadata: dict, config: DataConfig, where: str) -> None:
     want["validation_permille"] = config.validation_permille
     have["validation_permille"] = metadata["source"].get("validation_permille")
   if config.tokenizer_path:
-    from d3pm_jax.prepare import tokenizer_fingerprint
-    want["tokenizer_sha256"] = tokenizer_fingerprint(tokenizers.make_tokenizer(config.tokenizer,
-                                                                               config.tokenizer_path))["sha256"]
+    want["tokenizer_sha256"] = tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path).fingerprint()
     have["tokenizer_sha256"] = metadata["tokenizer"]["sha256"]
   diffs = [f"{k}: shards {have[k]!r} vs config {want[k]!r}" for k in want if have[k] != want[k]]
   if diffs:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import zipfile
 
@@ -19,6 +20,7 @@ URL = "http://mattmahoney.net/dc/text8.zip"
 class Text8Tokenizer:
   """Characters to ids and back; any other byte is refused with its position."""
   vocab_size: int = len(ALPHABET)
+  name = "text8"
 
   def encode(self, data: bytes) -> np.ndarray:
     table = np.full(256, -1, np.int32)
@@ -33,7 +35,7 @@ class Text8Tokenizer:
     return np.frombuffer(ALPHABET, np.uint8)[np.asarray(ids, np.int64)].tobytes()
 
   def fingerprint(self) -> str:
-    return "text8-chars:" + ALPHABET.decode()
+    return hashlib.sha256(b"text8-chars:" + ALPHABET).hexdigest()
 
 
 def read_splits(zip_path: str, split_chars: dict | None = None) -> dict:

@@ -1,11 +1,14 @@
-"""Tokenizers that round-trip bytes exactly: raw bytes (256 symbols) and a locally trained sentencepiece model.
+"""Tokenizers that round-trip bytes exactly: raw bytes (256 symbols) and a locally trained sentencepiece model
+(text8's characters and GPT-2's BPE live beside their data sets).
 
-Both map ``bytes -> np.ndarray[int32]`` and back. The corpus is handled as bytes, so a file that is not valid
+Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``) and a
+``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. The corpus is handled as bytes, so a file that is not valid
 UTF-8 still round-trips.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from typing import Iterable
@@ -19,9 +22,22 @@ TOKENIZERS = ("bytes", "sentencepiece", "text8", "gpt2")
 _RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
 
+def file_sha256(*paths: str) -> str:
+  """The SHA-256 of the files' contents, in order: what identifies a tokenizer defined by files."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()
+
+
 class ByteTokenizer:
   """Each byte is a token: vocab 256, lossless for any input."""
+  name = "bytes"
   vocab_size = 256
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(b"bytes").hexdigest()
 
   def encode(self, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
@@ -37,6 +53,7 @@ class ByteTokenizer:
 class SentencePieceTokenizer:
   """A sentencepiece model, loaded from ``model_path`` (a ``.model`` file)."""
   model_path: str
+  name = "sentencepiece"
 
   def __post_init__(self):
     import sentencepiece as spm  # optional dependency: the `data` extra
@@ -49,6 +66,9 @@ class SentencePieceTokenizer:
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
+
+  def fingerprint(self) -> str:
+    return file_sha256(self.model_path)
 
   def encode(self, data: bytes) -> np.ndarray:
     """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
