@@ -284,30 +284,28 @@ def format_report(summary: dict, results: dict) -> str:
   lines = ["# Comparison of corruption processes", "",
            f"Runs {listing}, trained and evaluated by `d3pm-compare` on {machine['device']} ({machine['cpus']} CPUs, "
            f"{machine['platform']}, JAX {machine['jax']}, float32 matmul {machine['matmul_gflops']} GFLOP/s, measured "
-           f"by d3pm-compare when it last trained a run or first found them all trained). Evaluation settings, the same for every run: "
+           f"by d3pm-compare when it last trained a run or first found them all trained). Evaluation settings, the "
+           f"same for every run: "
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
            "## Likelihood on the validation split", "",
            "± is a 95% interval over windows. The last column is the run's bound minus the reference run's "
            f"(`{summary['reference']}`) on the same windows, with the interval of that paired difference.", "",
            "| run | process (loss) | bound | windows | bits/byte | perplexity / token | vs reference, bits/byte |",
            "|---|---|---|---|---|---|---|"]
-  for name, run in runs.items():
-    r = results[name]
-    like = r["likelihood"]
+  def likelihood_row(name, run, bound, like, vs):
     per_byte = like.get("bits_per_byte", like["bits_per_token"])
     half = like.get("bits_per_byte_95", like["bits_per_token_95"])
-    vs = "(reference)" if name == summary["reference"] else _versus(run["versus_reference"])
     lo, hi = like["perplexity_95"]
-    lines.append(f"| {name} | {run['process']} ({run['loss']}) | {r['bound']} | {like['sequences']} | "
-                 f"{_interval(per_byte, half)} | {like['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |")
+    return (f"| {name} | {run['process']} ({run['loss']}) | {bound} | {like['sequences']} | "
+            f"{_interval(per_byte, half)} | {like['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |")
+
+  for name, run in runs.items():
+    r = results[name]
+    vs = "(reference)" if name == summary["reference"] else _versus(run["versus_reference"])
+    lines.append(likelihood_row(name, run, r["bound"], r["likelihood"], vs))
     if "continuous_bound" in r:
-      c = r["continuous_bound"]
-      lo, hi = c["perplexity_95"]
-      vs = _versus(run.get("continuous_versus_reference"))
-      lines.append(f"| {name} | {run['process']} ({run['loss']}) | continuous-time bound (ctmc, K = "
-                   f"{r['settings']['time_samples']}) | {c['sequences']} | "
-                   f"{_interval(c.get('bits_per_byte', c['bits_per_token']), c.get('bits_per_byte_95', c['bits_per_token_95']))}"
-                   f" | {c['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |")
+      lines.append(likelihood_row(name, run, f"continuous-time bound (ctmc, K = {r['settings']['time_samples']})",
+                                  r["continuous_bound"], _versus(run.get("continuous_versus_reference"))))
   for name, run in runs.items():
     gap = run.get("exact_minus_continuous")
     if gap:
