@@ -17,7 +17,7 @@ from d3pm_jax.sharding import MeshConfig
 
 PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")
-DATASETS = ("stdlib", "markov", "text8", "openwebtext")
+DATASETS = ("stdlib", "markov", "text8", "openwebtext", "lm1b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,7 @@ class DataConfig:
     _checks.check_choice("data set", self.name, DATASETS)
     if self.seq_len < 2:
       raise ValueError(f"data.seq_len must be >= 2; got {self.seq_len}")
-    if self.name in ("text8", "openwebtext") and not self.prepared_dir:
+    if self.name in ("text8", "openwebtext", "lm1b") and not self.prepared_dir:
       raise ValueError(f"data set {self.name!r} is read from prepared shards: run d3pm-prepare "
                        f"--dataset={self.name} --source=... --out=DIR, then pass --config.data.prepared_dir=DIR")
 

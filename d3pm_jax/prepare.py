@@ -6,14 +6,22 @@ over these functions. Each returns the metadata it wrote to ``out/metadata.json`
   text8    a local ``text8.zip``: 27 characters, the standard 90M/5M/5M split, rows of 256 (stream packing).
   openwebtext  local jsonl / parquet / txt files with GPT-2's BPE from local tokenizer files: documents joined
            with EOS, rows of 1024 (stream packing), the last 100k documents for validation (MD4, MDLM, SEDD).
+  lm1b     LM1B's sentences in D3PM's setup (sentencepiece 8k trained here, packed rows of 128 with segment ids)
+           or MDLM's (BERT's uncased WordPiece, a sentence per padded row of 128).
+
+A file-defined tokenizer is kept in ``out/tokenizer/``, so the prepared directory alone defines the data.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import os
+import shutil
 
-from d3pm_jax.data import openwebtext, prepared, stdlib, text8, tokenizers
+from d3pm_jax.data import fetch, lm1b, openwebtext, prepared, stdlib, text8, tokenizers
+
+
+TOKENIZER_DIR = "tokenizer"
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -21,12 +29,27 @@ def tokenizer_fingerprint(tokenizer) -> dict:
   return {"kind": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "sha256": tokenizer.fingerprint()}
 
 
+def _keep_tokenizer(out: str, tokenizer) -> str | None:
+  """Copies a file-defined tokenizer into ``out/tokenizer/`` (so the prepared directory is self-contained and a
+  config needs no ``data.tokenizer_path``); returns the path to load it from, relative to ``out``."""
+  files = getattr(tokenizer, "files", None)
+  if not files:
+    return None
+  os.makedirs(os.path.join(out, TOKENIZER_DIR), exist_ok=True)
+  for path in files:
+    target = os.path.join(out, TOKENIZER_DIR, os.path.basename(path))
+    if os.path.abspath(path) != os.path.abspath(target):
+      shutil.copyfile(path, target)
+  return TOKENIZER_DIR if len(files) > 1 else os.path.join(TOKENIZER_DIR, os.path.basename(files[0]))
+
+
 def _write(out: str, dataset: str, seq_len: int, packing: str, tokenizer, splits: dict, source: dict,
            separator=None) -> dict:
   infos = {split: prepared.prepare_split(out, split, documents, seq_len, packing, separator)
            for split, documents in splits.items()}
   metadata = {"dataset": dataset, "seq_len": seq_len, "packing": packing, "separator": separator,
-              "tokenizer": tokenizer_fingerprint(tokenizer), "splits": infos, "source": source}
+              "tokenizer": {**tokenizer_fingerprint(tokenizer), "path": _keep_tokenizer(out, tokenizer)},
+              "splits": infos, "source": source}
   prepared.write_metadata(out, metadata)
   return metadata
 
@@ -45,8 +68,12 @@ def prepare_stdlib(out: str, seq_len: int = 128, validation_permille: int = 20, 
   return _write(out, "stdlib", seq_len, "stream", tok, splits, source)
 
 
-def prepare_text8(zip_path: str, out: str, seq_len: int = 256, split_chars: dict | None = None) -> dict:
-  """text8 from ``zip_path``: each split one document, cut into rows of ``seq_len`` characters."""
+def prepare_text8(zip_path: str | None, out: str, seq_len: int = 256, split_chars: dict | None = None) -> dict:
+  """text8 from ``zip_path``: each split one document, cut into rows of ``seq_len`` characters. A missing file
+  (default ``out/text8.zip``) is downloaded from text8's URL when it answers."""
+  zip_path = zip_path or os.path.join(out, "text8.zip")
+  if not os.path.exists(zip_path) and fetch.reachable(text8.URL):
+    fetch.download(text8.URL, zip_path)
   texts = text8.read_splits(zip_path, split_chars)
   tok = text8.Text8Tokenizer()
   source = {"zip": zip_path, "split_chars": split_chars or text8.SPLIT_CHARS,
@@ -78,3 +105,61 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
   # Both generators read the one pass over the files, lazily: train is written (consumed) before validation starts.
   splits = {"train": encoded(total - validation_documents), "validation": encoded(validation_documents)}
   return _write(out, "openwebtext", seq_len, "stream", tok, splits, source, separator=tok.eos_id)
+
+
+LM1B_SETUPS = {
+    # D3PM (Austin et al. 2021): cased sentencepiece with 8192 pieces trained on the training split, sentences
+    # packed into rows of 128 with a segment id each, so attention and the loss never cross a sentence.
+    "d3pm": {"tokenizer": "sentencepiece", "packing": "packed", "vocab_size": 8192},
+    # MDLM (Sahoo et al. 2024): bert-base-uncased WordPiece, each sentence [CLS] ... [SEP] in its own row padded
+    # to 128 (a longer one wraps onto the next row); packing='stream' gives the wrapped variant.
+    "mdlm": {"tokenizer": "wordpiece", "packing": "padded"},
+}
+
+
+def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_dir: str | None = None,
+                 tokenizer_path: str | None = None, vocab_size: int | None = None, seq_len: int = 128,
+                 packing: str | None = None, spm_sentences: int = 2_000_000) -> dict:
+  """LM1B (``data/lm1b.py`` says where the sentences come from) in one of the published setups
+  (``LM1B_SETUPS``). ``d3pm``: trains the sentencepiece model on the training split into ``out/tokenizer/``
+  unless ``tokenizer_path`` names one (``vocab_size`` pieces, 8192 by default; at most ``spm_sentences``
+  sentences sampled for training). ``mdlm``: ``tokenizer_path`` is BERT's ``vocab.txt``. The validation split
+  is LM1B's held-out set (tfds's ``test``)."""
+  if setup not in LM1B_SETUPS:
+    raise ValueError(f"unknown LM1B setup {setup!r}; valid: {sorted(LM1B_SETUPS)}")
+  recipe = LM1B_SETUPS[setup]
+  packing = packing or recipe["packing"]
+  if setup == "mdlm" and packing not in ("padded", "stream"):
+    raise ValueError(f"the MDLM setup pads or wraps sentences: packing must be 'padded' or 'stream'; got {packing!r}")
+  if setup == "mdlm" and not tokenizer_path:
+    raise ValueError("the MDLM LM1B setup needs --tokenizer_path=bert-base-uncased's vocab.txt (download it from "
+                     "https://huggingface.co/bert-base-uncased on a machine with network access)")
+  if setup == "d3pm" and not tokenizer_path and vocab_size is not None and vocab_size < 300:
+    raise ValueError(f"a sentencepiece vocabulary of {vocab_size} cannot hold the 256 byte pieces it needs; use "
+                     f"at least 300 (D3PM: 8192)")
+  splits, source = lm1b.open_splits(manual_dir, tfds_data_dir)
+  if setup == "mdlm":
+    tok = lm1b.WordPieceTokenizer(tokenizer_path)
+  elif tokenizer_path:
+    tok = tokenizers.SentencePieceTokenizer(tokenizer_path)
+  else:
+    os.makedirs(os.path.join(out, TOKENIZER_DIR), exist_ok=True)
+    prefix = os.path.join(out, TOKENIZER_DIR, "lm1b_spm")
+    sentences = (line.encode("utf-8") for line in splits["train"]())
+    tok = tokenizers.SentencePieceTokenizer.train(sentences, prefix, vocab_size or recipe["vocab_size"],
+                                                  max_sentences=spm_sentences)
+
+  def encoded(lines, chunk=4096):
+    batch = []
+    for line in itertools.chain(lines(), [None]):
+      if line is not None:
+        batch.append(line)
+      if len(batch) == chunk or (line is None and batch):
+        if hasattr(tok, "encode_batch"):
+          yield from tok.encode_batch(batch)
+        else:
+          yield from (tok.encode(s.encode("utf-8")) for s in batch)
+        batch = []
+
+  source = {**source, "setup": setup}
+  return _write(out, "lm1b", seq_len, packing, tok, {s: encoded(lines) for s, lines in splits.items()}, source)

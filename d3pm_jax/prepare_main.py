@@ -7,8 +7,17 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
   --dataset=openwebtext --source=DIR[,FILES] --tokenizer_path=tokenizer.json
                                         jsonl / parquet / txt documents, GPT-2 BPE, EOS-joined rows of 1024,
                                         the last --validation_documents (100k) documents for validation
+  --dataset=lm1b --setup=d3pm [--manual_dir=DIR]
+                                        D3PM's setup: cased sentencepiece 8k trained on the training split,
+                                        sentences packed into rows of 128 (segment ids keep them apart)
+  --dataset=lm1b --setup=mdlm --tokenizer_path=vocab.txt [--manual_dir=DIR] [--packing=padded|stream]
+                                        MDLM's setup: bert-base-uncased WordPiece, a sentence per row padded
+                                        (or, with stream, wrapped) to 128
 
-Nothing is downloaded: a missing source fails at once, naming the file to fetch and where to put it.
+LM1B is read from --manual_dir (the benchmark's .tar.gz, or its extracted directory), else from an array_record
+lm1b that tensorflow-datasets prepared in --tfds_data_dir, else tfds downloads and prepares it (needs TensorFlow:
+pip install -e '.[lm1b]'). text8 is downloaded to --source (default DIR/text8.zip) when missing. Offline, a
+missing corpus fails within seconds, naming the file to fetch and where to put it.
 """
 from __future__ import annotations
 
@@ -16,13 +25,22 @@ from absl import app, flags, logging
 
 from d3pm_jax import prepare
 
-DATASETS = ("stdlib", "text8", "openwebtext")
+DATASETS = ("stdlib", "text8", "openwebtext", "lm1b")
 _DATASET = flags.DEFINE_enum("dataset", None, list(DATASETS), "Which corpus to prepare.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the shards and metadata.json.")
 _SOURCE = flags.DEFINE_list("source", None, "The corpus on disk (text8: the path of text8.zip; openwebtext: "
                             "directories, files or globs of jsonl / parquet / txt documents).")
 _TOKENIZER_PATH = flags.DEFINE_string("tokenizer_path", None, "openwebtext: GPT-2's tokenizer.json, or a directory "
-                                      "with its vocab.json and merges.txt.")
+                                      "with its vocab.json and merges.txt; lm1b mdlm: BERT's vocab.txt; lm1b d3pm: "
+                                      "an existing sentencepiece .model instead of training one.")
+_SETUP = flags.DEFINE_enum("setup", None, list(prepare.LM1B_SETUPS), "lm1b: which published setup.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "lm1b: a directory holding the benchmark's .tar.gz or its "
+                                  "extracted directory.")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "lm1b: tensorflow-datasets' data dir (default "
+                                     "~/tensorflow_datasets).")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "lm1b d3pm: sentencepiece pieces to train (default 8192).")
+_PACKING = flags.DEFINE_enum("packing", None, ["padded", "stream"], "lm1b mdlm: pad each sentence (default) or "
+                             "wrap the stream.")
 _VALIDATION_DOCUMENTS = flags.DEFINE_integer("validation_documents", 100_000, "openwebtext: the last this many "
                                              "documents form the validation split.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Row length in tokens (0: the data set's published setup).")
@@ -37,9 +55,15 @@ def main(argv):
     if _DATASET.value == "stdlib":
       metadata = prepare.prepare_stdlib(_OUT.value, seq_len=_SEQ_LEN.value or 128)
     elif _DATASET.value == "text8":
-      if not _SOURCE.value:
-        raise ValueError("--dataset=text8 needs --source=/path/to/text8.zip (http://mattmahoney.net/dc/text8.zip)")
-      metadata = prepare.prepare_text8(_SOURCE.value[0], _OUT.value, seq_len=_SEQ_LEN.value or 256)
+      metadata = prepare.prepare_text8(_SOURCE.value[0] if _SOURCE.value else None, _OUT.value,
+                                       seq_len=_SEQ_LEN.value or 256)
+    elif _DATASET.value == "lm1b":
+      if not _SETUP.value:
+        raise ValueError(f"--dataset=lm1b needs --setup, one of {sorted(prepare.LM1B_SETUPS)}")
+      metadata = prepare.prepare_lm1b(_OUT.value, _SETUP.value, manual_dir=_MANUAL_DIR.value,
+                                      tfds_data_dir=_TFDS_DATA_DIR.value, tokenizer_path=_TOKENIZER_PATH.value,
+                                      vocab_size=_VOCAB_SIZE.value, seq_len=_SEQ_LEN.value or 128,
+                                      packing=_PACKING.value)
     else:
       if not _SOURCE.value or not _TOKENIZER_PATH.value:
         raise ValueError("--dataset=openwebtext needs --source=DIR (its jsonl / parquet / txt files) and "

@@ -7,7 +7,6 @@ generated too, up to the model's sequence length.
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 
@@ -17,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from d3pm_jax import checkpoints, sampling, state
-from d3pm_jax.data import tokenizers
+from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
@@ -63,13 +62,6 @@ def parse_template(template: str, tokenizer, length: int):
   return np.array(given + [False] * pad), np.array(tokens + [0] * pad, np.int32)
 
 
-def _tokenizer(config, workdir):
-  if config.data.tokenizer == "bytes":
-    return tokenizers.ByteTokenizer()
-  path = config.data.tokenizer_path or os.path.join(workdir, "stdlib_spm.model")
-  return tokenizers.make_tokenizer("sentencepiece", path)
-
-
 class Progress:
   def __init__(self, total: int):
     self.total, self.done = total, 0
@@ -94,9 +86,9 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if _PROMPT.value is not None and _INFILL.value is not None:
     raise app.UsageError("pass either --prompt or --infill, not both")
-  if config.data.name != "stdlib":
-    raise app.UsageError(f"d3pm-sample decodes text; this workdir trained on {config.data.name!r}")
-  tokenizer = _tokenizer(config, workdir)
+  if config.data.name == "markov":
+    raise app.UsageError("d3pm-sample decodes text; this workdir trained on the synthetic 'markov' source")
+  tokenizer = pipeline.tokenizer_of(config.data, workdir)
   params, step = checkpoints.restore_params(workdir, config, _EMA.value)
   length, batch = config.data.seq_len, _NUM.value
   given = prompt = None

@@ -124,3 +124,7 @@ class Gpt2Tokenizer:
 
   def fingerprint(self) -> str:
     return tokenizers.file_sha256(*self._files)
+
+  @property
+  def files(self) -> list[str]:
+    return list(self._files)

@@ -104,9 +104,7 @@ def _stdlib(config: DataConfig, workdir: str | None):
       os.makedirs(workdir, exist_ok=True)  # a fresh --workdir does not exist yet
       tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size)
     multihost.sync("sentencepiece tokenizer trained")
-    tok = tokenizers.SentencePieceTokenizer(prefix + ".model")
-  else:
-    tok = tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
+  tok = tokenizer_of(config, workdir)
   info = {s: stdlib.fingerprint(splits[s], contents[s]) for s in stdlib.SPLITS}
   info["root"] = stdlib.stdlib_root()
   encoded = {s: [tok.encode(c) for c in contents[s]] for s in stdlib.SPLITS}
@@ -144,6 +142,27 @@ def check_prepared(metadata: dict, config: DataConfig, where: str) -> None:
                      f"data again with the config's settings or point data.prepared_dir elsewhere")
 
 
+def tokenizer_of(config: DataConfig, workdir: str | None = None):
+  """The tokenizer a run with ``config`` reads its data with: prepared shards' own (``data.tokenizer_path``, or
+  else the copy d3pm-prepare keeps in the prepared directory, checked against the shards' fingerprint), the
+  sentencepiece model trained into ``workdir`` for the stdlib corpus, or the one the config names. ``None`` for
+  the synthetic Markov source."""
+  if config.name == "markov":
+    return None
+  if config.prepared_dir:
+    recorded = prepared.load_metadata(config.prepared_dir)["tokenizer"]
+    path = config.tokenizer_path or (os.path.join(config.prepared_dir, recorded["path"]) if recorded.get("path")
+                                     else None)
+    tok = tokenizers.make_tokenizer(recorded["kind"], path)
+    if tok.fingerprint() != recorded["sha256"]:
+      raise ValueError(f"the tokenizer at {path} is not the one {config.prepared_dir} was prepared with (SHA-256 "
+                       f"{tok.fingerprint()[:12]}... vs {recorded['sha256'][:12]}...); prepare the data again")
+    return tok
+  if config.tokenizer == "sentencepiece" and not config.tokenizer_path and workdir is not None:
+    return tokenizers.SentencePieceTokenizer(os.path.join(workdir, "stdlib_spm.model"))
+  return tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
+
+
 def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
   """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
   validation is read into memory. ``stream`` rows are plain token windows (the padded last training row dropped);
@@ -156,7 +175,7 @@ def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
   if not segmented and usable and train[usable - 1][1].min() == 0:
     usable -= 1
   val = prepared.PreparedSplit(config.prepared_dir, "validation").read_all()
-  tok = tokenizers.make_tokenizer(metadata["tokenizer"]["kind"], config.tokenizer_path or None)
+  tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
   return Data(tokenizer=tok, train_batches=train_batches(PreparedRows(train, usable, segmented), batch_size, seed),

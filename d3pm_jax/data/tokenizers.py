@@ -1,5 +1,5 @@
 """Tokenizers that round-trip bytes exactly: raw bytes (256 symbols) and a locally trained sentencepiece model
-(text8's characters and GPT-2's BPE live beside their data sets).
+(text8's characters, GPT-2's BPE and BERT's WordPiece live beside their data sets).
 
 Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``) and a
 ``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. The corpus is handled as bytes, so a file that is not valid
@@ -17,7 +17,7 @@ import numpy as np
 
 from d3pm_jax import _checks
 
-TOKENIZERS = ("bytes", "sentencepiece", "text8", "gpt2")
+TOKENIZERS = ("bytes", "sentencepiece", "text8", "gpt2", "wordpiece")
 # Runs that bypass the sentencepiece model: undecodable bytes (surrogate escapes) and the whitespace mark U+2581.
 _RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
@@ -69,6 +69,10 @@ class SentencePieceTokenizer:
 
   def fingerprint(self) -> str:
     return file_sha256(self.model_path)
+
+  @property
+  def files(self) -> list[str]:
+    return [self.model_path]
 
   def encode(self, data: bytes) -> np.ndarray:
     """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
@@ -140,6 +144,11 @@ def make_tokenizer(name: str, model_path: str | None = None):
                        "vocab.json and merges.txt)")
     from d3pm_jax.data.openwebtext import Gpt2Tokenizer
     return Gpt2Tokenizer(model_path)
+  if name == "wordpiece":
+    if not model_path:
+      raise ValueError("tokenizer 'wordpiece' needs data.tokenizer_path (a BERT vocab.txt)")
+    from d3pm_jax.data.lm1b import WordPieceTokenizer
+    return WordPieceTokenizer(model_path)
   if not model_path:
     raise ValueError("tokenizer 'sentencepiece' needs data.tokenizer_path (a .model file)")
   return SentencePieceTokenizer(model_path)

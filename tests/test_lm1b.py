@@ -1,0 +1,198 @@
+"""LM1B in both published setups, on a fake LM1B made here: a tiny copy of the benchmark's directory layout (and
+its .tar.gz) with LM1B-style sentences, a WordPiece vocabulary trained on them, and tfds's own ``mock_data`` for
+the tensorflow-datasets path. Nothing here reaches the network (tests/conftest.py's guard)."""
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from d3pm_jax import prepare
+from d3pm_jax.config import DataConfig
+from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
+
+from test_train import ROOT
+
+WORDS = ("The central bank said on Tuesday that prices rose by 3 percent , more than expected in a year when "
+         "officials in London and New York had warned of slower growth ; shares fell \" sharply \" .").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _sentences(rng, n):
+  return [" ".join(rng.choice(WORDS, rng.integers(3, 30))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fake_lm1b(tmp_path_factory):
+  """The benchmark's layout with 3 training files and 2 held-out files (and a decoy that tfds's patterns skip),
+  extracted under ``extracted/`` and archived as ``archive/<the benchmark's .tar.gz>``, plus a BERT-style
+  WordPiece vocab.txt trained on the sentences."""
+  import tokenizers as hf
+
+  rng = np.random.default_rng(0)
+  root = tmp_path_factory.mktemp("lm1b")
+  top = root / "extracted" / lm1b.TOP
+  files = {"train": [f"training-monolingual.tokenized.shuffled/news.en-0000{i}-of-00100" for i in (2, 1, 3)],
+           "validation": [f"heldout-monolingual.tokenized.shuffled/news.en.heldout-0000{i}-of-00050"
+                          for i in (1, 0)]}
+  lines = {}
+  for split, names in files.items():
+    for name in names:
+      (top / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+      lines[name] = _sentences(rng, 40 if split == "train" else 15)
+      # Real LM1B lines end with a newline, some with trailing blanks that tfds strips.
+      (top / name).write_text("".join(s + (" \n" if i % 3 == 0 else "\n") for i, s in enumerate(lines[name])))
+  (top / "heldout-monolingual.tokenized.shuffled" / "README").write_text("not a sentence file\n")
+  (root / "archive").mkdir()
+  with tarfile.open(root / "archive" / lm1b.ARCHIVE, "w:gz") as tar:
+    tar.add(top, arcname=lm1b.TOP)
+  expected = {split: [s for name in sorted(names) for s in lines[name]] for split, names in files.items()}
+  wordpiece = hf.BertWordPieceTokenizer(lowercase=True)
+  wordpiece.train_from_iterator(expected["train"], vocab_size=120, special_tokens=SPECIALS)
+  (root / "vocab").mkdir()
+  wordpiece.save_model(str(root / "vocab"))
+  return root, expected, str(root / "vocab" / "vocab.txt")
+
+
+def _real_tokens(out, split):
+  rows = prepared.PreparedSplit(out, split).read_all()
+  return rows, rows[:, 0][rows[:, 1] > 0]
+
+
+def test_the_directory_and_the_archive_give_tfds_lines(fake_lm1b):
+  """Both forms of the manual dir yield every line of tfds's files, stripped, the held-out files as validation,
+  the decoy skipped; the extracted directory in sorted file order, the archive in its own (here the same)."""
+  root, expected, _ = fake_lm1b
+  for manual_dir in (root / "extracted", root / "extracted" / lm1b.TOP, root / "archive"):
+    splits, source = lm1b.open_splits(str(manual_dir))
+    for split in ("train", "validation"):
+      assert list(splits[split]()) == expected[split]
+      assert list(splits[split]()) == expected[split]  # each call reads afresh
+    assert not any("README" in f for f in source["files"]["validation"])
+
+
+def test_d3pm_setup_packs_sentencepiece_sentences_with_segment_ids(tmp_path, fake_lm1b):
+  root, expected, _ = fake_lm1b
+  out = str(tmp_path / "d3pm")
+  metadata = prepare.prepare_lm1b(out, "d3pm", manual_dir=str(root / "archive"), vocab_size=320, seq_len=32)
+  assert metadata["packing"] == "packed" and metadata["tokenizer"]["kind"] == "sentencepiece"
+  tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="sentencepiece", seq_len=32, prepared_dir=out))
+  assert tok.vocab_size == 320 and metadata["tokenizer"]["path"].startswith("tokenizer/")
+  for split in ("train", "validation"):
+    encoded = [tok.encode(s.encode()) for s in expected[split]]
+    assert [tok.decode(e).decode() for e in encoded] == expected[split]  # cased, lossless
+    rows, real = _real_tokens(out, split)
+    np.testing.assert_array_equal(real, np.concatenate(encoded))  # no token lost, duplicated or reordered
+    assert metadata["splits"][split]["documents"] == len(expected[split])
+    # Segment ids: a new id exactly where a sentence starts inside a row, 1 at every row start (a sentence cut by
+    # the row end continues as segment 1 of the next), 0 only as the last row's tail.
+    starts = np.zeros(real.size, bool)
+    starts[np.cumsum([0] + [e.size for e in encoded[:-1]])] = True
+    segments = rows[:, 1].ravel()[:real.size].reshape(-1)
+    flat_position = np.arange(real.size) % 32
+    steps = np.diff(segments) if real.size else segments
+    np.testing.assert_array_equal(steps == 1, (starts[1:] & (flat_position[1:] != 0)))
+    assert (segments[flat_position == 0] == 1).all() and (rows[:-1, 1] > 0).all()
+
+
+def test_mdlm_setup_pads_each_lowercased_sentence_into_its_own_rows(tmp_path, fake_lm1b):
+  root, expected, vocab = fake_lm1b
+  out = str(tmp_path / "mdlm")
+  metadata = prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab,
+                                  seq_len=16)
+  tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="wordpiece", seq_len=16, prepared_dir=out))
+  cls, sep = tok.encode("")[[0, -1]]
+  for split in ("train", "validation"):
+    rows, _ = _real_tokens(out, split)
+    expected_rows = sum(-(-tok.encode(s).size // 16) for s in expected[split])
+    assert rows.shape[0] == expected_rows == metadata["splits"][split]["rows"]
+    firsts = rows[:, 0, 0]
+    assert (firsts == cls).sum() == len(expected[split])  # a [CLS] starts each sentence's first row
+    # Padding is segment 0 with token 0 at the end of a sentence's last row, and nowhere else.
+    real = rows[:, 1] > 0
+    assert (rows[:, 1] <= 1).all() and (rows[:, 0][~real] == 0).all()
+    assert (np.diff(real.astype(int), axis=1) <= 0).all()
+    ends = np.flatnonzero(rows[:, 0][real] == sep)
+    assert ends.size == len(expected[split])
+    text = tok.decode(rows[:, 0][real]).decode()
+    assert text == "".join(s.lower() + "\n" for s in expected[split])
+
+
+def test_mdlm_wrapped_variant_streams_sentences(tmp_path, fake_lm1b):
+  root, expected, vocab = fake_lm1b
+  out = str(tmp_path / "wrap")
+  prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab, seq_len=16,
+                       packing="stream")
+  tok = lm1b.WordPieceTokenizer(vocab)
+  rows, real = _real_tokens(out, "validation")
+  np.testing.assert_array_equal(real, np.concatenate(tok.encode_batch(expected["validation"])))
+  assert (rows[:-1, 1] == 1).all()
+
+
+def test_wordpiece_round_trips_and_refuses_bad_ids(fake_lm1b):
+  _, expected, vocab = fake_lm1b
+  tok = tokenizers.make_tokenizer("wordpiece", vocab)
+  for sentence in expected["validation"][:5]:
+    ids = tok.encode(sentence.encode())
+    assert tok.decode(ids) == sentence.lower().encode() + b"\n"
+    assert tok.decode(np.concatenate([ids, ids])) == 2 * (sentence.lower().encode() + b"\n")
+  with pytest.raises(ValueError, match=r"WordPiece ids must lie in \[0, 120\); got min 0, max 120"):
+    tok.decode([0, 120])
+  with pytest.raises(ValueError, match="needs data.tokenizer_path"):
+    tokenizers.make_tokenizer("wordpiece")
+
+
+def test_the_tfds_path_reads_what_tfds_serves(tmp_path, monkeypatch, fake_lm1b):
+  """Through tensorflow-datasets (its own ``mock_data`` stands in for a prepared lm1b): the train and test
+  examples, in tfds's order, become the train and validation splits."""
+  import tensorflow_datasets as tfds
+  _, _, vocab = fake_lm1b
+  tok = lm1b.WordPieceTokenizer(vocab)
+  monkeypatch.setattr(lm1b.fetch, "reachable", lambda url: True)  # mock_data's download_and_prepare is a no-op
+  with tfds.testing.mock_data(num_examples=37, policy=tfds.testing.MockPolicy.USE_CODE):
+    metadata = prepare.prepare_lm1b(str(tmp_path), "mdlm", tfds_data_dir=str(tmp_path / "tfds"),
+                                    tokenizer_path=vocab, seq_len=16, packing="stream")
+    served = {split: [ex["text"] for ex in tfds.data_source("lm1b", split=tfds_split)]
+              for split, tfds_split in lm1b.TFDS_SPLITS.items()}
+  assert metadata["source"]["tfds_examples"] == {"train": 37, "validation": 37}
+  for split, texts in served.items():
+    _, real = _real_tokens(str(tmp_path), split)
+    np.testing.assert_array_equal(real, np.concatenate(tok.encode_batch(texts)))
+
+
+def test_offline_without_the_data_fails_within_seconds_saying_what_to_fetch(tmp_path):
+  """With the network blocked (this process's guard) and LM1B nowhere on disk, both with tfds installed and
+  from the command line (a subprocess behind the same guard)."""
+  start = time.time()
+  with pytest.raises(ValueError, match=r"cannot be reached.*download http://www.statmt.org/lm-benchmark/"
+                                       r"1-billion-word-language-modeling-benchmark-r13output.tar.gz"):
+    prepare.prepare_lm1b(str(tmp_path / "out"), "d3pm", manual_dir=str(tmp_path), tfds_data_dir=str(tmp_path))
+  assert time.time() - start < 10
+  guarded = ("import sys; sys.path.insert(0, 'tests'); import conftest; from d3pm_jax import prepare_main; "
+             "sys.argv = sys.argv[:1] + sys.argv[1:]; prepare_main.run()")
+  start = time.time()
+  out = subprocess.run([sys.executable, "-c", guarded, "--dataset=lm1b", "--setup=d3pm", f"--out={tmp_path / 'o'}",
+                        f"--tfds_data_dir={tmp_path / 'tfds'}"], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+  assert out.returncode != 0 and time.time() - start < 10, out.stderr[-2000:]
+  assert f"copy it to DIR/{lm1b.ARCHIVE}" in out.stderr and "--manual_dir=DIR" in out.stderr
+  assert not os.path.exists(tmp_path / "o" / prepared.METADATA)
+
+
+@pytest.mark.parametrize("setup", ["d3pm", "mdlm"])
+def test_d3pm_train_trains_on_prepared_fake_lm1b(tmp_path, fake_lm1b, setup):
+  root, expected, vocab = fake_lm1b
+  out = str(tmp_path / setup)
+  tokenizer = {"d3pm": "sentencepiece", "mdlm": "wordpiece"}[setup]
+  prepare.prepare_lm1b(out, setup, manual_dir=str(root / "extracted"), seq_len=16,
+                       **({"vocab_size": 320} if setup == "d3pm" else {"tokenizer_path": vocab}))
+  run = subprocess.run(
+      [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
+       f"--workdir={tmp_path / 'run'}", "--config.data.name=lm1b", f"--config.data.tokenizer={tokenizer}",
+       f"--config.data.prepared_dir={out}", "--config.train.steps=2"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "validation:" in run.stdout and "samples" in run.stdout.lower()
