@@ -7,6 +7,7 @@ converts it once, at the entry point, into ``ExperimentConfig``; nothing below r
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -95,6 +96,8 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints", "sample_steps"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+    if self.grad_clip < 0:
+      raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping); got {self.grad_clip}")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
 
@@ -198,6 +201,11 @@ def experiment_from_dict(raw: dict) -> ExperimentConfig:
                      {"model": {k: v for k, v in raw["model"].items() if k not in ("vocab_size", "causal")}},
                      vocab_size=raw["model"]["vocab_size"] - (1 if raw["process"]["name"] in
                                                              ("absorbing", "autoregressive") else 0))
+
+
+def prepared_path(name: str) -> str:
+  """Where the paper configs expect ``d3pm-prepare --out``: ``$D3PM_DATA/<name>`` (``data/<name>`` when unset)."""
+  return os.path.join(os.environ.get("D3PM_DATA", "data"), name)
 
 
 def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:

@@ -46,11 +46,13 @@ def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to ``min_lr_ratio``, after global-norm clipping."""
+  """AdamW with linear warmup and cosine decay to ``min_lr_ratio`` (1.0: constant after warmup), after
+  global-norm clipping to ``grad_clip`` (0: no clipping, as in MD4's configs)."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, 1),
       end_value=cfg.learning_rate * cfg.min_lr_ratio)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+  return optax.chain(clip,
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 

@@ -9,9 +9,14 @@ Unix socket), and every name look-up other than this machine's own names, raises
 files; the guard covers the pytest process itself.
 """
 import ipaddress
+import json
+import os
 import socket
+import tarfile
+import zipfile
 
 import jax
+import numpy as np
 import pytest
 
 
@@ -63,3 +68,88 @@ socket.getaddrinfo = _guarded_getaddrinfo
 def x64():
   with jax.enable_x64(True):
     yield
+
+
+# ---------------------------------------------------------------- fake corpora made here (tests never download)
+
+@pytest.fixture(scope="module")
+def text8_zip(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
+  words = [rng.choice(letters, rng.integers(1, 9)).tobytes() for _ in range(1200)]
+  text = b" ".join(words)[:5200]
+  path = tmp_path_factory.mktemp("text8") / "text8.zip"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("text8", text)
+  return str(path), text
+
+
+OWT_WORDS = ("the model samples every masked position from its prediction while the schedule decides how many "
+             "tokens stay hidden at each step of the reverse process").split()
+
+
+@pytest.fixture(scope="module")
+def owt(tmp_path_factory):
+  """Twelve documents in a jsonl file, a parquet file and three txt files, and a byte-level BPE with GPT-2's EOS
+  trained on them here, saved both as tokenizer.json and as vocab.json + merges.txt."""
+  import pyarrow
+  import pyarrow.parquet
+  import tokenizers
+
+  rng = np.random.default_rng(1)
+  docs = [" ".join(rng.choice(OWT_WORDS, rng.integers(5, 40))) + ("\n" if i % 2 else "") for i in range(12)]
+  root = tmp_path_factory.mktemp("owt")
+  (root / "corpus").mkdir()
+  with open(root / "corpus" / "a.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[:5]))
+  pyarrow.parquet.write_table(pyarrow.table({"text": docs[5:9]}), root / "corpus" / "b.parquet")
+  for i, d in enumerate(docs[9:]):
+    (root / "corpus" / f"c{i}.txt").write_text(d)
+  bpe = tokenizers.ByteLevelBPETokenizer()
+  bpe.train_from_iterator(docs, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+  bpe.save(str(root / "tokenizer.json"))
+  (root / "vocab").mkdir()
+  bpe.save_model(str(root / "vocab"))
+  return root, docs
+
+
+LM1B_WORDS = ("The central bank said on Tuesday that prices rose by 3 percent , more than expected in a year "
+              "when officials in London and New York had warned of slower growth ; shares fell \" sharply \" .").split()
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def lm1b_sentences(rng, n):
+  return [" ".join(rng.choice(LM1B_WORDS, rng.integers(3, 30))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fake_lm1b(tmp_path_factory):
+  """The benchmark's layout with 3 training files and 2 held-out files (and a decoy that tfds's patterns skip),
+  extracted under ``extracted/`` and archived as ``archive/<the benchmark's .tar.gz>``, plus a BERT-style
+  WordPiece vocab.txt trained on the sentences."""
+  import tokenizers as hf
+
+  from d3pm_jax.data import lm1b
+  rng = np.random.default_rng(0)
+  root = tmp_path_factory.mktemp("lm1b")
+  top = root / "extracted" / lm1b.TOP
+  files = {"train": [f"training-monolingual.tokenized.shuffled/news.en-0000{i}-of-00100" for i in (2, 1, 3)],
+           "validation": [f"heldout-monolingual.tokenized.shuffled/news.en.heldout-0000{i}-of-00050"
+                          for i in (1, 0)]}
+  lines = {}
+  for split, names in files.items():
+    for name in names:
+      (top / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+      lines[name] = lm1b_sentences(rng, 40 if split == "train" else 15)
+      # Real LM1B lines end with a newline, some with trailing blanks that tfds strips.
+      (top / name).write_text("".join(s + (" \n" if i % 3 == 0 else "\n") for i, s in enumerate(lines[name])))
+  (top / "heldout-monolingual.tokenized.shuffled" / "README").write_text("not a sentence file\n")
+  (root / "archive").mkdir()
+  with tarfile.open(root / "archive" / lm1b.ARCHIVE, "w:gz") as tar:
+    tar.add(top, arcname=lm1b.TOP)
+  expected = {split: [s for name in sorted(names) for s in lines[name]] for split, names in files.items()}
+  wordpiece = hf.BertWordPieceTokenizer(lowercase=True)
+  wordpiece.train_from_iterator(expected["train"], vocab_size=120, special_tokens=WORDPIECE_SPECIALS)
+  (root / "vocab").mkdir()
+  wordpiece.save_model(str(root / "vocab"))
+  return root, expected, str(root / "vocab" / "vocab.txt")

@@ -1,10 +1,10 @@
-"""LM1B in both published setups, on a fake LM1B made here: a tiny copy of the benchmark's directory layout (and
-its .tar.gz) with LM1B-style sentences, a WordPiece vocabulary trained on them, and tfds's own ``mock_data`` for
-the tensorflow-datasets path. Nothing here reaches the network (tests/conftest.py's guard)."""
+"""LM1B in both published setups, on a fake LM1B (``fake_lm1b`` in tests/conftest.py: a tiny copy of the
+benchmark's directory layout and its .tar.gz with LM1B-style sentences, and a WordPiece vocabulary trained on
+them), and tfds's own ``mock_data`` for the tensorflow-datasets path. Nothing here reaches the network
+(tests/conftest.py's guard)."""
 import os
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -15,47 +15,6 @@ from d3pm_jax.config import DataConfig
 from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
 
 from test_train import ROOT
-
-WORDS = ("The central bank said on Tuesday that prices rose by 3 percent , more than expected in a year when "
-         "officials in London and New York had warned of slower growth ; shares fell \" sharply \" .").split()
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _sentences(rng, n):
-  return [" ".join(rng.choice(WORDS, rng.integers(3, 30))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def fake_lm1b(tmp_path_factory):
-  """The benchmark's layout with 3 training files and 2 held-out files (and a decoy that tfds's patterns skip),
-  extracted under ``extracted/`` and archived as ``archive/<the benchmark's .tar.gz>``, plus a BERT-style
-  WordPiece vocab.txt trained on the sentences."""
-  import tokenizers as hf
-
-  rng = np.random.default_rng(0)
-  root = tmp_path_factory.mktemp("lm1b")
-  top = root / "extracted" / lm1b.TOP
-  files = {"train": [f"training-monolingual.tokenized.shuffled/news.en-0000{i}-of-00100" for i in (2, 1, 3)],
-           "validation": [f"heldout-monolingual.tokenized.shuffled/news.en.heldout-0000{i}-of-00050"
-                          for i in (1, 0)]}
-  lines = {}
-  for split, names in files.items():
-    for name in names:
-      (top / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
-      lines[name] = _sentences(rng, 40 if split == "train" else 15)
-      # Real LM1B lines end with a newline, some with trailing blanks that tfds strips.
-      (top / name).write_text("".join(s + (" \n" if i % 3 == 0 else "\n") for i, s in enumerate(lines[name])))
-  (top / "heldout-monolingual.tokenized.shuffled" / "README").write_text("not a sentence file\n")
-  (root / "archive").mkdir()
-  with tarfile.open(root / "archive" / lm1b.ARCHIVE, "w:gz") as tar:
-    tar.add(top, arcname=lm1b.TOP)
-  expected = {split: [s for name in sorted(names) for s in lines[name]] for split, names in files.items()}
-  wordpiece = hf.BertWordPieceTokenizer(lowercase=True)
-  wordpiece.train_from_iterator(expected["train"], vocab_size=120, special_tokens=SPECIALS)
-  (root / "vocab").mkdir()
-  wordpiece.save_model(str(root / "vocab"))
-  return root, expected, str(root / "vocab" / "vocab.txt")
-
 
 def _real_tokens(out, split):
   rows = prepared.PreparedSplit(out, split).read_all()

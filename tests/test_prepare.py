@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -21,18 +20,6 @@ from d3pm_jax.data import openwebtext, pipeline, prepared, text8, tokenizers
 from test_train import ROOT, experiment
 
 SPLITS = {"train": (0, 4000), "validation": (4000, 4600), "test": (4600, 5200)}
-
-
-@pytest.fixture(scope="module")
-def text8_zip(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)
-  words = [rng.choice(letters, rng.integers(1, 9)).tobytes() for _ in range(1200)]
-  text = b" ".join(words)[:5200]
-  path = tmp_path_factory.mktemp("text8") / "text8.zip"
-  with zipfile.ZipFile(path, "w") as archive:
-    archive.writestr("text8", text)
-  return str(path), text
 
 
 def test_prepared_stdlib_gives_the_same_batches_and_windows(tmp_path):
@@ -95,35 +82,6 @@ def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
   with pytest.raises(ValueError, match="is read from prepared shards: run d3pm-prepare --dataset=text8"):
     DataConfig(name="text8", tokenizer="text8")
   assert not os.path.exists(tmp_path / "out" / "metadata.json")
-
-
-WORDS = ("the model samples every masked position from its prediction while the schedule decides how many "
-         "tokens stay hidden at each step of the reverse process").split()
-
-
-@pytest.fixture(scope="module")
-def owt(tmp_path_factory):
-  """Twelve documents in a jsonl file, a parquet file and three txt files, and a byte-level BPE with GPT-2's EOS
-  trained on them here, saved both as tokenizer.json and as vocab.json + merges.txt."""
-  import pyarrow
-  import pyarrow.parquet
-  import tokenizers
-
-  rng = np.random.default_rng(1)
-  docs = [" ".join(rng.choice(WORDS, rng.integers(5, 40))) + ("\n" if i % 2 else "") for i in range(12)]
-  root = tmp_path_factory.mktemp("owt")
-  (root / "corpus").mkdir()
-  with open(root / "corpus" / "a.jsonl", "w") as f:
-    f.writelines(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[:5]))
-  pyarrow.parquet.write_table(pyarrow.table({"text": docs[5:9]}), root / "corpus" / "b.parquet")
-  for i, d in enumerate(docs[9:]):
-    (root / "corpus" / f"c{i}.txt").write_text(d)
-  bpe = tokenizers.ByteLevelBPETokenizer()
-  bpe.train_from_iterator(docs, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-  bpe.save(str(root / "tokenizer.json"))
-  (root / "vocab").mkdir()
-  bpe.save_model(str(root / "vocab"))
-  return root, docs
 
 
 def test_openwebtext_prepares_documents_in_order_with_eos_and_the_last_ones_held_out(tmp_path, owt):

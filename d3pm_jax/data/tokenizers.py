@@ -2,8 +2,8 @@
 (text8's characters, GPT-2's BPE and BERT's WordPiece live beside their data sets).
 
 Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``) and a
-``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. The corpus is handled as bytes, so a file that is not valid
-UTF-8 still round-trips.
+``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. The corpus is handled as bytes, so a
+file that is not valid UTF-8 still round-trips.
 """
 from __future__ import annotations
 

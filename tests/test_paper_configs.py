@@ -1,0 +1,93 @@
+"""The paper configs: each names its published figure, how to prepare its data, its hardware and time and its
+deviations; the data its own d3pm-prepare command makes (here from the fake corpora the data tests build) is what
+the config reads; and MD4's "no clipping" is a real setting."""
+import dataclasses
+import importlib.util
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from d3pm_jax import prepare, state
+from d3pm_jax.config import TrainConfig, from_config
+from d3pm_jax.data import pipeline
+
+from test_prepare import SPLITS
+from test_train import ROOT
+
+TARGETS = {
+    "lm1b_d3pm:absorbing": "<= 76.9",
+    "lm1b_d3pm:uniform": "<= 137.9",
+    "lm1b_d3pm:nearest_neighbor": "<= 149.5",
+    "lm1b_mdlm": "<= 27.04 after 33B tokens",
+    "owt_md4_small": "<= 22.13",
+    "text8_md4": "<= 1.37 bits per",
+}
+
+
+def _load(spec):
+  name, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.__doc__, module.get_config(arg or None)
+
+
+def _prepare_flags(doc):
+  """The --flag=value pairs of the docstring's d3pm-prepare command (backslash continuations joined)."""
+  command = re.search(r"d3pm-prepare ((?:[^\n]*\\\n)*[^\n]*)", doc).group(1).replace("\\\n", " ")
+  return dict(re.findall(r"--(\w+)=(\S+)", command))
+
+
+@pytest.mark.parametrize("spec", sorted(TARGETS))
+def test_the_docstring_names_the_target_commands_hardware_and_deviations(spec):
+  doc, cfg = _load(spec)
+  arg = spec.partition(":")[2]
+  assert re.search((re.escape(arg) + r"\s+" if arg else "") + r"target[^.]*?" + re.escape(TARGETS[spec]),
+                   " ".join(doc.split())), TARGETS[spec]
+  for needed in ("d3pm-prepare", "d3pm-train --config=configs/" + spec.split(":")[0] + ".py", "Hardware and time",
+                 "Deviations from the paper"):
+    assert needed in doc, needed
+  assert _prepare_flags(doc)["dataset"] == cfg.data.name
+
+
+@pytest.mark.parametrize("spec", sorted(TARGETS))
+def test_the_data_its_prepare_command_makes_is_what_the_config_reads(tmp_path, spec, fake_lm1b, text8_zip, owt):
+  doc, cfg = _load(spec)
+  flags = _prepare_flags(doc)
+  out, seq_len = str(tmp_path / "prepared"), cfg.data.seq_len
+  if flags["dataset"] == "lm1b":
+    root, _, vocab = fake_lm1b
+    extra = {"tokenizer_path": vocab} if "tokenizer_path" in flags else {"vocab_size": 320}
+    prepare.prepare_lm1b(out, flags["setup"], manual_dir=str(root / "extracted"), seq_len=seq_len, **extra)
+  elif flags["dataset"] == "text8":
+    prepare.prepare_text8(text8_zip[0], out, seq_len=seq_len, split_chars=SPLITS)
+  else:
+    root, _ = owt
+    prepare.prepare_openwebtext([str(root / "corpus")], str(root / "tokenizer.json"), out, seq_len=seq_len,
+                                validation_documents=2)
+  data_cfg = dataclasses.replace(from_config(cfg, 256).data, prepared_dir=out)
+  data = pipeline.build_data(data_cfg, batch_size=2, seed=0)  # refuses another data set, length or tokenizer
+  assert data.tokenizer.name == cfg.data.tokenizer and data.val_windows.shape[1] == seq_len
+  experiment = from_config(cfg, data.tokenizer.vocab_size)
+  assert experiment.model.max_len >= seq_len and experiment.process.name == cfg.process.name
+
+
+def test_grad_clip_zero_means_no_clipping():
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.array([3e5, -4e5, 1e-3])}
+  config = TrainConfig(steps=10, warmup_steps=1, grad_clip=0.0, weight_decay=0.0)
+  unclipped = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, 1, 10,
+                                                             config.learning_rate * config.min_lr_ratio),
+                          b1=config.b1, b2=config.b2, weight_decay=0.0)
+  ours = state.make_optimizer(config)
+  ours_state, ref_state = ours.init(params), unclipped.init(params)
+  for _ in range(2):  # the first step has learning rate 0 (warm-up from 0)
+    ours_update, ours_state = ours.update(grads, ours_state, params)
+    ref_update, ref_state = unclipped.update(grads, ref_state, params)
+  assert np.abs(np.asarray(ours_update["w"])).min() > 0
+  np.testing.assert_allclose(ours_update["w"], ref_update["w"], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"train.grad_clip must be >= 0 \(0: no clipping\); got -1"):
+    TrainConfig(grad_clip=-1.0)
