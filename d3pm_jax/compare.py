@@ -287,7 +287,7 @@ def format_report(summary: dict, results: dict) -> str:
            f"by d3pm-compare when it last trained a run or first found them all trained). Evaluation settings, the "
            f"same for every run: "
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
-           "## Likelihood on the validation split", "",
+           f"## Likelihood on the {settings.get('split', 'validation')} split", "",
            "± is a 95% interval over windows. The last column is the run's bound minus the reference run's "
            f"(`{summary['reference']}`) on the same windows, with the interval of that paired difference.", "",
            "| run | process (loss) | bound | windows | bits/byte | perplexity / token | vs reference, bits/byte |",

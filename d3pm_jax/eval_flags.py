@@ -23,6 +23,8 @@ _INFILL_WINDOWS = flags.DEFINE_integer("infill_windows", 64, "Windows for infill
 _INFILL_START = flags.DEFINE_integer("infill_start", -1, "First held-out position (-1: centre the span).")
 _INFILL_LENGTH = flags.DEFINE_integer("infill_length", 0, "Held-out span length (0: an eighth of the window).")
 _INFILL_STEPS = flags.DEFINE_integer("infill_steps", 64, "Sampling steps for infilling.")
+_SPLIT = flags.DEFINE_string("split", "validation", "The held-out split to evaluate on: validation, or a prepared "
+                             "data set's other splits (text8: test, where its published figures are).")
 
 
 def eval_kwargs() -> dict:
@@ -38,7 +40,7 @@ def eval_kwargs() -> dict:
           "use_ema": _EMA.value, "seed": _SEED.value, "num_bins": _BINS.value, "sample_steps": steps,
           "num_samples": 4 if quick else _NUM_SAMPLES.value, "infill_windows": 8 if quick else _INFILL_WINDOWS.value,
           "infill_start": _INFILL_START.value, "infill_length": _INFILL_LENGTH.value,
-          "infill_steps": 8 if quick else _INFILL_STEPS.value, "progress": progress}
+          "infill_steps": 8 if quick else _INFILL_STEPS.value, "split": _SPLIT.value, "progress": progress}
 
 
 _last_shown = [0.0]

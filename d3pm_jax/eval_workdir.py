@@ -23,8 +23,9 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                      exact_windows: int = 0, use_ema: bool = False, seed: int = 0, num_bins: int = 10,
                      progress=None, evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32,
                      infill_windows: int = 64, infill_start: int = -1, infill_length: int = 0,
-                     infill_steps: int = 64) -> dict:
-  """Evaluates ``workdir``'s latest checkpoint on its validation split (``max_windows`` spread over it; 0: all),
+                     infill_steps: int = 64, split: str = "validation") -> dict:
+  """Evaluates ``workdir``'s latest checkpoint on a held-out ``split`` of its data (``validation``; a prepared
+  data set may also have ``test``), ``max_windows`` spread over it (0: all),
   its samples under ``evaluator`` (an AR baseline's workdir) when given, and infilling of a held-out span
   (default: the middle eighth of ``infill_windows`` windows; not for the AR baseline). A discrete-time D3PM run's
   exact bound costs T network calls per window, so it covers ``exact_windows`` of the evaluated windows (0: all)
@@ -41,10 +42,10 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
               "evaluator": os.path.abspath(evaluator) if evaluator else None,
               "sample_steps": [int(k) for k in sample_steps], "num_samples": num_samples,
               "infill_windows": infill_windows, "infill_start": infill_start, "infill_length": infill_length,
-              "infill_steps": infill_steps}
+              "infill_steps": infill_steps, "split": split}
   config = checkpoints.load_experiment(workdir)
   params, step = checkpoints.restore_params(workdir, config, use_ema)
-  data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
+  data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir, eval_split=split)
   model = Transformer(config.model)
   process = state.build_process(config.process, config.model)
   pcfg = config.process
@@ -211,7 +212,8 @@ def format_table(result: dict) -> str:
             f"{s['perplexity']:9.3f} [{lo:.3f}, {hi:.3f}]")
 
   lines = [f"d3pm-eval {result['workdir']}: step {result['checkpoint_step']}, {result['process']} "
-           f"({result['loss']}), {result['windows']} of {result['split_windows']} validation windows, "
+           f"({result['loss']}), {result['windows']} of {result['split_windows']} "
+           f"{result['settings'].get('split', 'validation')} windows, "
            f"{result['likelihood' if 'continuous_bound' not in result else 'continuous_bound']['tokens']} tokens; ± is a "
            f"95% interval over sequences",
            f"{'bound':<34s} {'bits/token':>17s}  {'bits/byte':>17s}  {'perplexity (per token)':>26s}",

@@ -62,6 +62,26 @@ def test_d3pm_train_trains_on_prepared_text8(tmp_path, text8_zip):
   # One batch of 4 windows spread over the 38 validation rows of 16: three full ones and the last, 600 - 37 * 16.
   tokens = int(out.stdout.split("bits per character (")[1].split(" tokens")[0])
   assert tokens == 3 * 16 + 8
+  # d3pm-eval on the test split (text8's published figures are there): its 600 characters, not validation's.
+  ev = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", f"--workdir={tmp_path / 'run'}", "--split=test",
+                       "--infill_windows=0", "--time_samples=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert "38 of 38 test windows, 600 tokens" in ev.stdout
+  with open(tmp_path / "run" / "eval.json") as f:
+    assert json.load(f)["settings"]["split"] == "test"
+
+
+def test_the_evaluation_split_is_read_from_the_prepared_shards(tmp_path, text8_zip):
+  path, text = text8_zip
+  prepare.prepare_text8(path, str(tmp_path), seq_len=16, split_chars=SPLITS)
+  config = DataConfig(name="text8", tokenizer="text8", seq_len=16, prepared_dir=str(tmp_path))
+  for split, (start, end) in SPLITS.items():
+    data = pipeline.build_data(config, 4, 0, eval_split=split)
+    assert data.tokenizer.decode(data.val_windows[data.val_weights > 0]) == text[start:end]
+  with pytest.raises(ValueError, match=r"has no split 'dev'; it has \['test', 'train', 'validation'\]"):
+    pipeline.build_data(config, 4, 0, eval_split="dev")
+  with pytest.raises(ValueError, match=r"split 'test': data set 'stdlib' read without preparation has only"):
+    pipeline.build_data(DataConfig(seq_len=16), 4, 0, eval_split="test")
 
 
 def test_mismatched_shards_are_refused(tmp_path, text8_zip):

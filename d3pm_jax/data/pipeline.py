@@ -163,7 +163,7 @@ def tokenizer_of(config: DataConfig, workdir: str | None = None):
   return tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
 
 
-def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
+def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = "validation") -> Data:
   """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
   validation is read into memory. ``stream`` rows are plain token windows (the padded last training row dropped);
   ``packed`` and ``padded`` rows carry their segment ids to the model and the loss."""
@@ -174,7 +174,7 @@ def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
   usable = len(train)
   if not segmented and usable and train[usable - 1][1].min() == 0:
     usable -= 1
-  val = prepared.PreparedSplit(config.prepared_dir, "validation").read_all()
+  val = prepared.PreparedSplit(config.prepared_dir, eval_split).read_all()
   tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
@@ -183,12 +183,17 @@ def _prepared(config: DataConfig, batch_size: int, seed: int) -> Data:
               val_segments=val[:, 1] if segmented else None)
 
 
-def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None) -> Data:
+def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None,
+               eval_split: str = "validation") -> Data:
   """Loads the data set named by ``config`` (from ``config.prepared_dir`` when set); ``batch_size`` is global and
-  split evenly over JAX processes."""
+  split evenly over JAX processes. ``val_windows`` hold ``eval_split``: a prepared data set may have others than
+  ``validation`` (text8's ``test``)."""
   process_rows(batch_size)  # fails before any loading if the batch does not split over the processes
   if config.prepared_dir:
-    return _prepared(config, batch_size, seed)
+    return _prepared(config, batch_size, seed, eval_split)
+  if eval_split != "validation":
+    raise ValueError(f"split {eval_split!r}: data set {config.name!r} read without preparation has only "
+                     f"'validation'; prepare it with d3pm-prepare for its other splits")
   if config.name == "stdlib":
     tok, encoded, info = _stdlib(config, workdir)
   else:  # markov: a synthetic source with known entropy, for tests and calibration
