@@ -83,15 +83,20 @@ def prepare_text8(zip_path: str | None, out: str, seq_len: int = 256, split_char
 
 def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1024,
                         validation_documents: int = 100_000, chunk: int = 1000) -> dict:
-  """OpenWebText from the files under ``sources`` (read in sorted order): each document followed by GPT-2's EOS,
-  the stream cut into rows of ``seq_len``; the last ``validation_documents`` documents are the validation split."""
-  files = openwebtext.list_files(sources)
+  """OpenWebText from the files under ``sources`` (read in sorted order), or from one hub data set
+  ``hf://NAME``: each document followed by GPT-2's EOS, the stream cut into rows of ``seq_len``; the last
+  ``validation_documents`` documents are the validation split."""
   tok = openwebtext.Gpt2Tokenizer(tokenizer_path)
-  total = openwebtext.count_documents(files)
+  if len(sources) == 1 and sources[0].startswith(openwebtext.HUB):
+    total, texts = openwebtext.hub_documents(sources[0])
+    where = {"hub": sources[0][len(openwebtext.HUB):]}
+  else:
+    files = openwebtext.list_files(sources)
+    total, texts = openwebtext.count_documents(files), openwebtext.iter_documents(files)
+    where = {"files": [os.path.abspath(f) for f in files]}
   if not 0 < validation_documents < total:
     raise ValueError(f"validation_documents must lie in (0, {total}) for these {total} documents; got "
                      f"{validation_documents}")
-  texts = openwebtext.iter_documents(files)
 
   def encoded(count):  # the next `count` documents of the one pass, tokenised in batches
     remaining = count
@@ -100,7 +105,7 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
       remaining -= len(batch)
       yield from tok.encode_batch(batch)
 
-  source = {"files": [os.path.abspath(f) for f in files], "documents": total,
+  source = {**where, "documents": total,
             "validation_documents": validation_documents, "tokenizer_path": os.path.abspath(tokenizer_path)}
   # Both generators read the one pass over the files, lazily: train is written (consumed) before validation starts.
   splits = {"train": encoded(total - validation_documents), "validation": encoded(validation_documents)}

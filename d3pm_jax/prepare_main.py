@@ -4,9 +4,10 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
 
   --dataset=stdlib                      this interpreter's standard library, bytes, rows of 128
   --dataset=text8 --source=text8.zip    27 characters, the standard 90M/5M/5M split, rows of 256
-  --dataset=openwebtext --source=DIR[,FILES] --tokenizer_path=tokenizer.json
-                                        jsonl / parquet / txt documents, GPT-2 BPE, EOS-joined rows of 1024,
-                                        the last --validation_documents (100k) documents for validation
+  --dataset=openwebtext [--source=DIR[,FILES] | --source=hf://NAME] --tokenizer_path=tokenizer.json
+                                        jsonl / parquet / txt documents (default: the hub's
+                                        Skylion007/openwebtext when online), GPT-2 BPE, EOS-joined rows of
+                                        1024, the last --validation_documents (100k) documents for validation
   --dataset=lm1b --setup=d3pm [--manual_dir=DIR]
                                         D3PM's setup: cased sentencepiece 8k trained on the training split,
                                         sentences packed into rows of 128 (segment ids keep them apart)
@@ -16,19 +17,21 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
 
 LM1B is read from --manual_dir (the benchmark's .tar.gz, or its extracted directory), else from an array_record
 lm1b that tensorflow-datasets prepared in --tfds_data_dir, else tfds downloads and prepares it (needs TensorFlow:
-pip install -e '.[lm1b]'). text8 is downloaded to --source (default DIR/text8.zip) when missing. Offline, a
-missing corpus fails within seconds, naming the file to fetch and where to put it.
+pip install -e '.[lm1b]'). text8 is downloaded to --source (default DIR/text8.zip) when missing, and OpenWebText
+read from the Hugging Face hub without --source (pip install -e '.[openwebtext]'), when online. Offline, a missing
+corpus fails within seconds, naming the file to fetch and where to put it.
 """
 from __future__ import annotations
 
 from absl import app, flags, logging
 
 from d3pm_jax import prepare
+from d3pm_jax.data import openwebtext
 
 DATASETS = ("stdlib", "text8", "openwebtext", "lm1b")
 _DATASET = flags.DEFINE_enum("dataset", None, list(DATASETS), "Which corpus to prepare.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the shards and metadata.json.")
-_SOURCE = flags.DEFINE_list("source", None, "The corpus on disk (text8: the path of text8.zip; openwebtext: "
+_SOURCE = flags.DEFINE_list("source", None, "The corpus (text8: the path of text8.zip; openwebtext: hf://NAME or "
                             "directories, files or globs of jsonl / parquet / txt documents).")
 _TOKENIZER_PATH = flags.DEFINE_string("tokenizer_path", None, "openwebtext: GPT-2's tokenizer.json, or a directory "
                                       "with its vocab.json and merges.txt; lm1b mdlm: BERT's vocab.txt; lm1b d3pm: "
@@ -65,10 +68,11 @@ def main(argv):
                                       vocab_size=_VOCAB_SIZE.value, seq_len=_SEQ_LEN.value or 128,
                                       packing=_PACKING.value)
     else:
-      if not _SOURCE.value or not _TOKENIZER_PATH.value:
-        raise ValueError("--dataset=openwebtext needs --source=DIR (its jsonl / parquet / txt files) and "
-                         "--tokenizer_path=GPT-2's tokenizer.json")
-      metadata = prepare.prepare_openwebtext(_SOURCE.value, _TOKENIZER_PATH.value, _OUT.value,
+      if not _TOKENIZER_PATH.value:
+        raise ValueError("--dataset=openwebtext needs --tokenizer_path=GPT-2's tokenizer.json (or a directory with "
+                         "its vocab.json and merges.txt)")
+      metadata = prepare.prepare_openwebtext(_SOURCE.value or [openwebtext.DEFAULT_HUB], _TOKENIZER_PATH.value,
+                                             _OUT.value,
                                              seq_len=_SEQ_LEN.value or 1024,
                                              validation_documents=_VALIDATION_DOCUMENTS.value)
   except ValueError as e:

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import socket
+import sys
 import tarfile
 import zipfile
 
@@ -57,6 +58,14 @@ def _guarded_getaddrinfo(host, *args, **kwargs):
     except ValueError:
       raise NetworkBlocked(f"a test tried to look up {name!r}; tests must not use the network (tests/conftest.py)")
   return _getaddrinfo(host, *args, **kwargs)
+
+
+def guarded_command(module: str, *args: str) -> list[str]:
+  """A command line that runs ``python -m module args`` behind this guard, for tests of what a command does
+  offline (run it from the repository root)."""
+  code = (f"import runpy, sys; sys.path.insert(0, 'tests'); import conftest; "
+          f"runpy.run_module({module!r}, run_name='__main__')")
+  return [sys.executable, "-c", code, *args]
 
 
 socket.socket.connect = _guarded(socket.socket.connect)

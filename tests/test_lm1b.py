@@ -14,6 +14,7 @@ from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
 
+from conftest import guarded_command
 from test_train import ROOT
 
 def _real_tokens(out, split):
@@ -130,12 +131,10 @@ def test_offline_without_the_data_fails_within_seconds_saying_what_to_fetch(tmp_
                                        r"1-billion-word-language-modeling-benchmark-r13output.tar.gz"):
     prepare.prepare_lm1b(str(tmp_path / "out"), "d3pm", manual_dir=str(tmp_path), tfds_data_dir=str(tmp_path))
   assert time.time() - start < 10
-  guarded = ("import sys; sys.path.insert(0, 'tests'); import conftest; from d3pm_jax import prepare_main; "
-             "sys.argv = sys.argv[:1] + sys.argv[1:]; prepare_main.run()")
   start = time.time()
-  out = subprocess.run([sys.executable, "-c", guarded, "--dataset=lm1b", "--setup=d3pm", f"--out={tmp_path / 'o'}",
-                        f"--tfds_data_dir={tmp_path / 'tfds'}"], capture_output=True, text=True, timeout=60,
-                       cwd=ROOT)
+  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=lm1b", "--setup=d3pm",
+                                       f"--out={tmp_path / 'o'}", f"--tfds_data_dir={tmp_path / 'tfds'}"),
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode != 0 and time.time() - start < 10, out.stderr[-2000:]
   assert f"copy it to DIR/{lm1b.ARCHIVE}" in out.stderr and "--manual_dir=DIR" in out.stderr
   assert not os.path.exists(tmp_path / "o" / prepared.METADATA)

@@ -17,6 +17,7 @@ from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import openwebtext, pipeline, prepared, text8, tokenizers
 
+from conftest import guarded_command
 from test_train import ROOT, experiment
 
 SPLITS = {"train": (0, 4000), "validation": (4000, 4600), "test": (4600, 5200)}
@@ -94,8 +95,8 @@ def test_mismatched_shards_are_refused(tmp_path, text8_zip):
 
 def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
   start = time.time()
-  out = subprocess.run([sys.executable, "-m", "d3pm_jax.prepare_main", "--dataset=text8",
-                        f"--source={tmp_path / 'text8.zip'}", f"--out={tmp_path / 'out'}"],
+  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=text8",
+                                       f"--source={tmp_path / 'text8.zip'}", f"--out={tmp_path / 'out'}"),
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode != 0 and time.time() - start < 10
   assert "text8 not found at" in out.stderr and "http://mattmahoney.net/dc/text8.zip" in out.stderr
@@ -141,6 +142,19 @@ def test_openwebtext_sources_and_tokenizer_missing_say_what_to_do(tmp_path, owt)
   with pytest.raises(ValueError, match=r"validation_documents must lie in \(0, 12\)"):
     prepare.prepare_openwebtext([str(root / "corpus")], str(root / "tokenizer.json"), str(tmp_path / "out"),
                                 validation_documents=12)
+
+
+def test_openwebtext_from_the_hub_offline_fails_within_seconds_saying_what_to_fetch(tmp_path, owt):
+  """No --source means the hub's Skylion007/openwebtext; behind the network guard it must fail fast."""
+  root, _ = owt
+  start = time.time()
+  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=openwebtext", f"--out={tmp_path / 'o'}",
+                                       f"--tokenizer_path={root / 'tokenizer.json'}"),
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert out.returncode != 0 and time.time() - start < 10, out.stderr[-2000:]
+  assert ("huggingface.co cannot be reached to read 'Skylion007/openwebtext'" in out.stderr
+          and "https://huggingface.co/datasets/Skylion007/openwebtext" in out.stderr and "--source=DIR" in out.stderr)
+  assert not os.path.exists(tmp_path / "o" / prepared.METADATA)
 
 
 def prepare_random_documents(out, packing):

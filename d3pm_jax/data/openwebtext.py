@@ -3,7 +3,8 @@ SEDD's setup: documents joined with EOS, cut into rows of 1024, the last 100k do
 
 Documents are read from ``.jsonl`` (one JSON object per line with a ``"text"`` field), ``.parquet`` (a ``text``
 column; needs pyarrow) or ``.txt`` (a whole file is one document) files, in sorted path order, so the split is
-the same on every machine. The tokenizer is ``tokenizer.json`` (Hugging Face ``tokenizers``) or a directory holding
+the same on every machine; or, when huggingface.co answers, from a Hugging Face hub data set (``hf://NAME``,
+``Skylion007/openwebtext`` by default) in its own order, through the ``datasets`` package. The tokenizer is ``tokenizer.json`` (Hugging Face ``tokenizers``) or a directory holding
 GPT-2's ``vocab.json`` and ``merges.txt``; both need the ``tokenizers`` package (the ``openwebtext`` extra).
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ import os
 
 import numpy as np
 
-from d3pm_jax.data import tokenizers
+from d3pm_jax.data import fetch, tokenizers
 
 EOS = "<|endoftext|>"
 EXTENSIONS = (".jsonl", ".parquet", ".txt")
+HUB = "hf://"
+DEFAULT_HUB = "hf://Skylion007/openwebtext"
 
 
 def _need(module: str, extra: str = "openwebtext"):
@@ -27,6 +30,22 @@ def _need(module: str, extra: str = "openwebtext"):
     return importlib.import_module(module)
   except ImportError as e:
     raise ValueError(f"preparing OpenWebText needs the '{module}' package: pip install -e '.[{extra}]'") from e
+
+
+def hub_documents(source: str):
+  """``(count, texts)`` of the hub data set ``source`` (``hf://NAME``, its ``train`` split, ``text`` column).
+  Offline it fails within seconds saying what to download instead (``HF_DATASETS_OFFLINE=1`` skips the check and
+  reads the local Hugging Face cache)."""
+  name = source[len(HUB):]
+  if os.environ.get("HF_DATASETS_OFFLINE") != "1" and not fetch.reachable("https://huggingface.co"):
+    raise ValueError(f"huggingface.co cannot be reached to read {name!r}: on a machine with network access download "
+                     f"its parquet files (https://huggingface.co/datasets/{name}) into a directory DIR, copy DIR "
+                     f"here and pass --source=DIR")
+  datasets = _need("datasets")
+  table = datasets.load_dataset(name, split="train")
+  if "text" not in table.column_names:
+    raise ValueError(f"hub data set {name!r} has no 'text' column; it has {table.column_names}")
+  return len(table), (row["text"] for row in table)
 
 
 def list_files(sources) -> list[str]:
