@@ -54,15 +54,15 @@ def _write(out: str, dataset: str, seq_len: int, packing: str, tokenizer, splits
   return metadata
 
 
-def prepare_stdlib(out: str, seq_len: int = 128, validation_permille: int = 20, root: str | None = None) -> dict:
-  """The stdlib corpus as bytes: every file a document, concatenated without separators (as ``d3pm-train`` packs
-  it), so the prepared rows equal the unprepared windows."""
-  files = stdlib.list_files(root)
-  tok = tokenizers.ByteTokenizer()
+def prepare_stdlib(out: str, seq_len: int = 128, validation_permille: int = 20, root: str | None = None,
+                   tokenizer=None, corpus: dict | None = None) -> dict:
+  """The stdlib corpus: every file a document, concatenated without separators and cut into rows of
+  ``seq_len`` (what ``d3pm-train`` reads for it), in bytes or with ``tokenizer``. ``corpus`` (``{split: (files,
+  contents)}``, as ``stdlib.read_corpus`` returns) saves reading the files again."""
+  tok = tokenizer or tokenizers.ByteTokenizer()
+  corpus = corpus or stdlib.read_corpus(validation_permille, root)
   splits, source = {}, {"root": root or stdlib.stdlib_root(), "validation_permille": validation_permille}
-  for split in stdlib.SPLITS:
-    chosen = stdlib.split_files(files, split, validation_permille)
-    contents = stdlib.read_files(chosen, root)
+  for split, (chosen, contents) in corpus.items():
     source[split] = stdlib.fingerprint(chosen, contents)
     splits[split] = (tok.encode(c) for c in contents)
   return _write(out, "stdlib", seq_len, "stream", tok, splits, source)

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import tarfile
+import tempfile
 import zipfile
 
 import jax
@@ -67,6 +68,10 @@ def guarded_command(module: str, *args: str) -> list[str]:
           f"runpy.run_module({module!r}, run_name='__main__')")
   return [sys.executable, "-c", code, *args]
 
+
+# The stdlib corpus is prepared on first use into a cache (d3pm_jax/data/pipeline.py): one fresh cache for the
+# whole test session and the commands it starts, so tests neither read nor fill the user's.
+os.environ["D3PM_CACHE"] = tempfile.mkdtemp(prefix="d3pm_test_cache_")
 
 socket.socket.connect = _guarded(socket.socket.connect)
 socket.socket.connect_ex = _guarded(socket.socket.connect_ex)

@@ -15,7 +15,7 @@ import pytest
 
 from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import openwebtext, pipeline, prepared, text8, tokenizers
+from d3pm_jax.data import openwebtext, pipeline, prepared, stdlib, text8, tokenizers
 
 from conftest import guarded_command
 from test_train import ROOT, experiment
@@ -23,16 +23,28 @@ from test_train import ROOT, experiment
 SPLITS = {"train": (0, 4000), "validation": (4000, 4600), "test": (4600, 5200)}
 
 
-def test_prepared_stdlib_gives_the_same_batches_and_windows(tmp_path):
+def test_the_stdlib_default_reads_its_own_prepared_shards_with_the_corpus_windows(tmp_path, monkeypatch):
+  """The default (no prepared_dir) reads the stdlib corpus through the prepared format, prepared once into the
+  cache: its windows and batches are the corpus's files, as bytes, concatenated and cut in memory here, and the
+  same as a d3pm-prepare directory's; a second build reuses the cache."""
+  corpus = stdlib.read_corpus(20)
+  expected = {split: pipeline.pack([np.frombuffer(c, np.uint8) for c in contents], 64)
+              for split, (_, contents) in corpus.items()}
+  train_windows = expected["train"][0][expected["train"][1].min(axis=1) > 0]
+  default = pipeline.build_data(DataConfig(seq_len=64), batch_size=8, seed=3)
+  assert default.info["prepared_dir"].startswith(pipeline.cache_root())
+  np.testing.assert_array_equal(default.val_windows, expected["validation"][0])
+  np.testing.assert_array_equal(default.val_weights, expected["validation"][1])
+  in_memory = pipeline.train_batches(train_windows, 8, 3)
+  assert len(default.train_batches) == len(in_memory)
   prepare.prepare_stdlib(str(tmp_path), seq_len=64)
-  direct = pipeline.build_data(DataConfig(seq_len=64), batch_size=8, seed=3)
   via_shards = pipeline.build_data(DataConfig(seq_len=64, prepared_dir=str(tmp_path)), batch_size=8, seed=3)
-  assert np.array_equal(direct.val_windows, via_shards.val_windows)
-  assert np.array_equal(direct.val_weights, via_shards.val_weights)
-  assert direct.info["train_windows"] == via_shards.info["train_windows"]
-  assert len(direct.train_batches) == len(via_shards.train_batches)
-  for i in (0, 1, 977, len(direct.train_batches) - 1):
-    assert np.array_equal(direct.train_batches[i], via_shards.train_batches[i])
+  for i in (0, 1, 977, len(in_memory) - 1):
+    np.testing.assert_array_equal(default.train_batches[i], in_memory[i])
+    np.testing.assert_array_equal(via_shards.train_batches[i], in_memory[i])
+  monkeypatch.setattr(prepare, "prepare_stdlib", lambda *a, **k: pytest.fail("the cache was not reused"))
+  again = pipeline.build_data(DataConfig(seq_len=64), batch_size=8, seed=3)
+  assert again.info["prepared_dir"] == default.info["prepared_dir"]
 
 
 def test_text8_prepares_with_its_split_and_round_trips(tmp_path, text8_zip):

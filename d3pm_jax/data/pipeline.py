@@ -1,13 +1,19 @@
-"""Packing into fixed windows, and the grain pipeline each process reads its own shard from.
+"""The grain pipeline each process reads its own shard from.
 
 ``build_data(config, workdir)`` returns the tokenizer, the training ``grain.MapDataset`` of batches (shuffled,
 sharded by JAX process, indexable so the iterator position is one integer that checkpoints save), and the
-validation windows with their token weights.
+validation windows with their token weights. Every corpus is read from the prepared format (``prepared.py``):
+text8, OpenWebText and LM1B from a ``d3pm-prepare`` directory, the stdlib corpus from one prepared on first use
+into the cache (``cache_root``); only the synthetic Markov source is sampled in memory.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
+import uuid
 
 import grain
 import jax
@@ -92,23 +98,41 @@ def spread_rows(total: int, num: int) -> np.ndarray:
   return np.linspace(0, total - 1, num).round().astype(int)
 
 
-def _stdlib(config: DataConfig, workdir: str | None):
-  files = stdlib.list_files()
-  splits = {s: stdlib.split_files(files, s, config.validation_permille) for s in stdlib.SPLITS}
-  contents = {s: stdlib.read_files(f) for s, f in splits.items()}
+def cache_root() -> str:
+  """Where derived data is kept between runs: ``$D3PM_CACHE``, else ``~/.cache/d3pm_jax``."""
+  return os.environ.get("D3PM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "d3pm_jax")
+
+
+def _stdlib(config: DataConfig, workdir: str | None) -> str:
+  """The stdlib corpus through the prepared format, like every other data set: prepared once per machine into
+  the cache, under a key of the corpus's contents, the row length, the split and the tokenizer (a sentencepiece
+  model is trained into ``workdir`` first, by one process). Each process makes sure its own cache has it; the
+  directory appears whole or not at all (prepared aside, then renamed), so concurrent processes cannot see a
+  partial one."""
+  corpus = stdlib.read_corpus(config.validation_permille)
   if config.tokenizer == "sentencepiece" and not config.tokenizer_path:
     if workdir is None:
       raise ValueError("training a sentencepiece tokenizer needs a workdir (or set data.tokenizer_path)")
     prefix = os.path.join(workdir, "stdlib_spm")
     if not os.path.exists(prefix + ".model") and multihost.is_leader():  # one process trains, the rest wait
       os.makedirs(workdir, exist_ok=True)  # a fresh --workdir does not exist yet
-      tokenizers.SentencePieceTokenizer.train(contents["train"], prefix, config.spm_vocab_size)
+      tokenizers.SentencePieceTokenizer.train(corpus["train"][1], prefix, config.spm_vocab_size)
     multihost.sync("sentencepiece tokenizer trained")
   tok = tokenizer_of(config, workdir)
-  info = {s: stdlib.fingerprint(splits[s], contents[s]) for s in stdlib.SPLITS}
-  info["root"] = stdlib.stdlib_root()
-  encoded = {s: [tok.encode(c) for c in contents[s]] for s in stdlib.SPLITS}
-  return tok, encoded, info
+  key = {"format": prepared.FORMAT_VERSION, "seq_len": config.seq_len, "tokenizer": tok.fingerprint(),
+         "validation_permille": config.validation_permille,
+         "corpus": {split: stdlib.fingerprint(*files_contents) for split, files_contents in corpus.items()}}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  out = os.path.join(cache_root(), f"stdlib-{digest}")
+  if not os.path.exists(os.path.join(out, prepared.METADATA)):
+    from d3pm_jax import prepare  # the preparation code; reading never needs it
+    aside = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    prepare.prepare_stdlib(aside, config.seq_len, config.validation_permille, tokenizer=tok, corpus=corpus)
+    try:
+      os.rename(aside, out)
+    except OSError:  # another process finished first: its copy is the same
+      shutil.rmtree(aside, ignore_errors=True)
+  return out
 
 
 class PreparedRows:
@@ -189,21 +213,21 @@ def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | No
   split evenly over JAX processes. ``val_windows`` hold ``eval_split``: a prepared data set may have others than
   ``validation`` (text8's ``test``)."""
   process_rows(batch_size)  # fails before any loading if the batch does not split over the processes
+  if config.name == "stdlib" and not config.prepared_dir:
+    config = dataclasses.replace(config, prepared_dir=_stdlib(config, workdir))
   if config.prepared_dir:
     return _prepared(config, batch_size, seed, eval_split)
   if eval_split != "validation":
     raise ValueError(f"split {eval_split!r}: data set {config.name!r} read without preparation has only "
                      f"'validation'; prepare it with d3pm-prepare for its other splits")
-  if config.name == "stdlib":
-    tok, encoded, info = _stdlib(config, workdir)
-  else:  # markov: a synthetic source with known entropy, for tests and calibration
-    source = MarkovSource.random(seed, config.markov_states, concentration=1.0)
-    key_train, key_val = jax.random.split(jax.random.PRNGKey(seed))
-    encoded = {"train": list(np.asarray(source.sample(key_train, config.markov_windows, config.seq_len))),
-               "validation": list(np.asarray(source.sample(key_val, 64, config.seq_len)))}
-    tok = None
-    info = {"markov_states": config.markov_states,
-            "entropy_bits_per_token": source.entropy(config.seq_len) / config.seq_len / np.log(2)}
+  # markov: a synthetic source with known entropy, for tests and calibration, sampled in memory
+  source = MarkovSource.random(seed, config.markov_states, concentration=1.0)
+  key_train, key_val = jax.random.split(jax.random.PRNGKey(seed))
+  encoded = {"train": list(np.asarray(source.sample(key_train, config.markov_windows, config.seq_len))),
+             "validation": list(np.asarray(source.sample(key_val, 64, config.seq_len)))}
+  tok = None
+  info = {"markov_states": config.markov_states,
+          "entropy_bits_per_token": source.entropy(config.seq_len) / config.seq_len / np.log(2)}
   train_windows, train_weights = pack(encoded["train"], config.seq_len)
   train_windows = train_windows[train_weights.min(axis=1) > 0]  # training drops the one padded window
   val_windows, val_weights = pack(encoded["validation"], config.seq_len)

@@ -53,6 +53,16 @@ def read_files(files: list[str], root: str | None = None) -> list[bytes]:
   return out
 
 
+def read_corpus(validation_permille: int = 20, root: str | None = None) -> dict:
+  """``{split: (files, contents)}`` for both splits."""
+  files = list_files(root)
+  out = {}
+  for split in SPLITS:
+    chosen = split_files(files, split, validation_permille)
+    out[split] = (chosen, read_files(chosen, root))
+  return out
+
+
 def fingerprint(files: list[str], contents: list[bytes]) -> dict:
   """File count, total bytes and a SHA-256 over (path, content) pairs: identifies the exact corpus."""
   digest = hashlib.sha256()
