@@ -58,6 +58,20 @@ def test_d3pm_setup_packs_sentencepiece_sentences_with_segment_ids(tmp_path, fak
     assert (segments[flat_position == 0] == 1).all() and (rows[:-1, 1] > 0).all()
 
 
+def test_preparing_twice_anywhere_gives_the_same_rows_and_tokenizer(tmp_path, fake_lm1b):
+  """Determinism: the d3pm setup trains its own sentencepiece model, so two preparations (into different
+  directories, from the archive and from the extracted files) must agree on the model's fingerprint and every
+  row."""
+  root, _, _ = fake_lm1b
+  a = prepare.prepare_lm1b(str(tmp_path / "a"), "d3pm", manual_dir=str(root / "archive"), vocab_size=320, seq_len=32)
+  b = prepare.prepare_lm1b(str(tmp_path / "b"), "d3pm", manual_dir=str(root / "extracted"), vocab_size=320,
+                           seq_len=32)
+  assert a["tokenizer"] == b["tokenizer"] and a["splits"].keys() == b["splits"].keys()
+  for split in a["splits"]:
+    np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path / "a"), split).read_all(),
+                                  prepared.PreparedSplit(str(tmp_path / "b"), split).read_all())
+
+
 def test_mdlm_setup_pads_each_lowercased_sentence_into_its_own_rows(tmp_path, fake_lm1b):
   root, expected, vocab = fake_lm1b
   out = str(tmp_path / "mdlm")

@@ -93,8 +93,10 @@ def test_the_evaluation_split_is_read_from_the_prepared_shards(tmp_path, text8_z
     assert data.tokenizer.decode(data.val_windows[data.val_weights > 0]) == text[start:end]
   with pytest.raises(ValueError, match=r"has no split 'dev'; it has \['test', 'train', 'validation'\]"):
     pipeline.build_data(config, 4, 0, eval_split="dev")
-  with pytest.raises(ValueError, match=r"split 'test': data set 'stdlib' read without preparation has only"):
+  with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train', 'validation'\]"):
     pipeline.build_data(DataConfig(seq_len=16), 4, 0, eval_split="test")
+  with pytest.raises(ValueError, match=r"split 'test': the synthetic 'markov' source has only 'validation'"):
+    pipeline.build_data(DataConfig(name="markov", seq_len=16), 4, 0, eval_split="test")
 
 
 def test_mismatched_shards_are_refused(tmp_path, text8_zip):

@@ -218,8 +218,7 @@ def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | No
   if config.prepared_dir:
     return _prepared(config, batch_size, seed, eval_split)
   if eval_split != "validation":
-    raise ValueError(f"split {eval_split!r}: data set {config.name!r} read without preparation has only "
-                     f"'validation'; prepare it with d3pm-prepare for its other splits")
+    raise ValueError(f"split {eval_split!r}: the synthetic 'markov' source has only 'validation'")
   # markov: a synthetic source with known entropy, for tests and calibration, sampled in memory
   source = MarkovSource.random(seed, config.markov_states, concentration=1.0)
   key_train, key_val = jax.random.split(jax.random.PRNGKey(seed))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import re
 from typing import Iterable
@@ -117,17 +118,22 @@ class SentencePieceTokenizer:
     """Trains a lossless model: identity normalisation, whitespace kept as is, byte fallback for anything unseen.
 
     ``texts`` are documents; each line becomes a training sentence (sentencepiece learns within lines, and
-    newlines are encoded through byte fallback).
+    newlines are encoded through byte fallback). The same texts give the same model file wherever it is written
+    (the model is taken from memory, so no output path is recorded in it), hence the same fingerprint.
     """
     import sentencepiece as spm
     _checks.check_choice("sentencepiece model_type", model_type, ("unigram", "bpe"))
     lines = (line for text in texts for line in text.decode("utf-8", errors="replace").splitlines() if line.strip())
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         byte_fallback=True, character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
         split_by_whitespace=False, input_sentence_size=max_sentences, shuffle_input_sentence=True,
         bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+    with open(model_prefix + ".model.tmp", "wb") as f:
+      f.write(model.getvalue())
+    os.replace(model_prefix + ".model.tmp", model_prefix + ".model")
     return cls(model_prefix + ".model")
 
 
