@@ -10,13 +10,15 @@ import jax
 import orbax.checkpoint as ocp
 
 from d3pm_jax.config import ExperimentConfig, experiment_from_dict
-from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.models.transformer import EXECUTION_FIELDS, Transformer
 from d3pm_jax.state import TrainState, init_state, make_optimizer
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
-  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change)."""
-  return {"model": dataclasses.asdict(config.model), "process": dataclasses.asdict(config.process),
+  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change, and
+  so may how the model is computed: ``EXECUTION_FIELDS``, such as which output-head kernel)."""
+  model = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in EXECUTION_FIELDS}
+  return {"model": model, "process": dataclasses.asdict(config.process),
           "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
 
 

@@ -19,9 +19,13 @@ Discrete time (D3PM, T steps, t_i = i / T):
   NELBO(x_0) = sum_{i=2}^T E KL(q(x_{t_{i-1}} | x_{t_i}, x_0) || p_theta(x_{t_{i-1}} | x_{t_i}))
                + E -log p_theta(x_0 | x_{t_1}) + prior,
   with p_theta(x_s | x_t) = sum_{x_0} q(x_s | x_t, x_0) p_theta(x_0 | x_t) (``Process.posterior_logits``).
+
+The masked ELBO can instead take a ``FusedHead``: the network up to its output head, and the head fused with the
+weighted cross-entropy (``pallas_kernels/fused_ce.py``), so the ``[B, L, V]`` logits are never formed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -35,6 +39,23 @@ from d3pm_jax.processes.base import NEG_INF, Process, safe_log
 
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 CONTINUOUS_KINDS = ("ctmc", "masked")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedHead:
+  """``hidden_fn(x_t_BxL, t_B) -> (h_BxLxD, W_DxV)``: the network up to its output head; ``weighted_ce(h_NxD,
+  W_DxV, targets_N, weights_N, *, num_classes, exclude) -> loss_N``: the head and a weighted cross-entropy over
+  the classes ``[0, num_classes)`` less ``exclude`` (``fused_ce.weighted_ce_*``)."""
+  hidden_fn: Callable
+  weighted_ce: Callable
+
+  def sequence_ce(self, x_in_BxL, t_B, targets_BxL, weights_BxL, num_classes: int, exclude=None):
+    """``sum_n weights[n] * CE(position n)`` per sequence, ``[B]``."""
+    h_BxLxD, w_DxV = self.hidden_fn(x_in_BxL, t_B)
+    batch, length, width = h_BxLxD.shape
+    loss_N = self.weighted_ce(h_BxLxD.reshape(batch * length, width), w_DxV, targets_BxL.reshape(-1),
+                              weights_BxL.reshape(-1), num_classes=num_classes, exclude=exclude)
+    return loss_N.reshape(batch, length).sum(axis=1)
 
 
 # ---------------------------------------------------------------- helpers
@@ -80,12 +101,21 @@ def _float_dtype():
 
 # ---------------------------------------------------------------- continuous-time terms
 
-def masked_diffusion(process: AbsorbingProcess, logits_fn: LogitsFn, key, x0_BxL, t_B, weights_BxL=None):
-  """MD4/MDLM integrand at times ``t_B``: -alpha'/(1-alpha) * masked cross-entropy (SUBS), nats ``[B]``."""
+def masked_diffusion(process: AbsorbingProcess, logits_fn: LogitsFn, key, x0_BxL, t_B, weights_BxL=None,
+                     head: FusedHead | None = None):
+  """MD4/MDLM integrand at times ``t_B``: -alpha'/(1-alpha) * masked cross-entropy (SUBS), nats ``[B]``. With a
+  fused ``head``, ``logits_fn`` is not called: the cross-entropy over every class but the mask comes from it."""
   if not isinstance(process, AbsorbingProcess):
     raise ValueError(f"the masked ELBO needs the absorbing process; got {type(process).__name__}. "
                      "Use kind='ctmc' for any process")
   x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  if head is not None:
+    alpha_B = process.schedule.alpha(t_B)
+    weight_B = -process.schedule.dalpha_dt(t_B) / (1.0 - alpha_B)
+    position_BxL = weight_B[:, None] * (x_t_BxL == process.mask_id)
+    if weights_BxL is not None:
+      position_BxL = position_BxL * weights_BxL
+    return head.sequence_ce(x_t_BxL, t_B, x0_BxL, position_BxL, process.num_states, process.mask_id)
   log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
   masked_BxL = x_t_BxL == process.mask_id
   ce_BxL = jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
@@ -132,15 +162,19 @@ def prior(process: Process, x0_BxL, weights_BxL=None):
 
 def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind: str = "ctmc",
                     antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
-                    weights_BxL=None) -> dict:
+                    weights_BxL=None, head: FusedHead | None = None) -> dict:
   """Monte-Carlo continuous-time NELBO per sequence: a dict of ``[B]`` arrays in nats.
 
   Keys: ``diffusion`` (mean over ``num_time_samples`` antithetic draws of t per sequence), ``recon``, ``prior``
   and ``nelbo`` (their sum). ``with_recon=False`` skips the reconstruction term's extra network call (a training
   loss where alpha(0) = 1 - eps makes it negligible); ``recon`` is then absent and ``nelbo`` excludes it.
-  ``kind``: ``ctmc`` (any process) or ``masked`` (MD4/MDLM, absorbing only).
+  ``kind``: ``ctmc`` (any process) or ``masked`` (MD4/MDLM, absorbing only). A fused ``head`` serves the masked
+  diffusion term (the reconstruction, an evaluation term, still reads ``logits_fn``).
   """
   _checks.check_choice("continuous ELBO kind", kind, CONTINUOUS_KINDS)
+  if head is not None and kind != "masked":
+    raise ValueError(f"a fused output head computes a cross-entropy, which only the masked ELBO uses; kind "
+                     f"{kind!r} needs the full distribution: pass head=None")
   process._check_data("x0", x0_BxL)
   term = ctmc_diffusion if kind == "ctmc" else masked_diffusion
   batch = x0_BxL.shape[0]
@@ -149,6 +183,8 @@ def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind:
   def one_draw(draw_key):
     time_key, noise_key = jax.random.split(draw_key)
     t_B = sample_times(time_key, batch, antithetic, _float_dtype())
+    if head is not None:
+      return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL, head=head)
     return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL)
 
   draw_keys = jax.random.split(key, num_time_samples)

@@ -17,6 +17,7 @@ from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import Process, make_process
 from d3pm_jax.schedules import get_schedule
+from pallas_kernels import fused_ce
 
 
 @flax.struct.dataclass
@@ -69,6 +70,18 @@ def shift_right(tokens_BxL, bos: int):
   return jnp.concatenate([jnp.full_like(tokens_BxL[:, :1], bos), tokens_BxL[:, :-1]], axis=1)
 
 
+def fused_head(model: Transformer, params, segments_BxL=None) -> losses.FusedHead | None:
+  """The model's output head fused with the loss's cross-entropy (``model.head_impl``), or None for the plain
+  XLA head (``xla``)."""
+  cfg = model.config
+  if cfg.head_impl == "xla":
+    return None
+  return losses.FusedHead(
+      hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, segments_BxL=segments_BxL,
+                                               head_inputs=True),
+      weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret))
+
+
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
                evaluate: bool = False, weights_BxL=None, segments_BxL=None) -> dict:
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
@@ -78,12 +91,17 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   pcfg = config.process
   if weights_BxL is None and segments_BxL is not None:
     weights_BxL = (segments_BxL > 0).astype(jnp.float32)
+  head = fused_head(model, params, segments_BxL)
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
     inputs_BxL = shift_right(x0_BxL, bos)
     if segments_BxL is not None:  # a document's first token is predicted from the start token, not the last one
       starts = segments_BxL != jnp.pad(segments_BxL, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
       inputs_BxL = jnp.where(starts, bos, inputs_BxL)
+    if head is not None:  # the data tokens [0, bos) are the classes
+      nll_B = head.sequence_ce(inputs_BxL, None, x0_BxL,
+                               jnp.ones(x0_BxL.shape, jnp.float32) if weights_BxL is None else weights_BxL, bos)
+      return {"loss": nll_B, "nelbo": nll_B}
     logits = model.apply({"params": params}, inputs_BxL, segments_BxL=segments_BxL)
     log_p = jax.nn.log_softmax(logits[..., :bos])
     nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
@@ -97,7 +115,7 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
     out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
     return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
   out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=evaluate,
-                               weights_BxL=weights_BxL)
+                               weights_BxL=weights_BxL, head=head)
   return {"loss": out["nelbo"], **out}
 
 

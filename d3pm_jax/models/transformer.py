@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from d3pm_jax import _checks
+from pallas_kernels import fused_ce
 
 NORMS = ("rms", "layer")
+# Fields that choose how the network is computed, never what it computes: a checkpoint resumes under any of them.
+EXECUTION_FIELDS = ("head_impl", "head_tile", "kernel_interpret")
+HEAD_IMPLS = fused_ce.IMPLS
 DTYPES = ("float32", "bfloat16")
 
 
@@ -38,12 +42,16 @@ class ModelConfig:
   scan_layers: bool = False      # one lax.scan over stacked blocks: compile time and live memory O(1) in depth
   rope_base: float = 10000.0
   vocab_pad_multiple: int = 1    # embedding and head rows rounded up to this, so 'vocab' divides a tensor axis
+  head_impl: str = "xla"         # the output head in the masked ELBO and the AR loss: xla | tiled | pallas
+  head_tile: int = 2048          # vocabulary columns per tile of the tiled head
+  kernel_interpret: bool = False  # run Pallas kernels in interpret mode (any backend; tests and debugging)
 
   def __post_init__(self):
     _checks.check_choice("norm", self.norm, NORMS)
     _checks.check_choice("dtype", self.dtype, DTYPES)
+    _checks.check_choice("model.head_impl", self.head_impl, HEAD_IMPLS)
     for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim",
-                 "vocab_pad_multiple"):
+                 "vocab_pad_multiple", "head_tile"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"model.{name} must be a positive integer; got {getattr(self, name)}")
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
@@ -149,12 +157,15 @@ class Linear(nn.Module):
   in_axes: int = 1
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, return_kernel: bool = False):
+    """``x @ kernel``, or with ``return_kernel`` the float32 kernel itself (for a fused head)."""
     in_shape = x.shape[-self.in_axes:]
     kernel = self.param("kernel", _partitioned(nn.initializers.lecun_normal(in_axis=tuple(range(self.in_axes)),
                                                                             out_axis=tuple(range(self.in_axes, len(self.names)))),
                                                self.names),
                         tuple(in_shape) + tuple(self.features), jnp.float32)
+    if return_kernel:
+      return kernel
     fan_in, fan_out = math.prod(in_shape), math.prod(self.features)
     y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel.reshape(fan_in, fan_out).astype(self.dtype)
     return y.reshape(x.shape[:-self.in_axes] + tuple(self.features))
@@ -272,11 +283,13 @@ def timestep_embedding(t_B, dim: int):
 class Transformer(nn.Module):
   """``__call__(tokens_BxL, t_B=None, decode=False, segments_BxL=None) -> logits_BxLxV`` in float32.
   ``decode=True`` runs the causal model incrementally against a KV cache (``mutable=['cache']``).
-  ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding."""
+  ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding.
+  ``head_inputs=True`` returns what the output head would read instead of the logits: ``(h_BxLxD, W_DxV)`` in
+  float32, ``W`` the head's kernel with its padded columns (``padded_vocab_size``), for a fused head."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None):
+  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False):
     cfg = self.config
     if segments_BxL is not None and decode:
       raise ValueError("segment ids are for training and scoring packed rows, not for KV-cache decoding")
@@ -312,7 +325,10 @@ class Transformer(nn.Module):
                                         bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(cond_BxC)[:, None],
                                2, axis=-1)
       y = y * (1.0 + scale) + shift
-    logits = Linear((cfg.padded_vocab_size,), ("embed", "vocab"), jnp.float32, name="head")(y)
+    head = Linear((cfg.padded_vocab_size,), ("embed", "vocab"), jnp.float32, name="head")
+    if head_inputs:
+      return y, head(y, return_kernel=True)
+    logits = head(y)
     logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     return logits if cfg.padded_vocab_size == cfg.vocab_size else logits[..., :cfg.vocab_size]
 

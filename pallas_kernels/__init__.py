@@ -1,0 +1,4 @@
+"""Pallas kernels for the denoiser's hot path, each beside its pure-JAX twin and its naive reference.
+
+  fused_ce   the output head fused with the weighted cross-entropy of the masked ELBO and the AR loss.
+"""

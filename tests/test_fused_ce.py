@@ -1,0 +1,196 @@
+"""The fused output head + weighted cross-entropy (pallas_kernels/fused_ce.py): the tiled twin and the Pallas
+kernels (interpreted on the CPU) against the naive reference, inside the model's masked ELBO and AR loss against
+the unfused head, skipping zero-weight rows, and lowering for CUDA.
+
+Tolerances. float32: the three differ only in the order of the O(V)-term sums of the log-sum-exp and of the
+gradients' matmuls, so they agree to a few float32 ulps of the largest value (measured <= 3e-7 relative); 1e-5
+relative catches any wrong term (a missed tile, a wrong column mask or target) by orders of magnitude. bfloat16
+inputs are upcast to float32 inside every implementation, so values agree as in float32; the gradients are
+rounded back to bfloat16, where two float32 values a few ulps apart can round one bfloat16 ulp (2^-8) apart:
+2^-7 of the largest gradient.
+
+The interpreter fills a kernel's outputs with NaN before the kernel runs (``test_the_interpreter_poisons_outputs``
+checks it), so an element a kernel fails to write shows as NaN here.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from d3pm_jax import checkpoints, state
+from d3pm_jax.config import from_config
+from d3pm_jax.models.transformer import Transformer
+from pallas_kernels import fused_ce
+
+from test_train import experiment, load_config
+
+CASES = [  # (N, D, V, num_classes, exclude): sizes that are and are not multiples of the blocks
+    (70, 48, 300, 295, 7),
+    (37, 8, 5, 5, None),
+    (64, 32, 256, 256, 255),
+    (1, 20, 130, 129, 0),
+]
+
+
+def _inputs(seed, n, d, v, num_classes, dtype):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d) * 3.0, dtype)
+  targets = jnp.asarray(rng.integers(0, num_classes, n), jnp.int32)
+  weights = jnp.asarray(rng.random(n) * (rng.random(n) < 0.7), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=n), jnp.float32)
+  return h, w, targets, weights, cotangent
+
+
+def _impl(name):
+  if name == "tiled":
+    return functools.partial(fused_ce.weighted_ce_tiled, tile_v=64)
+  return functools.partial(fused_ce.weighted_ce_pallas, interpret=True, block_n=16, tile_v=64, chunk_d=16)
+
+
+def _targets_avoid(targets, exclude, num_classes):
+  return targets if exclude is None else jnp.where(targets == exclude, (exclude + 1) % num_classes, targets)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("impl", ["tiled", "pallas"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_values_and_gradients_equal_the_reference(impl, dtype, case):
+  n, d, v, num_classes, exclude = CASES[case]
+  h, w, targets, weights, cotangent = _inputs(1000 * case + (impl == "pallas") * 7 + (dtype == jnp.bfloat16),
+                                              n, d, v, num_classes, dtype)
+  targets = _targets_avoid(targets, exclude, num_classes)
+  kwargs = dict(num_classes=num_classes, exclude=exclude)
+
+  def run(f):
+    value, vjp = jax.vjp(lambda h, w: f(h, w, targets, weights, **kwargs), h, w)
+    return value, vjp(cotangent)
+
+  ref_value, (ref_dh, ref_dw) = run(fused_ce.weighted_ce_reference)
+  value, (dh, dw) = run(_impl(impl))
+  assert np.isfinite(np.asarray(value)).all() and dh.dtype == h.dtype and dw.dtype == w.dtype
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_value).max()))
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  for got, want in ((dh, ref_dh), (dw, ref_dw)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+def test_the_reference_is_the_cross_entropy_of_the_softmax():
+  """The definition, position by position from an explicit softmax over the allowed classes."""
+  n, d, v, num_classes, exclude = 9, 6, 12, 11, 3
+  h, w, targets, weights, _ = _inputs(5, n, d, v, num_classes, jnp.float32)
+  targets = _targets_avoid(targets, exclude, num_classes)
+  logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+  expected = []
+  for i in range(n):
+    allowed = [c for c in range(num_classes) if c != exclude]
+    p = np.exp(logits[i, allowed] - logits[i, allowed].max())
+    p /= p.sum()
+    expected.append(-float(weights[i]) * np.log(p[allowed.index(int(targets[i]))]))
+  got = fused_ce.weighted_ce_reference(h, w, targets, weights, num_classes=num_classes, exclude=exclude)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_weight_row_blocks_are_skipped():
+  """Whole blocks of rows with weight 0 are never read: NaN hidden states there leave the loss and the
+  gradients finite and equal to the reference over the other rows (a kernel that computed them would give NaN,
+  even multiplied by 0)."""
+  n, d, v = 64, 16, 200
+  h, w, targets, weights, cotangent = _inputs(11, n, d, v, v, jnp.float32)
+  live = np.zeros(n, bool)
+  live[16:32] = live[48:] = True  # blocks 1 and 3 of 16 rows
+  weights = jnp.where(live, weights + 0.1, 0.0)
+  poisoned = jnp.where(live[:, None], h, jnp.nan)
+  f = functools.partial(_impl("pallas"), num_classes=v)
+  value, vjp = jax.vjp(lambda h, w: f(h, w, targets, weights), poisoned, w)
+  dh, dw = vjp(cotangent)
+  ref = functools.partial(fused_ce.weighted_ce_reference, num_classes=v)
+  ref_value, ref_vjp = jax.vjp(lambda h, w: ref(h[live], w, targets[live], weights[live]), h, w)
+  ref_dh, ref_dw = ref_vjp(cotangent[live])
+  np.testing.assert_allclose(value[live], ref_value, rtol=1e-5)
+  assert (np.asarray(value)[~live] == 0).all() and (np.asarray(dh)[~live] == 0).all()
+  np.testing.assert_allclose(dh[live], ref_dh[live], atol=1e-5 * float(jnp.abs(ref_dh).max()))
+  np.testing.assert_allclose(dw, ref_dw, atol=1e-5 * float(jnp.abs(ref_dw).max()))
+
+
+def test_the_interpreter_poisons_outputs():
+  def writes_nothing(x_ref, o_ref):
+    del x_ref, o_ref
+
+  out = pl.pallas_call(writes_nothing, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32), interpret=True)(
+      jnp.zeros(8))
+  assert np.isnan(np.asarray(out)).all()
+
+
+def _loss_and_grads(exp, params, key, x0, segments=None):
+  model = Transformer(exp.model)
+  process = state.build_process(exp.process, exp.model)
+
+  def loss(params):
+    return state.loss_terms(exp, model, process, params, key, x0, segments_BxL=segments)["loss"].sum()
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("arg", [None, "autoregressive"])
+@pytest.mark.parametrize("impl", ["tiled", "pallas"])
+def test_the_fused_head_gives_the_models_loss_and_gradients(impl, arg):
+  """The masked ELBO (absorbing, SUBS: the mask class excluded) and the AR loss (no mask; the start token is not
+  a class), on packed rows with padding, with the fused head equal the same model's unfused loss and gradients
+  for the same draws."""
+  base = experiment(arg)
+  fused = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl=impl, head_tile=64,
+                                                              kernel_interpret=True))
+  params = state.init_state(base, Transformer(base.model), state.make_optimizer(base.train)).params
+  rng = np.random.default_rng(3)
+  x0 = jnp.asarray(rng.integers(0, 256, (4, 16)), jnp.int32)
+  segments = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [0] * 3], 4, axis=0), jnp.int32)
+  key = jax.random.PRNGKey(4)
+  want_loss, want_grads = _loss_and_grads(base, params, key, x0, segments)
+  got_loss, got_grads = _loss_and_grads(fused, params, key, x0, segments)
+  assert float(want_loss) > 0
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree_util.tree_leaves(got_grads)):
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=1e-4 * scale + 1e-9, err_msg=jax.tree_util.keystr(path))
+
+
+def test_impossible_head_choices_say_what_to_use():
+  cfg = load_config("test", "uniform")
+  cfg.model.head_impl = "tiled"
+  with pytest.raises(ValueError, match=r"process.loss='ctmc' needs the full distribution: use model.head_impl='xla'"):
+    from_config(cfg, 256)
+  cfg = load_config("test")
+  cfg.model.head_impl = "flash"
+  with pytest.raises(ValueError, match=r"unknown model.head_impl 'flash'; valid: \['pallas', 'tiled', 'xla'\]"):
+    from_config(cfg, 256)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=r"need a GPU; this backend is 'cpu': use 'tiled'.*kernel_interpret"):
+      fused_ce.select("pallas")
+  with pytest.raises(ValueError, match="must be a power of two"):
+    fused_ce.weighted_ce_pallas(jnp.zeros((4, 8)), jnp.zeros((8, 8)), jnp.zeros(4, jnp.int32), jnp.zeros(4),
+                                num_classes=8, tile_v=48, interpret=True)
+
+
+def test_a_checkpoint_resumes_under_any_head():
+  base = experiment()
+  other = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl="tiled", head_tile=64))
+  assert checkpoints.fingerprint(base) == checkpoints.fingerprint(other)
+  wider = dataclasses.replace(base, model=dataclasses.replace(base.model, d_model=64))
+  assert checkpoints.fingerprint(base) != checkpoints.fingerprint(wider)
+
+
+def test_the_pallas_head_lowers_for_cuda():
+  h, w = jnp.ones((70, 48), jnp.bfloat16), jnp.ones((48, 300), jnp.float32)
+  targets, weights = jnp.zeros((70,), jnp.int32), jnp.ones((70,), jnp.float32)
+
+  def loss(h, w):
+    return fused_ce.weighted_ce_pallas(h, w, targets, weights, num_classes=295, exclude=7).sum()
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(h, w).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("triton") >= 3  # the forward, dh and dW kernels
