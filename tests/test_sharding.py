@@ -13,7 +13,7 @@ from d3pm_jax.sharding import MeshConfig
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PRELUDE = textwrap.dedent("""
-    import importlib.util, json, sys
+    import importlib.util, json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     from d3pm_jax import train
     from d3pm_jax.config import from_config
@@ -199,7 +199,8 @@ def test_scale_configs_place_on_their_meshes():
   """configs/md4_small.py and configs/diffusion_1b.py (32k vocabulary) place on 8 devices with their own mesh
   and with FSDP + tensor; for the ~1B model, FSDP over 8 devices holds at most 1/7 of the replicated per-device
   train state (the figure benchmarks/scaling.py prints), from the shardings the train loop uses (no compile); its
-  train step, at a small batch, lowers for TPU and CUDA."""
+  train step, at a small batch, lowers for TPU and CUDA, and with the fused output head it does without the
+  [B x L, V] logits."""
   result = run_script("""
       import dataclasses
       from d3pm_jax.models.transformer import count_params
@@ -223,8 +224,15 @@ def test_scale_configs_place_on_their_meshes():
                                         abstract, placement.state)
       batch_in = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=placement.batch)
       step, _ = train.compile_steps(exp, model, train.build_process(exp.process, exp.model), optimizer, placement)
-      out["lowered"] = {p: len(step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text())
-                        for p in ("tpu", "cuda")}
+      texts = {p: step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")}
+      logits_type = re.compile(f"tensor<(?:8x128|1024)x{exp.model.padded_vocab_size}xf32>")
+      out["lowered"] = {p: [len(text), bool(logits_type.search(text))] for p, text in texts.items()}
+      # ... and with the fused, tiled output head (pallas_kernels/fused_ce.py): no [B, L, V] logits.
+      fused = dataclasses.replace(exp, model=dataclasses.replace(exp.model, head_impl="tiled"))
+      step, _ = train.compile_steps(fused, Transformer(fused.model), train.build_process(fused.process, fused.model),
+                                    optimizer, placement)
+      texts = {p: step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")}
+      out["lowered_fused"] = {p: [len(text), bool(logits_type.search(text))] for p, text in texts.items()}
       print(json.dumps(out))
   """)
   assert 1.0e9 < result["diffusion_1b"]["params"] < 1.2e9
@@ -233,4 +241,6 @@ def test_scale_configs_place_on_their_meshes():
   assert big["(1, 8, 1)"] <= big["(8, 1, 1)"] / 7 and big["(1, 4, 2)"] <= big["(8, 1, 1)"] / 7
   assert big["config"] == big["(1, 8, 1)"]  # its default mesh is FSDP over every device
   assert result["md4_small"]["bytes"]["config"] == result["md4_small"]["bytes"]["(8, 1, 1)"]
-  assert result["lowered"]["tpu"] > 10_000 and result["lowered"]["cuda"] > 10_000
+  for platform in ("tpu", "cuda"):  # the [B x L, V] float32 logits exist in the plain step, not in the fused one
+    assert result["lowered"][platform][0] > 10_000 and result["lowered"][platform][1]
+    assert result["lowered_fused"][platform][0] > 10_000 and not result["lowered_fused"][platform][1]
