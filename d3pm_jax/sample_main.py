@@ -113,7 +113,8 @@ def main(argv):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     progress = Progress(cfg.num_steps * cfg.num_blocks)
     tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress,
-                                time_conditioned=config.model.time_conditioning)
+                                time_conditioned=config.model.time_conditioning,
+                                head=state.sample_head(model, params, process, cfg))
   print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
         file=sys.stderr)
   for row in np.asarray(tokens):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -144,14 +145,37 @@ def _initial_state(process: Process, key, batch: int, length: int):
   return jax.random.categorical(key, jnp.log(prior), shape=(batch, length)).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleHead:
+  """The denoiser up to its output head, ``hidden_fn(x_t_BxL, t_B) -> (h_BxLxD, W_DxV)``, and the head fused
+  with tempered Gumbel-max sampling, ``draw(h_NxD, W_DxV, seed, *, num_classes, exclude, temperature, dtype) ->
+  (ids_N, prob_N)`` (``pallas_kernels/fused_sample.py``): tokens are drawn without forming ``[B, L, V]``."""
+  hidden_fn: Callable
+  draw: Callable
+
+
+def fused_head_supports(process: Process, cfg: SamplerConfig) -> bool:
+  """Whether a ``SampleHead`` can serve this sampling: the absorbing process (its tokens come straight from
+  p_theta(x_0 | x_t)), temperature only (no nucleus or greedy, which need the whole distribution), and no
+  ``skip_unchanged`` (which caches the distribution)."""
+  return (isinstance(process, AbsorbingProcess) and cfg.top_p == 1.0 and not cfg.greedy
+          and not cfg.skip_unchanged)
+
+
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
-           given_BxL=None, prompt_BxL=None, on_step=None, time_conditioned: bool = True):
+           given_BxL=None, prompt_BxL=None, on_step=None, time_conditioned: bool = True,
+           head: SampleHead | None = None):
   """Draws ``[batch, length]`` tokens from the reverse process; returns ``(x0_BxL, trajectory)`` where the
   trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``.
 
   ``logits_fn(x_t_BxL, t_B)`` is the denoiser; ``time_conditioned=False`` declares that it ignores ``t_B``, which
-  makes ``cfg.skip_unchanged`` exact (it is refused otherwise unless ``cfg.approximate_skip``).
+  makes ``cfg.skip_unchanged`` exact (it is refused otherwise unless ``cfg.approximate_skip``). A fused ``head``
+  draws the tokens instead of ``logits_fn`` where ``fused_head_supports`` allows (an error otherwise).
   """
+  if head is not None and not fused_head_supports(process, cfg):
+    raise ValueError(f"a fused sampling head draws tokens of the absorbing process at a temperature; it cannot "
+                     f"serve {type(process).__name__} with top_p={cfg.top_p}, greedy={cfg.greedy}, "
+                     f"skip_unchanged={cfg.skip_unchanged}: sample from the logits (head=None)")
   if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
     raise ValueError(f"strategy 'confidence' needs the absorbing process; got {type(process).__name__}. "
                      "Use strategy='ancestral'")
@@ -178,9 +202,19 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
     outside = (position < b * block) | (position >= (b + 1) * block)
     x_BxL, trajectory = _sample_scan(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
                                      given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg, on_step,
-                                     match_time_to_masking=cfg.num_blocks > 1)
+                                     match_time_to_masking=cfg.num_blocks > 1, head=head)
     trajectories.append(trajectory)
   return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None)
+
+
+def _unmasks(process: AbsorbingProcess, key, x_t, s, t, cfg: SamplerConfig):
+  """Which masked positions of ``x_t`` unmask on the step from t to s: each with probability
+  (alpha(s) - alpha(t)) / (1 - alpha(t)), all at the end of the grid (s = 0)."""
+  at_end = expand_time(s, jnp.ndim(x_t)) == 0
+  alpha_s = process.keep_probability(s, jnp.ndim(x_t))
+  alpha_t = process.keep_probability(t, jnp.ndim(x_t))
+  unmask_p = jnp.where(at_end, 1.0, (alpha_s - alpha_t) / (1.0 - alpha_t))
+  return (x_t == process.mask_id) & draws.bernoulli(key, unmask_p, jnp.shape(x_t), cfg.dtype)
 
 
 def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig):
@@ -193,17 +227,14 @@ def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig
   at_end = expand_time(s, jnp.ndim(x_t)) == 0
   if isinstance(process, AbsorbingProcess):
     # Two stages: whether a masked position unmasks (the schedule alone decides), then its token from p~.
-    alpha_s = process.keep_probability(s, jnp.ndim(x_t))
-    alpha_t = process.keep_probability(t, jnp.ndim(x_t))
-    unmask_p = jnp.where(at_end, 1.0, (alpha_s - alpha_t) / (1.0 - alpha_t))
-    unmask = (x_t == process.mask_id) & draws.bernoulli(move_key, unmask_p, jnp.shape(x_t), cfg.dtype)
+    unmask = _unmasks(process, move_key, x_t, s, t, cfg)
     return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_t).astype(jnp.int32)
   posterior = process.posterior_logits(jnp.exp(log_p), x_t, s, t)
   return draws.categorical(token_key, jnp.where(at_end[..., None], log_p, posterior), cfg.dtype)
 
 
 def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
-                 on_step=None, match_time_to_masking: bool = False):
+                 on_step=None, match_time_to_masking: bool = False, head: SampleHead | None = None):
   """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped.
   ``match_time_to_masking`` gives the network the time whose alpha matches the unmasked fraction of x_t."""
   batch, length = x_BxL.shape
@@ -216,10 +247,21 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
   schedule = process.schedule
   num_free_B = jnp.sum(~given_BxL, axis=1)
 
-  def network(x_t, t_B):
+  def network_time(x_t, t_B):
     if match_time_to_masking:
-      t_B = schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
-    return process.x0_log_probs(logits_fn(x_t, t_B), x_t)
+      return schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
+    return t_B
+
+  def network(x_t, t_B):
+    return process.x0_log_probs(logits_fn(x_t, network_time(x_t, t_B)), x_t)
+
+  def fused_draw(key, x_t, t_B):
+    """Every position's x_0 proposal and its probability under the tempered p_theta(x_0 | x_t), mask excluded."""
+    h_BxLxD, w_DxV = head.hidden_fn(x_t, network_time(x_t, t_B))
+    ids, prob = head.draw(h_BxLxD.reshape(batch * length, -1), w_DxV, jax.random.bits(key, (), jnp.uint32),
+                          num_classes=process.num_states, exclude=process.mask_id, temperature=cfg.temperature,
+                          dtype=cfg.dtype)
+    return ids.reshape(batch, length), prob.reshape(batch, length)
 
   def denoise(x_t, t_B, cache):
     if cache is None:
@@ -234,13 +276,21 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       jax.debug.callback(on_step)
     t_B = jnp.full((batch,), times[i])
     s_B = jnp.full((batch,), times[i - 1])
-    log_p0 = denoise(x_t, t_B, cache)
-    if cfg.strategy == "ancestral":
+    log_p0 = None if head is not None else denoise(x_t, t_B, cache)
+    if cfg.strategy == "ancestral" and head is not None:
+      token_key, move_key = jax.random.split(step_key)
+      proposal, _ = fused_draw(token_key, x_t, t_B)
+      x_s = jnp.where(_unmasks(process, move_key, x_t, s_B, t_B, cfg), proposal, x_t)
+    elif cfg.strategy == "ancestral":
       x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg)
     else:
       draw_key, rank_key = jax.random.split(step_key)
-      proposal = categorical(draw_key, log_p0, cfg)
-      confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
+      if head is not None:
+        proposal, prob = fused_draw(draw_key, x_t, t_B)
+        confidence = jnp.log(prob)
+      else:
+        proposal = categorical(draw_key, log_p0, cfg)
+        confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
       masked = x_t == process.mask_id
       # How many free positions stay masked at time s: (1 - alpha(s)) / (1 - alpha(1)) of them, none at the end.
       frac = (1.0 - schedule.alpha(s_B)) / (1.0 - schedule.alpha(jnp.ones_like(s_B)))

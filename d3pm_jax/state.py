@@ -17,7 +17,7 @@ from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import Process, make_process
 from d3pm_jax.schedules import get_schedule
-from pallas_kernels import fused_ce
+from pallas_kernels import fused_ce, fused_sample
 
 
 @flax.struct.dataclass
@@ -82,6 +82,17 @@ def fused_head(model: Transformer, params, segments_BxL=None) -> losses.FusedHea
       weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret))
 
 
+def sample_head(model: Transformer, params, process, sampler_cfg) -> sampling.SampleHead | None:
+  """The output head fused with sampling (``model.head_impl``) where the sampler can use it
+  (``sampling.fused_head_supports``), else None: the plain head's logits."""
+  cfg = model.config
+  if cfg.head_impl == "xla" or not sampling.fused_head_supports(process, sampler_cfg):
+    return None
+  return sampling.SampleHead(
+      hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, head_inputs=True),
+      draw=fused_sample.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret))
+
+
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
                evaluate: bool = False, weights_BxL=None, segments_BxL=None) -> dict:
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
@@ -134,5 +145,6 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
   def sample(params, key):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
-                           time_conditioned=config.model.time_conditioning)[0]
+                           time_conditioned=config.model.time_conditioning,
+                           head=sample_head(model, params, process, sampler_cfg))[0]
   return jax.jit(sample, out_shardings=out_sharding)

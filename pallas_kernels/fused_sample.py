@@ -201,3 +201,17 @@ def sample_pallas(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None =
       interpret=interpret, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
   )(jnp.asarray(seed, jnp.uint32).reshape(1), h, w)
   return ids[:n], prob[:n]
+
+
+def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
+  """The ``draw(h, W, seed, *, num_classes, exclude, temperature, dtype)`` of implementation ``impl`` (``tiled``
+  or ``pallas``; the Pallas kernel is Triton's: on another backend it needs ``interpret``)."""
+  if impl not in ("tiled", "pallas"):
+    raise ValueError(f"unknown fused sampling implementation {impl!r}; valid: ['pallas', 'tiled']")
+  if impl == "tiled":
+    return functools.partial(sample_tiled, tile_v=tile_v)
+  backend = jax.default_backend()
+  if backend != "gpu" and not interpret:
+    raise ValueError(f"head_impl 'pallas' runs Triton kernels, which need a GPU; this backend is {backend!r}: use "
+                     f"'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the kernels")
+  return functools.partial(sample_pallas, interpret=interpret)

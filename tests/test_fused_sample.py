@@ -104,3 +104,103 @@ def test_the_sampling_kernel_lowers_for_cuda():
   lowered = jax.jit(lambda h, w: fused_sample.sample_pallas(h, w, 3, num_classes=295, exclude=7)).trace(h, w).lower(
       lowering_platforms=("cuda",))
   assert "triton" in lowered.as_text()
+
+
+# ---------------------------------------------------------------- the sampler with a fused head
+
+def _logits_as_head(logits_fn, num_states):
+  """A denoiser given as (h, W) whose head h @ W reproduces ``logits_fn`` exactly (W the identity)."""
+  eye = jnp.eye(num_states, dtype=jnp.float32)
+  return lambda x_t, t_B: (logits_fn(x_t, t_B), eye)
+
+
+@pytest.mark.parametrize("impl", ["tiled", "pallas"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_the_sampler_with_a_fused_head_draws_the_exact_reverse_chain(impl, temperature):
+  """The enumerated reverse chain of tests/test_sampler_knobs.py (absorbing, V = 3 + mask, L = 2, 3 steps, a
+  network depending on both positions and t): 20,000 samples drawn through the fused sampling head fit it."""
+  from d3pm_jax.sampling import SampleHead, SamplerConfig, sample
+  from test_sampler_knobs import (LENGTH, SAMPLES, STEPS, V_DATA, build, chi_square_pvalue, exact_distribution,
+                                  make_logits_fn, network_tables)
+  proc = build("absorbing")
+  tables = network_tables(proc.num_states)
+  logits_fn = make_logits_fn(tables)
+  draw = (functools.partial(fused_sample.sample_pallas, interpret=True, block_n=1024, tile_v=4, chunk_d=4)
+          if impl == "pallas" else fused_sample.select("tiled", tile_v=4))
+  head = SampleHead(hidden_fn=_logits_as_head(logits_fn, proc.num_states), draw=draw)
+  cfg = SamplerConfig(num_steps=STEPS, temperature=temperature)
+  x0, _ = jax.jit(lambda key: sample(proc, logits_fn, key, SAMPLES, LENGTH, cfg, head=head))(jax.random.PRNGKey(9))
+  x0 = np.asarray(x0)
+  counts = np.bincount(x0[:, 0] * V_DATA + x0[:, 1], minlength=V_DATA ** LENGTH)
+  exact = exact_distribution(proc, tables, dict(temperature=temperature))
+  assert chi_square_pvalue(counts, exact) > 1e-4, (counts / SAMPLES, exact)
+  if temperature != 1.0:  # and has the power to see a temperature that is not applied
+    assert chi_square_pvalue(counts, exact_distribution(proc, tables, {})) < 1e-6
+
+
+def test_the_confidence_sampler_with_a_fused_head_unmasks_its_schedule_by_probability():
+  """Confidence ordering through the fused head: after each step exactly floor(frac x L) positions stay masked,
+  and the positions unmasked first are the ones whose drawn token was most probable (a near-deterministic
+  network makes the order visible)."""
+  from d3pm_jax import get_schedule, make_process
+  from d3pm_jax.sampling import SampleHead, SamplerConfig, sample
+  vocab, batch, length, steps = 11, 8, 32, 8
+  proc = make_process("absorbing", vocab + 1, get_schedule("linear"))
+  sharpness = jnp.linspace(0.0, 12.0, length)  # position n predicts token n % vocab with confidence rising in n
+  logits_fn = lambda x_t, t_B: jnp.broadcast_to(
+      sharpness[:, None] * jax.nn.one_hot(jnp.arange(length) % vocab, vocab + 1), x_t.shape + (vocab + 1,))
+  head = SampleHead(hidden_fn=_logits_as_head(logits_fn, vocab + 1), draw=fused_sample.select("tiled", tile_v=8))
+  cfg = SamplerConfig(num_steps=steps, strategy="confidence", return_trajectory=True)
+  x0, traj = sample(proc, logits_fn, jax.random.PRNGKey(2), batch, length, cfg, head=head)
+  masked = np.asarray(traj == proc.mask_id)
+  times = np.arange(steps - 1, -1, -1) / steps
+  for i, s in enumerate(times):
+    frac = (1.0 - proc.schedule.alpha(s)) / (1.0 - proc.schedule.alpha(1.0))
+    assert (masked[i].sum(axis=1) == (0 if s == 0 else np.floor(frac * length))).all()
+  # After step one 28 of 32 stay masked: the 4 unmasked are the most confident, the last 4 positions, in every row.
+  np.testing.assert_array_equal(masked[0], np.broadcast_to(np.arange(length) < 28, masked[0].shape))
+  assert int(np.asarray(x0).max()) < vocab
+
+
+def test_impossible_fused_sampling_is_refused():
+  from d3pm_jax import get_schedule, make_process
+  from d3pm_jax.sampling import SampleHead, SamplerConfig, sample
+  head = SampleHead(hidden_fn=None, draw=None)
+  uniform = make_process("uniform", 5, get_schedule("linear"))
+  with pytest.raises(ValueError, match="cannot serve UniformProcess"):
+    sample(uniform, None, jax.random.PRNGKey(0), 2, 4, SamplerConfig(), head=head)
+  absorbing = make_process("absorbing", 6, get_schedule("linear"))
+  with pytest.raises(ValueError, match="top_p=0.9"):
+    sample(absorbing, None, jax.random.PRNGKey(0), 2, 4, SamplerConfig(top_p=0.9), head=head)
+
+
+def test_d3pm_train_runs_on_the_fused_head(tmp_path):
+  """model.head_impl=tiled end to end: the masked ELBO trains through the fused loss head, and the samples at the
+  end come through the fused sampling head."""
+  import subprocess
+  import sys
+
+  from test_train import ROOT
+  out = subprocess.run(
+      [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={tmp_path}",
+       "--config.train.steps=2", "--config.model.head_impl=tiled", "--config.model.head_tile=64"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "validation:" in out.stdout and "samples" in out.stdout
+
+
+def test_the_train_loop_builds_fused_heads_only_where_they_apply():
+  import dataclasses
+
+  from d3pm_jax import state
+  from d3pm_jax.models.transformer import Transformer
+  from d3pm_jax.sampling import SamplerConfig
+  from test_train import experiment
+  base = experiment()
+  tiled = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl="tiled"))
+  process = state.build_process(base.process, base.model)
+  assert state.fused_head(Transformer(base.model), {}) is None
+  assert state.fused_head(Transformer(tiled.model), {}) is not None
+  assert state.sample_head(Transformer(base.model), {}, process, SamplerConfig()) is None
+  assert state.sample_head(Transformer(tiled.model), {}, process, SamplerConfig()) is not None
+  assert state.sample_head(Transformer(tiled.model), {}, process, SamplerConfig(top_p=0.5)) is None  # logits
