@@ -15,12 +15,14 @@ import jax
 import jax.numpy as jnp
 
 from d3pm_jax import _checks
+from pallas_kernels import attention as attention_kernels
 from pallas_kernels import fused_ce
 
 NORMS = ("rms", "layer")
 # Fields that choose how the network is computed, never what it computes: a checkpoint resumes under any of them.
-EXECUTION_FIELDS = ("head_impl", "head_tile", "kernel_interpret")
+EXECUTION_FIELDS = ("attention_impl", "head_impl", "head_tile", "kernel_interpret")
 HEAD_IMPLS = fused_ce.IMPLS
+ATTENTION_IMPLS = attention_kernels.IMPLS
 DTYPES = ("float32", "bfloat16")
 
 
@@ -42,6 +44,7 @@ class ModelConfig:
   scan_layers: bool = False      # one lax.scan over stacked blocks: compile time and live memory O(1) in depth
   rope_base: float = 10000.0
   vocab_pad_multiple: int = 1    # embedding and head rows rounded up to this, so 'vocab' divides a tensor axis
+  attention_impl: str = "xla"    # xla | cudnn (GPU) | splash (TPU) | pallas (GPU): pallas_kernels/attention.py
   head_impl: str = "xla"         # the output head in the masked ELBO and the AR loss: xla | tiled | pallas
   head_tile: int = 2048          # vocabulary columns per tile of the tiled head
   kernel_interpret: bool = False  # run Pallas kernels in interpret mode (any backend; tests and debugging)
@@ -50,6 +53,7 @@ class ModelConfig:
     _checks.check_choice("norm", self.norm, NORMS)
     _checks.check_choice("dtype", self.dtype, DTYPES)
     _checks.check_choice("model.head_impl", self.head_impl, HEAD_IMPLS)
+    _checks.check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim",
                  "vocab_pad_multiple", "head_tile"):
       if int(getattr(self, name)) < 1:
@@ -128,8 +132,8 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None):
   [B, H, L, L] weights. On CPU this is about 15% faster forward and backward than the XLA path of
   ``jax.nn.dot_product_attention``; ``tests/test_model.py`` checks the two agree. ``kv_valid_M`` (bool, broadcast
   against the ``[B, H, L, M]`` scores) hides keys: a KV cache's unwritten slots, or other documents of a packed
-  row (``segment_mask``). A query that sees no key (padding) gets an average of all values, which the loss
-  weights away."""
+  row (``segment_mask``). A query that sees no key (padding) gets zeros, as in every kernel of
+  ``model.attention_impl``."""
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores_BxHxLxL = jnp.matmul(q * (1.0 / math.sqrt(q.shape[-1])), jnp.swapaxes(k, -1, -2),
                               preferred_element_type=jnp.float32)
@@ -139,8 +143,13 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None):
   if kv_valid_M is not None:
     scores_BxHxLxL = jnp.where(kv_valid_M, scores_BxHxLxL, -1e30)
   weights = jnp.exp(scores_BxHxLxL - jax.lax.stop_gradient(jnp.max(scores_BxHxLxL, axis=-1, keepdims=True)))
+  if kv_valid_M is not None:  # a row that sees no key has weights exp(0) = 1 everywhere: make them 0
+    weights = jnp.where(kv_valid_M, weights, 0.0)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  if kv_valid_M is not None:
+    total = jnp.where(total > 0, total, 1.0)
   out_BxHxLxK = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out_BxHxLxK = out_BxHxLxK / jnp.sum(weights, axis=-1, keepdims=True)
+  out_BxHxLxK = out_BxHxLxK / total
   return jnp.swapaxes(out_BxHxLxK, 1, 2).astype(v.dtype)
 
 
@@ -206,8 +215,13 @@ class Attention(nn.Module):
         return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(
             out_BxLxHxK)
     # Rotary scores depend only on the offset between positions, so row positions serve documents packed in a row.
-    out_BxLxHxK = attention(rotary(q, cfg.rope_base), rotary(k, cfg.rope_base), v, causal=cfg.causal,
-                            kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL))
+    q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
+    if cfg.attention_impl == "xla":
+      out_BxLxHxK = attention(q, k, v, causal=cfg.causal,
+                              kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL))
+    else:
+      attend = attention_kernels.select(cfg.attention_impl, interpret=cfg.kernel_interpret)
+      out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal).astype(v.dtype)
     return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(out_BxLxHxK)
 
 

@@ -1,0 +1,310 @@
+"""Bidirectional (or causal) softmax attention with segment ids, by implementation (``model.attention_impl``):
+
+  ``xla``     the model's own matmul attention (``d3pm_jax.models.transformer.attention``), every backend.
+  ``cudnn``   ``jax.nn.dot_product_attention(implementation='cudnn')``: cuDNN's fused attention on NVIDIA GPUs.
+  ``splash``  splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) on TPUs.
+  ``pallas``  this module's flash-attention kernels (Triton-style, one program per block of queries, an online
+              softmax over key blocks; a ``custom_vjp`` whose backward recomputes the probabilities) for GPUs.
+
+All take ``q, k, v`` as ``[B, L, H, K]`` (rotary positions already applied), scale the scores by ``1/sqrt(K)`` and
+take ``segments_BxL``: query i attends to key j only when both carry the same non-zero segment id (documents
+packed in a row; 0 is padding). A query that sees no key (padding) gets zeros, so its output and its gradients
+are exactly 0. ``attention_reference`` is the naive definition they are all tested against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+IMPLS = ("xla", "cudnn", "splash", "pallas")
+PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
+_NEG = -1e30
+
+
+def visible(segments_BxL, length: int, batch: int, causal: bool):
+  """``[B, L, L]`` bool: which keys each query sees (the segment rule, and j <= i when ``causal``)."""
+  seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL
+  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  if causal:
+    mask &= jnp.tril(jnp.ones((length, length), bool))[None]
+  return mask
+
+
+def attention_reference(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False):
+  """The definition, in float32 from the full ``[B, H, L, L]`` scores: softmax over the visible keys, zeros
+  for a query that sees none."""
+  batch, length, _, width = q_BxLxHxK.shape
+  q, k, v = (x.astype(jnp.float32) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+  scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(width)
+  mask = visible(segments_BxL, length, batch, causal)[:, None]
+  scores = jnp.where(mask, scores, _NEG)  # before exp: no inf (and no NaN gradient) where a row sees nothing
+  weights = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("bhqs,bshk->bqhk", weights / jnp.where(total > 0, total, 1.0), v)
+  return out.astype(v_BxLxHxK.dtype)
+
+
+# ---------------------------------------------------------------- Pallas flash attention (Triton-style)
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  length: int
+  width: int
+  block_q: int
+  block_k: int
+  causal: bool
+  interpret: bool
+
+  @property
+  def padded_length(self):
+    step = max(self.block_q, self.block_k)
+    return -(-self.length // step) * step
+
+  @property
+  def padded_width(self):
+    return max(16, pl.next_power_of_2(self.width))
+
+  def params(self):
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _scores(q, k, seg_q, seg_k, rows, cols, scale, causal):
+  """Scaled scores of a query block against a key block, and which of them are visible."""
+  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  valid = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] > 0)
+  if causal:
+    valid &= cols[None, :] <= rows[:, None]
+  return jnp.where(valid, s, _NEG), valid
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, block_k, num_k, scale, causal):
+  i = pl.program_id(2)
+  block_q = q_ref.shape[0]
+  q = q_ref[...].astype(jnp.float32)
+  seg_q = segq_ref[...]
+  rows = i * block_q + jnp.arange(block_q)
+
+  def body(j, carry):
+    m, l, acc = carry
+    k = k_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    v = v_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    cols = j * block_k + jnp.arange(block_k)
+    s, valid = _scores(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], rows, cols, scale, causal)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l = l * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, num_k, body, init)
+  seen = l > 0
+  o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # +1e30: exp(s - lse) = 0
+
+
+def _probabilities(q, k, seg_q, seg_k, lse, rows, cols, scale, causal):
+  s, valid = _scores(q, k, seg_q, seg_k, rows, cols, scale, causal)
+  return jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, num_k,
+               scale, causal):
+  i = pl.program_id(2)
+  block_q = q_ref.shape[0]
+  q, do = q_ref[...].astype(jnp.float32), do_ref[...].astype(jnp.float32)
+  seg_q, lse, delta = segq_ref[...], lse_ref[...], delta_ref[...]
+  rows = i * block_q + jnp.arange(block_q)
+
+  def body(j, dq):
+    k = k_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    v = v_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    cols = j * block_k + jnp.arange(block_k)
+    p = _probabilities(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], lse, rows, cols, scale, causal)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return dq + jnp.dot(p * (dp - delta[:, None]), k, preferred_element_type=jnp.float32)
+
+  dq = jax.lax.fori_loop(0, num_k, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, block_q,
+                num_q, scale, causal):
+  j = pl.program_id(2)
+  block_k = k_ref.shape[0]
+  k, v = k_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
+  seg_k = segk_ref[...]
+  cols = j * block_k + jnp.arange(block_k)
+
+  def body(i, carry):
+    dk, dv = carry
+    q = q_ref[pl.ds(i * block_q, block_q), :].astype(jnp.float32)
+    do = do_ref[pl.ds(i * block_q, block_q), :].astype(jnp.float32)
+    lse, delta = lse_ref[pl.ds(i * block_q, block_q)], delta_ref[pl.ds(i * block_q, block_q)]
+    rows = i * block_q + jnp.arange(block_q)
+    p = _probabilities(q, k, segq_ref[pl.ds(i * block_q, block_q)], seg_k, lse, rows, cols, scale, causal)
+    dv = dv + jax.lax.dot_general(p, do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    dk = dk + jax.lax.dot_general(ds, q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dk, dv
+
+  dk, dv = jax.lax.fori_loop(0, num_q, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _to_heads(x_BxLxHxK, plan: _Plan):
+  """``[B, H, L_pad, K_pad]``, zero-padded (zero key and query columns leave the scores unchanged)."""
+  x = jnp.swapaxes(x_BxLxHxK, 1, 2)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, plan.padded_length - plan.length), (0, plan.padded_width - plan.width)))
+
+
+def _from_heads(x_BxHxLxK, plan: _Plan):
+  return jnp.swapaxes(x_BxHxLxK[:, :, :plan.length, :plan.width], 1, 2)
+
+
+def _specs(plan: _Plan, by_query: bool):
+  """Block specs over the grid (B, H, blocks): the blocked operand's rows, the others whole."""
+  lp, kp = plan.padded_length, plan.padded_width
+  block = plan.block_q if by_query else plan.block_k
+  rows = pl.BlockSpec((None, None, block, kp), lambda b, h, i: (b, h, i, 0))
+  whole = pl.BlockSpec((None, None, lp, kp), lambda b, h, i: (b, h, 0, 0))
+  seg_rows = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
+  seg_whole = pl.BlockSpec((None, lp), lambda b, h, i: (b, 0))
+  vec_rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+  vec_whole = pl.BlockSpec((None, None, lp), lambda b, h, i: (b, h, 0))
+  return rows, whole, seg_rows, seg_whole, vec_rows, vec_whole
+
+
+def _flash_forward(plan: _Plan, q, k, v, seg):
+  batch, heads = q.shape[:2]
+  lp = plan.padded_length
+  rows, whole, seg_rows, seg_whole, vec_rows, _ = _specs(plan, by_query=True)
+  kernel = functools.partial(_fwd_kernel, block_k=plan.block_k, num_k=lp // plan.block_k,
+                             scale=1.0 / math.sqrt(plan.width), causal=plan.causal)
+  return pl.pallas_call(
+      kernel, grid=(batch, heads, lp // plan.block_q),
+      in_specs=[rows, whole, whole, seg_rows, seg_whole], out_specs=(rows, vec_rows),
+      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, lp), jnp.float32)),
+      interpret=plan.interpret, compiler_params=plan.params())(q, k, v, seg, seg)
+
+
+def _flash_backward(plan: _Plan, q, k, v, seg, out, lse, do):
+  batch, heads = q.shape[:2]
+  lp = plan.padded_length
+  scale = 1.0 / math.sqrt(plan.width)
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, H, L]: rowsum(dO * O)
+  rows, whole, seg_rows, seg_whole, vec_rows, vec_whole = _specs(plan, by_query=True)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, block_k=plan.block_k, num_k=lp // plan.block_k, scale=scale, causal=plan.causal),
+      grid=(batch, heads, lp // plan.block_q),
+      in_specs=[rows, whole, whole, seg_rows, seg_whole, rows, vec_rows, vec_rows], out_specs=rows,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=plan.interpret, compiler_params=plan.params(),
+  )(q, k, v, seg, seg, do, lse, delta)
+  rows, whole, seg_rows, seg_whole, vec_rows, vec_whole = _specs(plan, by_query=False)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, block_q=plan.block_q, num_q=lp // plan.block_q, scale=scale,
+                        causal=plan.causal),
+      grid=(batch, heads, lp // plan.block_k),
+      in_specs=[whole, rows, rows, seg_whole, seg_rows, whole, vec_whole, vec_whole], out_specs=(rows, rows),
+      out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      interpret=plan.interpret, compiler_params=plan.params(),
+  )(q, k, v, seg, seg, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(plan, q, k, v, seg):
+  return _flash_forward(plan, q, k, v, seg)[0]
+
+
+def _flash_fwd(plan, q, k, v, seg):
+  out, lse = _flash_forward(plan, q, k, v, seg)
+  return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(plan, residuals, do):
+  q, k, v, seg, out, lse = residuals
+  dq, dk, dv = _flash_backward(plan, q, k, v, seg, out, lse, do)
+  return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
+                    block_q: int = 64, block_k: int = 64, interpret: bool = False):
+  """This project's Pallas flash attention; ``block_q`` and ``block_k`` are powers of two (Triton), the length
+  padded to whole blocks (as padding) and the head width to a power of two (with zeros)."""
+  for name, value in (("block_q", block_q), ("block_k", block_k)):
+    if value < 1 or value & (value - 1):
+      raise ValueError(f"{name} must be a power of two (Triton's blocks are); got {value}")
+  batch, length, _, width = q_BxLxHxK.shape
+  plan = _Plan(length=length, width=width, block_q=block_q, block_k=block_k, causal=causal, interpret=interpret)
+  seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
+  seg = jnp.pad(seg, ((0, 0), (0, plan.padded_length - length)))
+  out = _flash(plan, *(_to_heads(x, plan) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), seg)
+  return _from_heads(out, plan)
+
+
+# ---------------------------------------------------------------- the kept kernels
+
+def splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
+                     block: int = 128, interpret: bool = False):
+  """Splash attention (TPU), one kernel per batch element; the length must be a multiple of ``block``, itself a
+  multiple of 128 (the TPU's lanes)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  batch, length, heads, width = q_BxLxHxK.shape
+  if block % 128 or length % block:
+    raise ValueError(f"splash attention needs the length ({length}) to be a multiple of its block ({block}); "
+                     f"use model.attention_impl='xla' for this length")
+  shape = (length, length)
+  mask = splash.MultiHeadMask([splash.CausalMask(shape) if causal else splash.FullMask(shape)] * heads)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
+  q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxLxHxK / math.sqrt(width), k_BxLxHxK, v_BxLxHxK))
+  # Splash pairs equal segment ids, padding with padding; a padded query (segment 0) then sees only padding keys,
+  # and its output is zeroed here, as every implementation's is.
+  out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+  return jnp.where((seg > 0)[:, :, None, None], jnp.swapaxes(out, 1, 2), 0).astype(v_BxLxHxK.dtype)
+
+
+def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False):
+  """cuDNN's fused attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs)."""
+  batch, length = q_BxLxHxK.shape[:2]
+  mask = None if segments_BxL is None else visible(segments_BxL, length, batch, False)[:, None]
+  out = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask, is_causal=causal,
+                                     implementation="cudnn")
+  if segments_BxL is None:
+    return out
+  return jnp.where((segments_BxL > 0)[:, :, None, None], out, 0).astype(out.dtype)
+
+
+def select(impl: str, *, interpret: bool = False):
+  """``attend(q, k, v, segments_BxL, causal)`` of a kernel implementation (not ``xla``, which is the model's
+  own), checked against the backend: ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
+  if impl not in IMPLS[1:]:
+    raise ValueError(f"unknown attention kernel {impl!r}; valid: {list(IMPLS[1:])} ('xla' is the model's own)")
+  backend = jax.default_backend()
+  runs_here = impl in PLATFORMS.get(backend, ("xla",)) or (interpret and impl in ("pallas", "splash"))
+  if not runs_here:
+    raise ValueError(f"model.attention_impl={impl!r} cannot run on this backend ({backend!r}), which supports "
+                     f"{list(PLATFORMS.get(backend, ('xla',)))}" + (" (set model.kernel_interpret=True to interpret "
+                                                                     "the Pallas kernels)" if impl != "cudnn" else ""))
+  if impl == "pallas":
+    return functools.partial(flash_attention, interpret=interpret)
+  if impl == "splash":
+    return functools.partial(splash_attention, interpret=interpret)
+  return cudnn_attention
