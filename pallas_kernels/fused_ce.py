@@ -18,8 +18,8 @@ Three implementations of one contract, each checked against the others (``tests/
   ``weighted_ce_tiled``      a ``lax.scan`` over vocabulary tiles with a ``custom_vjp``: pure JAX, every backend.
   ``weighted_ce_pallas``     Pallas kernels (Triton-style: one program per block of rows, the vocabulary and the
                              model width visited in a loop inside it) for GPUs; ``interpret=True`` runs them on
-                             the CPU. A block of rows whose weights are all zero skips its matmuls (the masked
-                             ELBO's unmasked positions cost nothing).
+                             the CPU. Rows of weight 0 are gathered into whole blocks that skip their matmuls (the
+                             masked ELBO's unmasked positions cost nothing).
 """
 from __future__ import annotations
 
@@ -379,7 +379,8 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 def weighted_ce_pallas(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, exclude: int | None = None,
                        block_n: int = 32, tile_v: int = 128, chunk_d: int = 64, interpret: bool = False):
   """``weighted_ce_reference``'s value and gradients (for ``h`` and ``W``) from Pallas kernels; ``weights`` are
-  constants (no gradient flows to them). ``block_n``, ``tile_v`` and ``chunk_d`` must be powers of two (Triton);
+  constants (no gradient flows to them). Rows are reordered so that those of weight 0 fill whole blocks, which
+  the kernels skip. ``block_n``, ``tile_v`` and ``chunk_d`` must be powers of two (Triton);
   the inputs are zero-padded to whole blocks. ``interpret=True`` runs the kernels on any backend."""
   _check(h_NxD, w_DxV, targets_N, weights_N, num_classes, exclude)
   for name, value in (("block_n", block_n), ("tile_v", tile_v), ("chunk_d", chunk_d)):
@@ -389,7 +390,12 @@ def weighted_ce_pallas(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, 
   plan = _Plan(n=n, d=d, v=w_DxV.shape[1], block_n=block_n, tile_v=tile_v,
                chunk_d=min(chunk_d, pl.next_power_of_2(d)), num_classes=num_classes, exclude=exclude,
                interpret=interpret)
-  return _pallas(plan, h_NxD, w_DxV, targets_N.astype(jnp.int32), jax.lax.stop_gradient(weights_N.astype(jnp.float32)))
+  weights_N = jax.lax.stop_gradient(weights_N.astype(jnp.float32))
+  # Rows with weight are moved to the front (a stable sort), so the rest fill whole blocks that the kernels skip:
+  # the masked ELBO's unmasked positions, wherever they are, cost nothing.
+  order = jnp.argsort(weights_N == 0, stable=True)
+  loss_N = _pallas(plan, h_NxD[order], w_DxV, targets_N.astype(jnp.int32)[order], weights_N[order])
+  return jnp.zeros_like(loss_N).at[order].set(loss_N)
 
 
 def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
