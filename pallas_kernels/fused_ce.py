@@ -20,6 +20,8 @@ Three implementations of one contract, each checked against the others (``tests/
                              model width visited in a loop inside it) for GPUs; ``interpret=True`` runs them on
                              the CPU. Rows of weight 0 are gathered into whole blocks that skip their matmuls (the
                              masked ELBO's unmasked positions cost nothing).
+  ``weighted_ce_pallas_tpu`` the same as Mosaic TPU kernels (the reduction as the grid's inner axis, accumulators
+                             in VMEM); ``pltpu.force_tpu_interpret_mode()`` runs them on the CPU.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 IMPLS = ("xla", "tiled", "pallas")
@@ -408,7 +411,189 @@ def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
   if impl == "tiled":
     return functools.partial(weighted_ce_tiled, tile_v=tile_v)
   backend = jax.default_backend()
+  if backend == "tpu":
+    return weighted_ce_pallas_tpu
   if backend != "gpu" and not interpret:
-    raise ValueError(f"head_impl 'pallas' runs Triton kernels, which need a GPU; this backend is {backend!r}: use "
-                     f"'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the kernels")
+    raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
+                     f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
+                     f"kernels")
   return functools.partial(weighted_ce_pallas, interpret=interpret)
+
+
+# ---------------------------------------------------------------- Pallas (Mosaic TPU kernels)
+
+def _tpu_fwd_kernel(h_ref, w_ref, t_ref, wt_ref, ce_ref, lse_ref, m_ref, s_ref, tgt_ref, *, tile_v, num_classes,
+                    exclude):
+  """Grid (row blocks, vocabulary tiles), the tiles the inner reduction: running max, sum and target logit in
+  VMEM scratch, the results written at the last tile. Row blocks of weight 0 compute nothing."""
+  j, last = pl.program_id(1), pl.num_programs(1) - 1
+
+  @pl.when(j == 0)
+  def _():
+    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
+    tgt_ref[...] = jnp.zeros(tgt_ref.shape, jnp.float32)
+
+  active = jnp.max(jnp.abs(wt_ref[...])) > 0
+
+  @pl.when(active)
+  def _():
+    logits = jnp.dot(h_ref[...].astype(jnp.float32), w_ref[...].astype(jnp.float32),
+                     preferred_element_type=jnp.float32)
+    logits, _, cols = _masked_tile(logits, j, tile_v, num_classes, exclude)
+    m = m_ref[...]
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1, keepdims=True))
+    s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new), axis=1, keepdims=True)
+    m_ref[...] = m_new
+    tgt_ref[...] += jnp.sum(jnp.where(cols == t_ref[...], logits, 0.0), axis=1, keepdims=True)
+
+  @pl.when(j == last)
+  def _():
+    lse = m_ref[...] + jnp.log(jnp.where(active, s_ref[...], 1.0))
+    ce_ref[...] = jnp.where(active, lse - tgt_ref[...], 0.0)
+    lse_ref[...] = jnp.where(active, lse, 0.0)
+
+
+def _tpu_dlogits(h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, num_classes, exclude):
+  logits = jnp.dot(h_ref[...].astype(jnp.float32), w_ref[...].astype(jnp.float32), preferred_element_type=jnp.float32)
+  logits, valid, cols = _masked_tile(logits, j, tile_v, num_classes, exclude)
+  p = jnp.where(valid, jnp.exp(logits - lse_ref[...]), 0.0)
+  return coef_ref[...] * (p - (cols == t_ref[...]).astype(jnp.float32))
+
+
+def _tpu_dh_kernel(h_ref, w_ref, t_ref, lse_ref, coef_ref, dh_ref, acc_ref, *, tile_v, num_classes, exclude):
+  j, last = pl.program_id(1), pl.num_programs(1) - 1
+
+  @pl.when(j == 0)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(jnp.max(jnp.abs(coef_ref[...])) > 0)
+  def _():
+    dlogits = _tpu_dlogits(h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, num_classes, exclude)
+    acc_ref[...] += jax.lax.dot_general(dlogits, w_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+
+  @pl.when(j == last)
+  def _():
+    dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
+
+
+def _tpu_dw_kernel(h_ref, w_ref, t_ref, lse_ref, coef_ref, dw_ref, acc_ref, *, tile_v, num_classes, exclude):
+  """Grid (vocabulary tiles, row blocks), the row blocks the inner reduction."""
+  j, i, last = pl.program_id(0), pl.program_id(1), pl.num_programs(1) - 1
+
+  @pl.when(i == 0)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(jnp.max(jnp.abs(coef_ref[...])) > 0)
+  def _():
+    dlogits = _tpu_dlogits(h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, num_classes, exclude)
+    acc_ref[...] += jax.lax.dot_general(h_ref[...].astype(jnp.float32), dlogits, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+
+  @pl.when(i == last)
+  def _():
+    dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TpuPlan:
+  n: int
+  d: int
+  v: int
+  block_n: int
+  tile_v: int
+  num_classes: int
+  exclude: int | None
+
+  @property
+  def n_pad(self):
+    return -(-self.n // self.block_n) * self.block_n
+
+  @property
+  def v_pad(self):
+    return -(-self.v // self.tile_v) * self.tile_v
+
+  def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch):
+    return pl.pallas_call(
+        functools.partial(kernel, tile_v=self.tile_v, num_classes=self.num_classes, exclude=self.exclude),
+        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary")))
+
+  def specs(self, rows_first: bool):
+    """Specs for (h, W, targets, lse or weights, coef) over a grid (rows, tiles) or (tiles, rows)."""
+    bn, tv, d = self.block_n, self.tile_v, self.d
+    if rows_first:
+      row = lambda shape: pl.BlockSpec(shape, lambda i, j: (i, 0))
+      tile = pl.BlockSpec((d, tv), lambda i, j: (0, j))
+    else:
+      row = lambda shape: pl.BlockSpec(shape, lambda j, i: (i, 0))
+      tile = pl.BlockSpec((d, tv), lambda j, i: (0, j))
+    return row((bn, d)), tile, row((bn, 1))
+
+
+def _tpu_padded(plan: _TpuPlan, h_NxD, w_DxV, *columns_N):
+  h = jnp.pad(h_NxD, ((0, plan.n_pad - plan.n), (0, 0)))
+  w = jnp.pad(w_DxV, ((0, 0), (0, plan.v_pad - plan.v)))
+  return (h, w) + tuple(jnp.pad(c, (0, plan.n_pad - plan.n))[:, None] for c in columns_N)
+
+
+def _tpu_forward(plan: _TpuPlan, h_NxD, w_DxV, targets_N, weights_N):
+  h, w, t, wt = _tpu_padded(plan, h_NxD, w_DxV, targets_N, weights_N)
+  rows, tile, column = plan.specs(rows_first=True)
+  col = jax.ShapeDtypeStruct((plan.n_pad, 1), jnp.float32)
+  ce, lse = plan.call(_tpu_fwd_kernel, (plan.n_pad // plan.block_n, plan.v_pad // plan.tile_v),
+                      [rows, tile, column, column], (column, column), (col, col), [(plan.block_n, 1)] * 3)(h, w, t, wt)
+  return ce[:plan.n, 0], lse[:plan.n, 0]
+
+
+def _tpu_backward(plan: _TpuPlan, h_NxD, w_DxV, targets_N, lse_N, coef_N):
+  h, w, t, lse, coef = _tpu_padded(plan, h_NxD, w_DxV, targets_N, lse_N, coef_N)
+  num_rows, num_tiles = plan.n_pad // plan.block_n, plan.v_pad // plan.tile_v
+  rows, tile, column = plan.specs(rows_first=True)
+  dh = plan.call(_tpu_dh_kernel, (num_rows, num_tiles), [rows, tile, column, column, column], rows,
+                 jax.ShapeDtypeStruct((plan.n_pad, plan.d), jnp.float32), [(plan.block_n, plan.d)])(h, w, t, lse, coef)
+  rows, tile, column = plan.specs(rows_first=False)
+  dw = plan.call(_tpu_dw_kernel, (num_tiles, num_rows), [rows, tile, column, column, column], tile,
+                 jax.ShapeDtypeStruct((plan.d, plan.v_pad), jnp.float32), [(plan.d, plan.tile_v)])(h, w, t, lse, coef)
+  return dh[:plan.n], dw[:, :plan.v]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_tpu(plan, h_NxD, w_DxV, targets_N, weights_N):
+  return weights_N * _tpu_forward(plan, h_NxD, w_DxV, targets_N, weights_N)[0]
+
+
+def _pallas_tpu_fwd(plan, h_NxD, w_DxV, targets_N, weights_N):
+  ce_N, lse_N = _tpu_forward(plan, h_NxD, w_DxV, targets_N, weights_N)
+  return weights_N * ce_N, (h_NxD, w_DxV, targets_N, weights_N, lse_N)
+
+
+def _pallas_tpu_bwd(plan, residuals, g_N):
+  h_NxD, w_DxV, targets_N, weights_N, lse_N = residuals
+  dh, dw = _tpu_backward(plan, h_NxD, w_DxV, targets_N, lse_N, g_N * weights_N)
+  return dh.astype(h_NxD.dtype), dw.astype(w_DxV.dtype), _int_zeros(targets_N), jnp.zeros_like(weights_N)
+
+
+_pallas_tpu.defvjp(_pallas_tpu_fwd, _pallas_tpu_bwd)
+
+
+def weighted_ce_pallas_tpu(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, exclude: int | None = None,
+                           block_n: int = 256, tile_v: int = 512):
+  """``weighted_ce_pallas`` as Mosaic TPU kernels (grids whose inner axis is the reduction, accumulators in
+  VMEM); ``block_n`` a multiple of 8 and ``tile_v`` of 128 (the TPU's sublanes and lanes). Under
+  ``pltpu.force_tpu_interpret_mode()`` they run on any backend."""
+  _check(h_NxD, w_DxV, targets_N, weights_N, num_classes, exclude)
+  if block_n % 8 or tile_v % 128:
+    raise ValueError(f"block_n must be a multiple of 8 and tile_v of 128 (TPU sublanes and lanes); got {block_n}, "
+                     f"{tile_v}")
+  plan = _TpuPlan(n=h_NxD.shape[0], d=h_NxD.shape[1], v=w_DxV.shape[1], block_n=block_n, tile_v=tile_v,
+                  num_classes=num_classes, exclude=exclude)
+  weights_N = jax.lax.stop_gradient(weights_N.astype(jnp.float32))
+  order = jnp.argsort(weights_N == 0, stable=True)  # weight-0 rows fill whole, skipped blocks
+  loss_N = _pallas_tpu(plan, h_NxD[order], w_DxV, targets_N.astype(jnp.int32)[order], weights_N[order])
+  return jnp.zeros_like(loss_N).at[order].set(loss_N)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from d3pm_jax import checkpoints, state
 from d3pm_jax.config import from_config
@@ -170,7 +171,8 @@ def test_impossible_head_choices_say_what_to_use():
   with pytest.raises(ValueError, match=r"unknown model.head_impl 'flash'; valid: \['pallas', 'tiled', 'xla'\]"):
     from_config(cfg, 256)
   if jax.default_backend() != "gpu":
-    with pytest.raises(ValueError, match=r"need a GPU; this backend is 'cpu': use 'tiled'.*kernel_interpret"):
+    with pytest.raises(ValueError, match=r"on GPUs and Mosaic kernels on TPUs; this backend is 'cpu': use 'tiled'.*"
+                                         r"kernel_interpret"):
       fused_ce.select("pallas")
   with pytest.raises(ValueError, match="must be a power of two"):
     fused_ce.weighted_ce_pallas(jnp.zeros((4, 8)), jnp.zeros((8, 8)), jnp.zeros(4, jnp.int32), jnp.zeros(4),
@@ -194,3 +196,47 @@ def test_the_pallas_head_lowers_for_cuda():
 
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(h, w).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("triton") >= 3  # the forward, dh and dW kernels
+
+
+def _tpu_impl(h, w, targets, weights, **kwargs):
+  """The Mosaic kernels; call under ``pltpu.force_tpu_interpret_mode()`` (forward and backward both)."""
+  return fused_ce.weighted_ce_pallas_tpu(h, w, targets, weights, block_n=16, tile_v=128, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case", [0, 1])
+def test_the_tpu_kernels_equal_the_reference(case, dtype):
+  """The Mosaic kernels in TPU interpret mode, with the tolerances above."""
+  n, d, v, num_classes, exclude = CASES[case]
+  h, w, targets, weights, cotangent = _inputs(500 + case, n, d, v, num_classes, dtype)
+  targets = _targets_avoid(targets, exclude, num_classes)
+  kwargs = dict(num_classes=num_classes, exclude=exclude)
+  want, want_vjp = jax.vjp(lambda h, w: fused_ce.weighted_ce_reference(h, w, targets, weights, **kwargs), h, w)
+  with pltpu.force_tpu_interpret_mode():
+    got, got_vjp = jax.vjp(lambda h, w: _tpu_impl(h, w, targets, weights, **kwargs), h, w)
+    got_grads = got_vjp(cotangent)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  for a, b in zip(got_grads, want_vjp(cotangent)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+def test_the_tpu_kernels_skip_weight_zero_rows_and_lower_for_tpu():
+  n, d, v = 64, 16, 200
+  h, w, targets, weights, cotangent = _inputs(13, n, d, v, v, jnp.float32)
+  live = np.zeros(n, bool)
+  live[np.random.default_rng(14).choice(n, 32, replace=False)] = True
+  weights = jnp.where(live, weights + 0.1, 0.0)
+  with pltpu.force_tpu_interpret_mode():
+    value, vjp = jax.vjp(lambda h, w: _tpu_impl(h, w, targets, weights, num_classes=v),
+                         jnp.where(live[:, None], h, jnp.nan), w)
+    dh, dw = vjp(cotangent)
+  assert np.isfinite(np.asarray(value)).all() and np.isfinite(np.asarray(dw)).all()
+  assert (np.asarray(dh)[~live] == 0).all() and np.isfinite(np.asarray(dh)).all()
+  want = fused_ce.weighted_ce_reference(h[live], w, targets[live], weights[live], num_classes=v)
+  np.testing.assert_allclose(value[live], want, rtol=1e-5)
+  text = jax.jit(jax.value_and_grad(lambda h, w: fused_ce.weighted_ce_pallas_tpu(
+      h, w, targets, weights, num_classes=v, block_n=16, tile_v=128).sum(), argnums=(0, 1))).trace(h, w).lower(
+          lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") >= 3  # forward, dh and dW
