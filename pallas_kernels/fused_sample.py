@@ -11,6 +11,7 @@ float32, resolving 2^-47, so the Gumbel tail is not cut at 16.6); ``dtype=float6
   ``sample_reference``  the naive ``[N, V]`` computation, the definition.
   ``sample_tiled``      a ``lax.scan`` over vocabulary tiles with a running argmax and log-sum-exp.
   ``sample_pallas``     a Triton-style Pallas kernel (one program per block of rows); ``interpret=True`` anywhere.
+  ``sample_pallas_tpu`` a Mosaic TPU kernel (tiles as the grid's inner axis, running draw in VMEM), float32.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 _NEG = -1e30
@@ -211,7 +213,82 @@ def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
   if impl == "tiled":
     return functools.partial(sample_tiled, tile_v=tile_v)
   backend = jax.default_backend()
+  if backend == "tpu":
+    return sample_pallas_tpu
   if backend != "gpu" and not interpret:
-    raise ValueError(f"head_impl 'pallas' runs Triton kernels, which need a GPU; this backend is {backend!r}: use "
-                     f"'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the kernels")
+    raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
+                     f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
+                     f"kernels")
   return functools.partial(sample_pallas, interpret=interpret)
+
+
+# ---------------------------------------------------------------- Pallas (a Mosaic TPU kernel)
+
+def _tpu_kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tile_v,
+                num_classes, exclude, temperature):
+  """Grid (row blocks, vocabulary tiles), the tiles the inner axis: the running Gumbel-max and log-sum-exp in
+  VMEM scratch, the draw written at the last tile."""
+  i, j, last = pl.program_id(0), pl.program_id(1), pl.num_programs(1) - 1
+  block_n = h_ref.shape[0]
+
+  @pl.when(j == 0)
+  def _():
+    best_ref[...] = jnp.full(best_ref.shape, -jnp.inf, jnp.float32)
+    id_ref[...] = jnp.zeros(id_ref.shape, jnp.int32)
+    logit_ref[...] = jnp.zeros(logit_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
+
+  logits = jnp.dot(h_ref[...].astype(jnp.float32), w_ref[...].astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+  rows = i * block_n + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
+  cols = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  scaled, _ = _tempered(logits, cols, num_classes, exclude, temperature)
+  noisy = scaled + gumbel(seed_ref[0], rows, cols, jnp.float32)
+  tile_best = jnp.max(noisy, axis=1, keepdims=True)
+  arg = jnp.min(jnp.where(noisy == tile_best, cols, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+  tile_logit = jnp.sum(jnp.where(cols == arg, scaled, 0.0), axis=1, keepdims=True)
+  better = tile_best > best_ref[...]
+  id_ref[...] = jnp.where(better, arg, id_ref[...])
+  logit_ref[...] = jnp.where(better, tile_logit, logit_ref[...])
+  best_ref[...] = jnp.maximum(best_ref[...], tile_best)
+  m = m_ref[...]
+  m_new = jnp.maximum(m, jnp.max(scaled, axis=1, keepdims=True))
+  s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.exp(scaled - m_new), axis=1, keepdims=True)
+  m_ref[...] = m_new
+
+  @pl.when(j == last)
+  def _():
+    ids_ref[...] = id_ref[...]
+    prob_ref[...] = jnp.exp(logit_ref[...] - m_ref[...] - jnp.log(s_ref[...]))
+
+
+def sample_pallas_tpu(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None,
+                      temperature: float = 1.0, dtype=jnp.float32, block_n: int = 256, tile_v: int = 512):
+  """``sample_reference``'s draws and probabilities from a Mosaic TPU kernel (float32 only; ``block_n`` a
+  multiple of 8, ``tile_v`` of 128). Under ``pltpu.force_tpu_interpret_mode()`` it runs on any backend."""
+  _check(h_NxD, w_DxV, num_classes, exclude, temperature)
+  if jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f"the TPU sampling kernel draws in float32 (TPUs have no float64); got {jnp.dtype(dtype)}")
+  if block_n % 8 or tile_v % 128:
+    raise ValueError(f"block_n must be a multiple of 8 and tile_v of 128 (TPU sublanes and lanes); got {block_n}, "
+                     f"{tile_v}")
+  n, d = h_NxD.shape
+  v = w_DxV.shape[1]
+  n_pad, v_pad = -(-n // block_n) * block_n, -(-v // tile_v) * tile_v
+  h = jnp.pad(h_NxD, ((0, n_pad - n), (0, 0)))
+  w = jnp.pad(w_DxV, ((0, 0), (0, v_pad - v)))
+  column = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
+  kernel = functools.partial(_tpu_kernel, tile_v=tile_v, num_classes=num_classes, exclude=exclude,
+                             temperature=float(temperature))
+  ids, prob = pl.pallas_call(
+      kernel, grid=(n_pad // block_n, v_pad // tile_v),
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec((block_n, d), lambda i, j: (i, 0)),
+                pl.BlockSpec((d, tile_v), lambda i, j: (0, j))],
+      out_specs=(column, column),
+      out_shape=(jax.ShapeDtypeStruct((n_pad, 1), jnp.int32), jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)),
+      scratch_shapes=[pltpu.VMEM((block_n, 1), jnp.float32), pltpu.VMEM((block_n, 1), jnp.int32)]
+      + [pltpu.VMEM((block_n, 1), jnp.float32)] * 3,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+  )(jnp.asarray(seed, jnp.uint32).reshape(1), h, w)
+  return ids[:n, 0], prob[:n, 0]

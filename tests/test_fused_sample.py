@@ -204,3 +204,22 @@ def test_the_train_loop_builds_fused_heads_only_where_they_apply():
   assert state.sample_head(Transformer(base.model), {}, process, SamplerConfig()) is None
   assert state.sample_head(Transformer(tiled.model), {}, process, SamplerConfig()) is not None
   assert state.sample_head(Transformer(tiled.model), {}, process, SamplerConfig(top_p=0.5)) is None  # logits
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_the_tpu_kernel_draws_the_same_ids(case):
+  """The Mosaic kernel in TPU interpret mode: the naive Gumbel-max's ids for the same noise; it lowers for TPU."""
+  from jax.experimental.pallas import tpu as pltpu
+  n, d, v, num_classes, exclude, temperature = CASES[case]
+  h, w = _inputs(50 + case, n, d, v, "float32")
+  kwargs = dict(num_classes=num_classes, exclude=exclude, temperature=temperature)
+  want_ids, want_p = fused_sample.sample_reference(h, w, 31 + case, **kwargs)
+  with pltpu.force_tpu_interpret_mode():
+    ids, p = fused_sample.sample_pallas_tpu(h, w, 31 + case, block_n=16, tile_v=128, **kwargs)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(p, want_p, rtol=1e-5)
+  lowered = jax.jit(lambda h, w: fused_sample.sample_pallas_tpu(h, w, 3, block_n=16, tile_v=128, **kwargs)).trace(
+      h, w).lower(lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in lowered.as_text()
+  with pytest.raises(ValueError, match="draws in float32"):
+    fused_sample.sample_pallas_tpu(h, w, 3, dtype=jnp.float64, **kwargs)
