@@ -5,7 +5,8 @@ operands and results that must cross memory at least once), and the float32 matm
     python benchmarks/kernels.py [--reps 10]
 
 On a CPU the Pallas kernels only run interpreted (which times Python, not a kernel), so the rows are XLA and the
-jnp twins; on a GPU the Pallas kernels (and cuDNN's attention) are timed too.
+jnp twins; on a GPU the Triton-style Pallas kernels (and cuDNN's attention) are timed too, on a TPU the Mosaic
+ones and splash attention.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def main():
   parser.add_argument("--vocab", type=int, default=8192, help="V: classes of the output-head kernels")
   parser.add_argument("--attention", default="4,512,4,64", help="B,L,H,K of the attention kernels")
   args = parser.parse_args()
-  gpu = jax.default_backend() == "gpu"
+  gpu, tpu = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
   peak = matmul_peak()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}: float32 matmul peak {peak:.1f} GFLOP/s")
 
@@ -65,6 +66,8 @@ def main():
            "tiled twin (lax.scan, tiles of 2048)": functools.partial(fused_ce.weighted_ce_tiled, tile_v=2048)}
   if gpu:
     heads["pallas kernels"] = fused_ce.weighted_ce_pallas
+  if tpu:
+    heads["pallas kernels (Mosaic)"] = fused_ce.weighted_ce_pallas_tpu
   flops, nbytes = 6.0 * n * d * v, 4.0 * 2 * (n * d + d * v)  # forward + two gradient matmuls; read h, W, write both
   for name, fn in heads.items():
     step = jax.jit(jax.value_and_grad(lambda h, w, fn=fn: fn(h, w, targets, weights, num_classes=v,
@@ -76,6 +79,8 @@ def main():
               "tiled twin (lax.scan, tiles of 2048)": functools.partial(fused_sample.sample_tiled, tile_v=2048)}
   if gpu:
     samplers["pallas kernel"] = fused_sample.sample_pallas
+  if tpu:
+    samplers["pallas kernel (Mosaic)"] = fused_sample.sample_pallas_tpu
   for name, fn in samplers.items():
     draw = jax.jit(lambda h, w, fn=fn: fn(h, w, 7, num_classes=v, exclude=v - 1, temperature=0.9))
     print(row(name, timed(draw, (h, w), args.reps), 2.0 * n * d * v, 4.0 * (n * d + d * v), peak))
@@ -89,6 +94,8 @@ def main():
   if gpu:
     attends["cudnn"] = attention_kernels.cudnn_attention
     attends["pallas flash attention"] = attention_kernels.flash_attention
+  if tpu:
+    attends["splash"] = attention_kernels.splash_attention
   # Five [L, L] x K matmuls (2 forward, 3 backward beyond the recomputed scores) at 2 FLOPs per multiply-add.
   flops, nbytes = 2.0 * 5 * b * heads_ * length * length * k, 4.0 * 8 * b * length * heads_ * k
   for name, fn in attends.items():
