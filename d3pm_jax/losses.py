@@ -109,18 +109,15 @@ def masked_diffusion(process: AbsorbingProcess, logits_fn: LogitsFn, key, x0_BxL
     raise ValueError(f"the masked ELBO needs the absorbing process; got {type(process).__name__}. "
                      "Use kind='ctmc' for any process")
   x_t_BxL = process.sample_marginal(key, x0_BxL, t_B)
+  masked_BxL = x_t_BxL == process.mask_id
+  weight_B = -process.schedule.dalpha_dt(t_B) / (1.0 - process.schedule.alpha(t_B))
   if head is not None:
-    alpha_B = process.schedule.alpha(t_B)
-    weight_B = -process.schedule.dalpha_dt(t_B) / (1.0 - alpha_B)
-    position_BxL = weight_B[:, None] * (x_t_BxL == process.mask_id)
+    position_BxL = weight_B[:, None] * masked_BxL
     if weights_BxL is not None:
       position_BxL = position_BxL * weights_BxL
     return head.sequence_ce(x_t_BxL, t_B, x0_BxL, position_BxL, process.num_states, process.mask_id)
   log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, t_B), x_t_BxL)
-  masked_BxL = x_t_BxL == process.mask_id
   ce_BxL = jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
-  alpha_B = process.schedule.alpha(t_B)
-  weight_B = -process.schedule.dalpha_dt(t_B) / (1.0 - alpha_B)
   return weight_B * _sum_positions(ce_BxL, weights_BxL)
 
 
