@@ -87,8 +87,9 @@ def restore_checkpoint(manager, abstract_state: TrainState, expected: dict):
 
 
 def read_progress(workdir: str) -> dict | None:
-  """``{"step": ..., "next_batch": ..., "train_seconds": ...}`` of ``workdir``'s latest checkpoint (the wall time
-  of the train loop over all its sessions, compilation included), or None when it has no checkpoint."""
+  """``{"step": ..., "next_batch": ..., "train_seconds": ..., "skipped_steps": ...}`` of ``workdir``'s latest
+  checkpoint (the wall time of the train loop over all its sessions, compilation included, and the steps whose
+  update was skipped as non-finite), or None when it has no checkpoint."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
   manager = _reader(workdir)

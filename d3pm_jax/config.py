@@ -81,6 +81,7 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.99
   grad_clip: float = 1.0
+  max_consecutive_skips: int = 10  # steps in a row with a non-finite loss or gradients before the run stops
   ema_decay: float = 0.999
   seed: int = 0
   log_every: int = 50
@@ -93,7 +94,7 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints", "sample_steps"):
+                 "checkpoint_every", "keep_checkpoints", "sample_steps", "max_consecutive_skips"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
     if self.grad_clip < 0:

@@ -6,6 +6,8 @@ this same program; only process 0 prints and writes logs.
 """
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,7 +31,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and JAX log every checkpoint at INFO
   multihost.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config, data = train.build_experiment(_CONFIG.value, _WORKDIR.value)
-  result = train.train_and_evaluate(config, _WORKDIR.value, data)
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value, data)
+  except train.NonFiniteTraining as e:
+    sys.exit(f"d3pm-train stopped: {e}")
   unit = ("character" if config.data.name == "text8" else
           "byte" if config.data.tokenizer == "bytes" and config.data.name == "stdlib" else "token")
   if multihost.is_leader():

@@ -132,9 +132,16 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
     params = optax.apply_updates(state.params, updates)
     decay = config.train.ema_decay
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = {"loss": loss / accum, "bits_per_token": nelbo / accum / math.log(2.0),
-               "grad_norm": optax.tree_utils.tree_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, rng=rng), metrics
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    # A non-finite loss or gradient (the norm is non-finite iff some entry is) skips the update: parameters,
+    # optimiser moments and EMA stay as they were (an elementwise select XLA fuses into the update itself).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss / accum, "bits_per_token": nelbo / accum / math.log(2.0), "grad_norm": grad_norm,
+               "skipped": 1.0 - finite.astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
+                         rng=rng), metrics
 
   return step
 
@@ -186,6 +193,37 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
 
 # ---------------------------------------------------------------- the loop
 
+class NonFiniteTraining(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class SkipCounter:
+  """Counts the steps whose update was skipped (non-finite loss or gradients), logging each, and stops the run
+  after ``limit`` in a row, before the next checkpoint: the parameters never took a non-finite update, so the
+  checkpoints on disk stay good."""
+
+  def __init__(self, limit: int, total: int = 0):
+    self.limit, self.total, self.run, self.last = limit, total, 0, -1
+
+  def record(self, step: int, skipped: float, writer) -> None:
+    """Counts ``step`` once, however often it is recorded."""
+    if step <= self.last:
+      return
+    self.last = step
+    if not skipped:
+      self.run = 0
+      return
+    self.total += 1
+    self.run += 1
+    writer.log(f"step {step}: non-finite loss or gradients; update skipped ({self.run} in a row, {self.total} in "
+               f"all)")
+    if self.run >= self.limit:
+      raise NonFiniteTraining(
+          f"{self.run} consecutive steps (up to step {step}) had a non-finite loss or gradients "
+          f"(train.max_consecutive_skips={self.limit}); no update was applied, and the latest checkpoint holds the "
+          f"last good parameters. Lower train.learning_rate, keep train.grad_clip > 0 or check the data, then run "
+          f"the same command to resume")
+
 def build_experiment(raw_config, workdir: str | None):
   """``(config, data)`` from a config file's ConfigDict: every key is validated before any loading, then the
   data is loaded and the model's vocabulary taken from its tokenizer."""
@@ -217,11 +255,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   state = jax.jit(lambda: init_state(config, model, optimizer), out_shardings=placement.state)()
   next_batch = 0
   seconds_before = 0.0  # wall time of the earlier sessions of this run, carried in its checkpoints
+  skipped_before = 0
   restored = checkpoints.restore_checkpoint(manager, state, fingerprint)
   if restored is not None:
     state, data_state = restored
     next_batch = int(data_state["next_batch"])
     seconds_before = float(data_state.get("train_seconds", 0.0))
+    skipped_before = int(data_state.get("skipped_steps", 0))
     writer.log(f"resumed from step {int(state.step)} in {workdir}")
   if jax.process_count() > 1:  # every process says which rows it feeds: the first thing to check on a new cluster
     rows = pipeline.process_rows(tcfg.batch_size)
@@ -238,31 +278,39 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   pending = None
   results = {}
   started = time.time()
-  while step < last_step:
-    batch = place_batch(placement, data.train_batches[next_batch])
-    next_batch += 1
-    state, metrics = train_step(state, batch)
-    step += 1
-    # Metrics are fetched one step late, so the host never waits on the step it just dispatched.
-    if pending is not None and (pending[0] % tcfg.log_every == 0 or pending[0] == 1):
-      host = jax.device_get(pending[1])
-      writer.write(pending[0], host)
-      writer.progress(pending[0], host)
-    pending = (step, metrics)
-    if step % tcfg.eval_every == 0 or step == tcfg.steps:
-      results = evaluate(config, eval_step, state.params, data, eval_key, placement)
-      writer.write(step, {**{f"val_{k}": v for k, v in results.items()},
-                          "train_seconds": seconds_before + time.time() - started})
-      writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
-    if step % tcfg.checkpoint_every == 0 or step == last_step:
-      checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch,
-                                                         "train_seconds": seconds_before + time.time() - started},
-                                  fingerprint)
-  if pending is not None:
-    writer.write(pending[0], jax.device_get(pending[1]))
-  writer.close()
-  manager.wait_until_finished()
-  manager.close()
+  try:
+    skips = SkipCounter(tcfg.max_consecutive_skips, skipped_before)
+    while step < last_step:
+      batch = place_batch(placement, data.train_batches[next_batch])
+      next_batch += 1
+      state, metrics = train_step(state, batch)
+      step += 1
+      # Metrics are fetched one step late, so the host never waits on the step it just dispatched.
+      if pending is not None:
+        skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
+        if pending[0] % tcfg.log_every == 0 or pending[0] == 1:
+          host = {**jax.device_get(pending[1]), "skipped_total": skips.total}
+          writer.write(pending[0], host)
+          writer.progress(pending[0], host)
+      pending = (step, metrics)
+      if step % tcfg.eval_every == 0 or step == tcfg.steps:
+        results = evaluate(config, eval_step, state.params, data, eval_key, placement)
+        writer.write(step, {**{f"val_{k}": v for k, v in results.items()},
+                            "train_seconds": seconds_before + time.time() - started})
+        writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
+      if step % tcfg.checkpoint_every == 0 or step == last_step:
+        skips.record(step, float(jax.device_get(metrics["skipped"])), writer)  # the saved count includes this step
+        checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch,
+                                                           "train_seconds": seconds_before + time.time() - started,
+                                                           "skipped_steps": skips.total},
+                                    fingerprint)
+    if pending is not None:
+      skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
+      writer.write(pending[0], {**jax.device_get(pending[1]), "skipped_total": skips.total})
+  finally:  # a stop (non-finite steps, an error) still lets the checkpoints in flight finish whole
+    writer.close()
+    manager.wait_until_finished()
+    manager.close()
   return {"state": state, "validation": results, "data": data, "model": model, "process": process,
           "placement": placement}
 

@@ -107,9 +107,11 @@ def test_train_seconds_add_up_over_sessions(tmp_path, data, monkeypatch):
   monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
   exp = experiment(steps=4, checkpoint_every=2, eval_every=100)
   train.train_and_evaluate(exp, str(tmp_path), data, stop_after=2, quiet=True)
-  assert checkpoints.read_progress(str(tmp_path)) == {"step": 2, "next_batch": 2, "train_seconds": 1000.0}
+  assert checkpoints.read_progress(str(tmp_path)) == {"step": 2, "next_batch": 2, "train_seconds": 1000.0,
+                                                     "skipped_steps": 0}
   train.train_and_evaluate(exp, str(tmp_path), data, quiet=True)
-  assert checkpoints.read_progress(str(tmp_path)) == {"step": 4, "next_batch": 4, "train_seconds": 3000.0}
+  assert checkpoints.read_progress(str(tmp_path)) == {"step": 4, "next_batch": 4, "train_seconds": 3000.0,
+                                                     "skipped_steps": 0}
 
 
 def test_resuming_with_an_incompatible_model_is_refused(tmp_path, data):
