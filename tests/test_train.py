@@ -168,15 +168,16 @@ def test_remat_equals_no_remat(data):
     ("train", "steps", 2.5, "train.steps must be an integer"),
     ("model", "remat", "yes", "model.remat must be a bool"),
     ("process", "name", "gaussian", "unknown process 'gaussian'"),
-    ("process", "loss", "masked", None),
+    ("process", "loss", "ctmc", None),  # absorbing trains with the CTMC ELBO too (the test config's is masked)
     ("model", "norm", "batch", "unknown norm 'batch'"),
     ("train", "grad_accum", 3, "divisible by train.grad_accum=3"),
 ])
 def test_bad_config_values_are_rejected_naming_the_key(section, key, value, match):
   raw = load_config("test").to_dict()
   raw[section][key] = value
-  if match is None:  # a valid value: no error
-    from_config(raw, 256)
+  if match is None:  # a valid value: no error, and it is the value the experiment gets
+    assert getattr(getattr(from_config(raw, 256), section), key) == value
+    assert load_config("test").to_dict()[section][key] != value  # not the default set again
     return
   with pytest.raises(ValueError, match=match):
     from_config(raw, 256)
