@@ -11,6 +11,7 @@ few float32 ulps apart can round one bfloat16 ulp (2^-8) apart: 2^-7 of the larg
 """
 import dataclasses
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ CASES = {"pallas": [(2, 70, 2, 24), (1, 33, 3, 16)], "splash": [(1, 128, 2, 32)]
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl,shape", [(i, s) for i, cases in CASES.items() for s in cases])
 def test_outputs_and_gradients_equal_the_masked_reference(impl, shape, causal, dtype):
-  q, k, v, segments = _packed(hash((impl, shape, causal)) % 1000, *shape, dtype)
+  q, k, v, segments = _packed(zlib.crc32(repr((impl, shape, causal)).encode()) % 1000, *shape, dtype)  # fixed
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), dtype)
   want, want_vjp = jax.vjp(lambda q, k, v: kernels.attention_reference(q, k, v, segments, causal), q, k, v)
   got, got_vjp = jax.vjp(lambda q, k, v: _impl(impl, shape[1])(q, k, v, segments, causal), q, k, v)
