@@ -313,6 +313,12 @@ class _Plan:
     return dict(tile_v=self.tile_v, chunk_d=self.chunk_d, num_chunks=self.d_pad // self.chunk_d,
                 num_classes=self.num_classes, exclude=self.exclude)
 
+  def forward(self, *args):
+    return _pallas_forward(self, *args)
+
+  def backward(self, *args):
+    return _pallas_backward(self, *args)
+
   def call(self, kernel, grid, in_specs, out_specs, out_shape, **static):
     return pl.pallas_call(functools.partial(kernel, **self.kwargs(), **static), out_shape=out_shape, grid=grid,
                           in_specs=in_specs, out_specs=out_specs, interpret=self.interpret,
@@ -361,22 +367,33 @@ def _pallas_backward(plan: _Plan, h_NxD, w_DxV, targets_N, lse_N, coef_N):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pallas(plan, h_NxD, w_DxV, targets_N, weights_N):
-  ce_N, _ = _pallas_forward(plan, h_NxD, w_DxV, targets_N, weights_N)
+  """``weights * ce`` from the kernels of ``plan`` (``_Plan``: Triton, ``_TpuPlan``: Mosaic), which provides
+  ``forward -> (ce, lse)`` and ``backward -> (dh, dW)``."""
+  ce_N, _ = plan.forward(h_NxD, w_DxV, targets_N, weights_N)
   return weights_N * ce_N
 
 
 def _pallas_fwd(plan, h_NxD, w_DxV, targets_N, weights_N):
-  ce_N, lse_N = _pallas_forward(plan, h_NxD, w_DxV, targets_N, weights_N)
+  ce_N, lse_N = plan.forward(h_NxD, w_DxV, targets_N, weights_N)
   return weights_N * ce_N, (h_NxD, w_DxV, targets_N, weights_N, lse_N)
 
 
 def _pallas_bwd(plan, residuals, g_N):
   h_NxD, w_DxV, targets_N, weights_N, lse_N = residuals
-  dh, dw = _pallas_backward(plan, h_NxD, w_DxV, targets_N, lse_N, g_N * weights_N)
+  dh, dw = plan.backward(h_NxD, w_DxV, targets_N, lse_N, g_N * weights_N)
   return dh.astype(h_NxD.dtype), dw.astype(w_DxV.dtype), _int_zeros(targets_N), jnp.zeros_like(weights_N)
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _skipping_zero_rows(plan, h_NxD, w_DxV, targets_N, weights_N):
+  """``_pallas`` with the rows of weight 0 moved behind the others (a stable sort), so they fill whole blocks that
+  the kernels skip: the masked ELBO's unmasked positions, wherever they are, cost nothing."""
+  weights_N = jax.lax.stop_gradient(weights_N.astype(jnp.float32))
+  order = jnp.argsort(weights_N == 0, stable=True)
+  loss_N = _pallas(plan, h_NxD[order], w_DxV, targets_N.astype(jnp.int32)[order], weights_N[order])
+  return jnp.zeros_like(loss_N).at[order].set(loss_N)
 
 
 def weighted_ce_pallas(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, exclude: int | None = None,
@@ -393,12 +410,7 @@ def weighted_ce_pallas(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, 
   plan = _Plan(n=n, d=d, v=w_DxV.shape[1], block_n=block_n, tile_v=tile_v,
                chunk_d=min(chunk_d, pl.next_power_of_2(d)), num_classes=num_classes, exclude=exclude,
                interpret=interpret)
-  weights_N = jax.lax.stop_gradient(weights_N.astype(jnp.float32))
-  # Rows with weight are moved to the front (a stable sort), so the rest fill whole blocks that the kernels skip:
-  # the masked ELBO's unmasked positions, wherever they are, cost nothing.
-  order = jnp.argsort(weights_N == 0, stable=True)
-  loss_N = _pallas(plan, h_NxD[order], w_DxV, targets_N.astype(jnp.int32)[order], weights_N[order])
-  return jnp.zeros_like(loss_N).at[order].set(loss_N)
+  return _skipping_zero_rows(plan, h_NxD, w_DxV, targets_N, weights_N)
 
 
 def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
@@ -516,6 +528,12 @@ class _TpuPlan:
   def v_pad(self):
     return -(-self.v // self.tile_v) * self.tile_v
 
+  def forward(self, *args):
+    return _tpu_forward(self, *args)
+
+  def backward(self, *args):
+    return _tpu_backward(self, *args)
+
   def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         functools.partial(kernel, tile_v=self.tile_v, num_classes=self.num_classes, exclude=self.exclude),
@@ -563,25 +581,6 @@ def _tpu_backward(plan: _TpuPlan, h_NxD, w_DxV, targets_N, lse_N, coef_N):
   return dh[:plan.n], dw[:, :plan.v]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pallas_tpu(plan, h_NxD, w_DxV, targets_N, weights_N):
-  return weights_N * _tpu_forward(plan, h_NxD, w_DxV, targets_N, weights_N)[0]
-
-
-def _pallas_tpu_fwd(plan, h_NxD, w_DxV, targets_N, weights_N):
-  ce_N, lse_N = _tpu_forward(plan, h_NxD, w_DxV, targets_N, weights_N)
-  return weights_N * ce_N, (h_NxD, w_DxV, targets_N, weights_N, lse_N)
-
-
-def _pallas_tpu_bwd(plan, residuals, g_N):
-  h_NxD, w_DxV, targets_N, weights_N, lse_N = residuals
-  dh, dw = _tpu_backward(plan, h_NxD, w_DxV, targets_N, lse_N, g_N * weights_N)
-  return dh.astype(h_NxD.dtype), dw.astype(w_DxV.dtype), _int_zeros(targets_N), jnp.zeros_like(weights_N)
-
-
-_pallas_tpu.defvjp(_pallas_tpu_fwd, _pallas_tpu_bwd)
-
-
 def weighted_ce_pallas_tpu(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, exclude: int | None = None,
                            block_n: int = 256, tile_v: int = 512):
   """``weighted_ce_pallas`` as Mosaic TPU kernels (grids whose inner axis is the reduction, accumulators in
@@ -593,7 +592,4 @@ def weighted_ce_pallas_tpu(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: i
                      f"{tile_v}")
   plan = _TpuPlan(n=h_NxD.shape[0], d=h_NxD.shape[1], v=w_DxV.shape[1], block_n=block_n, tile_v=tile_v,
                   num_classes=num_classes, exclude=exclude)
-  weights_N = jax.lax.stop_gradient(weights_N.astype(jnp.float32))
-  order = jnp.argsort(weights_N == 0, stable=True)  # weight-0 rows fill whole, skipped blocks
-  loss_N = _pallas_tpu(plan, h_NxD[order], w_DxV, targets_N.astype(jnp.int32)[order], weights_N[order])
-  return jnp.zeros_like(loss_N).at[order].set(loss_N)
+  return _skipping_zero_rows(plan, h_NxD, w_DxV, targets_N, weights_N)
