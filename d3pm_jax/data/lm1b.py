@@ -148,7 +148,7 @@ def open_splits(manual_dir: str | None = None, tfds_data_dir: str | None = None)
 # ---------------------------------------------------------------- MDLM's tokenizer
 
 @dataclasses.dataclass
-class WordPieceTokenizer:
+class WordPieceTokenizer(tokenizers.HuggingFaceTokenizer):
   """A BERT WordPiece vocabulary (``vocab.txt``; MDLM uses ``bert-base-uncased``'s, 30,522 pieces), lower-casing
   and stripping accents as that model does. ``encode`` gives one sentence as ``[CLS] pieces [SEP]``; ``decode``
   joins pieces with single spaces (LM1B's text is already split at punctuation, so a lower-case sentence decodes
@@ -169,22 +169,8 @@ class WordPieceTokenizer:
     self._special = {self._tok.token_to_id(s): text for s, text in SPECIALS.items()}
 
   @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size()
-
-  def fingerprint(self) -> str:
-    return tokenizers.file_sha256(self.path)
-
-  @property
   def files(self) -> list[str]:
     return [self.path]
-
-  def encode(self, data: bytes | str) -> np.ndarray:
-    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
-    return np.asarray(self._tok.encode(text).ids, np.int32)
-
-  def encode_batch(self, texts) -> list:
-    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
 
   def decode(self, ids) -> bytes:
     ids = [int(i) for i in np.asarray(ids).ravel()]

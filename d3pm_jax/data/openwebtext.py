@@ -103,7 +103,7 @@ def count_documents(files) -> int:
 
 
 @dataclasses.dataclass
-class Gpt2Tokenizer:
+class Gpt2Tokenizer(tokenizers.HuggingFaceTokenizer):
   """GPT-2's byte-level BPE from ``path``: a ``tokenizer.json`` file, or a directory with ``vocab.json`` and
   ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
   path: str
@@ -127,22 +127,8 @@ class Gpt2Tokenizer:
     if self.eos_id is None:
       raise ValueError(f"the tokenizer at {self.path} has no {EOS} token")
 
-  @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size()
-
-  def encode(self, data: bytes | str) -> np.ndarray:
-    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
-    return np.asarray(self._tok.encode(text).ids, np.int32)
-
-  def encode_batch(self, texts) -> list:
-    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
-
   def decode(self, ids) -> bytes:
     return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
-
-  def fingerprint(self) -> str:
-    return tokenizers.file_sha256(*self._files)
 
   @property
   def files(self) -> list[str]:

@@ -32,6 +32,25 @@ def file_sha256(*paths: str) -> str:
   return digest.hexdigest()
 
 
+class HuggingFaceTokenizer:
+  """What GPT-2's BPE and BERT's WordPiece share: a Hugging Face ``tokenizers`` object in ``self._tok``, defined
+  by the files ``self.files`` (their SHA-256 is the fingerprint); text in, int32 ids out."""
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def fingerprint(self) -> str:
+    return file_sha256(*self.files)
+
+  def encode(self, data: bytes | str) -> np.ndarray:
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
+    return np.asarray(self._tok.encode(text).ids, np.int32)
+
+  def encode_batch(self, texts) -> list:
+    return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
+
+
 class ByteTokenizer:
   """Each byte is a token: vocab 256, lossless for any input."""
   name = "bytes"
