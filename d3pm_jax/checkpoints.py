@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -73,17 +74,51 @@ def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False
   return (state.ema_params if use_ema else state.params), step
 
 
-def restore_checkpoint(manager, abstract_state: TrainState, expected: dict):
-  """(state, data_state) from the latest checkpoint, or None when there is none; refused unless its fingerprint
-  equals ``expected``."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
-  check_compatible(saved["experiment"], json.loads(json.dumps(expected)))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return restored["state"], restored["data"]
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def discard_incomplete(workdir: str, log=print) -> list:
+  """Removes (on process 0) and logs the checkpoints of ``workdir`` whose save never finished: a process killed
+  mid-save leaves ``STEP.orbax-checkpoint-tmp`` (a checkpoint is renamed to ``STEP`` only once whole, so these are
+  never read). Call before training starts; returns the names found."""
+  directory = checkpoint_dir(workdir)
+  partial = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else []) if TMP_MARK in n)
+  for name in partial:
+    log(f"skipping the incomplete checkpoint {name} (its save was interrupted); removing it")
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  return partial
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, expected: dict, log=print):
+  """(state, data_state) from the newest readable checkpoint, or None when there is none; refused unless its
+  fingerprint equals ``expected``. A checkpoint that cannot be read (files lost or truncated after it was
+  committed, e.g. by a full disk) is logged, renamed ``STEP.unreadable`` (kept for inspection, out of the manager's
+  sight) and the next older one tried; when none can be read this raises rather than start afresh over them."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    try:
+      saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any failure to read means: use an older checkpoint
+      saved, error = None, e
+    if saved is not None:
+      check_compatible(saved["experiment"], json.loads(json.dumps(expected)))
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+      except Exception as e:  # noqa: BLE001
+        error = e
+    log(f"checkpoint {step} cannot be read ({type(error).__name__}: {str(error)[:300]}); renamed it "
+        f"{step}.unreadable" + (f", trying step {steps[i + 1]}" if i + 1 < len(steps) else ""))
+    if jax.process_index() == 0:
+      path = os.path.join(str(manager.directory), str(step))
+      os.replace(path, path + ".unreadable")
+    manager.reload()
+  if steps:
+    raise ValueError(f"none of the checkpoints {sorted(steps)} in {manager.directory} can be read (see above); "
+                     f"move the directory away to train from scratch")
+  return None
 
 
 def read_progress(workdir: str) -> dict | None:

@@ -89,6 +89,9 @@ class TrainConfig:
   eval_batches: int = 8
   checkpoint_every: int = 200
   keep_checkpoints: int = 2
+  # On SIGTERM or Ctrl-C the run saves a checkpoint at the step in flight and exits 0; if that takes longer than
+  # this many seconds it exits with status 1 instead, the previous checkpoint intact.
+  preemption_grace_s: float = 120.0
   num_samples: int = 4
   sample_steps: int = 64
 
@@ -97,6 +100,8 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints", "sample_steps", "max_consecutive_skips"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+    if not self.preemption_grace_s > 0:
+      raise ValueError(f"train.preemption_grace_s must be > 0 seconds; got {self.preemption_grace_s}")
     if self.grad_clip < 0:
       raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping); got {self.grad_clip}")
     if self.batch_size % self.grad_accum:

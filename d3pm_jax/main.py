@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d3pm_jax import multihost, train
+from d3pm_jax import cli, multihost, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
                                           lock_config=True)
@@ -35,6 +35,11 @@ def main(argv):
     result = train.train_and_evaluate(config, _WORKDIR.value, data)
   except train.NonFiniteTraining as e:
     sys.exit(f"d3pm-train stopped: {e}")
+  if result["preempted"] is not None:
+    if multihost.is_leader():
+      print(f"stopped at step {result['preempted']} on request; its checkpoint is saved in {_WORKDIR.value}: run "
+            f"the same command to resume")
+    return
   unit = ("character" if config.data.name == "text8" else
           "byte" if config.data.tokenizer == "bytes" and config.data.name == "stdlib" else "token")
   if multihost.is_leader():
@@ -45,7 +50,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d3pm_jax import checkpoints, losses, multihost, sampling, sharding
+from d3pm_jax import checkpoints, faults, losses, multihost, preemption, sampling, sharding
 from d3pm_jax import metrics as metrics_lib
 from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
@@ -187,6 +187,7 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
     segments = None if data.val_segments is None else global_batch(placement.batch, data.val_segments[rows][mine])
     nats_B = eval_step(params, np.asarray(jax.random.fold_in(key, i)), x0,
                        global_batch(placement.batch, weights[mine]), segments)
+    faults.hit("eval_batch", i, jax.process_index())
     acc.add(np.asarray(nats_B), weights.sum(axis=1))
   return acc.result()
 
@@ -256,7 +257,8 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   next_batch = 0
   seconds_before = 0.0  # wall time of the earlier sessions of this run, carried in its checkpoints
   skipped_before = 0
-  restored = checkpoints.restore_checkpoint(manager, state, fingerprint)
+  checkpoints.discard_incomplete(workdir, writer.log)
+  restored = checkpoints.restore_checkpoint(manager, state, fingerprint, writer.log)
   if restored is not None:
     state, data_state = restored
     next_batch = int(data_state["next_batch"])
@@ -275,9 +277,23 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   eval_key = jax.random.PRNGKey(tcfg.seed + 1)
   step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
   last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
+  agree = preemption.make_agreement(placement.mesh, placement.batch.spec[0], tcfg.batch_size)
   pending = None
   results = {}
+  preempted = None
   started = time.time()
+  me = jax.process_index()
+
+  def save(at_step):
+    checkpoints.save_checkpoint(manager, state, at_step, {"next_batch": next_batch,
+                                                          "train_seconds": seconds_before + time.time() - started,
+                                                          "skipped_steps": skips.total}, fingerprint)
+    faults.hit("save_started", at_step, me)
+
+  guard = preemption.Preemption(tcfg.preemption_grace_s,
+                                lambda: f"The newest complete checkpoint in {checkpoints.checkpoint_dir(workdir)} "
+                                        f"is the resume point.")
+  guard.__enter__()
   try:
     skips = SkipCounter(tcfg.max_consecutive_skips, skipped_before)
     while step < last_step:
@@ -285,14 +301,25 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
       next_batch += 1
       state, metrics = train_step(state, batch)
       step += 1
-      # Metrics are fetched one step late, so the host never waits on the step it just dispatched.
+      faults.hit("step_dispatched", step, me)
+      stop = agree(guard.requested)
+      # Metrics (and the stop decision) are fetched one step late, so the host never waits on the step it just
+      # dispatched.
       if pending is not None:
         skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
         if pending[0] % tcfg.log_every == 0 or pending[0] == 1:
           host = {**jax.device_get(pending[1]), "skipped_total": skips.total}
           writer.write(pending[0], host)
           writer.progress(pending[0], host)
-      pending = (step, metrics)
+      if bool(jax.device_get(pending[2] if pending is not None and jax.process_count() > 1 else stop)):
+        # Every process reads the same agreed flag for the same step, so all of them save this one.
+        skips.record(step, float(jax.device_get(metrics["skipped"])), writer)
+        save(step)
+        preempted = step
+        cause = guard.signal_name or "another process's signal"
+        writer.log(f"step {step}: stopping on {cause}; saved a checkpoint (run the same command to resume)")
+        break
+      pending = (step, metrics, stop)
       if step % tcfg.eval_every == 0 or step == tcfg.steps:
         results = evaluate(config, eval_step, state.params, data, eval_key, placement)
         writer.write(step, {**{f"val_{k}": v for k, v in results.items()},
@@ -300,19 +327,17 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
         writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
       if step % tcfg.checkpoint_every == 0 or step == last_step:
         skips.record(step, float(jax.device_get(metrics["skipped"])), writer)  # the saved count includes this step
-        checkpoints.save_checkpoint(manager, state, step, {"next_batch": next_batch,
-                                                           "train_seconds": seconds_before + time.time() - started,
-                                                           "skipped_steps": skips.total},
-                                    fingerprint)
-    if pending is not None:
+        save(step)
+    if pending is not None and preempted is None:
       skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
       writer.write(pending[0], {**jax.device_get(pending[1]), "skipped_total": skips.total})
-  finally:  # a stop (non-finite steps, an error) still lets the checkpoints in flight finish whole
+  finally:  # a stop (preemption, non-finite steps, an error) still lets the checkpoints in flight finish whole
     writer.close()
     manager.wait_until_finished()
     manager.close()
+    guard.__exit__(None, None, None)
   return {"state": state, "validation": results, "data": data, "model": model, "process": process,
-          "placement": placement}
+          "placement": placement, "preempted": preempted}
 
 
 def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout) -> list:
