@@ -44,8 +44,11 @@ def complete_steps(workdir) -> list:
 def saved_state(workdir, step) -> list:
   """Every array of the checkpoint's train state (step, parameters, EMA, optimiser moments, rng), as saved."""
   path = pathlib.Path(checkpoints.checkpoint_dir(str(workdir))) / str(step) / "state"
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh saved it
   with ocp.StandardCheckpointer() as ckpt:
-    tree = ckpt.restore(path)
+    meta = ckpt.metadata(path).item_metadata
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    tree = ckpt.restore(path, target)
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
@@ -97,3 +100,65 @@ def test_kill_9_at_chosen_moments_then_resume_ends_bit_identical(tmp_path, run_e
     np.testing.assert_array_equal(a, b)
   assert checkpoints.read_progress(str(workdir))["next_batch"] == checkpoints.read_progress(str(reference))[
       "next_batch"] == STEPS
+
+
+def test_sigterm_saves_the_step_in_flight_and_exits_0(tmp_path, run_env):
+  """SIGTERM from outside, sent once the loop is running (read from its progress lines, not timed): the run saves
+  a checkpoint at the step in flight — not at a multiple of checkpoint_every — and exits 0, which it does only
+  within train.preemption_grace_s (past it, the watchdog exits 1)."""
+  workdir = tmp_path / "work"
+  proc = subprocess.Popen(train_cmd(workdir, "--config.train.checkpoint_every=1000"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=run_env)
+  for line in proc.stdout:
+    if line.startswith("step 3/"):
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM received" in err and "validation:" not in out
+  steps = complete_steps(workdir)
+  assert len(steps) == 1 and 4 <= steps[0] < STEPS  # nothing but the preemption saved
+  assert f"stopped at step {steps[0]} on request" in out
+  assert len(saved_state(workdir, steps[0])) > 10
+
+
+def test_ctrl_c_saves_and_a_second_one_is_not_needed(tmp_path, run_env):
+  """SIGINT right after step 5 is dispatched: the checkpoint holds step 5 exactly and the run exits 0."""
+  workdir = tmp_path / "work"
+  out = subprocess.run(train_cmd(workdir), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(run_env, D3PM_FAULT="INT:step_dispatched:5"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "SIGINT received" in out.stderr and complete_steps(workdir)[-1] == 5
+  assert checkpoints.read_progress(str(workdir))["next_batch"] == 5
+
+
+def test_a_save_past_the_grace_period_exits_1_and_keeps_the_last_checkpoint(tmp_path, run_env):
+  """With a grace period far shorter than a save, SIGTERM at step 5 ends the process with status 1 and a message;
+  no checkpoint of step 5 appears and the newest complete one restores."""
+  workdir = tmp_path / "work"
+  out = subprocess.run(train_cmd(workdir, "--config.train.preemption_grace_s=1e-6"), capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env=dict(run_env, D3PM_FAULT="TERM:step_dispatched:5"))
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "did not finish within train.preemption_grace_s=1e-06 s" in out.stderr
+  steps = complete_steps(workdir)
+  assert steps and steps[-1] <= 4
+  assert len(saved_state(workdir, steps[-1])) > 10
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, run_env):
+  """launch/local_multiprocess.sh with 2 processes; only process 1 receives SIGTERM (after step 3). The flag is
+  agreed through an all-reduce read one step later, so both save their shards of one checkpoint at step 4 and
+  exit 0; the checkpoint is complete and process 0 says why it stopped."""
+  workdir, logs = tmp_path / "work", tmp_path / "logs"
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *train_cmd(workdir),
+                        "--config.train.batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                        "--config.train.checkpoint_every=1000"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(run_env, PYTHON=sys.executable, LOG_DIR=str(logs),
+                                D3PM_FAULT="TERM:step_dispatched:3:1"))
+  worker = (logs / "process_1.log").read_text()
+  assert out.returncode == 0, out.stderr[-3000:] + worker[-3000:]
+  assert "SIGTERM received" in worker and "SIGTERM received" not in out.stderr
+  assert "step 4: stopping on another process's signal" in out.stdout
+  assert complete_steps(workdir) == [4] and checkpoints.read_progress(str(workdir))["next_batch"] == 4
+  assert len(saved_state(workdir, 4)) > 10
