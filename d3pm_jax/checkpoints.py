@@ -64,6 +64,8 @@ def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
+  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))["experiment"]
+  check_compatible(saved, json.loads(json.dumps(fingerprint(config))))  # a foreign checkpoint, named as such
   model = Transformer(config.model)
   # Onto this process's first device, whatever mesh (or number of hosts) saved the checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

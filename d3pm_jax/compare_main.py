@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import compare, eval_flags
+from d3pm_jax import cli, compare, eval_flags
 
 _CONFIGS = flags.DEFINE_list("configs", None, "Config files, 'path.py' or 'path.py:arg', comma-separated.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The comparison's directory: one sub-workdir per config, the report.")
@@ -40,7 +40,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import eval_flags
+from d3pm_jax import cli, eval_flags
 from d3pm_jax.eval_workdir import evaluate_workdir, format_table
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
@@ -41,7 +41,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ this same program; only process 0 prints and writes logs.
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d3pm_jax import cli, multihost, train
+from d3pm_jax.config import base_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
                                           lock_config=True)
@@ -25,11 +28,23 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_workdir(path: str) -> None:
+  """Creates ``path`` and writes a file in it, so an unusable workdir fails now, not after the data has loaded."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={path} cannot be written ({e.strerror or e}); pass a directory this user can "
+                     f"create and write") from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass options as --config.section.key=value")
   logging.set_verbosity(logging.WARNING)  # orbax and JAX log every checkpoint at INFO
   multihost.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  check_workdir(_WORKDIR.value)
   config, data = train.build_experiment(_CONFIG.value, _WORKDIR.value)
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value, data)
@@ -50,7 +65,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, schema=base_config)
 
 
 if __name__ == "__main__":

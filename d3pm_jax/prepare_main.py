@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import prepare
+from d3pm_jax import cli, prepare
 from d3pm_jax.data import openwebtext
 
 DATASETS = ("stdlib", "text8", "openwebtext", "lm1b")
@@ -84,7 +84,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

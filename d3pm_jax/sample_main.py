@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from d3pm_jax import checkpoints, sampling, state
+from d3pm_jax import checkpoints, cli, sampling, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 
@@ -76,7 +76,9 @@ class Progress:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)  # orbax warns at every read-only open
+  if _NUM.value < 1:
+    raise app.UsageError(f"--num_samples must be >= 1; got {_NUM.value}")
   if _PRECISION.value == "float64":
     jax.config.update("jax_enable_x64", True)
   workdir = _WORKDIR.value
@@ -107,6 +109,11 @@ def main(argv):
   if process is None:
     if _INFILL.value is not None:
       raise app.UsageError("the autoregressive baseline continues prompts; it cannot infill")
+    diffusion_only = [f"--{f.name}" for f in (_STEPS, _STRATEGY, _BLOCKS, _GRID) if f.present]
+    if diffusion_only:
+      raise app.UsageError(f"{', '.join(diffusion_only)} set the diffusion sampler, but {workdir} holds the "
+                           f"autoregressive baseline, which decodes one token per position left to right; drop them "
+                           f"(--temperature, --top_p, --greedy, --prompt and --seed apply)")
     tokens = sampling.autoregressive_sample(model, params, key, batch, length, config.model.vocab_size - 1, cfg,
                                             given, prompt)
   else:
@@ -123,7 +130,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

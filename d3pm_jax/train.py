@@ -11,7 +11,6 @@ checkpoint whose model or process differs from the config is refused, never mixe
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d3pm_jax import checkpoints, faults, losses, multihost, preemption, sampling, sharding
+from d3pm_jax import checkpoints, faults, files, losses, multihost, preemption, sampling, sharding
 from d3pm_jax import metrics as metrics_lib
 from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
@@ -240,11 +239,6 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   os.makedirs(workdir, exist_ok=True)
   tcfg = config.train
   data = data or pipeline.build_data(config.data, tcfg.batch_size, tcfg.seed, workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "corpus.json"), "w") as f:
-      json.dump(data.info, f, indent=2, sort_keys=True)
-    with open(os.path.join(workdir, "experiment.json"), "w") as f:  # what d3pm-sample rebuilds the model from
-      json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
   model = Transformer(config.model)
   process = build_process(config.process, config.model)
   optimizer = make_optimizer(tcfg)
@@ -265,6 +259,12 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
     seconds_before = float(data_state.get("train_seconds", 0.0))
     skipped_before = int(data_state.get("skipped_steps", 0))
     writer.log(f"resumed from step {int(state.step)} in {workdir}")
+  # Written once the workdir's checkpoint (if any) is known to belong to this experiment: a refused run must not
+  # overwrite the config its checkpoints are read with.
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "corpus.json"), data.info)
+    # What d3pm-sample and d3pm-eval rebuild the model from.
+    files.write_json(os.path.join(workdir, "experiment.json"), dataclasses.asdict(config))
   if jax.process_count() > 1:  # every process says which rows it feeds: the first thing to check on a new cluster
     rows = pipeline.process_rows(tcfg.batch_size)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "

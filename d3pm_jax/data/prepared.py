@@ -28,6 +28,8 @@ from typing import Iterable
 
 import numpy as np
 
+from d3pm_jax.files import write_json
+
 FORMAT_VERSION = 1
 PACKING = ("stream", "packed", "padded")
 METADATA = "metadata.json"
@@ -161,10 +163,7 @@ class PreparedSplit:
 
 def write_metadata(prepared_dir: str, metadata: dict) -> None:
   """Written last, so a directory with metadata holds complete shards."""
-  path = os.path.join(prepared_dir, METADATA)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"format_version": FORMAT_VERSION, **metadata}, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  write_json(os.path.join(prepared_dir, METADATA), {"format_version": FORMAT_VERSION, **metadata})
 
 
 def load_metadata(prepared_dir: str) -> dict:

@@ -205,8 +205,9 @@ class Attention(nn.Module):
         start = index.value
         positions = start + jnp.arange(q.shape[1])
         k_new = rotary(k, cfg.rope_base, positions)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_new, (0, start, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        at = tuple(jnp.asarray(i, jnp.int32) for i in (0, start, 0, 0))  # int32 also under 64-bit JAX
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_new, at)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, at)
         index.value = start + q.shape[1]
         capacity = cached_k.value.shape[1]
         visible = jnp.arange(capacity)[None, :] <= positions[:, None]  # [L, M]: causal within the new tokens

@@ -1,0 +1,126 @@
+"""How every ``d3pm-*`` command answers bad input: one paragraph on stderr that names the value, why it is wrong and
+what would be valid, and exit status 2 — never a traceback.
+
+``run(main)`` replaces ``absl.app.run(main)``. Anything that goes wrong while parsing the flags (an unknown flag or
+config key, a wrong type, a config file that does not load) and the errors the library raises for bad values
+(``ValueError``, ``app.UsageError``) or for paths (missing, not a directory, not writable) are usage errors: exit 2.
+A full disk is reported the same way with status 1 (the input was fine; the checkpoints already on disk stay
+usable). Any other exception is a bug of ours and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+
+import ml_collections
+from absl import app, flags
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+USAGE_ERRORS = (ValueError, app.UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, flags.Error)
+
+
+def _prog() -> str:
+  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "d3pm"
+
+
+def fail(message: str, status: int = EXIT_USAGE):
+  """Prints ``PROG: error: message`` as one paragraph and exits with ``status``."""
+  text = " ".join(str(message).split())
+  hint = f" (see {_prog()} --help)" if status == EXIT_USAGE else ""
+  sys.stderr.write(f"{_prog()}: error: {text}{hint}\n")
+  sys.stderr.flush()
+  os._exit(status) if _hard_exit() else sys.exit(status)
+
+
+def _hard_exit() -> bool:
+  # With jax.distributed running, a normal interpreter exit would wait on the other processes at shutdown.
+  try:
+    import jax
+    return jax.process_count() > 1
+  except Exception:  # noqa: BLE001 - no backend: a plain exit
+    return False
+
+
+def _describe(error: BaseException) -> str:
+  """The message of the outermost error in ``error``'s chain whose text is not a formatted traceback
+  (config_flags wraps a config file's own error in two layers of those)."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  error = next((e for e in chain if "Traceback (most recent call last)" not in str(e)), chain[-1])
+  if isinstance(error, OSError) and error.filename is not None:
+    return f"{error.strerror or error}: {error.filename}"
+  message = str(error)
+  if isinstance(error, KeyError):  # str(KeyError) is the repr of the key alone
+    message = f"no such key {message}"
+  return message or type(error).__name__
+
+
+def unknown_key(argv, schema) -> str | None:
+  """For the first ``--config.a.b=value`` of ``argv`` that names no key of ``schema`` (a ConfigDict of every
+  key), what is wrong and the keys valid at that level."""
+  for arg in argv[1:]:
+    match = re.match(r"--config\.([\w.]+)=", arg)
+    node, path = schema, []
+    for part in (match.group(1).split(".") if match else ()):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"--config.{'.'.join(path)} is a value, not a section; {arg!r} goes one level too deep"
+      if part not in node:
+        where = "config." + ".".join(path) if path else "the top level of the config"
+        return f"{arg!r}: there is no key {part!r} in {where}; valid: {sorted(node.keys())}"
+      node = node[part]
+      path.append(part)
+  return None
+
+
+def disk_full(error: BaseException) -> bool:
+  """Whether ``error`` (or one it was raised from) is a write that found no space."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      return True
+    text = str(error)
+    if "No space left on device" in text or "File too large" in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def flags_parser(schema=None):
+  """absl's flag parsing, with any failure reported as a usage error: unknown flags, wrong types, and a config file
+  that does not load (config_flags defers that error to the first read of the flag, so every flag is read here).
+  ``schema()``, when given, is the ConfigDict of every config key, for naming the valid ones."""
+  def parse(argv):
+    try:
+      rest = flags.FLAGS(argv)
+      for name in flags.FLAGS:
+        hasattr(flags.FLAGS[name].value, "to_dict")  # a config file that failed to load raises here
+      return rest
+    except Exception as e:  # noqa: BLE001 - whatever the flags or the config file did wrong, it is the input's
+      fail((schema is not None and unknown_key(argv, schema())) or _describe(e))
+  return parse
+
+
+def guarded(main):
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else re-raised with its traceback
+      if disk_full(e):
+        fail(f"out of disk space ({_describe(e)}); the checkpoints already complete on disk stay usable: free "
+             f"space and run the same command to resume", EXIT_FAILURE)
+      if isinstance(e, USAGE_ERRORS):
+        fail(_describe(e))
+      raise
+  return wrapped
+
+
+def run(main, schema=None) -> None:
+  """``app.run(main)`` with bad input answered as usage errors; ``schema`` as for ``flags_parser``."""
+  app.run(guarded(main), flags_parser=flags_parser(schema))
