@@ -10,9 +10,11 @@ usable). Any other exception is a bug of ours and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sys
+import threading
 
 import ml_collections
 from absl import app, flags
@@ -23,8 +25,11 @@ USAGE_ERRORS = (ValueError, app.UsageError, FileNotFoundError, NotADirectoryErro
                 PermissionError, flags.Error)
 
 
+_PROG = ["d3pm"]
+
+
 def _prog() -> str:
-  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "d3pm"
+  return _PROG[0]
 
 
 def fail(message: str, status: int = EXIT_USAGE):
@@ -121,6 +126,35 @@ def guarded(main):
   return wrapped
 
 
-def run(main, schema=None) -> None:
-  """``app.run(main)`` with bad input answered as usage errors; ``schema`` as for ``flags_parser``."""
+class _NoLibraryTracebacks(logging.Filter):
+  """Orbax logs the failure of a background write (e.g. a full disk) with its traceback before the same error
+  reaches the train loop, which reports it; the log keeps its one-line message."""
+
+  def filter(self, record):
+    if record.exc_info and "orbax" in record.pathname:
+      record.msg = f"{record.msg} (traceback omitted: reported below)"
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_loops(hook):
+  """asyncio callbacks that tensorstore delivers after orbax closed a failed operation's event loop raise where
+  nobody catches them; the failure itself is reported once, by the train loop."""
+  def quiet(args):
+    if not _closed_loop(args.exc_value):
+      hook(args)
+  return quiet
+
+
+def run(main, prog: str, schema=None) -> None:
+  """``app.run(main)`` with bad input answered as usage errors naming ``prog`` (the command, also when run as
+  ``python -m``); ``schema`` as for ``flags_parser``."""
+  _PROG[0] = prog
+  logging.getLogger("absl").addFilter(_NoLibraryTracebacks())
+  threading.excepthook = _quiet_closed_loops(threading.excepthook)
+  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   app.run(guarded(main), flags_parser=flags_parser(schema))

@@ -40,7 +40,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, "d3pm-compare")
 
 
 if __name__ == "__main__":

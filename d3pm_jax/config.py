@@ -100,6 +100,8 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints", "sample_steps", "max_consecutive_skips"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+    if not -2**63 <= self.seed < 2**63:
+      raise ValueError(f"train.seed must fit in 64 bits, [-2**63, 2**63); got {self.seed}")
     if not self.preemption_grace_s > 0:
       raise ValueError(f"train.preemption_grace_s must be > 0 seconds; got {self.preemption_grace_s}")
     if self.grad_clip < 0:

@@ -41,7 +41,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, "d3pm-eval")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, schema=base_config)
+  cli.run(main, "d3pm-train", schema=base_config)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, "d3pm-prepare")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass of the denoiser's predic
 _GREEDY = flags.DEFINE_bool("greedy", False, "Take the argmax of p(x_0 | x_t); which positions unmask stays random.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prefix to continue.")
 _INFILL = flags.DEFINE_string("infill", None, "A template with [MASK] or [MASK]*N holes.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=-2**63, upper_bound=2**63 - 1)
 _EMA = flags.DEFINE_bool("ema", False, "Sample with the EMA parameters.")
 _PRECISION = flags.DEFINE_enum("precision", "float64", ["float32", "float64"],
                                "Precision of the categorical draws (float64 turns on 64-bit JAX).")
@@ -130,7 +130,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, "d3pm-sample")
 
 
 if __name__ == "__main__":

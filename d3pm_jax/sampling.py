@@ -70,8 +70,8 @@ class SamplerConfig:
     _checks.check_choice("sampling precision", self.precision, PRECISIONS)
     if self.num_steps < 1:
       raise ValueError(f"num_steps must be >= 1; got {self.num_steps}")
-    if not self.temperature > 0:
-      raise ValueError(f"temperature must be positive; got {self.temperature}")
+    if not 0 < self.temperature < float("inf"):
+      raise ValueError(f"temperature must be positive and finite; got {self.temperature}")
     if self.num_blocks < 1:
       raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
     if not 0 < self.top_p <= 1:

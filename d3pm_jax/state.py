@@ -49,9 +49,11 @@ def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """AdamW with linear warmup and cosine decay to ``min_lr_ratio`` (1.0: constant after warmup), after
   global-norm clipping to ``grad_clip`` (0: no clipping, as in MD4's configs)."""
+  warmup = min(cfg.warmup_steps, cfg.steps)
+  # The cosine runs from the end of warm-up to train.steps; when warm-up takes every step it gets one step nobody
+  # reaches (optax refuses a cosine of zero steps).
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps), max(cfg.steps, 1),
-      end_value=cfg.learning_rate * cfg.min_lr_ratio)
+      0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
   clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
   return optax.chain(clip,
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
