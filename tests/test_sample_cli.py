@@ -1,5 +1,7 @@
 """d3pm-sample: loads a trained workdir and prints samples that keep the prompt or infilling template."""
+import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -23,8 +25,9 @@ def test_parse_template():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = tmp_path_factory.mktemp("trained")
+  # A large learning rate takes the parameters far from their EMA (which stays near the initialisation).
   cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={path}",
-         "--config.train.steps=2", "--config.train.eval_every=2"]
+         "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.learning_rate=0.05"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   return path
@@ -51,3 +54,91 @@ def test_cli_refuses_a_workdir_without_training(tmp_path):
   out = subprocess.run([sys.executable, "-m", "d3pm_jax.sample_main", f"--workdir={tmp_path}"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert out.returncode != 0 and "experiment.json does not exist" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def ar_workdir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("trained_ar")
+  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}:autoregressive",
+         f"--workdir={path}", "--config.train.steps=2", "--config.train.eval_every=2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return path
+
+
+def _samples(result):
+  return [s.rstrip("\n") for s in result["out"].split("-" * 40 + "\n") if s]
+
+
+def _entropy(result):
+  return float(result["err"].split("unigram entropy of the samples: ")[1].split()[0])
+
+
+def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
+  """One subprocess runs d3pm-sample's entry point for each command line below; each flag must change what it
+  should: the default (ancestral) strategy keeps the prompt and repeats itself for the same --seed but not for
+  another; --ema samples other parameters; --top_p near 0 keeps only the top token, so it equals --greedy;
+  --temperature 0.05 gives lower-entropy samples than 20; --blocks runs steps x blocks reverse steps; an AR
+  workdir continues a prompt; and the usage errors are named."""
+  from test_cli_errors import run_batch
+  no_checkpoint, foreign = tmp_path / "no_checkpoint", tmp_path / "foreign"
+  for path in (no_checkpoint, foreign):
+    path.mkdir()
+    shutil.copy(workdir / "experiment.json", path / "experiment.json")
+  shutil.copytree(ar_workdir / "checkpoints", foreign / "checkpoints")
+  w, ar = f"--workdir={workdir}", f"--workdir={ar_workdir}"
+  calls = {
+      "default": [w, "--steps=4", "--num_samples=4", "--prompt=def "],
+      "again": [w, "--steps=4", "--num_samples=4", "--prompt=def "],
+      "seed": [w, "--steps=4", "--num_samples=4", "--prompt=def ", "--seed=1"],
+      "ema": [w, "--steps=4", "--num_samples=4", "--prompt=def ", "--ema"],
+      "greedy": [w, "--steps=4", "--num_samples=4", "--greedy"],
+      "top_p": [w, "--steps=4", "--num_samples=4", "--top_p=1e-9"],
+      "cold": [w, "--steps=4", "--num_samples=8", "--temperature=0.05"],
+      "hot": [w, "--steps=4", "--num_samples=8", "--temperature=20"],
+      "blocks": [w, "--steps=2", "--blocks=4", "--num_samples=2", "--prompt=x = "],
+      "float32": [w, "--steps=4", "--num_samples=2", "--precision=float32", "--time_grid=cosine"],
+      "ar": [ar, "--num_samples=2", "--prompt=def "],
+      "ar_infill": [ar, "--infill=a[MASK]b"],
+      "ar_steps": [ar, "--steps=3"],
+      "bad_blocks": [w, "--blocks=3"],
+      "long_prompt": [w, "--prompt=" + "x" * 17],
+      "long_infill": [w, "--infill=ab[MASK]*15"],
+      "no_checkpoint": [f"--workdir={no_checkpoint}"],
+      "foreign": [f"--workdir={foreign}"],
+  }
+  results = dict(zip(calls, run_batch("d3pm_jax.sample_main", list(calls.values()), tmp_path)))
+  for name, result in results.items():
+    assert result["exception"] is None and "Traceback" not in result["err"], (name, result["err"][-2000:])
+  ok = {name: r for name, r in results.items() if r["code"] == 0}
+  assert set(ok) == set(list(calls)[:11]), {n: r["err"][-500:] for n, r in results.items() if n not in ok}
+  for name in ("default", "seed", "ema", "ar"):
+    assert all(s.startswith("def ") for s in _samples(ok[name])) and len(_samples(ok[name])) in (2, 4), name
+  assert ok["again"]["out"] == ok["default"]["out"]
+  assert ok["seed"]["out"] != ok["default"]["out"] and ok["ema"]["out"] != ok["default"]["out"]
+  assert ok["top_p"]["out"] == ok["greedy"]["out"]
+  assert _entropy(ok["cold"]) < _entropy(ok["hot"]) - 1.0
+  assert "sampling: step 8/8" in ok["blocks"]["err"] and all(s.startswith("x = ") for s in _samples(ok["blocks"]))
+  assert len(_samples(ok["float32"])) == 2
+  errors = {
+      "ar_infill": "the autoregressive baseline continues prompts; it cannot infill",
+      "ar_steps": "--steps set the diffusion sampler",
+      "bad_blocks": "length 16 must be divisible by num_blocks=3",
+      "long_prompt": "the template needs 17 tokens but the model's sequence length is 16",
+      "long_infill": "the template needs 17 tokens but the model's sequence length is 16",
+      "no_checkpoint": "no checkpoint under",
+      "foreign": "the workdir holds a checkpoint of a different experiment",
+  }
+  for name, message in errors.items():
+    last = results[name]["err"].rstrip("\n").splitlines()[-1]
+    assert results[name]["code"] == 2 and last.startswith("d3pm-sample: error: ") and message in last, (name, last)
+
+
+def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
+  """hypothesis draws d3pm-sample command lines (valid and invalid values of every flag, random prompt and infill
+  texts with [MASK] holes, four kinds of workdir): each is exit 0 or a one-paragraph usage error with exit 2."""
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_harness.py"), "fuzz-sample", str(workdir),
+                        str(ar_workdir)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-5000:]
+  outcomes = json.loads(out.stderr.rsplit("outcomes by exit code: ", 1)[1].splitlines()[0])
+  assert outcomes.get("0", 0) >= 5 and outcomes.get("2", 0) >= 10, outcomes
