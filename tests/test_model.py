@@ -86,11 +86,64 @@ def test_bfloat16_compute_keeps_float32_logits_and_params(seed):
   assert float(jnp.abs(jnp.roll(rotated, -1, axis=1) - full).max()) > 0.1 * scale
 
 
-def test_flop_count_matches_an_independent_tally():
-  cfg = tiny()
-  d, f, layers, vocab, length = 32, 48, 2, 11, 16
-  per_layer = 2 * (4 * d * d + 3 * d * f) + 2 * 2 * length * d
-  assert forward_flops_per_token(cfg, length) == layers * per_layer + 2 * d * vocab
+def _dot_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general the program runs (a scan's body counted once per iteration): a tally
+  of the traced computation, not of the formula."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in contract]))
+    repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jax.extend.core.Jaxpr):
+          total += repeat * _dot_flops(inner)
+  return total
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_flop_count_matches_the_traced_matmuls(scan_layers):
+  """forward_flops_per_token against the dot_generals of the traced forward pass. Per-sequence work (the time
+  MLP, adaLN projections) is not per token, so it cancels in the difference between two lengths."""
+  cfg = tiny(scan_layers=scan_layers, max_len=32)
+  model = Transformer(cfg)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1,)))
+
+  def traced(length):
+    return _dot_flops(jax.make_jaxpr(lambda v, x: model.apply(v, x, jnp.zeros((1,))))(
+        variables, jnp.zeros((1, length), jnp.int32)).jaxpr)
+
+  assert traced(32) - traced(8) == 32 * forward_flops_per_token(cfg, 32) - 8 * forward_flops_per_token(cfg, 8)
+
+
+def test_layer_norm_centres_and_rms_norm_does_not():
+  """norm="layer" subtracts each row's mean before scaling (so adding a constant to a row changes nothing);
+  "rms" only scales. Both give rows of unit root-mean-square."""
+  from d3pm_jax.models.transformer import Norm
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32)) * 3.0 + 1.5
+  layer, rms = Norm("layer", learned_scale=False), Norm("rms", learned_scale=False)
+  y_layer, y_rms = layer.apply({}, x), rms.apply({}, x)
+  np.testing.assert_allclose(jnp.mean(y_layer, axis=-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y_layer ** 2, axis=-1)), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(y_rms ** 2, axis=-1)), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(layer.apply({}, x + 7.0), y_layer, atol=1e-5)
+  assert float(jnp.abs(jnp.mean(y_rms, axis=-1)).min()) > 0.1
+  model = Transformer(tiny(norm="layer"))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 11)
+  variables = model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((2,)))
+  out = model.apply(variables, tokens, jnp.full((2,), 0.5))
+  assert out.shape == (2, 16, 11) and bool(jnp.all(jnp.isfinite(out)))
+  assert float(jnp.abs(out - Transformer(tiny()).apply(variables, tokens, jnp.full((2,), 0.5))).max()) > 1e-3
+
+
+def test_a_sequence_longer_than_max_len_is_refused():
+  model = Transformer(tiny(max_len=16))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="sequence length 17 exceeds model.max_len=16"):
+    model.apply(variables, jnp.zeros((1, 17), jnp.int32), jnp.zeros((1,)))
 
 
 @pytest.mark.parametrize("kw,match", [
