@@ -223,3 +223,64 @@ def test_likelihood_accumulator_is_token_weighted_float64():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", PROCESS_NAMES)
+def test_d3pm_losses_ignore_padded_positions(name):
+  """d3pm_loss and d3pm_vlb_exact with weights 0 on positions 3..: changing the tokens there and garbling the
+  denoiser's logits there changes nothing (it changes the unweighted values)."""
+  proc = build(name)
+  x0 = data(proc)
+  other_x0 = x0.at[:, 3:].set((x0[:, 3:] + 1) % proc.num_data_states)
+  weights = jnp.ones((B, L)).at[:, 3:].set(0.0)
+  fn = random_logits_fn()
+  garbled = lambda x, t: fn(x, t) + jnp.where(weights[..., None] > 0, 0.0, 50.0 * jnp.arange(V))
+  key = jax.random.PRNGKey(4)
+  for f in (lambda logits_fn, x, w: losses.d3pm_loss(proc, logits_fn, key, x, 10, 0.1, weights_BxL=w),
+            lambda logits_fn, x, w: {"vlb": losses.d3pm_vlb_exact(proc, logits_fn, key, x, 10, weights_BxL=w)}):
+    a, b = f(fn, x0, weights), f(garbled, other_x0, weights)
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-12)
+    unweighted = f(fn, x0, None)["vlb"], f(garbled, other_x0, None)["vlb"]
+    assert float(jnp.abs(unweighted[0] - unweighted[1]).max()) > 1e-3
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name,kind", [("uniform", "ctmc"), ("absorbing", "masked")])
+def test_without_recon_the_elbo_drops_exactly_the_reconstruction_term(name, kind):
+  """with_recon=False (the training objective: one network call fewer) leaves the diffusion and prior terms
+  as they were for the same key, has no recon entry, and its nelbo is short by exactly the recon term (which is
+  0 for masking, whose unmasked tokens are copied, and positive for the uniform process)."""
+  proc = build(name)
+  x0, fn, key = data(proc), random_logits_fn(), jax.random.PRNGKey(5)
+  calls = []
+  counting = lambda x, t: (calls.append(1), fn(x, t))[1]
+  full = losses.continuous_elbo(proc, counting, key, x0, kind=kind)
+  with_calls = len(calls)
+  short = losses.continuous_elbo(proc, counting, key, x0, kind=kind, with_recon=False)
+  assert "recon" not in short and len(calls) - with_calls == with_calls - 1
+  np.testing.assert_allclose(short["diffusion"], full["diffusion"], rtol=1e-12)
+  np.testing.assert_allclose(full["nelbo"] - short["nelbo"], full["recon"], rtol=1e-9)
+  assert float(jnp.min(full["recon"])) > 0 if name == "uniform" else float(jnp.max(full["recon"])) == 0
+
+
+def test_antithetic_times_are_evenly_spaced_and_plain_ones_are_not():
+  """antithetic=True: one uniform offset, then B points evenly spaced modulo 1 (sorted gaps all 1/B);
+  antithetic=False: independent uniforms, whose sorted gaps vary."""
+  seen = {}
+  proc = build("absorbing")
+  for antithetic in (True, False):
+    def recording(x_t, t, antithetic=antithetic):
+      seen[antithetic] = np.asarray(t)
+      return random_logits_fn()(x_t, t)
+    x0 = jax.random.randint(jax.random.PRNGKey(1), (64, L), 0, proc.num_data_states)
+    losses.continuous_elbo(proc, recording, jax.random.PRNGKey(6), x0, kind="masked", antithetic=antithetic,
+                           with_recon=False)
+  for antithetic, t in seen.items():
+    gaps = np.diff(np.sort(np.concatenate([t, [np.min(t) + 1.0]])))
+    assert t.shape == (64,) and np.all((0 <= t) & (t < 1))
+    if antithetic:
+      np.testing.assert_allclose(gaps, 1 / 64, atol=1e-6)
+    else:
+      assert gaps.max() > 3 / 64 and gaps.min() < 1 / 256

@@ -252,3 +252,21 @@ def test_semi_autoregressive_network_sees_the_time_of_its_masked_fraction():
   assert len(block_times) > 4
   with pytest.raises(ValueError, match="length 10 must be divisible by num_blocks=3"):
     sample(proc, recording_fn, jax.random.PRNGKey(0), 2, 10, cfg)
+
+
+@pytest.mark.parametrize("grid", ["uniform", "cosine"])
+def test_the_sampler_steps_through_the_chosen_time_grid(grid):
+  """SamplerConfig(time_grid=...) reaches the sampler: the denoiser is called at t = 1 and then at each earlier
+  point of the grid, u = k / 8 mapped through (1 - cos(pi u)) / 2 for the cosine grid."""
+  proc = build("absorbing")
+  seen = []
+
+  def recording_fn(x_t, t_B):
+    jax.debug.callback(lambda t: seen.append(float(np.asarray(t)[0])), t_B)
+    return random_logits_fn(x_t, t_B)
+
+  cfg = SamplerConfig(num_steps=8, time_grid=grid)
+  jax.block_until_ready(sample(proc, recording_fn, jax.random.PRNGKey(0), 2, 5, cfg)[0])
+  u = np.arange(8, 0, -1) / 8
+  expected = u if grid == "uniform" else (1 - np.cos(np.pi * u)) / 2
+  np.testing.assert_allclose(seen, expected, atol=1e-6)
