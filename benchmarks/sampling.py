@@ -1,6 +1,6 @@
 """Sampler throughput against the network's own cost, and against autoregressive KV-cache decoding.
 
-    python benchmarks/sampling.py [--batch 4] [--quick]
+    python benchmarks/sampling.py [--batch 4] [--quick] [--lengths 128,512,1024] [--steps 16,64,256]
 
 A random (untrained) stdlib_tiny-shaped model (4 layers, d=256, absorbing process): speed does not depend on
 the weights. Prints tokens/s for lengths 128 / 512 / 1024 with 16 / 64 / 256 steps beside AR decoding of the
@@ -44,10 +44,13 @@ def model_and_params(time_conditioning: bool, causal: bool = False, max_len: int
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--quick", action="store_true", help="lengths 128 and 512 only, one repetition")
+  parser.add_argument("--quick", action="store_true", help="one repetition (and lengths 128 and 512 by default)")
+  parser.add_argument("--lengths", default="", help="comma-separated sequence lengths (default 128,512,1024)")
+  parser.add_argument("--steps", default="16,64,256", help="comma-separated reverse-step counts")
   args = parser.parse_args()
   batch, reps = args.batch, (1 if args.quick else 3)
-  lengths = (128, 512) if args.quick else (128, 512, 1024)
+  lengths = tuple(int(n) for n in (args.lengths or ("128,512" if args.quick else "128,512,1024")).split(","))
+  step_counts = tuple(int(n) for n in args.steps.split(","))
   process = make_process("absorbing", 257, "cosine")
   model, params = model_and_params(time_conditioning=True)
   ar_model, ar_params = model_and_params(time_conditioning=False, causal=True)
@@ -60,7 +63,7 @@ def main():
     one_forward = timed(forward, params, x, t, reps=reps)
     ar = jax.jit(lambda p, k: sampling.autoregressive_sample(ar_model, p, k, batch, length, 256))
     ar_tok_s = batch * length / timed(ar, ar_params, jax.random.PRNGKey(0), reps=reps)
-    for steps in (16, 64, 256):
+    for steps in step_counts:
       cfg = sampling.SamplerConfig(num_steps=steps)
       run = jax.jit(lambda p, k: sampling.sample(process, lambda xt, tb: model.apply({"params": p}, xt, tb), k,
                                                  batch, length, cfg)[0])
@@ -68,7 +71,8 @@ def main():
       print(f"{length:6d} {steps:5d} {batch * length / seconds:15.1f} {ar_tok_s:17.1f} "
             f"{seconds / (steps * one_forward):9.3f}")
   # Skipping unchanged steps: 4 x more steps than positions, so most steps change nothing.
-  length, steps = 128, 512
+  length = min(lengths)
+  steps = 4 * length
   untimed_model, untimed_params = model_and_params(time_conditioning=False)
   results = {}
   for skip in (False, True):

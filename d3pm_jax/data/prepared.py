@@ -158,7 +158,11 @@ class PreparedSplit:
     return np.frombuffer(self._source[index], np.int32).reshape(2, self.seq_len)
 
   def read_all(self) -> np.ndarray:
-    return np.stack([self[i] for i in range(len(self))]) if len(self) else np.zeros((0, 2, self.seq_len), np.int32)
+    """Every row, ``[rows, 2, L]``, read in bulk (one read per record costs ~15x as much)."""
+    if not len(self):
+      return np.zeros((0, 2, self.seq_len), np.int32)
+    records = self._source.__getitems__(range(len(self)))
+    return np.frombuffer(b"".join(records), np.int32).reshape(len(self), 2, self.seq_len)
 
 
 def write_metadata(prepared_dir: str, metadata: dict) -> None:

@@ -144,12 +144,20 @@ class SentencePieceTokenizer:
     _checks.check_choice("sentencepiece model_type", model_type, ("unigram", "bpe"))
     lines = (line for text in texts for line in text.decode("utf-8", errors="replace").splitlines() if line.strip())
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        byte_fallback=True, character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
-        split_by_whitespace=False, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+          normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+          byte_fallback=True, character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
+          split_by_whitespace=False, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+          bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+    except RuntimeError as e:  # sentencepiece reports a vocabulary it cannot fill as an internal error
+      needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+      if needed:
+        raise ValueError(f"a sentencepiece vocabulary of {vocab_size} pieces cannot hold the {needed.group(2)} "
+                         f"characters and byte pieces this text needs; use a vocabulary size above "
+                         f"{needed.group(2)} (data.spm_vocab_size or --vocab_size)") from e
+      raise ValueError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model: {e}") from e
     with open(model_prefix + ".model.tmp", "wb") as f:
       f.write(model.getvalue())
     os.replace(model_prefix + ".model.tmp", model_prefix + ".model")
