@@ -7,7 +7,8 @@
 #
 # Each process runs COMMAND --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I with
 # DEVICES_PER_PROCESS fake CPU devices. Process 0 prints to this terminal; process I>0 logs to
-# $LOG_DIR/process_I.log (LOG_DIR defaults to a new temporary directory). PORT is a free port unless $PORT is set.
+# $LOG_DIR/process_I.log (LOG_DIR defaults to a new temporary directory). PORT is a free port outside the
+# kernel's ephemeral range unless $PORT is set.
 # Exits with the first non-zero status of any process, after stopping the others.
 set -euo pipefail
 
@@ -26,7 +27,26 @@ for value in "$num_processes" "$devices"; do
 done
 
 python_bin=${PYTHON:-python3}
-port=${PORT:-$("$python_bin" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+# A free port outside the kernel's ephemeral range: the kernel never hands those to outgoing connections, so the
+# port cannot be taken between this check and the coordinator's bind (a port from bind(0) could be).
+port=${PORT:-$("$python_bin" - <<'PY'
+import random, socket
+try:
+  low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+except OSError:
+  low, high = 32768, 60999
+ports = [p for p in list(range(max(1024, low - 8192), low)) + list(range(high + 1, 65536))]
+random.shuffle(ports)
+for port in ports:
+  with socket.socket() as s:
+    try:
+      s.bind(("127.0.0.1", port))
+    except OSError:
+      continue
+  print(port)
+  break
+PY
+)}
 log_dir=${LOG_DIR:-$(mktemp -d)}
 mkdir -p "$log_dir"
 

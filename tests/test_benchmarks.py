@@ -1,0 +1,36 @@
+"""Every script under benchmarks/ runs to its figures at a tiny size (a smoke run: the figures themselves are
+meaningless at this size and are not checked, only that each script still runs end to end and prints its table)."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "memory.py": (["--tokens", "64", "--width", "32", "--vocab", "256,512", "--tile", "128"], "fused / naive"),
+    "kernels.py": (["--reps", "1", "--tokens", "64", "--width", "32", "--vocab", "256", "--attention", "1,128,2,32"],
+                   "xla (the model's own)"),
+    "sampling.py": (["--batch", "1", "--quick", "--lengths", "16", "--steps", "2,4"], "skip unchanged steps"),
+    "scaling.py": (["--config", str(ROOT / "configs" / "test.py"), "--devices", "2", "--vocab", "63", "--batch", "4",
+                    "--seq-len", "16"], "data"),
+    "train_step.py": (["--steps", "1"], "MFU"),
+    "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
+}
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+  scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+  assert scripts == set(RUNS), f"give each script a tiny run here: {sorted(scripts ^ set(RUNS))}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_runs_at_a_tiny_size(script):
+  args, expected = RUNS[script]
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert expected in out.stdout, out.stdout[-2000:]
