@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +56,6 @@ class Preemption:
       return
     self.requested = True
     self.signal_name = signal.Signals(signum).name
-    self.started = time.monotonic()
     print(f"{self.signal_name} received: saving a checkpoint at the step in flight, then exiting (at most "
           f"{self.grace_s:g} s, train.preemption_grace_s)", file=self.out, flush=True)
     self._watchdog = threading.Timer(self.grace_s, self._expire)

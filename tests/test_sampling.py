@@ -158,17 +158,20 @@ def test_bad_input(call, match):
     call()
 
 
-def test_one_semi_autoregressive_block_is_the_plain_sampler():
-  from d3pm_jax.sampling import _initial_state, _sample_scan
+@pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
+def test_one_position_per_block_decodes_greedily_left_to_right(strategy):
+  """With as many blocks as positions and greedy predictions, the semi-autoregressive sampler is left-to-right
+  decoding: position b takes the argmax (over data tokens) of the denoiser's prediction for b given positions < b
+  decoded and positions >= b masked — a loop written out here, using none of the sampler's code."""
   proc = build("absorbing")
-  cfg = SamplerConfig(num_steps=12, strategy="confidence")
-  key = jax.random.PRNGKey(4)
-  blocked, _ = sample(proc, random_logits_fn, key, 3, 12, cfg)
-  init_key, scan_key = jax.random.split(key)
-  x_init = _initial_state(proc, init_key, 3, 12)
-  none = jnp.zeros((3, 12), bool)
-  plain, _ = _sample_scan(proc, random_logits_fn, jax.random.fold_in(scan_key, 0), x_init, none, x_init, cfg)
-  np.testing.assert_array_equal(blocked, plain)
+  batch, length = 3, 6
+  cfg = SamplerConfig(num_steps=3, strategy=strategy, num_blocks=length, greedy=True)
+  got, _ = sample(proc, random_logits_fn, jax.random.PRNGKey(5), batch, length, cfg)
+  x = np.full((batch, length), proc.mask_id)
+  for b in range(length):
+    logits = np.asarray(random_logits_fn(jnp.asarray(x), jnp.zeros((batch,))))
+    x[:, b] = np.argmax(logits[:, b, :proc.num_data_states], axis=-1)
+  np.testing.assert_array_equal(got, x)
 
 
 @pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
