@@ -90,7 +90,7 @@ def fuzz_train(root: pathlib.Path) -> None:
   counter = iter(range(10**6))
   (root / "a_file").write_text("not a directory")
 
-  @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True,
+  @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "30")), deadline=None, derandomize=True,
             database=None, suppress_health_check=list(HealthCheck))
   @given(st.dictionaries(st.sampled_from(sorted(choices)), st.integers(0, 5), max_size=4), workdirs, extras)
   def property_(picked, workdir, extra):
@@ -125,7 +125,7 @@ def fuzz_sample(diffusion: str, autoregressive: str) -> None:
   switches = st.lists(st.sampled_from(["--greedy", "--ema", "--nogreedy", "stray"]), max_size=2, unique=True)
   workdirs = st.sampled_from([diffusion, autoregressive, "/nonexistent/run", str(pathlib.Path(diffusion).parent)])
 
-  @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "50")), deadline=None, derandomize=True,
+  @settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "30")), deadline=None, derandomize=True,
             database=None, suppress_health_check=list(HealthCheck))
   @given(options, switches, workdirs)
   def property_(opts, extra, workdir):
