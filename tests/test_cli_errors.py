@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from d3pm_jax import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,6 +62,7 @@ def test_each_kind_of_bad_input_is_named_with_exit_2(tmp_path):
   assert checkpoints.load_experiment(work).process.name == "absorbing"
 
 
+@pytest.mark.slow
 def test_random_overrides_and_flags_succeed_or_fail_cleanly(tmp_path):
   """hypothesis draws (with a fixed seed) up to four overrides from valid and invalid values of many keys, a
   workdir (fresh, shared with earlier draws, unwritable, a file) and stray flags; every outcome must be exit 0 or
@@ -71,6 +74,7 @@ def test_random_overrides_and_flags_succeed_or_fail_cleanly(tmp_path):
   assert outcomes.get("0", 0) >= 2 and outcomes.get("2", 0) >= 10, outcomes  # both kinds of outcome were drawn
 
 
+@pytest.mark.slow
 def test_a_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
   """A run resumed with every file capped at 64 KiB (as a full disk fails writes) cannot write the parameters of
   its next checkpoint: it stops with status 1 and a one-paragraph message, no traceback, and the checkpoint saved

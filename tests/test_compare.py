@@ -40,6 +40,7 @@ def compared(tmp_path_factory):
   return workdir, summary, logged
 
 
+@pytest.mark.slow
 def test_compare_resumes_trains_and_evaluates_every_run(compared):
   workdir, summary, logged = compared
   runs = summary["runs"]

@@ -69,6 +69,7 @@ ARGS = ["--config=configs/test.py", "--config.data.name=markov", "--config.train
         "--config.mesh.data=2", "--config.mesh.fsdp=2"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """2 processes x 2 CPU devices (gloo collectives over 127.0.0.1) train 3 steps on a (data=2, fsdp=2) mesh and
   end with the parameters of 1 process x 4 devices (atol 1e-5: the same mesh, reductions crossing processes) and
@@ -150,6 +151,7 @@ def test_tpu_pod_launcher_runs_the_same_command_on_every_worker(tmp_path):
   assert words == ["--distributed=on", *flags]
 
 
+@pytest.mark.slow
 def test_slurm_script_joins_through_slurm_variables(tmp_path):
   """The sbatch script run under a stand-in srun that starts 2 tasks with SLURM's variables (and 2 CPU devices
   each): JAX finds the coordinator, process count and ids from them alone, and the job trains and checkpoints."""

@@ -43,6 +43,7 @@ def _state_leaves(state):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.opt_state, state.ema_params))]
 
 
+@pytest.mark.slow
 def test_a_nan_step_is_skipped_and_counted(tmp_path, planted):
   config = experiment(steps=6, checkpoint_every=1, keep_checkpoints=10, eval_every=100, log_every=1,
                       max_consecutive_skips=3)

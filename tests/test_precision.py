@@ -27,6 +27,7 @@ def binomial_interval(n, p, tail=1e-4):
   return int(lo), int(hi)
 
 
+@pytest.mark.slow
 def test_first_absorbing_step_at_gpt2_vocabulary_unmasks_the_expected_number():
   """T = 1000, t = 1 -> 0.999: each masked position unmasks with probability 1.0001e-3, so 10.24 of 10,240 are
   expected. A one-shot mask-versus-token categorical in float32 unmasks none (its Gumbel noise saturates)."""
@@ -48,6 +49,7 @@ def test_first_absorbing_step_at_gpt2_vocabulary_unmasks_the_expected_number():
   assert lo <= unmasked <= hi, (unmasked, lo, hi, CHUNKS * CHUNK * p)
 
 
+@pytest.mark.slow
 def test_uniform_step_at_gpt2_vocabulary_moves_the_expected_number():
   """Uniform process, t = 0.5 -> 0.49975, a prediction spread evenly over the vocabulary (an untrained network):
   each of 50,257 tokens has posterior probability ~2e-8 against ~0.999 for staying, together ~1e-3. The number of

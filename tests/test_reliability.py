@@ -59,6 +59,7 @@ def test_fault_plan_parses_and_rejects_bad_entries():
     faults.parse("KILL:mid_save:4")
 
 
+@pytest.mark.slow
 def test_kill_9_at_chosen_moments_then_resume_ends_bit_identical(tmp_path, run_env):
   """20 trials, each killing the run at a moment drawn with a fixed seed — just after a step is dispatched (the
   computation in flight), just after a checkpoint's save began (its files half-written in the background), or
@@ -145,6 +146,7 @@ def test_a_save_past_the_grace_period_exits_1_and_keeps_the_last_checkpoint(tmp_
   assert len(saved_state(workdir, steps[-1])) > 10
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, run_env):
   """launch/local_multiprocess.sh with 2 processes; only process 1 receives SIGTERM (after step 3). The flag is
   agreed through an all-reduce read one step later, so both save their shards of one checkpoint at step 4 and

@@ -74,6 +74,7 @@ def _entropy(result):
   return float(result["err"].split("unigram entropy of the samples: ")[1].split()[0])
 
 
+@pytest.mark.slow
 def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   """One subprocess runs d3pm-sample's entry point for each command line below; each flag must change what it
   should: the default (ancestral) strategy keeps the prompt and repeats itself for the same --seed but not for
@@ -134,6 +135,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
     assert results[name]["code"] == 2 and last.startswith("d3pm-sample: error: ") and message in last, (name, last)
 
 
+@pytest.mark.slow
 def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
   """hypothesis draws d3pm-sample command lines (valid and invalid values of every flag, random prompt and infill
   texts with [MASK] holes, four kinds of workdir): each is exit 0 or a one-paragraph usage error with exit 2."""

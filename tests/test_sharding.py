@@ -55,6 +55,7 @@ def run_script(body: str, devices: int = 8) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sharded_train_step_equals_single_device():
   """Same parameters after 3 steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,4,2) as on one device, and for the
   scanned-layers model on (1,4,2); tolerance atol 1e-5 (reductions are summed in a different order)."""
@@ -142,6 +143,7 @@ def test_sharded_train_step_lowers_for_tpu_and_cuda():
     assert constraints >= 2 * 4  # the activation constraints reach the program: >= 4 per layer, 2 layers
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   """Train 2 steps on (8,1,1) and checkpoint; resume on (1,4,2) for 2 more. The result equals 4 steps straight
   on (8,1,1) (atol 1e-5) and the restored state lives on the new mesh."""

@@ -85,6 +85,7 @@ def with_recorder(data):
                        val_windows=data.val_windows, val_weights=data.val_weights, info=data.info)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, data):
   exp = experiment(steps=6, checkpoint_every=3, eval_every=100)
   straight_data = with_recorder(data)
