@@ -32,13 +32,17 @@ def _prog() -> str:
   return _PROG[0]
 
 
-def fail(message: str, status: int = EXIT_USAGE):
-  """Prints ``PROG: error: message`` as one paragraph and exits with ``status``."""
+def fail(message: str, status: int = EXIT_USAGE, hard: bool = False):
+  """Prints ``PROG: error: message`` as one paragraph and exits with ``status``; ``hard`` skips the interpreter's
+  shutdown (where a failed background write's leftover futures would log their tracebacks after the message)."""
   text = " ".join(str(message).split())
   hint = f" (see {_prog()} --help)" if status == EXIT_USAGE else ""
   sys.stderr.write(f"{_prog()}: error: {text}{hint}\n")
   sys.stderr.flush()
-  os._exit(status) if _hard_exit() else sys.exit(status)
+  if hard or _hard_exit():
+    sys.stdout.flush()
+    os._exit(status)
+  sys.exit(status)
 
 
 def _hard_exit() -> bool:
@@ -114,12 +118,14 @@ def flags_parser(schema=None):
 
 def guarded(main):
   def wrapped(argv):
+    for handler in logging.getLogger().handlers:  # absl's handler, installed by app.run; every logger reaches it
+      handler.addFilter(_NoLibraryTracebacks())
     try:
       return main(argv)
     except Exception as e:  # noqa: BLE001 - sorted below; anything else re-raised with its traceback
       if disk_full(e):
         fail(f"out of disk space ({_describe(e)}); the checkpoints already complete on disk stay usable: free "
-             f"space and run the same command to resume", EXIT_FAILURE)
+             f"space and run the same command to resume", EXIT_FAILURE, hard=True)
       if isinstance(e, USAGE_ERRORS):
         fail(_describe(e))
       raise
@@ -127,11 +133,12 @@ def guarded(main):
 
 
 class _NoLibraryTracebacks(logging.Filter):
-  """Orbax logs the failure of a background write (e.g. a full disk) with its traceback before the same error
-  reaches the train loop, which reports it; the log keeps its one-line message."""
+  """Orbax logs the failure of a background write (e.g. a full disk) with its traceback, and asyncio may log the
+  same error again for a future nobody read, while the train loop reports it once; these records keep their
+  one-line message."""
 
   def filter(self, record):
-    if record.exc_info and "orbax" in record.pathname:
+    if record.exc_info and ("orbax" in record.pathname or record.name == "asyncio"):
       record.msg = f"{record.msg} (traceback omitted: reported below)"
       record.exc_info = record.exc_text = None
     return True
@@ -154,7 +161,6 @@ def run(main, prog: str, schema=None) -> None:
   """``app.run(main)`` with bad input answered as usage errors naming ``prog`` (the command, also when run as
   ``python -m``); ``schema`` as for ``flags_parser``."""
   _PROG[0] = prog
-  logging.getLogger("absl").addFilter(_NoLibraryTracebacks())
   threading.excepthook = _quiet_closed_loops(threading.excepthook)
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   app.run(guarded(main), flags_parser=flags_parser(schema))
