@@ -24,6 +24,8 @@ def fingerprint(config: ExperimentConfig) -> dict:
 
 
 def check_compatible(saved: dict, current: dict) -> None:
+  """Raises, naming every differing key, unless the two fingerprints agree as JSON stores them (tuples as lists)."""
+  saved, current = (json.loads(json.dumps(d)) for d in (saved, current))
   diffs = []
   for section in sorted(set(saved) | set(current)):
     a, b = saved.get(section), current.get(section)
@@ -64,8 +66,7 @@ def restore_params(workdir: str, config: ExperimentConfig, use_ema: bool = False
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"no checkpoint under {workdir}/checkpoints; train first with d3pm-train --workdir={workdir}")
-  saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))["experiment"]
-  check_compatible(saved, json.loads(json.dumps(fingerprint(config))))  # a foreign checkpoint, named as such
+  check_compatible(_saved_fingerprint(manager, step), fingerprint(config))  # a foreign checkpoint, named as such
   model = Transformer(config.model)
   # Onto this process's first device, whatever mesh (or number of hosts) saved the checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -92,6 +93,10 @@ def discard_incomplete(workdir: str, log=print) -> list:
   return partial
 
 
+def _saved_fingerprint(manager, step: int) -> dict:
+  return manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))["experiment"]
+
+
 def restore_checkpoint(manager, abstract_state: TrainState, expected: dict, log=print):
   """(state, data_state) from the newest readable checkpoint, or None when there is none; refused unless its
   fingerprint equals ``expected``. A checkpoint that cannot be read (files lost or truncated after it was
@@ -100,11 +105,11 @@ def restore_checkpoint(manager, abstract_state: TrainState, expected: dict, log=
   steps = sorted(manager.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
-      saved = manager.restore(step, args=ocp.args.Composite(experiment=ocp.args.JsonRestore()))
+      saved = _saved_fingerprint(manager, step)
     except Exception as e:  # noqa: BLE001 - any failure to read means: use an older checkpoint
       saved, error = None, e
     if saved is not None:
-      check_compatible(saved["experiment"], json.loads(json.dumps(expected)))
+      check_compatible(saved, expected)
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))

@@ -100,7 +100,7 @@ def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=
   progress = checkpoints.read_progress(workdir)
   if progress is not None:
     checkpoints.check_compatible(checkpoints.fingerprint(checkpoints.load_experiment(workdir)),
-                                 json.loads(json.dumps(checkpoints.fingerprint(config))))
+                                 checkpoints.fingerprint(config))
     if progress["step"] >= config.train.steps:
       return config, "reused", data
   log(f"{name}: {'resuming from step ' + str(progress['step']) if progress else 'training'} to step "
