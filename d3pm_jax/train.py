@@ -205,12 +205,13 @@ class SkipCounter:
   def __init__(self, limit: int, total: int = 0):
     self.limit, self.total, self.run, self.last = limit, total, 0, -1
 
-  def record(self, step: int, skipped: float, writer) -> None:
-    """Counts ``step`` once, however often it is recorded."""
+  def record(self, step: int, metrics: dict, writer) -> None:
+    """Counts ``step`` (whose ``metrics`` are the train step's, on the device) once, however often it is
+    recorded."""
     if step <= self.last:
       return
     self.last = step
-    if not skipped:
+    if not float(jax.device_get(metrics["skipped"])):
       self.run = 0
       return
     self.total += 1
@@ -306,14 +307,14 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
       # Metrics (and the stop decision) are fetched one step late, so the host never waits on the step it just
       # dispatched.
       if pending is not None:
-        skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
+        skips.record(pending[0], pending[1], writer)
         if pending[0] % tcfg.log_every == 0 or pending[0] == 1:
           host = {**jax.device_get(pending[1]), "skipped_total": skips.total}
           writer.write(pending[0], host)
           writer.progress(pending[0], host)
       if bool(jax.device_get(pending[2] if pending is not None and jax.process_count() > 1 else stop)):
         # Every process reads the same agreed flag for the same step, so all of them save this one.
-        skips.record(step, float(jax.device_get(metrics["skipped"])), writer)
+        skips.record(step, metrics, writer)
         save(step)
         preempted = step
         cause = guard.signal_name or "another process's signal"
@@ -326,10 +327,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
                             "train_seconds": seconds_before + time.time() - started})
         writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
       if step % tcfg.checkpoint_every == 0 or step == last_step:
-        skips.record(step, float(jax.device_get(metrics["skipped"])), writer)  # the saved count includes this step
+        skips.record(step, metrics, writer)  # the saved count includes this step
         save(step)
     if pending is not None and preempted is None:
-      skips.record(pending[0], float(jax.device_get(pending[1]["skipped"])), writer)
+      skips.record(pending[0], pending[1], writer)
       writer.write(pending[0], {**jax.device_get(pending[1]), "skipped_total": skips.total})
   finally:  # a stop (preemption, non-finite steps, an error) still lets the checkpoints in flight finish whole
     writer.close()
