@@ -25,6 +25,14 @@ def run_batch(module: str, calls: list, tmp_path) -> list:
   return json.loads((tmp_path / "results.json").read_text())
 
 
+def run_fuzz(mode: str, *args) -> dict:
+  """A hypothesis fuzzer of tests/cli_harness.py in a subprocess, which must pass; its outcome counts by exit code."""
+  out = subprocess.run([sys.executable, str(HARNESS), mode, *map(str, args)], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-5000:]
+  return json.loads(out.stderr.rsplit("outcomes by exit code: ", 1)[1].splitlines()[0])
+
+
 def test_each_kind_of_bad_input_is_named_with_exit_2(tmp_path):
   work = str(tmp_path / "work")
   cases = [  # (extra flags, what the one-paragraph message must say); the first one trains and so must succeed
@@ -67,10 +75,7 @@ def test_random_overrides_and_flags_succeed_or_fail_cleanly(tmp_path):
   """hypothesis draws (with a fixed seed) up to four overrides from valid and invalid values of many keys, a
   workdir (fresh, shared with earlier draws, unwritable, a file) and stray flags; every outcome must be exit 0 or
   a one-paragraph usage error with exit 2."""
-  out = subprocess.run([sys.executable, str(HARNESS), "fuzz-train", str(tmp_path)], capture_output=True,
-                       text=True, timeout=900, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-5000:]
-  outcomes = json.loads(out.stderr.rsplit("outcomes by exit code: ", 1)[1].splitlines()[0])
+  outcomes = run_fuzz("fuzz-train", tmp_path)
   assert outcomes.get("0", 0) >= 2 and outcomes.get("2", 0) >= 10, outcomes  # both kinds of outcome were drawn
 
 

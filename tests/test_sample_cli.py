@@ -1,5 +1,4 @@
 """d3pm-sample: loads a trained workdir and prints samples that keep the prompt or infilling template."""
-import json
 import pathlib
 import shutil
 import subprocess
@@ -22,15 +21,19 @@ def test_parse_template():
     parse_template("[MASK]*12", ByteTokenizer(), 10)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("trained")
-  # A large learning rate takes the parameters far from their EMA (which stays near the initialisation).
-  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={path}",
-         "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.learning_rate=0.05"]
+def _trained(path, config="test.py", *overrides):
+  """``path`` after two d3pm-train steps of ``configs/CONFIG`` on the stdlib corpus."""
+  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / config}", f"--workdir={path}",
+         "--config.train.steps=2", "--config.train.eval_every=2", *overrides]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
   return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  # A large learning rate takes the parameters far from their EMA (which stays near the initialisation).
+  return _trained(tmp_path_factory.mktemp("trained"), "test.py", "--config.train.learning_rate=0.05")
 
 
 @pytest.mark.parametrize("flag,expected", [("--infill=x = [MASK]*3\\n#[MASK]*2!", ["x = ", "!"]),
@@ -58,12 +61,7 @@ def test_cli_refuses_a_workdir_without_training(tmp_path):
 
 @pytest.fixture(scope="module")
 def ar_workdir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("trained_ar")
-  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}:autoregressive",
-         f"--workdir={path}", "--config.train.steps=2", "--config.train.eval_every=2"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return path
+  return _trained(tmp_path_factory.mktemp("trained_ar"), "test.py:autoregressive")
 
 
 def _samples(result):
@@ -139,8 +137,6 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
 def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
   """hypothesis draws d3pm-sample command lines (valid and invalid values of every flag, random prompt and infill
   texts with [MASK] holes, four kinds of workdir): each is exit 0 or a one-paragraph usage error with exit 2."""
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_harness.py"), "fuzz-sample", str(workdir),
-                        str(ar_workdir)], capture_output=True, text=True, timeout=900, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-5000:]
-  outcomes = json.loads(out.stderr.rsplit("outcomes by exit code: ", 1)[1].splitlines()[0])
+  from test_cli_errors import run_fuzz
+  outcomes = run_fuzz("fuzz-sample", workdir, ar_workdir)
   assert outcomes.get("0", 0) >= 5 and outcomes.get("2", 0) >= 10, outcomes
