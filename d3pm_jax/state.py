@@ -81,7 +81,8 @@ def fused_head(model: Transformer, params, segments_BxL=None) -> losses.FusedHea
   return losses.FusedHead(
       hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, segments_BxL=segments_BxL,
                                                head_inputs=True),
-      weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret))
+      weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
+                                  dot_dtype=cfg.compute_dtype))
 
 
 def sample_head(model: Transformer, params, process, sampler_cfg) -> sampling.SampleHead | None:
