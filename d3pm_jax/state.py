@@ -93,7 +93,8 @@ def sample_head(model: Transformer, params, process, sampler_cfg) -> sampling.Sa
     return None
   return sampling.SampleHead(
       hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, head_inputs=True),
-      draw=fused_sample.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret))
+      draw=fused_sample.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
+                               dot_dtype=cfg.compute_dtype))
 
 
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,

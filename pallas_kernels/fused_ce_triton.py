@@ -152,17 +152,16 @@ class TritonPlan:
     return _backward(self, *args)
 
 
-def _logits(h_ref, w_ref, j, *, tile_v, chunk_d, num_chunks, precision):
+def _logits(h_ref, w_ref, j, *, tile_v, chunk_d, num_chunks, precision, acc_dtype=jnp.float32):
   """``[block_n, tile_v]`` float32 logits of vocabulary tile ``j``: a loop over width chunks, so only one chunk
   of ``h`` and ``W`` is staged at a time."""
   cols = pl.ds(pl.multiple_of(j * tile_v, tile_v), tile_v)
 
   def chunk(c, acc):
     width = pl.ds(pl.multiple_of(c * chunk_d, chunk_d), chunk_d)
-    return acc + jnp.dot(h_ref[:, width], w_ref[width, cols], precision=precision,
-                         preferred_element_type=jnp.float32)
+    return acc + jnp.dot(h_ref[:, width], w_ref[width, cols], precision=precision, preferred_element_type=acc_dtype)
 
-  return jax.lax.fori_loop(0, num_chunks, chunk, jnp.zeros((h_ref.shape[0], tile_v), jnp.float32))
+  return jax.lax.fori_loop(0, num_chunks, chunk, jnp.zeros((h_ref.shape[0], tile_v), acc_dtype))
 
 
 def _columns(shape, j, tile_v, v, offset, num_classes, exclude):

@@ -22,6 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import fused_ce, fused_ce_mosaic, fused_ce_triton
+from pallas_kernels.fused_ce_triton import precision_of
 
 _NEG = -1e30
 LEVELS = 3
@@ -49,10 +53,16 @@ def _bits(seed, rows, cols, stream: int):
 def _uniform(seed, rows, cols, stream: int, dtype):
   """Uniform on [0, 1) on a grid of 2^-24 (float32) or 2^-53 (float64, from two hashes)."""
   if jnp.dtype(dtype) == jnp.float64:
-    high = (_bits(seed, rows, cols, 2 * stream) >> 5).astype(jnp.float64)
-    low = (_bits(seed, rows, cols, 2 * stream + 1) >> 6).astype(jnp.float64)
+    high = _signed(_bits(seed, rows, cols, 2 * stream) >> 5).astype(jnp.float64)
+    low = _signed(_bits(seed, rows, cols, 2 * stream + 1) >> 6).astype(jnp.float64)
     return (high * 67108864.0 + low) * 2.0 ** -53
-  return (_bits(seed, rows, cols, stream) >> 8).astype(jnp.float32) * 2.0 ** -24
+  return _signed(_bits(seed, rows, cols, stream) >> 8).astype(jnp.float32) * 2.0 ** -24
+
+
+def _signed(bits):
+  """uint32 values below 2^31 as int32, by a bitcast: Mosaic has no unsigned-to-float conversion, and a signed
+  one gives the same floats."""
+  return jax.lax.bitcast_convert_type(bits, jnp.int32)
 
 
 def fine_uniform(seed, rows, cols, dtype=jnp.float32):
@@ -97,7 +107,8 @@ def sample_reference(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | Non
   of the drawn class."""
   _check(h_NxD, w_DxV, num_classes, exclude, temperature)
   n, v = h_NxD.shape[0], w_DxV.shape[1]
-  logits = jnp.dot(h_NxD.astype(dtype), w_DxV.astype(dtype), preferred_element_type=dtype)
+  logits = jnp.dot(h_NxD.astype(dtype), w_DxV.astype(dtype), precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=dtype)
   rows, cols = jnp.arange(n)[:, None], jnp.arange(v)[None, :]
   scaled, _ = _tempered(logits, cols, num_classes, exclude, temperature)
   ids = jnp.argmax(scaled + gumbel(seed, rows, cols, dtype), axis=-1).astype(jnp.int32)
@@ -105,58 +116,132 @@ def sample_reference(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | Non
   return ids, jnp.exp(jnp.take_along_axis(log_p, ids[:, None], axis=-1)[:, 0])
 
 
+
+
+# ---------------------------------------------------------------- partial draws, combined across splits and shards
+
+def _dot_dtype(dot_dtype, dtype):
+  """The products' input dtype (default: the draw's own, exact) and their stated precision."""
+  dot = jnp.dtype(dtype if dot_dtype is None else dot_dtype)
+  if dot == jnp.float64:
+    return dot, jax.lax.Precision.HIGHEST
+  return dot, precision_of(dot)
+
+
+def combine_draws(best_SxN, id_SxN, logit_SxN, m_SxN, s_SxN, vocab_axis=None):
+  """``(ids_N, prob_N)`` from per-split partial draws (splits on axis 0, in column order): the largest noisy
+  logit wins, ties to the lowest column (as an argmax over the whole row); across the ``vocab_axis`` shards of a
+  mesh too. The probability is the winner's tempered logit against the combined log-sum-exp."""
+  k = jnp.argmax(best_SxN, axis=0)[None]
+  best_N, id_N, logit_N = (jnp.take_along_axis(x, k, axis=0)[0] for x in (best_SxN, id_SxN, logit_SxN))
+  m_N = jnp.max(m_SxN, axis=0)
+  if vocab_axis is not None:
+    m_N = jax.lax.pmax(m_N, vocab_axis)
+  s_N = jnp.sum(s_SxN * jnp.exp(m_SxN - m_N), axis=0)
+  if vocab_axis is not None:
+    top_N = jax.lax.pmax(best_N, vocab_axis)
+    winner_N = jax.lax.pmin(jnp.where(best_N == top_N, id_N, jnp.iinfo(jnp.int32).max), vocab_axis)
+    mine_N = id_N == winner_N  # one shard holds the winning column
+    logit_N, s_N = jax.lax.psum((jnp.where(mine_N, logit_N, 0), s_N), vocab_axis)
+    id_N = winner_N
+  return id_N.astype(jnp.int32), jnp.exp(logit_N - m_N - jnp.log(s_N))
+
+
+def _mesh_draw(partials, h_NxD, w_DxV, seed):
+  """``combine_draws`` of ``partials(h, W, seed, row_offset, col_offset)`` on one device, or per shard of the
+  mesh in scope: rows over (data, fsdp) (the noise hashes each row's global index), the vocabulary over tensor."""
+  mesh, rows, vocab = fused_ce.mesh_layout(h_NxD.shape[0], w_DxV.shape[1])
+  seed = jnp.asarray(seed, jnp.uint32)
+  if mesh is None:
+    return combine_draws(*partials(h_NxD, w_DxV, seed, 0, 0))
+  row_spec = rows or None
+
+  def local(h, w, seed):
+    row_offset = jax.lax.axis_index(rows) * h.shape[0] if rows else 0
+    return combine_draws(*partials(h, w, seed, row_offset, fused_ce.vocab_offset(vocab, w.shape[1])), vocab)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), P(None, vocab), P()),
+                       out_specs=(P(row_spec), P(row_spec)))(h_NxD, w_DxV, seed)
+
+
+def _valid(local, cols, v, num_classes, exclude):
+  valid = (local < v) & (cols < num_classes)
+  if exclude is not None:
+    valid &= cols != exclude
+  return valid
+
+
 # ---------------------------------------------------------------- pure JAX, tiled
 
-def sample_tiled(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None, temperature: float = 1.0,
-                 dtype=jnp.float32, tile_v: int = 2048):
-  """``sample_reference``'s draws and probabilities with ``[N, tile_v]`` logits at a time."""
-  _check(h_NxD, w_DxV, num_classes, exclude, temperature)
+def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, exclude, temperature, dtype,
+                    dot_dtype, tile_v):
   n, d = h_NxD.shape
-  pad = -w_DxV.shape[1] % tile_v
-  w = jnp.pad(w_DxV, ((0, 0), (0, pad))) if pad else w_DxV
+  v = w_DxV.shape[1]
+  dot, precision = _dot_dtype(dot_dtype, dtype)
+  pad = -v % tile_v
+  w = w_DxV.astype(dot)
+  w = jnp.pad(w, ((0, 0), (0, pad))) if pad else w
   tiles = jnp.moveaxis(w.reshape(d, -1, tile_v), 1, 0)
-  h = h_NxD.astype(dtype)
-  rows = jnp.arange(n)[:, None]
+  h = h_NxD.astype(dot)
+  rows = row_offset + jnp.arange(n)[:, None]
+  acc = jnp.float64 if dot == jnp.float64 else jnp.float32
 
   def step(carry, inputs):
     best, best_id, best_logit, m, s = carry
     index, w_DxT = inputs
-    cols = index * tile_v + jnp.arange(tile_v)[None, :]
-    scaled, _ = _tempered(jnp.dot(h, w_DxT.astype(dtype), preferred_element_type=dtype), cols, num_classes,
-                          exclude, temperature)
+    local = index * tile_v + jnp.arange(tile_v)[None, :]
+    cols = col_offset + local
+    logits = jnp.dot(h, w_DxT, precision=precision, preferred_element_type=acc).astype(dtype)
+    valid = _valid(local, cols, v, num_classes, exclude)
+    scaled = jnp.where(valid, logits / temperature, _NEG)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     arg = jnp.argmax(noisy, axis=-1)
     tile_best = jnp.take_along_axis(noisy, arg[:, None], axis=-1)[:, 0]
     better = tile_best > best  # ties keep the earlier column, as argmax over the whole row does
     best_logit = jnp.where(better, jnp.take_along_axis(scaled, arg[:, None], axis=-1)[:, 0], best_logit)
-    best_id = jnp.where(better, (index * tile_v + arg).astype(jnp.int32), best_id)
+    best_id = jnp.where(better, (col_offset + index * tile_v + arg).astype(jnp.int32), best_id)
     m_new = jnp.maximum(m, scaled.max(axis=-1))
-    s = s * jnp.exp(m - m_new) + jnp.exp(scaled - m_new[:, None]).sum(axis=-1)
+    s = s * jnp.exp(m - m_new) + jnp.where(valid, jnp.exp(scaled - m_new[:, None]), 0).sum(axis=-1)
     return (jnp.maximum(best, tile_best), best_id, best_logit, m_new, s), None
 
   init = (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype),
           jnp.full((n,), _NEG, dtype), jnp.zeros((n,), dtype))
-  (_, ids, logit, m, s), _ = jax.lax.scan(step, init, (jnp.arange(tiles.shape[0], dtype=jnp.int32), tiles))
-  return ids.astype(jnp.int32), jnp.exp(logit - m - jnp.log(s))
+  out, _ = jax.lax.scan(step, init, (jnp.arange(tiles.shape[0], dtype=jnp.int32), tiles))
+  return tuple(x[None] for x in out)
+
+
+def sample_tiled(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None, temperature: float = 1.0,
+                 dtype=jnp.float32, dot_dtype=None, tile_v: int = 2048):
+  """``sample_reference``'s draws and probabilities with ``[N, tile_v]`` logits at a time (products in
+  ``dot_dtype``, default ``dtype``); per shard under a mesh."""
+  _check(h_NxD, w_DxV, num_classes, exclude, temperature)
+  partials = functools.partial(_tiled_partials, num_classes=num_classes, exclude=exclude,
+                               temperature=float(temperature), dtype=jnp.dtype(dtype), dot_dtype=dot_dtype,
+                               tile_v=int(tile_v))
+  return _mesh_draw(partials, h_NxD, w_DxV, seed)
 
 
 # ---------------------------------------------------------------- Pallas (a Triton-style GPU kernel)
 
-def _kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, *, num_tiles, tile_v, chunk_d, num_chunks, num_classes,
-            exclude, temperature, dtype):
+def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tiles_per_split, tile_v,
+            v, chunk_d, num_chunks, num_classes, exclude, temperature, dtype, precision, acc_dtype):
+  """One block of rows and one vocabulary split: the running Gumbel-max (noisy value, column, tempered logit)
+  and log-sum-exp over the split's tiles, the width visited in chunks inside each tile."""
   rows_in_block = h_ref.shape[0]
-  rows = (pl.program_id(0) * rows_in_block + jax.lax.broadcasted_iota(jnp.int32, (rows_in_block, tile_v), 0))
+  split = pl.program_id(1)
+  rows = off_ref[0] + pl.program_id(0) * rows_in_block + jax.lax.broadcasted_iota(
+      jnp.int32, (rows_in_block, tile_v), 0)
   seed = seed_ref[0]
 
-  def tile(j, carry):
+  def tile(k, carry):
     best, best_id, best_logit, m, s = carry
-    logits = jnp.zeros((rows_in_block, tile_v), dtype)
-    for c in range(num_chunks):
-      h = h_ref[:, pl.ds(c * chunk_d, chunk_d)].astype(dtype)
-      w = w_ref[pl.ds(c * chunk_d, chunk_d), pl.ds(j * tile_v, tile_v)].astype(dtype)
-      logits += jnp.dot(h, w, preferred_element_type=dtype)
-    cols = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    scaled, _ = _tempered(logits, cols, num_classes, exclude, temperature)
+    j = split * tiles_per_split + k
+    logits = fused_ce_triton._logits(h_ref, w_ref, j, tile_v=tile_v, chunk_d=chunk_d, num_chunks=num_chunks,
+                                     precision=precision, acc_dtype=acc_dtype).astype(dtype)
+    local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    cols = off_ref[1] + local
+    valid = _valid(local, cols, v, num_classes, exclude)
+    scaled = jnp.where(valid, logits / temperature, _NEG)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     tile_best = jnp.max(noisy, axis=1)
     # The first column reaching the maximum (argmax's tie rule), found without an argmax primitive.
@@ -164,70 +249,86 @@ def _kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, *, num_tiles, tile_v, chu
     tile_logit = jnp.sum(jnp.where(cols == arg[:, None], scaled, 0.0), axis=1)
     better = tile_best > best
     m_new = jnp.maximum(m, jnp.max(scaled, axis=1))
-    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(scaled - m_new[:, None]), axis=1)
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(scaled - m_new[:, None]), 0.0), axis=1)
     return (jnp.maximum(best, tile_best), jnp.where(better, arg, best_id), jnp.where(better, tile_logit, best_logit),
             m_new, s)
 
   init = (jnp.full((rows_in_block,), -jnp.inf, dtype), jnp.zeros((rows_in_block,), jnp.int32),
           jnp.zeros((rows_in_block,), dtype), jnp.full((rows_in_block,), _NEG, dtype),
           jnp.zeros((rows_in_block,), dtype))
-  _, ids, logit, m, s = jax.lax.fori_loop(0, num_tiles, tile, init)
-  ids_ref[...] = ids
-  prob_ref[...] = jnp.exp(logit - m - jnp.log(s)).astype(prob_ref.dtype)
+  best, ids, logit, m, s = jax.lax.fori_loop(0, tiles_per_split, tile, init)
+  best_ref[...] = best
+  id_ref[...] = ids
+  logit_ref[...] = logit
+  m_ref[...] = m
+  s_ref[...] = s
+
+
+def _pallas_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, exclude, temperature, dtype,
+                     dot_dtype, interpret, blocks):
+  n, d = h_NxD.shape
+  v = w_DxV.shape[1]
+  dot, precision = _dot_dtype(dot_dtype, dtype)
+  plan = fused_ce_triton.TritonPlan(n=n, d=d, v=v, num_classes=num_classes, exclude=exclude,
+                                    dot_dtype="float32" if dot == jnp.float64 else dot.name, interpret=interpret,
+                                    **blocks)
+  bn, splits = plan.block_n, plan.num_splits
+  h = jnp.pad(h_NxD.astype(dot), ((0, plan.n_pad - n), (0, plan.d_pad - d)))
+  w = jnp.pad(w_DxV.astype(dot), ((0, plan.d_pad - d), (0, plan.v_pad - v)))
+  args = plan.kernel_args()
+  kernel = functools.partial(_kernel, tiles_per_split=plan.tiles_per_split, tile_v=args["tile_v"], v=v,
+                             chunk_d=args["chunk_d"], num_chunks=args["num_chunks"], num_classes=num_classes,
+                             exclude=exclude, temperature=temperature, dtype=dtype, precision=precision,
+                             acc_dtype=jnp.float64 if dot == jnp.float64 else jnp.float32)
+  partial = pl.BlockSpec((None, bn), lambda i, s: (s, i))
+  shapes = [jax.ShapeDtypeStruct((splits, plan.n_pad), t) for t in (dtype, jnp.int32, dtype, dtype, dtype)]
+  offsets = jnp.stack([jnp.asarray(row_offset, jnp.int32), jnp.asarray(col_offset, jnp.int32)])
+  out = pl.pallas_call(
+      kernel, out_shape=tuple(shapes), grid=(plan.n_pad // bn, splits),
+      in_specs=[pl.BlockSpec((1,), lambda i, s: (0,)), pl.BlockSpec((2,), lambda i, s: (0,)),
+                pl.BlockSpec((bn, plan.d_pad), lambda i, s: (i, 0)),
+                pl.BlockSpec((plan.d_pad, plan.v_pad), lambda i, s: (0, 0))],
+      out_specs=(partial,) * 5, interpret=interpret, compiler_params=plan.params(),
+  )(seed.reshape(1), offsets, h, w)
+  return tuple(x[:, :n] for x in out)
 
 
 def sample_pallas(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None, temperature: float = 1.0,
-                  dtype=jnp.float32, block_n: int = 32, tile_v: int = 128, chunk_d: int = 64,
-                  interpret: bool = False):
-  """``sample_reference``'s draws and probabilities from a Pallas kernel; ``block_n``, ``tile_v`` and
-  ``chunk_d`` are powers of two (Triton), the inputs zero-padded to whole blocks."""
+                  dtype=jnp.float32, dot_dtype=None, interpret: bool = False, **blocks):
+  """``sample_reference``'s draws and probabilities from a Triton-style kernel (``blocks``: ``block_n``,
+  ``tile_v``, ``chunk_d``, ``splits``, ``num_warps``, ``num_stages`` of ``fused_ce_triton.TritonPlan``); products
+  in ``dot_dtype`` (default ``dtype``); per shard under a mesh."""
   _check(h_NxD, w_DxV, num_classes, exclude, temperature)
-  for name, value in (("block_n", block_n), ("tile_v", tile_v), ("chunk_d", chunk_d)):
-    if value < 1 or value & (value - 1):
-      raise ValueError(f"{name} must be a power of two (Triton's blocks are); got {value}")
-  n, d = h_NxD.shape
-  v = w_DxV.shape[1]
-  chunk_d = min(chunk_d, pl.next_power_of_2(d))
-  n_pad, v_pad, d_pad = (-(-n // block_n) * block_n, -(-v // tile_v) * tile_v, -(-d // chunk_d) * chunk_d)
-  h = jnp.pad(h_NxD, ((0, n_pad - n), (0, d_pad - d)))
-  w = jnp.pad(w_DxV, ((0, d_pad - d), (0, v_pad - v)))
-  kernel = functools.partial(_kernel, num_tiles=v_pad // tile_v, tile_v=tile_v, chunk_d=chunk_d,
-                             num_chunks=d_pad // chunk_d, num_classes=num_classes, exclude=exclude,
-                             temperature=float(temperature), dtype=jnp.dtype(dtype))
-  ids, prob = pl.pallas_call(
-      kernel, out_shape=(jax.ShapeDtypeStruct((n_pad,), jnp.int32), jax.ShapeDtypeStruct((n_pad,), dtype)),
-      grid=(n_pad // block_n,),
-      in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((block_n, d_pad), lambda i: (i, 0)),
-                pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0))],
-      out_specs=(pl.BlockSpec((block_n,), lambda i: (i,)), pl.BlockSpec((block_n,), lambda i: (i,))),
-      interpret=interpret, compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-  )(jnp.asarray(seed, jnp.uint32).reshape(1), h, w)
-  return ids[:n], prob[:n]
+  partials = functools.partial(_pallas_partials, num_classes=num_classes, exclude=exclude,
+                               temperature=float(temperature), dtype=jnp.dtype(dtype), dot_dtype=dot_dtype,
+                               interpret=interpret, blocks=blocks)
+  return _mesh_draw(partials, h_NxD, w_DxV, seed)
 
 
-def select(impl: str, *, tile_v: int = 2048, interpret: bool = False):
+def select(impl: str, *, tile_v: int = 2048, interpret: bool = False, dot_dtype=None):
   """The ``draw(h, W, seed, *, num_classes, exclude, temperature, dtype)`` of implementation ``impl`` (``tiled``
-  or ``pallas``; the Pallas kernel is Triton's: on another backend it needs ``interpret``)."""
+  or ``pallas``; the Pallas kernel is Triton's on GPUs and Mosaic's on TPUs: on another backend it needs
+  ``interpret``), its products in ``dot_dtype`` (default: the draw's dtype)."""
   if impl not in ("tiled", "pallas"):
     raise ValueError(f"unknown fused sampling implementation {impl!r}; valid: ['pallas', 'tiled']")
   if impl == "tiled":
-    return functools.partial(sample_tiled, tile_v=tile_v)
+    return functools.partial(sample_tiled, tile_v=tile_v, dot_dtype=dot_dtype)
   backend = jax.default_backend()
   if backend == "tpu":
-    return sample_pallas_tpu
+    return functools.partial(sample_pallas_tpu, dot_dtype=dot_dtype)
   if backend != "gpu" and not interpret:
     raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
                      f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
                      f"kernels")
-  return functools.partial(sample_pallas, interpret=interpret)
+  return functools.partial(sample_pallas, interpret=interpret, dot_dtype=dot_dtype)
 
 
 # ---------------------------------------------------------------- Pallas (a Mosaic TPU kernel)
 
-def _tpu_kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tile_v,
-                num_classes, exclude, temperature):
+def _tpu_kernel(seed_ref, off_ref, h_ref, w_ref, best_out, id_out, logit_out, m_out, s_out, best_ref, id_ref,
+                logit_ref, m_ref, s_ref, *, tile_v, v, num_classes, exclude, temperature, precision):
   """Grid (row blocks, vocabulary tiles), the tiles the inner axis: the running Gumbel-max and log-sum-exp in
-  VMEM scratch, the draw written at the last tile."""
+  VMEM scratch, written out at the last tile."""
   i, j, last = pl.program_id(0), pl.program_id(1), pl.num_programs(1) - 1
   block_n = h_ref.shape[0]
 
@@ -239,11 +340,12 @@ def _tpu_kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, best_ref, id_ref, log
     m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
     s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
 
-  logits = jnp.dot(h_ref[...].astype(jnp.float32), w_ref[...].astype(jnp.float32),
-                   preferred_element_type=jnp.float32)
-  rows = i * block_n + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-  cols = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  scaled, _ = _tempered(logits, cols, num_classes, exclude, temperature)
+  logits = jnp.dot(h_ref[...], w_ref[...], precision=precision, preferred_element_type=jnp.float32)
+  rows = off_ref[0] + i * block_n + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
+  local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  cols = off_ref[1] + local
+  valid = _valid(local, cols, v, num_classes, exclude)
+  scaled = jnp.where(valid, logits / temperature, _NEG)
   noisy = scaled + gumbel(seed_ref[0], rows, cols, jnp.float32)
   tile_best = jnp.max(noisy, axis=1, keepdims=True)
   arg = jnp.min(jnp.where(noisy == tile_best, cols, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
@@ -254,41 +356,61 @@ def _tpu_kernel(seed_ref, h_ref, w_ref, ids_ref, prob_ref, best_ref, id_ref, log
   best_ref[...] = jnp.maximum(best_ref[...], tile_best)
   m = m_ref[...]
   m_new = jnp.maximum(m, jnp.max(scaled, axis=1, keepdims=True))
-  s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.exp(scaled - m_new), axis=1, keepdims=True)
+  s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(scaled - m_new), 0.0), axis=1,
+                                                         keepdims=True)
   m_ref[...] = m_new
 
   @pl.when(j == last)
   def _():
-    ids_ref[...] = id_ref[...]
-    prob_ref[...] = jnp.exp(logit_ref[...] - m_ref[...] - jnp.log(s_ref[...]))
+    best_out[...] = best_ref[...]
+    id_out[...] = id_ref[...]
+    logit_out[...] = logit_ref[...]
+    m_out[...] = m_ref[...]
+    s_out[...] = s_ref[...]
+
+
+def _tpu_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, exclude, temperature, dot_dtype,
+                  block_n, tile_v):
+  n, d = h_NxD.shape
+  v = w_DxV.shape[1]
+  dot = jnp.dtype(jnp.float32 if dot_dtype is None else dot_dtype)
+  n_pad, v_pad = -(-n // block_n) * block_n, -(-v // tile_v) * tile_v
+  h = jnp.pad(h_NxD.astype(dot), ((0, n_pad - n), (0, 0)))
+  w = jnp.pad(w_DxV.astype(dot), ((0, 0), (0, v_pad - v)))
+  column = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
+  kernel = functools.partial(_tpu_kernel, tile_v=tile_v, v=v, num_classes=num_classes, exclude=exclude,
+                             temperature=temperature,
+                             precision=jax.lax.Precision.HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT)
+  types = (jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)
+  vmem = (2 * (block_n * d + d * tile_v) * dot.itemsize + 6 * block_n * tile_v * 4
+          + 3 * 5 * block_n * 128 * 4 + (1 << 20))
+  out = pl.pallas_call(
+      kernel, grid=(n_pad // block_n, v_pad // tile_v),
+      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pltpu.SMEM),
+                pl.BlockSpec((block_n, d), lambda i, j: (i, 0)), pl.BlockSpec((d, tile_v), lambda i, j: (0, j))],
+      out_specs=(column,) * 5, out_shape=tuple(jax.ShapeDtypeStruct((n_pad, 1), t) for t in types),
+      scratch_shapes=[pltpu.VMEM((block_n, 1), t) for t in types],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                           vmem_limit_bytes=-(-vmem // (1 << 20)) << 20),
+  )(seed.reshape(1), jnp.stack([jnp.asarray(row_offset, jnp.int32), jnp.asarray(col_offset, jnp.int32)]), h, w)
+  return tuple(x[:n, 0][None] for x in out)
 
 
 def sample_pallas_tpu(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None,
-                      temperature: float = 1.0, dtype=jnp.float32, block_n: int = 256, tile_v: int = 512):
-  """``sample_reference``'s draws and probabilities from a Mosaic TPU kernel (float32 only; ``block_n`` a
-  multiple of 8, ``tile_v`` of 128). Under ``pltpu.force_tpu_interpret_mode()`` it runs on any backend."""
+                      temperature: float = 1.0, dtype=jnp.float32, dot_dtype=None, block_n: int = 0,
+                      tile_v: int = 0):
+  """``sample_reference``'s draws and probabilities from a Mosaic TPU kernel (float32 draws; ``block_n`` a
+  multiple of 8, ``tile_v`` of 128, 0 picking the largest that fit the default scoped VMEM, as the fused loss's
+  blocks do); per shard under a mesh. Under ``pltpu.force_tpu_interpret_mode()`` it runs on any backend."""
   _check(h_NxD, w_DxV, num_classes, exclude, temperature)
   if jnp.dtype(dtype) != jnp.float32:
     raise ValueError(f"the TPU sampling kernel draws in float32 (TPUs have no float64); got {jnp.dtype(dtype)}")
   if block_n % 8 or tile_v % 128:
     raise ValueError(f"block_n must be a multiple of 8 and tile_v of 128 (TPU sublanes and lanes); got {block_n}, "
                      f"{tile_v}")
-  n, d = h_NxD.shape
-  v = w_DxV.shape[1]
-  n_pad, v_pad = -(-n // block_n) * block_n, -(-v // tile_v) * tile_v
-  h = jnp.pad(h_NxD, ((0, n_pad - n), (0, 0)))
-  w = jnp.pad(w_DxV, ((0, 0), (0, v_pad - v)))
-  column = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
-  kernel = functools.partial(_tpu_kernel, tile_v=tile_v, num_classes=num_classes, exclude=exclude,
-                             temperature=float(temperature))
-  ids, prob = pl.pallas_call(
-      kernel, grid=(n_pad // block_n, v_pad // tile_v),
-      in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec((block_n, d), lambda i, j: (i, 0)),
-                pl.BlockSpec((d, tile_v), lambda i, j: (0, j))],
-      out_specs=(column, column),
-      out_shape=(jax.ShapeDtypeStruct((n_pad, 1), jnp.int32), jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)),
-      scratch_shapes=[pltpu.VMEM((block_n, 1), jnp.float32), pltpu.VMEM((block_n, 1), jnp.int32)]
-      + [pltpu.VMEM((block_n, 1), jnp.float32)] * 3,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-  )(jnp.asarray(seed, jnp.uint32).reshape(1), h, w)
-  return ids[:n, 0], prob[:n, 0]
+  dot = jnp.dtype(jnp.float32 if dot_dtype is None else dot_dtype)
+  chosen = fused_ce_mosaic.blocks_for(h_NxD.shape[1], dot.itemsize)
+  partials = functools.partial(_tpu_partials, num_classes=num_classes, exclude=exclude,
+                               temperature=float(temperature), dot_dtype=dot, block_n=block_n or chosen[0],
+                               tile_v=tile_v or chosen[1])
+  return _mesh_draw(partials, h_NxD, w_DxV, seed)

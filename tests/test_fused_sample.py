@@ -24,7 +24,7 @@ def _inputs(seed, n, d, v, dtype):
 def _impl(name):
   if name == "tiled":
     return functools.partial(fused_sample.sample_tiled, tile_v=64)
-  return functools.partial(fused_sample.sample_pallas, interpret=True, block_n=16, tile_v=64, chunk_d=16)
+  return functools.partial(fused_sample.sample_pallas, interpret=True, block_n=16, tile_v=64, chunk_d=16, splits=2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
