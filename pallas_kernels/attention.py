@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
@@ -72,12 +73,34 @@ class _Plan:
     return max(16, pl.next_power_of_2(self.width))
 
   def params(self):
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    # Heads of width 128: the backward's two [block, 128] float32 accumulators spill on 4 warps, not on 8.
+    return pltriton.CompilerParams(num_warps=8 if self.padded_width >= 128 else 4, num_stages=2)
+
+
+def _precision(dtype):
+  """Products take the inputs' dtype (bfloat16 on the fast path) with float32 accumulation, precision stated:
+  never TF32."""
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+  return jax.lax.DotAlgorithmPreset.F32_F32_F32
+
+
+def _dot(a, b, contract, precision):
+  """``a @ b`` contracting axis ``contract[0]`` of a with ``contract[1]`` of b, b cast to a's dtype."""
+  return jax.lax.dot_general(a, b.astype(a.dtype), ((contract[:1], contract[1:]), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _key_blocks(i, block_q, block_k, num_k, causal):
+  """How many key blocks query block ``i`` visits: all, or (causal) those up to its diagonal."""
+  if not causal:
+    return num_k
+  return jnp.minimum(num_k, ((i + 1) * block_q + block_k - 1) // block_k)
 
 
 def _scores(q, k, seg_q, seg_k, rows, cols, scale, causal):
   """Scaled scores of a query block against a key block, and which of them are visible."""
-  s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  s = _dot(q, k, (1, 1), _precision(q.dtype)) * scale
   valid = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] > 0)
   if causal:
     valid &= cols[None, :] <= rows[:, None]
@@ -87,26 +110,27 @@ def _scores(q, k, seg_q, seg_k, rows, cols, scale, causal):
 def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, block_k, num_k, scale, causal):
   i = pl.program_id(2)
   block_q = q_ref.shape[0]
-  q = q_ref[...].astype(jnp.float32)
+  q = q_ref[...]
+  precision = _precision(q.dtype)
   seg_q = segq_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
   def body(j, carry):
     m, l, acc = carry
-    k = k_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
-    v = v_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    k = k_ref[pl.ds(j * block_k, block_k), :]
+    v = v_ref[pl.ds(j * block_k, block_k), :]
     cols = j * block_k + jnp.arange(block_k)
     s, valid = _scores(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], rows, cols, scale, causal)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
     correction = jnp.exp(m - m_new)
     l = l * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, (1, 0), precision)
     return m_new, l, acc
 
   init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, num_k, body, init)
+  m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, block_q, block_k, num_k, causal), body, init)
   seen = l > 0
   o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # +1e30: exp(s - lse) = 0
@@ -121,19 +145,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_r
                scale, causal):
   i = pl.program_id(2)
   block_q = q_ref.shape[0]
-  q, do = q_ref[...].astype(jnp.float32), do_ref[...].astype(jnp.float32)
+  q, do = q_ref[...], do_ref[...].astype(q_ref.dtype)
+  precision = _precision(q.dtype)
   seg_q, lse, delta = segq_ref[...], lse_ref[...], delta_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
   def body(j, dq):
-    k = k_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
-    v = v_ref[pl.ds(j * block_k, block_k), :].astype(jnp.float32)
+    k = k_ref[pl.ds(j * block_k, block_k), :]
+    v = v_ref[pl.ds(j * block_k, block_k), :]
     cols = j * block_k + jnp.arange(block_k)
     p = _probabilities(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], lse, rows, cols, scale, causal)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return dq + jnp.dot(p * (dp - delta[:, None]), k, preferred_element_type=jnp.float32)
+    dp = _dot(do, v, (1, 1), precision)
+    return dq + _dot((p * (dp - delta[:, None])).astype(k.dtype), k, (1, 0), precision)
 
-  dq = jax.lax.fori_loop(0, num_k, body, jnp.zeros(q.shape, jnp.float32))
+  dq = jax.lax.fori_loop(0, _key_blocks(i, block_q, block_k, num_k, causal), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -141,24 +166,27 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_
                 num_q, scale, causal):
   j = pl.program_id(2)
   block_k = k_ref.shape[0]
-  k, v = k_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
+  k, v = k_ref[...], v_ref[...]
+  precision = _precision(k.dtype)
   seg_k = segk_ref[...]
   cols = j * block_k + jnp.arange(block_k)
 
   def body(i, carry):
     dk, dv = carry
-    q = q_ref[pl.ds(i * block_q, block_q), :].astype(jnp.float32)
-    do = do_ref[pl.ds(i * block_q, block_q), :].astype(jnp.float32)
+    q = q_ref[pl.ds(i * block_q, block_q), :]
+    do = do_ref[pl.ds(i * block_q, block_q), :].astype(k.dtype)
     lse, delta = lse_ref[pl.ds(i * block_q, block_q)], delta_ref[pl.ds(i * block_q, block_q)]
     rows = i * block_q + jnp.arange(block_q)
     p = _probabilities(q, k, segq_ref[pl.ds(i * block_q, block_q)], seg_k, lse, rows, cols, scale, causal)
-    dv = dv + jax.lax.dot_general(p, do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)
+    dp = _dot(do, v, (1, 1), precision)
     ds = p * (dp - delta[:, None])
-    dk = dk + jax.lax.dot_general(ds, q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)
     return dk, dv
 
-  dk, dv = jax.lax.fori_loop(0, num_q, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+  # Causal: query blocks above this key block's diagonal see none of its keys.
+  first = (j * block_k) // block_q if causal else 0
+  dk, dv = jax.lax.fori_loop(first, num_q, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -242,17 +270,45 @@ def _flash_bwd(plan, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def per_shard(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL):
+  """``attend(q, k, v, segments)`` on one device, or per shard of the mesh in scope (``jax.shard_map``): the batch
+  over (data, fsdp), the heads over tensor. A kernel is a custom call XLA cannot partition: without this it would
+  gather q, k and v and run whole on every device."""
+  batch, length, heads, _ = q_BxLxHxK.shape
+  if segments_BxL is None:
+    segments_BxL = jnp.ones((batch, length), jnp.int32)
+  mesh = jax.sharding.get_abstract_mesh()
+  shape = {} if mesh.empty else dict(mesh.shape)
+  rows = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
+  head_axis = "tensor" if shape.get("tensor", 1) > 1 else None
+  if not rows and head_axis is None:
+    return attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+  row_size = math.prod(shape[a] for a in rows)
+  if batch % row_size or (head_axis and heads % shape[head_axis]):
+    raise ValueError(f"attention with batch {batch} and {heads} heads does not divide over the mesh "
+                     f"{shape} (batch over {rows}, heads over 'tensor'); change the batch or model.num_heads")
+  spec = P(rows or None, None, head_axis, None)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(rows or None, None)), out_specs=spec,
+                       check_vma=False)(
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+
+
 def flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
                     block_q: int = 64, block_k: int = 64, interpret: bool = False):
   """This project's Pallas flash attention; ``block_q`` and ``block_k`` are powers of two (Triton), the length
-  padded to whole blocks (as padding) and the head width to a power of two (with zeros)."""
+  padded to whole blocks (as padding) and the head width to a power of two (with zeros). Per shard under a
+  mesh."""
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value < 1 or value & (value - 1):
       raise ValueError(f"{name} must be a power of two (Triton's blocks are); got {value}")
+  local = functools.partial(_flash_attention, causal=causal, block_q=block_q, block_k=block_k, interpret=interpret)
+  return per_shard(local, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+
+
+def _flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block_q, block_k, interpret):
   batch, length, _, width = q_BxLxHxK.shape
   plan = _Plan(length=length, width=width, block_q=block_q, block_k=block_k, causal=causal, interpret=interpret)
-  seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
-  seg = jnp.pad(seg, ((0, 0), (0, plan.padded_length - length)))
+  seg = jnp.pad(segments_BxL.astype(jnp.int32), ((0, 0), (0, plan.padded_length - length)))
   out = _flash(plan, *(_to_heads(x, plan) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), seg)
   return _from_heads(out, plan)
 
@@ -262,7 +318,12 @@ def flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: 
 def splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
                      block: int = 128, interpret: bool = False):
   """Splash attention (TPU), one kernel per batch element; the length must be a multiple of ``block``, itself a
-  multiple of 128 (the TPU's lanes)."""
+  multiple of 128 (the TPU's lanes). Per shard under a mesh."""
+  local = functools.partial(_splash_attention, causal=causal, block=block, interpret=interpret)
+  return per_shard(local, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+
+
+def _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block, interpret):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   batch, length, heads, width = q_BxLxHxK.shape
   if block % 128 or length % block:
@@ -273,7 +334,7 @@ def splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal:
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-  seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL.astype(jnp.int32)
+  seg = segments_BxL.astype(jnp.int32)
   q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BxLxHxK / math.sqrt(width), k_BxLxHxK, v_BxLxHxK))
   # Splash pairs equal segment ids, padding with padding; a padded query (segment 0) then sees only padding keys,
   # and its output is zeroed here, as every implementation's is.

@@ -193,6 +193,10 @@ def _fused_fwd(plan, vocab_axis, h_NxD, w_DxV, targets_N, weights_N, offset):
 
 def _fused_bwd(plan, vocab_axis, residuals, g_N):
   h_NxD, w_DxV, targets_N, weights_N, lse_N, offset = residuals
+  if vocab_axis is not None:
+    # The loss is replicated over the vocabulary shards, and shard_map hands each shard a part of its cotangent
+    # (the parts sum to the whole): every shard's columns need the whole.
+    g_N = jax.lax.psum(g_N, vocab_axis)
   dh, dw = plan.backward(h_NxD, w_DxV, targets_N, lse_N, g_N * weights_N, offset)
   return (dh.astype(h_NxD.dtype), dw.astype(w_DxV.dtype), _int_zeros(targets_N), jnp.zeros_like(weights_N),
           _int_zeros(offset))
@@ -247,12 +251,6 @@ def vocab_offset(vocab_axis, v_local: int):
   return 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
 
 
-def varying(x, axes):
-  """``x`` marked as varying over ``axes`` inside ``shard_map`` (where it is replicated): the transpose of this
-  cast sums the per-shard cotangents, so a kernel's backward returns its shard's contribution only."""
-  return jax.lax.pcast(x, tuple(axes), to="varying") if axes else x
-
-
 def _mesh_loss(make_plan, h_NxD, w_DxV, targets_N, weights_N):
   mesh, rows, vocab = mesh_layout(h_NxD.shape[0], w_DxV.shape[1])
   if mesh is None:
@@ -261,12 +259,10 @@ def _mesh_loss(make_plan, h_NxD, w_DxV, targets_N, weights_N):
 
   def local(h, w, targets, weights):
     plan = make_plan(*h.shape, w.shape[1])
-    h = varying(h, (vocab,) if vocab else ())
-    w = varying(w, rows)
     return _shard_loss(plan, vocab, h, w, targets, weights, vocab_offset(vocab, w.shape[1]))
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), P(None, vocab), P(row_spec), P(row_spec)),
-                       out_specs=P(row_spec))(h_NxD, w_DxV, targets_N, weights_N)
+                       out_specs=P(row_spec), check_vma=False)(h_NxD, w_DxV, targets_N, weights_N)
 
 
 # ---------------------------------------------------------------- the public functions

@@ -161,7 +161,7 @@ def _mesh_draw(partials, h_NxD, w_DxV, seed):
     return combine_draws(*partials(h, w, seed, row_offset, fused_ce.vocab_offset(vocab, w.shape[1])), vocab)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), P(None, vocab), P()),
-                       out_specs=(P(row_spec), P(row_spec)))(h_NxD, w_DxV, seed)
+                       out_specs=(P(row_spec), P(row_spec)), check_vma=False)(h_NxD, w_DxV, seed)
 
 
 def _valid(local, cols, v, num_classes, exclude):

@@ -6,8 +6,11 @@ and TPU.
 
 Tolerances: float32 inputs agree to a few float32 ulps of the largest value (measured <= 1.2e-6 absolute on
 values of order 1), so 1e-5 of the largest value catches a wrong mask or a missed block by orders of magnitude.
-bfloat16 inputs are upcast inside every implementation; their results are rounded to bfloat16, where values a
-few float32 ulps apart can round one bfloat16 ulp (2^-8) apart: 2^-7 of the largest value.
+bfloat16 inputs: XLA and splash upcast them; their results are rounded to bfloat16, where values a few float32
+ulps apart can round one bfloat16 ulp (2^-8) apart: 2^-7 of the largest value. The Pallas kernel multiplies in
+bfloat16 with float32 accumulation, as flash attention does: the probabilities (and, backward, dS) are rounded to
+bfloat16 (2^-8 relative) before each product that uses them, two or three roundings deep in the gradients, plus
+the roundings of both results: 2^-5 of the largest value. A wrong mask or a missed key block is wrong by O(1).
 """
 import dataclasses
 import functools
@@ -55,7 +58,7 @@ def test_outputs_and_gradients_equal_the_masked_reference(impl, shape, causal, d
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), dtype)
   want, want_vjp = jax.vjp(lambda q, k, v: kernels.attention_reference(q, k, v, segments, causal), q, k, v)
   got, got_vjp = jax.vjp(lambda q, k, v: _impl(impl, shape[1])(q, k, v, segments, causal), q, k, v)
-  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -5 if impl == "pallas" else 2.0 ** -7
   pad = np.asarray(segments == 0)
   for a, b in [(got, want)] + list(zip(got_vjp(cotangent), want_vjp(cotangent))):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
