@@ -10,8 +10,13 @@ float32, resolving 2^-47, so the Gumbel tail is not cut at 16.6); ``dtype=float6
 
   ``sample_reference``  the naive ``[N, V]`` computation, the definition.
   ``sample_tiled``      a ``lax.scan`` over vocabulary tiles with a running argmax and log-sum-exp.
-  ``sample_pallas``     a Triton-style Pallas kernel (one program per block of rows); ``interpret=True`` anywhere.
+  ``sample_pallas``     a Triton-style Pallas kernel (a program per block of rows and vocabulary split, the width
+                        visited in chunks); ``interpret=True`` anywhere.
   ``sample_pallas_tpu`` a Mosaic TPU kernel (tiles as the grid's inner axis, running draw in VMEM), float32.
+
+Each returns partial draws (per split: the best noisy logit, its column, its tempered logit, the running max and
+sum) that ``combine_draws`` reduces; under a mesh the same reduction runs across the vocabulary shards, and the
+noise hashes each row's global index, so a sharded draw equals the single-device one for the same seed.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce, fused_ce_mosaic, fused_ce_triton
