@@ -112,16 +112,17 @@ class TritonPlan:
 
   @property
   def v_pad(self) -> int:
-    return self.tiles_per_split * self.num_splits * self.tile
+    return self.num_tiles * self.tile
 
   @property
   def rows_per_chunk(self) -> int:
-    """Rows of one backward chunk, a multiple of ``block_n``."""
+    """Rows of one backward chunk, a multiple of ``block_n`` (chosen: ``block_n`` times a power of two, so that
+    the usual power-of-two token counts need no padding rows)."""
     if self.chunk_rows:
       rows = self.chunk_rows
     else:
-      itemsize = jnp.dtype(self.dot_dtype).itemsize
-      rows = max(self.block_n, (64 << 20) // (self.v_pad * itemsize))
+      fit = max(1, (64 << 20) // (self.v_pad * jnp.dtype(self.dot_dtype).itemsize * self.block_n))
+      rows = self.block_n * (1 << (fit.bit_length() - 1))
     rows = min(rows, -(-self.n // self.block_n) * self.block_n)
     return -(-rows // self.block_n) * self.block_n
 
@@ -175,8 +176,13 @@ def _columns(shape, j, tile_v, v, offset, num_classes, exclude):
   return valid, cols
 
 
-def _forward_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_ref, s_ref, tgt_ref, *, tiles_per_split, tile_v, v,
-                    chunk_d, num_chunks, num_classes, exclude, precision):
+def split_length(split, tiles_per_split: int, num_tiles: int):
+  """Tiles of vocabulary split ``split`` (the last ones may have fewer, or none)."""
+  return jnp.clip(num_tiles - split * tiles_per_split, 0, tiles_per_split)
+
+
+def _forward_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_ref, s_ref, tgt_ref, *, tiles_per_split, num_tiles,
+                    tile_v, v, chunk_d, num_chunks, num_classes, exclude, precision):
   """One block of rows and one vocabulary split: running max ``m``, sum ``s`` of exp(logit - m) and the target
   logit over the split's classes."""
   split = pl.program_id(1)
@@ -199,7 +205,7 @@ def _forward_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_ref, s_ref, tgt_ref,
       return m_new, s, target
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    m, s, target = jax.lax.fori_loop(0, tiles_per_split, tile, init)
+    m, s, target = jax.lax.fori_loop(0, split_length(split, tiles_per_split, num_tiles), tile, init)
     m_ref[...] = m
     s_ref[...] = s
     tgt_ref[...] = target
@@ -236,7 +242,8 @@ def _partials(plan: TritonPlan, h_NxD, w_DxV, targets_N, weights_N, offset):
   partial = pl.BlockSpec((None, bn), lambda i, s: (s, i))
   shape = jax.ShapeDtypeStruct((splits, plan.n_pad), jnp.float32)
   m, s, target = pl.pallas_call(
-      functools.partial(_forward_kernel, tiles_per_split=plan.tiles_per_split, **plan.kernel_args()),
+      functools.partial(_forward_kernel, tiles_per_split=plan.tiles_per_split, num_tiles=plan.num_tiles,
+                        **plan.kernel_args()),
       grid=(plan.n_pad // bn, splits),
       in_specs=[_OFFSET, pl.BlockSpec((bn, plan.d_pad), lambda i, s: (i, 0)),
                 pl.BlockSpec((plan.d_pad, plan.v_pad), lambda i, s: (0, 0)), row, row],

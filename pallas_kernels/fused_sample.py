@@ -227,8 +227,8 @@ def sample_tiled(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = 
 
 # ---------------------------------------------------------------- Pallas (a Triton-style GPU kernel)
 
-def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tiles_per_split, tile_v,
-            v, chunk_d, num_chunks, num_classes, exclude, temperature, dtype, precision, acc_dtype):
+def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tiles_per_split, num_tiles,
+            tile_v, v, chunk_d, num_chunks, num_classes, exclude, temperature, dtype, precision, acc_dtype):
   """One block of rows and one vocabulary split: the running Gumbel-max (noisy value, column, tempered logit)
   and log-sum-exp over the split's tiles, the width visited in chunks inside each tile."""
   rows_in_block = h_ref.shape[0]
@@ -260,7 +260,8 @@ def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref,
   init = (jnp.full((rows_in_block,), -jnp.inf, dtype), jnp.zeros((rows_in_block,), jnp.int32),
           jnp.zeros((rows_in_block,), dtype), jnp.full((rows_in_block,), _NEG, dtype),
           jnp.zeros((rows_in_block,), dtype))
-  best, ids, logit, m, s = jax.lax.fori_loop(0, tiles_per_split, tile, init)
+  best, ids, logit, m, s = jax.lax.fori_loop(
+      0, fused_ce_triton.split_length(split, tiles_per_split, num_tiles), tile, init)
   best_ref[...] = best
   id_ref[...] = ids
   logit_ref[...] = logit
@@ -280,7 +281,8 @@ def _pallas_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes,
   h = jnp.pad(h_NxD.astype(dot), ((0, plan.n_pad - n), (0, plan.d_pad - d)))
   w = jnp.pad(w_DxV.astype(dot), ((0, plan.d_pad - d), (0, plan.v_pad - v)))
   args = plan.kernel_args()
-  kernel = functools.partial(_kernel, tiles_per_split=plan.tiles_per_split, tile_v=args["tile_v"], v=v,
+  kernel = functools.partial(_kernel, tiles_per_split=plan.tiles_per_split, num_tiles=plan.num_tiles,
+                             tile_v=args["tile_v"], v=v,
                              chunk_d=args["chunk_d"], num_chunks=args["num_chunks"], num_classes=num_classes,
                              exclude=exclude, temperature=temperature, dtype=dtype, precision=precision,
                              acc_dtype=jnp.float64 if dot == jnp.float64 else jnp.float32)

@@ -10,6 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 RUNS = {
+    "accelerator_check.py": (["--rehearse"], "rows ok"),  # every row at tiny shapes, kernels interpreted
     "memory.py": (["--tokens", "64", "--width", "32", "--vocab", "256,512", "--tile", "128"], "fused / naive"),
     "kernels.py": (["--reps", "1", "--tokens", "64", "--width", "32", "--vocab", "256", "--attention", "1,128,2,32"],
                    "xla (the model's own)"),

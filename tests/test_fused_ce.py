@@ -85,6 +85,46 @@ def test_values_and_gradients_equal_the_reference(impl, dtype, case):
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
 
 
+def test_a_vocabulary_split_without_tiles_changes_nothing():
+  """5 tiles over 4 splits: 2, 2, 1 and 0 tiles. The empty split's partial sums (max -1e30, sum 0) and its draw
+  (best -inf) must vanish when combined; loss, gradients and draws equal the reference."""
+  from pallas_kernels import fused_sample
+  n, d, v, num_classes, exclude = CASES[0]
+  h, w, targets, weights, cotangent = _inputs(41, n, d, v, num_classes, jnp.float32)
+  targets = _targets_avoid(targets, exclude, num_classes)
+  kwargs = dict(num_classes=num_classes, exclude=exclude)
+  blocks = dict(interpret=True, block_n=16, tile_v=64, chunk_d=16, splits=4)
+  value, vjp = jax.vjp(lambda h, w: fused_ce.weighted_ce_pallas(h, w, targets, weights, **blocks, **kwargs), h, w)
+  want, want_vjp = jax.vjp(lambda h, w: fused_ce.weighted_ce_reference(h, w, targets, weights, **kwargs), h, w)
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  for got, ref in zip(vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+  ids, p = fused_sample.sample_pallas(h, w, 5, **blocks, **kwargs)
+  want_ids, want_p = fused_sample.sample_reference(h, w, 5, **kwargs)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(p, want_p, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dot_dtype", [jnp.float32, jnp.bfloat16])
+def test_the_shipped_block_shapes_equal_the_reference(dot_dtype):
+  """The kernels with their default plan (64-row blocks, tiles of 128 or 64, width chunks of 64, the splits and
+  warps chosen from the shapes), interpreted: 3 row blocks, a width of 3 chunks (not a power of two, like 768)
+  and a vocabulary that is not a multiple of the tile; against the reference from the same (rounded) inputs."""
+  n, d, v, num_classes, exclude = 150, 192, 700, 699, 698
+  h, w, targets, weights, cotangent = _inputs(31, n, d, v, num_classes, jnp.float32)
+  targets = _targets_avoid(targets, exclude, num_classes)
+  kwargs = dict(num_classes=num_classes, exclude=exclude)
+  value, vjp = jax.vjp(lambda h, w: fused_ce.weighted_ce_pallas(h, w, targets, weights, interpret=True,
+                                                               dot_dtype=dot_dtype, **kwargs), h, w)
+  rounded = [x.astype(dot_dtype).astype(jnp.float32) for x in (h, w)]
+  want, want_vjp = jax.vjp(lambda h, w: fused_ce.weighted_ce_reference(h, w, targets, weights, **kwargs), *rounded)
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  # float32: ulps of the sums; bfloat16: dlogits rounded to bfloat16 before the products (2^-8 relative).
+  tol = 1e-5 if dot_dtype == jnp.float32 else 2.0 ** -7
+  for got, ref in zip(vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(got, ref, rtol=0, atol=tol * float(jnp.abs(ref).max()))
+
+
 @pytest.mark.parametrize("impl", ["tiled", "pallas"])
 def test_bfloat16_products_are_within_the_rounding_of_their_inputs(impl):
   """With ``dot_dtype=bfloat16`` the products see h and W rounded to bfloat16; each product of two bfloat16

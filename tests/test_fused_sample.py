@@ -47,6 +47,24 @@ def test_draws_equal_the_naive_gumbel_max_for_the_same_noise(impl, dtype, case):
     assert n < 30 or (np.asarray(other) != np.asarray(ids)).any()  # the seed matters
 
 
+@pytest.mark.parametrize("impl", ["tiled", "pallas"])
+def test_bfloat16_products_draw_as_the_reference_from_the_rounded_inputs(impl):
+  """``dot_dtype=bfloat16`` rounds h and W to bfloat16 and multiplies exactly (products of bfloat16 numbers are
+  exact in float32): the draws equal the float32 reference's from the same rounded inputs, and the probabilities
+  agree to float32 accumulation (1e-5 relative), while the unrounded inputs' probabilities differ at the 1e-3
+  level (so a kernel that ignored dot_dtype fails)."""
+  n, d, v, num_classes, exclude, temperature = CASES[0]
+  h, w = _inputs(77, n, d, v, "float32")
+  kwargs = dict(num_classes=num_classes, exclude=exclude, temperature=temperature)
+  rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (h, w)]
+  want_ids, want_p = fused_sample.sample_reference(*rounded, 99, **kwargs)
+  ids, p = _impl(impl)(h, w, 99, dot_dtype=jnp.bfloat16, **kwargs)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(p, want_p, rtol=1e-5)
+  _, unrounded_p = fused_sample.sample_reference(h, w, 99, **kwargs)
+  assert np.abs(np.asarray(unrounded_p) / np.asarray(want_p) - 1).max() > 1e-4
+
+
 @pytest.mark.parametrize("impl", ["reference", "tiled", "pallas"])
 def test_draws_follow_the_tempered_softmax(impl):
   """20,000 rows with the same hidden state: the counts of the 5 allowed classes fit softmax(logits / T) (the
