@@ -14,7 +14,7 @@ Shapes are chosen for sm_90 (``pallas_kernels/triton_check.py`` compiles them at
 
 Every product takes its inputs in ``dot_dtype`` (bfloat16 on the fast path) with float32 accumulation, and states
 its precision (``BF16_BF16_F32``, or ``F32_F32_F32`` - true float32, never TF32). Rows of weight 0 arrive gathered
-into whole blocks (``fused_ce._skipping_zero_rows``); those programs compute nothing.
+into whole blocks (``fused_ce._shard_loss``); those programs compute nothing.
 """
 from __future__ import annotations
 

@@ -274,9 +274,10 @@ def _pallas_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes,
   n, d = h_NxD.shape
   v = w_DxV.shape[1]
   dot, precision = _dot_dtype(dot_dtype, dtype)
+  # 8 warps by default: the hash and the running draw hold more per thread than the loss kernel (4 warps spill).
   plan = fused_ce_triton.TritonPlan(n=n, d=d, v=v, num_classes=num_classes, exclude=exclude,
                                     dot_dtype="float32" if dot == jnp.float64 else dot.name, interpret=interpret,
-                                    **blocks)
+                                    **{"num_warps": 8, **blocks})
   bn, splits = plan.block_n, plan.num_splits
   h = jnp.pad(h_NxD.astype(dot), ((0, plan.n_pad - n), (0, plan.d_pad - d)))
   w = jnp.pad(w_DxV.astype(dot), ((0, plan.d_pad - d), (0, plan.v_pad - v)))
