@@ -343,7 +343,7 @@ def mfu_rows(table: Table, kernels: Kernels, sizes, steps: int, peak_n: int):
 
     def run_step(head_impl=head_impl, attention_impl=attention_impl):
       cfg = ModelConfig(max_len=length, time_conditioning=True, dtype="bfloat16", scan_layers=True,
-                        vocab_pad_multiple=128, attention_impl=attention_impl if attention_impl != "xla" else "xla",
+                        vocab_pad_multiple=128, attention_impl=attention_impl,
                         kernel_interpret=kernels.rehearse, **model_sizes)
       model = Transformer(cfg)
       v, mask = cfg.vocab_size, cfg.vocab_size - 1
