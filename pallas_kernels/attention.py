@@ -24,9 +24,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.common import NEG, precision_of
+
 IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
-_NEG = -1e30
 
 
 def visible(segments_BxL, length: int, batch: int, causal: bool):
@@ -45,7 +46,7 @@ def attention_reference(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, caus
   q, k, v = (x.astype(jnp.float32) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(width)
   mask = visible(segments_BxL, length, batch, causal)[:, None]
-  scores = jnp.where(mask, scores, _NEG)  # before exp: no inf (and no NaN gradient) where a row sees nothing
+  scores = jnp.where(mask, scores, NEG)  # before exp: no inf (and no NaN gradient) where a row sees nothing
   weights = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
   total = jnp.sum(weights, axis=-1, keepdims=True)
   out = jnp.einsum("bhqs,bshk->bqhk", weights / jnp.where(total > 0, total, 1.0), v)
@@ -77,14 +78,6 @@ class _Plan:
     return pltriton.CompilerParams(num_warps=8 if self.padded_width >= 128 else 4, num_stages=2)
 
 
-def _precision(dtype):
-  """Products take the inputs' dtype (bfloat16 on the fast path) with float32 accumulation, precision stated:
-  never TF32."""
-  if jnp.dtype(dtype) == jnp.bfloat16:
-    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  return jax.lax.DotAlgorithmPreset.F32_F32_F32
-
-
 def _dot(a, b, contract, precision):
   """``a @ b`` contracting axis ``contract[0]`` of a with ``contract[1]`` of b, b cast to a's dtype."""
   return jax.lax.dot_general(a, b.astype(a.dtype), ((contract[:1], contract[1:]), ((), ())), precision=precision,
@@ -100,18 +93,18 @@ def _key_blocks(i, block_q, block_k, num_k, causal):
 
 def _scores(q, k, seg_q, seg_k, rows, cols, scale, causal):
   """Scaled scores of a query block against a key block, and which of them are visible."""
-  s = _dot(q, k, (1, 1), _precision(q.dtype)) * scale
+  s = _dot(q, k, (1, 1), precision_of(q.dtype)) * scale
   valid = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] > 0)
   if causal:
     valid &= cols[None, :] <= rows[:, None]
-  return jnp.where(valid, s, _NEG), valid
+  return jnp.where(valid, s, NEG), valid
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, block_k, num_k, scale, causal):
   i = pl.program_id(2)
   block_q = q_ref.shape[0]
   q = q_ref[...]
-  precision = _precision(q.dtype)
+  precision = precision_of(q.dtype)
   seg_q = segq_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
@@ -128,12 +121,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, bloc
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, (1, 0), precision)
     return m_new, l, acc
 
-  init = (jnp.full((block_q,), _NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+  init = (jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, block_q, block_k, num_k, causal), body, init)
   seen = l > 0
   o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -_NEG)  # +1e30: exp(s - lse) = 0
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -NEG)  # +1e30: exp(s - lse) = 0
 
 
 def _probabilities(q, k, seg_q, seg_k, lse, rows, cols, scale, causal):
@@ -146,7 +139,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_r
   i = pl.program_id(2)
   block_q = q_ref.shape[0]
   q, do = q_ref[...], do_ref[...].astype(q_ref.dtype)
-  precision = _precision(q.dtype)
+  precision = precision_of(q.dtype)
   seg_q, lse, delta = segq_ref[...], lse_ref[...], delta_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
@@ -167,7 +160,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_
   j = pl.program_id(2)
   block_k = k_ref.shape[0]
   k, v = k_ref[...], v_ref[...]
-  precision = _precision(k.dtype)
+  precision = precision_of(k.dtype)
   seg_k = segk_ref[...]
   cols = j * block_k + jnp.arange(block_k)
 

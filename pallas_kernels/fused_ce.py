@@ -44,21 +44,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.fused_ce_triton import precision_of
+from pallas_kernels.common import NEG, valid_columns, xla_precision
 
 IMPLS = ("xla", "tiled", "pallas")
-_NEG = -1e30  # a logit that exp() sends to 0 without the NaNs of -inf arithmetic
-
-
-def _valid_columns(start, width: int, num_classes: int, exclude):
-  """``[width]`` bool: columns ``start + i`` that are classes of the cross-entropy."""
-  cols = start + jnp.arange(width)
-  valid = cols < num_classes
-  if exclude is not None:
-    valid &= cols != exclude
-  return valid, cols
-
-
 def _check(h_NxD, w_DxV, targets_N, weights_N, num_classes: int, exclude):
   n, d = h_NxD.shape
   if w_DxV.ndim != 2 or w_DxV.shape[0] != d:
@@ -78,7 +66,7 @@ def weighted_ce_reference(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: in
   _check(h_NxD, w_DxV, targets_N, weights_N, num_classes, exclude)
   logits_NxV = jnp.dot(h_NxD.astype(jnp.float32), w_DxV.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
                        preferred_element_type=jnp.float32)
-  valid, _ = _valid_columns(0, w_DxV.shape[1], num_classes, exclude)
+  valid, _ = valid_columns(jnp.arange(w_DxV.shape[1]), 0, w_DxV.shape[1], num_classes, exclude)
   logits_NxV = jnp.where(valid, logits_NxV, -jnp.inf)
   ce_N = (jax.nn.logsumexp(logits_NxV, axis=-1)
           - jnp.take_along_axis(logits_NxV, targets_N[:, None].astype(jnp.int32), axis=-1)[:, 0])
@@ -88,12 +76,6 @@ def weighted_ce_reference(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: in
 
 
 # ---------------------------------------------------------------- pure JAX, tiled
-
-def _xla_precision(dot_dtype):
-  """A portable stated precision for XLA's products: exact float32, or one bfloat16 pass (exact for bf16 inputs)."""
-  precision_of(dot_dtype)  # validates
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dot_dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-
 
 @dataclasses.dataclass(frozen=True)
 class TiledPlan:
@@ -112,10 +94,10 @@ class TiledPlan:
     return jnp.moveaxis(w.reshape(w.shape[0], -1, self.tile), 1, 0)
 
   def _logits(self, h, index, w_DxT, offset):
-    logits = jnp.dot(h, w_DxT, precision=_xla_precision(self.dot_dtype), preferred_element_type=jnp.float32)
-    local = index * self.tile + jnp.arange(self.tile)
-    valid, cols = _valid_columns(offset + index * self.tile, self.tile, self.num_classes, self.exclude)
-    return logits, valid & (local < self.v), cols
+    logits = jnp.dot(h, w_DxT, precision=xla_precision(self.dot_dtype), preferred_element_type=jnp.float32)
+    valid, cols = valid_columns(index * self.tile + jnp.arange(self.tile), offset, self.v, self.num_classes,
+                                self.exclude)
+    return logits, valid, cols
 
   def partials(self, h_NxD, w_DxV, targets_N, weights_N, offset):
     h = h_NxD.astype(self.dot_dtype)
@@ -124,20 +106,20 @@ class TiledPlan:
     def step(carry, inputs):
       m_N, s_N, target_N = carry
       logits_NxT, valid, cols = self._logits(h, *inputs, offset)
-      logits_NxT = jnp.where(valid, logits_NxT, _NEG)
+      logits_NxT = jnp.where(valid, logits_NxT, NEG)
       m_new = jnp.maximum(m_N, logits_NxT.max(axis=-1))
       s_N = s_N * jnp.exp(m_N - m_new) + jnp.where(valid, jnp.exp(logits_NxT - m_new[:, None]), 0.0).sum(axis=-1)
       target_N = target_N + jnp.where(cols[None, :] == targets_N[:, None], logits_NxT, 0.0).sum(axis=-1)
       return (m_new, s_N, target_N), None
 
     tiles = self._tiles(w_DxV)
-    init = (jnp.full((n,), _NEG, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    init = (jnp.full((n,), NEG, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
     (m_N, s_N, target_N), _ = jax.lax.scan(step, init, (jnp.arange(tiles.shape[0]), tiles))
     return m_N[None], s_N[None], target_N[None]
 
   def backward(self, h_NxD, w_DxV, targets_N, lse_N, coef_N, offset):
     h = h_NxD.astype(self.dot_dtype)
-    precision = _xla_precision(self.dot_dtype)
+    precision = xla_precision(self.dot_dtype)
 
     def step(dh_NxD, inputs):
       index, w_DxT = inputs

@@ -18,13 +18,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-_NEG = -1e30
+from pallas_kernels.common import NEG, valid_columns, xla_precision
+
 DEFAULT_SCOPED_VMEM = 16 << 20  # v4 and v5e; v5p and v6e give 32 MiB
 _TEMPORARIES = 6  # [block_n, tile_v] float32 arrays live at once in a tile's body (logits, exp, masks, dlogits)
-
-
-def _precision(dtype):
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def vmem_bytes(block_n: int, tile_v: int, d: int, itemsize: int) -> int:
@@ -54,7 +51,7 @@ def _fwd_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_out, s_out, tgt_out, m_r
 
   @pl.when(j == 0)
   def _():
-    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
     s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
     tgt_ref[...] = jnp.zeros(tgt_ref.shape, jnp.float32)
 
@@ -80,11 +77,8 @@ def _fwd_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_out, s_out, tgt_out, m_r
 
 def _masked(logits, j, tile_v, v, offset, num_classes, exclude):
   local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  cols = offset + local
-  valid = (local < v) & (cols < num_classes)
-  if exclude is not None:
-    valid &= cols != exclude
-  return jnp.where(valid, logits, _NEG), valid, cols
+  valid, cols = valid_columns(local, offset, v, num_classes, exclude)
+  return jnp.where(valid, logits, NEG), valid, cols
 
 
 def _dlogits(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, v, num_classes, exclude, precision):
@@ -149,8 +143,7 @@ class MosaicPlan:
   skips_zero_rows = True
 
   def __post_init__(self):
-    if jnp.dtype(self.dot_dtype).name not in ("bfloat16", "float32"):
-      raise ValueError(f"dot_dtype must be bfloat16 or float32; got {self.dot_dtype!r}")
+    xla_precision(self.dot_dtype)  # validates
     if self.block_n % 8 or self.tile_v % 128:
       raise ValueError(f"block_n must be a multiple of 8 and tile_v of 128 (TPU sublanes and lanes; 0 chooses by "
                        f"VMEM); got {self.block_n}, {self.tile_v}")
@@ -182,7 +175,7 @@ class MosaicPlan:
   def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         functools.partial(kernel, tile_v=self.blocks[1], v=self.v, num_classes=self.num_classes, exclude=self.exclude,
-                          precision=_precision(self.dot_dtype)),
+                          precision=xla_precision(self.dot_dtype)),
         grid=grid, in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + in_specs, out_specs=out_specs, out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),

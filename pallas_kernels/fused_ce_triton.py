@@ -26,18 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_NEG = -1e30  # a logit that exp() sends to 0 without the NaNs of -inf arithmetic
-DOT_DTYPES = ("bfloat16", "float32")
+from pallas_kernels.common import NEG, precision_of, valid_columns
 
-
-def precision_of(dot_dtype) -> jax.lax.DotAlgorithmPreset:
-  """The stated algorithm of a product whose inputs are ``dot_dtype``: float32 accumulation always."""
-  name = jnp.dtype(dot_dtype).name
-  if name == "bfloat16":
-    return jax.lax.DotAlgorithmPreset.BF16_BF16_F32
-  if name == "float32":
-    return jax.lax.DotAlgorithmPreset.F32_F32_F32
-  raise ValueError(f"dot_dtype must be one of {list(DOT_DTYPES)}; got {name!r}")
 
 
 def _power_of_two(name: str, value: int):
@@ -166,14 +156,8 @@ def _logits(h_ref, w_ref, j, *, tile_v, chunk_d, num_chunks, precision, acc_dtyp
 
 
 def _columns(shape, j, tile_v, v, offset, num_classes, exclude):
-  """Which columns of tile ``j`` are classes of the cross-entropy, and their global ids (this shard's columns
-  start at ``offset``; its padding columns, ``>= v``, are none)."""
-  local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  cols = offset + local
-  valid = (local < v) & (cols < num_classes)
-  if exclude is not None:
-    valid &= cols != exclude
-  return valid, cols
+  """``valid_columns`` of tile ``j`` for an array of ``shape`` (columns on axis 1)."""
+  return valid_columns(j * tile_v + jax.lax.broadcasted_iota(jnp.int32, shape, 1), offset, v, num_classes, exclude)
 
 
 def split_length(split, tiles_per_split: int, num_tiles: int):
@@ -198,13 +182,13 @@ def _forward_kernel(off_ref, h_ref, w_ref, t_ref, wt_ref, m_ref, s_ref, tgt_ref,
       j = split * tiles_per_split + k
       logits = _logits(h_ref, w_ref, j, tile_v=tile_v, chunk_d=chunk_d, num_chunks=num_chunks, precision=precision)
       valid, cols = _columns(logits.shape, j, tile_v, v, off_ref[0], num_classes, exclude)
-      logits = jnp.where(valid, logits, _NEG)
+      logits = jnp.where(valid, logits, NEG)
       m_new = jnp.maximum(m, jnp.max(logits, axis=1))
       s = s * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(logits - m_new[:, None]), 0.0), axis=1)
       target = target + jnp.sum(jnp.where(cols == targets[:, None], logits, 0.0), axis=1)
       return m_new, s, target
 
-    init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    init = (jnp.full((rows,), NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
     m, s, target = jax.lax.fori_loop(0, split_length(split, tiles_per_split, num_tiles), tile, init)
     m_ref[...] = m
     s_ref[...] = s

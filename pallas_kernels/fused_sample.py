@@ -29,9 +29,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce, fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.fused_ce_triton import precision_of
+from pallas_kernels.common import NEG, precision_of, valid_columns, xla_precision
 
-_NEG = -1e30
 LEVELS = 3
 _REFINE = 2.0 ** -12
 
@@ -96,11 +95,11 @@ def _check(h_NxD, w_DxV, num_classes, exclude, temperature):
     raise ValueError(f"temperature must be > 0; got {temperature}")
 
 
-def _tempered(logits, cols, num_classes, exclude, temperature):
-  valid = cols < num_classes
-  if exclude is not None:
-    valid &= cols != exclude
-  return jnp.where(valid, logits / temperature, _NEG), valid
+def _tempered(logits, local, offset, v, num_classes, exclude, temperature):
+  """``(scaled, valid, cols)``: the logits of the columns ``local`` (of a shard starting at ``offset``) divided by
+  the temperature where they are classes (``common.valid_columns``), NEG elsewhere."""
+  valid, cols = valid_columns(local, offset, v, num_classes, exclude)
+  return jnp.where(valid, logits / temperature, NEG), valid, cols
 
 
 # ---------------------------------------------------------------- the definition
@@ -113,8 +112,8 @@ def sample_reference(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | Non
   n, v = h_NxD.shape[0], w_DxV.shape[1]
   logits = jnp.dot(h_NxD.astype(dtype), w_DxV.astype(dtype), precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=dtype)
-  rows, cols = jnp.arange(n)[:, None], jnp.arange(v)[None, :]
-  scaled, _ = _tempered(logits, cols, num_classes, exclude, temperature)
+  rows = jnp.arange(n)[:, None]
+  scaled, _, cols = _tempered(logits, jnp.arange(v)[None, :], 0, v, num_classes, exclude, temperature)
   ids = jnp.argmax(scaled + gumbel(seed, rows, cols, dtype), axis=-1).astype(jnp.int32)
   log_p = jax.nn.log_softmax(scaled, axis=-1)
   return ids, jnp.exp(jnp.take_along_axis(log_p, ids[:, None], axis=-1)[:, 0])
@@ -168,13 +167,6 @@ def _mesh_draw(partials, h_NxD, w_DxV, seed):
                        out_specs=(P(row_spec), P(row_spec)), check_vma=False)(h_NxD, w_DxV, seed)
 
 
-def _valid(local, cols, v, num_classes, exclude):
-  valid = (local < v) & (cols < num_classes)
-  if exclude is not None:
-    valid &= cols != exclude
-  return valid
-
-
 # ---------------------------------------------------------------- pure JAX, tiled
 
 def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, exclude, temperature, dtype,
@@ -193,11 +185,9 @@ def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, 
   def step(carry, inputs):
     best, best_id, best_logit, m, s = carry
     index, w_DxT = inputs
-    local = index * tile_v + jnp.arange(tile_v)[None, :]
-    cols = col_offset + local
     logits = jnp.dot(h, w_DxT, precision=precision, preferred_element_type=acc).astype(dtype)
-    valid = _valid(local, cols, v, num_classes, exclude)
-    scaled = jnp.where(valid, logits / temperature, _NEG)
+    scaled, valid, cols = _tempered(logits, index * tile_v + jnp.arange(tile_v)[None, :], col_offset, v,
+                                    num_classes, exclude, temperature)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     arg = jnp.argmax(noisy, axis=-1)
     tile_best = jnp.take_along_axis(noisy, arg[:, None], axis=-1)[:, 0]
@@ -209,7 +199,7 @@ def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, 
     return (jnp.maximum(best, tile_best), best_id, best_logit, m_new, s), None
 
   init = (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype),
-          jnp.full((n,), _NEG, dtype), jnp.zeros((n,), dtype))
+          jnp.full((n,), NEG, dtype), jnp.zeros((n,), dtype))
   out, _ = jax.lax.scan(step, init, (jnp.arange(tiles.shape[0], dtype=jnp.int32), tiles))
   return tuple(x[None] for x in out)
 
@@ -242,10 +232,8 @@ def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref,
     j = split * tiles_per_split + k
     logits = fused_ce_triton._logits(h_ref, w_ref, j, tile_v=tile_v, chunk_d=chunk_d, num_chunks=num_chunks,
                                      precision=precision, acc_dtype=acc_dtype).astype(dtype)
-    local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    cols = off_ref[1] + local
-    valid = _valid(local, cols, v, num_classes, exclude)
-    scaled = jnp.where(valid, logits / temperature, _NEG)
+    scaled, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
+                                    off_ref[1], v, num_classes, exclude, temperature)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     tile_best = jnp.max(noisy, axis=1)
     # The first column reaching the maximum (argmax's tie rule), found without an argmax primitive.
@@ -258,7 +246,7 @@ def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref,
             m_new, s)
 
   init = (jnp.full((rows_in_block,), -jnp.inf, dtype), jnp.zeros((rows_in_block,), jnp.int32),
-          jnp.zeros((rows_in_block,), dtype), jnp.full((rows_in_block,), _NEG, dtype),
+          jnp.zeros((rows_in_block,), dtype), jnp.full((rows_in_block,), NEG, dtype),
           jnp.zeros((rows_in_block,), dtype))
   best, ids, logit, m, s = jax.lax.fori_loop(
       0, fused_ce_triton.split_length(split, tiles_per_split, num_tiles), tile, init)
@@ -344,15 +332,13 @@ def _tpu_kernel(seed_ref, off_ref, h_ref, w_ref, best_out, id_out, logit_out, m_
     best_ref[...] = jnp.full(best_ref.shape, -jnp.inf, jnp.float32)
     id_ref[...] = jnp.zeros(id_ref.shape, jnp.int32)
     logit_ref[...] = jnp.zeros(logit_ref.shape, jnp.float32)
-    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
     s_ref[...] = jnp.zeros(s_ref.shape, jnp.float32)
 
   logits = jnp.dot(h_ref[...], w_ref[...], precision=precision, preferred_element_type=jnp.float32)
   rows = off_ref[0] + i * block_n + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-  local = j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  cols = off_ref[1] + local
-  valid = _valid(local, cols, v, num_classes, exclude)
-  scaled = jnp.where(valid, logits / temperature, _NEG)
+  scaled, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
+                                  off_ref[1], v, num_classes, exclude, temperature)
   noisy = scaled + gumbel(seed_ref[0], rows, cols, jnp.float32)
   tile_best = jnp.max(noisy, axis=1, keepdims=True)
   arg = jnp.min(jnp.where(noisy == tile_best, cols, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
@@ -387,7 +373,7 @@ def _tpu_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, ex
   column = pl.BlockSpec((block_n, 1), lambda i, j: (i, 0))
   kernel = functools.partial(_tpu_kernel, tile_v=tile_v, v=v, num_classes=num_classes, exclude=exclude,
                              temperature=temperature,
-                             precision=jax.lax.Precision.HIGHEST if dot == jnp.float32 else jax.lax.Precision.DEFAULT)
+                             precision=xla_precision(dot))
   types = (jnp.float32, jnp.int32, jnp.float32, jnp.float32, jnp.float32)
   vmem = (2 * (block_n * d + d * tile_v) * dot.itemsize + 6 * block_n * tile_v * 4
           + 3 * 5 * block_n * 128 * 4 + (1 << 20))
