@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from d3pm_jax.models.transformer import ModelConfig, Transformer, attention, forward_flops_per_token  # noqa: E402
+from d3pm_jax.metrics import median_seconds  # noqa: E402
 from d3pm_jax.models.transformer import segment_mask  # noqa: E402
 from pallas_kernels import attention as attention_kernels  # noqa: E402
 from pallas_kernels import fused_ce, fused_sample  # noqa: E402
@@ -78,17 +79,6 @@ def platform() -> str:
 
 def measured(check: bool, detail: str):
   return ("ok" if check else "FAIL"), detail
-
-
-def timed(fn, args, reps: int) -> float:
-  """Median seconds of ``fn(*args)`` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def bf16_peak(n: int, reps: int = 10) -> float:
@@ -303,7 +293,7 @@ def speed_rows(table: Table, kernels: Kernels, sizes, reps: int):
       step = jax.jit(jax.value_and_grad(lambda h, w: head(h, w, targets, weights, num_classes=v,
                                                          exclude=v - 1).sum(), argnums=(0, 1)))
       temps[name] = step.lower(h, w).compile().memory_analysis().temp_size_in_bytes
-      times[name] = timed(step, (h, w), reps)
+      times[name] = median_seconds(step, (h, w), reps)
       ratio = "" if name == "xla" or "xla" not in times else (
           f"; {times[name] / times['xla']:.2f}x xla's time (target <= 1.0), "
           f"{temps[name] / temps['xla']:.1%} of its memory (target <= 25%)")
@@ -318,7 +308,7 @@ def speed_rows(table: Table, kernels: Kernels, sizes, reps: int):
     def run_attention(name=name, attend=attend):
       step = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, segments, False).astype(jnp.float32).sum(),
                               argnums=(0, 1, 2)))
-      attention_times[name] = timed(step, (q, k, vv), reps)
+      attention_times[name] = median_seconds(step, (q, k, vv), reps)
       baseline = "cudnn" if "cudnn" in attention_times else "splash" if "splash" in attention_times else None
       ratio = ""
       if name == "pallas" and baseline:

@@ -14,28 +14,16 @@ import argparse
 import functools
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from d3pm_jax.metrics import matmul_peak  # noqa: E402
+from d3pm_jax.metrics import matmul_peak, median_seconds  # noqa: E402
 from d3pm_jax.models.transformer import attention, segment_mask  # noqa: E402
 from pallas_kernels import attention as attention_kernels  # noqa: E402
 from pallas_kernels import fused_ce, fused_sample  # noqa: E402
-
-
-def timed(fn, args, reps: int) -> float:
-  """Median seconds of ``fn(*args)`` (compiled first)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def row(name: str, seconds: float, flops: float, nbytes: float, peak: float) -> str:
@@ -72,7 +60,7 @@ def main():
   for name, fn in heads.items():
     step = jax.jit(jax.value_and_grad(lambda h, w, fn=fn: fn(h, w, targets, weights, num_classes=v,
                                                                exclude=v - 1).sum(), argnums=(0, 1)))
-    print(row(name, timed(step, (h, w), args.reps), flops, nbytes, peak))
+    print(row(name, median_seconds(step, (h, w), args.reps), flops, nbytes, peak))
 
   print(f"\noutput head + Gumbel-max sampling (ids and probabilities): N = {n}, D = {d}, V = {v}")
   samplers = {"xla (naive [N, V] logits)": fused_sample.sample_reference,
@@ -83,7 +71,7 @@ def main():
     samplers["pallas kernel (Mosaic)"] = fused_sample.sample_pallas_tpu
   for name, fn in samplers.items():
     draw = jax.jit(lambda h, w, fn=fn: fn(h, w, 7, num_classes=v, exclude=v - 1, temperature=0.9))
-    print(row(name, timed(draw, (h, w), args.reps), 2.0 * n * d * v, 4.0 * (n * d + d * v), peak))
+    print(row(name, median_seconds(draw, (h, w), args.reps), 2.0 * n * d * v, 4.0 * (n * d + d * v), peak))
 
   b, length, heads_, k = (int(x) for x in args.attention.split(","))
   q, kk, vv = (jnp.asarray(rng.normal(size=(b, length, heads_, k)), jnp.float32) for _ in range(3))
@@ -100,7 +88,7 @@ def main():
   flops, nbytes = 2.0 * 5 * b * heads_ * length * length * k, 4.0 * 8 * b * length * heads_ * k
   for name, fn in attends.items():
     step = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v, segments, False).sum(), argnums=(0, 1, 2)))
-    print(row(name, timed(step, (q, kk, vv), args.reps), flops, nbytes, peak))
+    print(row(name, median_seconds(step, (q, kk, vv), args.reps), flops, nbytes, peak))
 
 
 if __name__ == "__main__":

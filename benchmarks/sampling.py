@@ -11,26 +11,15 @@ without time conditioning, where skipping is exact).
 from __future__ import annotations
 
 import argparse
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from d3pm_jax import sampling
+from d3pm_jax.metrics import median_seconds
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import make_process
-
-
-def timed(fn, *args, reps: int = 3) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def model_and_params(time_conditioning: bool, causal: bool = False, max_len: int = 1024):
@@ -60,14 +49,14 @@ def main():
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
     x = jnp.zeros((batch, length), jnp.int32)
     t = jnp.full((batch,), 0.5)
-    one_forward = timed(forward, params, x, t, reps=reps)
+    one_forward = median_seconds(forward, (params, x, t), reps)
     ar = jax.jit(lambda p, k: sampling.autoregressive_sample(ar_model, p, k, batch, length, 256))
-    ar_tok_s = batch * length / timed(ar, ar_params, jax.random.PRNGKey(0), reps=reps)
+    ar_tok_s = batch * length / median_seconds(ar, (ar_params, jax.random.PRNGKey(0)), reps)
     for steps in step_counts:
       cfg = sampling.SamplerConfig(num_steps=steps)
       run = jax.jit(lambda p, k: sampling.sample(process, lambda xt, tb: model.apply({"params": p}, xt, tb), k,
                                                  batch, length, cfg)[0])
-      seconds = timed(run, params, jax.random.PRNGKey(1), reps=reps)
+      seconds = median_seconds(run, (params, jax.random.PRNGKey(1)), reps)
       print(f"{length:6d} {steps:5d} {batch * length / seconds:15.1f} {ar_tok_s:17.1f} "
             f"{seconds / (steps * one_forward):9.3f}")
   # Skipping unchanged steps: 4 x more steps than positions, so most steps change nothing.
@@ -80,7 +69,7 @@ def main():
     run = jax.jit(lambda p, k: sampling.sample(
         process, lambda xt, tb: untimed_model.apply({"params": p}, xt), k, batch, length, cfg,
         time_conditioned=False)[0])
-    results[skip] = timed(run, untimed_params, jax.random.PRNGKey(2), reps=reps)
+    results[skip] = median_seconds(run, (untimed_params, jax.random.PRNGKey(2)), reps)
   print(f"skip unchanged steps (length {length}, {steps} steps, no time conditioning): "
         f"{results[False]:.2f} s -> {results[True]:.2f} s, speedup {results[False] / results[True]:.2f}x")
   print("target: overhead <= 1.10")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -55,6 +56,18 @@ class MetricsWriter:
   def log(self, text: str) -> None:
     if not self.quiet:
       print(text, flush=True)
+
+
+def median_seconds(fn, args, reps: int) -> float:
+  """Median wall seconds of ``fn(*args)`` over ``reps`` calls, each waited for, after one untimed call (which
+  compiles it): what the benchmark scripts time."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def matmul_peak(n: int = 1024, reps: int = 30) -> float:
