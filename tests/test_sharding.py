@@ -32,15 +32,19 @@ PRELUDE = textwrap.dedent("""
       cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
       return from_config(cfg, 256)
 
-    def run(mesh, devices, scan=False, exp=None):
-      exp = exp or experiment(mesh, scan)
+    # The train loop's pieces for `exp` on `devices`: the placed initial state, the compiled train step, the
+    # placement and the data.
+    def build(exp, devices=None):
       model = Transformer(exp.model)
       process = train.build_process(exp.process, exp.model)
       optimizer = train.make_optimizer(exp.train)
       placement = train.make_placement(exp, model, optimizer, devices)
       state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
       step, _ = train.compile_steps(exp, model, process, optimizer, placement)
-      data = pipeline.build_data(exp.data, 8, 0)
+      return state, step, placement, pipeline.build_data(exp.data, 8, 0)
+
+    def run(mesh, devices, scan=False, exp=None):
+      state, step, placement, data = build(exp or experiment(mesh, scan), devices)
       for i in range(3):
         state, _ = step(state, train.global_batch(placement.batch, data.train_batches[i]))
       return state
