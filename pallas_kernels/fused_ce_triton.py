@@ -205,8 +205,9 @@ def _pad(x, *widths):
   return jnp.pad(x, tuple((0, w) for w in widths)) if any(widths) else x
 
 
-def _prepare(plan: TritonPlan, h_NxD, w_DxV):
-  dtype = jnp.dtype(plan.dot_dtype)
+def prepare(plan: TritonPlan, h_NxD, w_DxV, dtype=None):
+  """``h`` and ``W`` in ``dtype`` (default the plan's dot dtype), zero-padded to the plan's whole blocks."""
+  dtype = jnp.dtype(plan.dot_dtype if dtype is None else dtype)
   h = _pad(h_NxD.astype(dtype), plan.n_pad - plan.n, plan.d_pad - plan.d)
   w = _pad(w_DxV.astype(dtype), plan.d_pad - plan.d, plan.v_pad - plan.v)
   return h, w
@@ -219,7 +220,7 @@ def _partials(plan: TritonPlan, h_NxD, w_DxV, targets_N, weights_N, offset):
   """``(m, s, target)``, each ``[splits, N]``: per vocabulary split, the running max, the sum of exp(logit - m)
   and the target logit (0 where the target is not among the split's columns) over this shard's columns, global
   ids from ``offset``. Rows in blocks of weight 0 get zeros."""
-  h, w = _prepare(plan, h_NxD, w_DxV)
+  h, w = prepare(plan, h_NxD, w_DxV)
   t, wt = (_pad(x, plan.n_pad - plan.n) for x in (targets_N, weights_N))
   bn, splits = plan.block_n, plan.num_splits
   row = pl.BlockSpec((bn,), lambda i, s: (i,))
@@ -259,7 +260,7 @@ def _dlogits_kernel(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, out_ref, *,
 
 def _backward(plan: TritonPlan, h_NxD, w_DxV, targets_N, lse_N, coef_N, offset):
   """``(dh_NxD, dW_DxV)`` in float32 of ``sum(coef_N * ce_N)`` over this shard's columns (``lse_N`` over all)."""
-  h, w = _prepare(plan, h_NxD, w_DxV)
+  h, w = prepare(plan, h_NxD, w_DxV)
   pad = plan.n_pad - plan.n
   t, lse, coef = _pad(targets_N, pad), _pad(lse_N, pad), _pad(coef_N, pad)
   rows, bn, tile_v = plan.rows_per_chunk, plan.block_n, plan.tile

@@ -267,8 +267,7 @@ def _pallas_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes,
                                     dot_dtype="float32" if dot == jnp.float64 else dot.name, interpret=interpret,
                                     **{"num_warps": 8, **blocks})
   bn, splits = plan.block_n, plan.num_splits
-  h = jnp.pad(h_NxD.astype(dot), ((0, plan.n_pad - n), (0, plan.d_pad - d)))
-  w = jnp.pad(w_DxV.astype(dot), ((0, plan.d_pad - d), (0, plan.v_pad - v)))
+  h, w = fused_ce_triton.prepare(plan, h_NxD, w_DxV, dot)  # float64 draws multiply in float64
   args = plan.kernel_args()
   kernel = functools.partial(_kernel, tiles_per_split=plan.tiles_per_split, num_tiles=plan.num_tiles,
                              tile_v=args["tile_v"], v=v,
