@@ -149,7 +149,8 @@ def _initial_state(process: Process, key, batch: int, length: int):
 class SampleHead:
   """The denoiser up to its output head, ``hidden_fn(x_t_BxL, t_B) -> (h_BxLxD, W_DxV)``, and the head fused
   with tempered Gumbel-max sampling, ``draw(h_NxD, W_DxV, seed, *, num_classes, exclude, temperature, dtype) ->
-  (ids_N, prob_N)`` (``pallas_kernels/fused_sample.py``): tokens are drawn without forming ``[B, L, V]``."""
+  (ids_N, prob_N)`` (``pallas_kernels/fused_sample.py``): tokens are drawn from the tempered prediction without
+  forming ``[B, L, V]``, and ``prob_N`` is the drawn token's untempered p_theta (the confidence ranking's)."""
   hidden_fn: Callable
   draw: Callable
 
@@ -256,7 +257,8 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     return process.x0_log_probs(logits_fn(x_t, network_time(x_t, t_B)), x_t)
 
   def fused_draw(key, x_t, t_B):
-    """Every position's x_0 proposal and its probability under the tempered p_theta(x_0 | x_t), mask excluded."""
+    """Every position's x_0 proposal, drawn from the tempered p_theta(x_0 | x_t) with the mask excluded, and its
+    probability under the model's own (untempered) p_theta(x_0 | x_t), which confidence ranks by."""
     h_BxLxD, w_DxV = head.hidden_fn(x_t, network_time(x_t, t_B))
     ids, prob = head.draw(h_BxLxD.reshape(batch * length, -1), w_DxV, jax.random.bits(key, (), jnp.uint32),
                           num_classes=process.num_states, exclude=process.mask_id, temperature=cfg.temperature,

@@ -1,7 +1,8 @@
 """The output head fused with Gumbel-max sampling: from hidden states ``h_NxD`` and the head ``W_DxV``, one draw
 per row from ``softmax(h @ W / temperature)`` over the classes ``[0, num_classes)`` less ``exclude`` (the mask),
-and the drawn class's probability under that softmax (what a confidence-ordered sampler ranks by), visiting the
-vocabulary in tiles so that ``[N, V]`` is never formed.
+and the drawn class's probability under the model's own, untempered ``softmax(h @ W)`` over the same classes
+(what a confidence-ordered sampler ranks by: the knobs shape the draw, not the ranking), visiting the vocabulary
+in tiles so that ``[N, V]`` is never formed.
 
 The noise is a counter-based hash of ``(seed, row, column)``, not ``jax.random``: every implementation (and a
 GPU kernel, which has no ``jax.random``) computes the same Gumbel variable for the same cell, so they must draw
@@ -14,9 +15,10 @@ float32, resolving 2^-47, so the Gumbel tail is not cut at 16.6); ``dtype=float6
                         visited in chunks); ``interpret=True`` anywhere.
   ``sample_pallas_tpu`` a Mosaic TPU kernel (tiles as the grid's inner axis, running draw in VMEM), float32.
 
-Each returns partial draws (per split: the best noisy logit, its column, its tempered logit, the running max and
-sum) that ``combine_draws`` reduces; under a mesh the same reduction runs across the vocabulary shards, and the
-noise hashes each row's global index, so a sharded draw equals the single-device one for the same seed.
+Each returns partial draws (per split: the best noisy tempered logit, its column, its untempered logit, and the
+running max and sum of the untempered logits) that ``combine_draws`` reduces; under a mesh the same reduction runs
+across the vocabulary shards, and the noise hashes each row's global index, so a sharded draw equals the
+single-device one for the same seed.
 """
 from __future__ import annotations
 
@@ -96,26 +98,27 @@ def _check(h_NxD, w_DxV, num_classes, exclude, temperature):
 
 
 def _tempered(logits, local, offset, v, num_classes, exclude, temperature):
-  """``(scaled, valid, cols)``: the logits of the columns ``local`` (of a shard starting at ``offset``) divided by
-  the temperature where they are classes (``common.valid_columns``), NEG elsewhere."""
+  """``(scaled, raw, valid, cols)``: the logits of the columns ``local`` (of a shard starting at ``offset``)
+  divided by the temperature (``scaled``, what the draw uses) and as they are (``raw``, what the probability
+  uses) where they are classes (``common.valid_columns``), NEG elsewhere."""
   valid, cols = valid_columns(local, offset, v, num_classes, exclude)
-  return jnp.where(valid, logits / temperature, NEG), valid, cols
+  return jnp.where(valid, logits / temperature, NEG), jnp.where(valid, logits, NEG), valid, cols
 
 
 # ---------------------------------------------------------------- the definition
 
 def sample_reference(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = None, temperature: float = 1.0,
                      dtype=jnp.float32):
-  """``(ids_N int32, prob_N)``: Gumbel-max over the full ``[N, V]`` tempered logits, and the softmax probability
-  of the drawn class."""
+  """``(ids_N int32, prob_N)``: Gumbel-max over the full ``[N, V]`` tempered logits, and the drawn class's
+  probability under the untempered softmax over the classes."""
   _check(h_NxD, w_DxV, num_classes, exclude, temperature)
   n, v = h_NxD.shape[0], w_DxV.shape[1]
   logits = jnp.dot(h_NxD.astype(dtype), w_DxV.astype(dtype), precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=dtype)
   rows = jnp.arange(n)[:, None]
-  scaled, _, cols = _tempered(logits, jnp.arange(v)[None, :], 0, v, num_classes, exclude, temperature)
+  scaled, raw, _, cols = _tempered(logits, jnp.arange(v)[None, :], 0, v, num_classes, exclude, temperature)
   ids = jnp.argmax(scaled + gumbel(seed, rows, cols, dtype), axis=-1).astype(jnp.int32)
-  log_p = jax.nn.log_softmax(scaled, axis=-1)
+  log_p = jax.nn.log_softmax(raw, axis=-1)
   return ids, jnp.exp(jnp.take_along_axis(log_p, ids[:, None], axis=-1)[:, 0])
 
 
@@ -134,7 +137,7 @@ def _dot_dtype(dot_dtype, dtype):
 def combine_draws(best_SxN, id_SxN, logit_SxN, m_SxN, s_SxN, vocab_axis=None):
   """``(ids_N, prob_N)`` from per-split partial draws (splits on axis 0, in column order): the largest noisy
   logit wins, ties to the lowest column (as an argmax over the whole row); across the ``vocab_axis`` shards of a
-  mesh too. The probability is the winner's tempered logit against the combined log-sum-exp."""
+  mesh too. The probability is the winner's untempered logit against the combined untempered log-sum-exp."""
   k = jnp.argmax(best_SxN, axis=0)[None]
   best_N, id_N, logit_N = (jnp.take_along_axis(x, k, axis=0)[0] for x in (best_SxN, id_SxN, logit_SxN))
   m_N = jnp.max(m_SxN, axis=0)
@@ -186,16 +189,16 @@ def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, 
     best, best_id, best_logit, m, s = carry
     index, w_DxT = inputs
     logits = jnp.dot(h, w_DxT, precision=precision, preferred_element_type=acc).astype(dtype)
-    scaled, valid, cols = _tempered(logits, index * tile_v + jnp.arange(tile_v)[None, :], col_offset, v,
-                                    num_classes, exclude, temperature)
+    scaled, raw, valid, cols = _tempered(logits, index * tile_v + jnp.arange(tile_v)[None, :], col_offset, v,
+                                         num_classes, exclude, temperature)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     arg = jnp.argmax(noisy, axis=-1)
     tile_best = jnp.take_along_axis(noisy, arg[:, None], axis=-1)[:, 0]
     better = tile_best > best  # ties keep the earlier column, as argmax over the whole row does
-    best_logit = jnp.where(better, jnp.take_along_axis(scaled, arg[:, None], axis=-1)[:, 0], best_logit)
+    best_logit = jnp.where(better, jnp.take_along_axis(raw, arg[:, None], axis=-1)[:, 0], best_logit)
     best_id = jnp.where(better, (col_offset + index * tile_v + arg).astype(jnp.int32), best_id)
-    m_new = jnp.maximum(m, scaled.max(axis=-1))
-    s = s * jnp.exp(m - m_new) + jnp.where(valid, jnp.exp(scaled - m_new[:, None]), 0).sum(axis=-1)
+    m_new = jnp.maximum(m, raw.max(axis=-1))
+    s = s * jnp.exp(m - m_new) + jnp.where(valid, jnp.exp(raw - m_new[:, None]), 0).sum(axis=-1)
     return (jnp.maximum(best, tile_best), best_id, best_logit, m_new, s), None
 
   init = (jnp.full((n,), -jnp.inf, dtype), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), dtype),
@@ -219,8 +222,9 @@ def sample_tiled(h_NxD, w_DxV, seed, *, num_classes: int, exclude: int | None = 
 
 def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref, s_ref, *, tiles_per_split, num_tiles,
             tile_v, v, chunk_d, num_chunks, num_classes, exclude, temperature, dtype, precision, acc_dtype):
-  """One block of rows and one vocabulary split: the running Gumbel-max (noisy value, column, tempered logit)
-  and log-sum-exp over the split's tiles, the width visited in chunks inside each tile."""
+  """One block of rows and one vocabulary split: the running Gumbel-max (noisy tempered value, column,
+  untempered logit) and untempered log-sum-exp over the split's tiles, the width visited in chunks inside each
+  tile."""
   rows_in_block = h_ref.shape[0]
   split = pl.program_id(1)
   rows = off_ref[0] + pl.program_id(0) * rows_in_block + jax.lax.broadcasted_iota(
@@ -232,16 +236,16 @@ def _kernel(seed_ref, off_ref, h_ref, w_ref, best_ref, id_ref, logit_ref, m_ref,
     j = split * tiles_per_split + k
     logits = fused_ce_triton._logits(h_ref, w_ref, j, tile_v=tile_v, chunk_d=chunk_d, num_chunks=num_chunks,
                                      precision=precision, acc_dtype=acc_dtype).astype(dtype)
-    scaled, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
-                                    off_ref[1], v, num_classes, exclude, temperature)
+    scaled, raw, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
+                                         off_ref[1], v, num_classes, exclude, temperature)
     noisy = scaled + gumbel(seed, rows, cols, dtype)
     tile_best = jnp.max(noisy, axis=1)
     # The first column reaching the maximum (argmax's tie rule), found without an argmax primitive.
     arg = jnp.min(jnp.where(noisy == tile_best[:, None], cols, jnp.iinfo(jnp.int32).max), axis=1)
-    tile_logit = jnp.sum(jnp.where(cols == arg[:, None], scaled, 0.0), axis=1)
+    tile_logit = jnp.sum(jnp.where(cols == arg[:, None], raw, 0.0), axis=1)
     better = tile_best > best
-    m_new = jnp.maximum(m, jnp.max(scaled, axis=1))
-    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(scaled - m_new[:, None]), 0.0), axis=1)
+    m_new = jnp.maximum(m, jnp.max(raw, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(raw - m_new[:, None]), 0.0), axis=1)
     return (jnp.maximum(best, tile_best), jnp.where(better, arg, best_id), jnp.where(better, tile_logit, best_logit),
             m_new, s)
 
@@ -321,8 +325,8 @@ def select(impl: str, *, tile_v: int = 2048, interpret: bool = False, dot_dtype=
 
 def _tpu_kernel(seed_ref, off_ref, h_ref, w_ref, best_out, id_out, logit_out, m_out, s_out, best_ref, id_ref,
                 logit_ref, m_ref, s_ref, *, tile_v, v, num_classes, exclude, temperature, precision):
-  """Grid (row blocks, vocabulary tiles), the tiles the inner axis: the running Gumbel-max and log-sum-exp in
-  VMEM scratch, written out at the last tile."""
+  """Grid (row blocks, vocabulary tiles), the tiles the inner axis: the running Gumbel-max (tempered) and
+  untempered log-sum-exp in VMEM scratch, written out at the last tile."""
   i, j, last = pl.program_id(0), pl.program_id(1), pl.num_programs(1) - 1
   block_n = h_ref.shape[0]
 
@@ -336,19 +340,19 @@ def _tpu_kernel(seed_ref, off_ref, h_ref, w_ref, best_out, id_out, logit_out, m_
 
   logits = jnp.dot(h_ref[...], w_ref[...], precision=precision, preferred_element_type=jnp.float32)
   rows = off_ref[0] + i * block_n + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-  scaled, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
-                                  off_ref[1], v, num_classes, exclude, temperature)
+  scaled, raw, valid, cols = _tempered(logits, j * tile_v + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1),
+                                       off_ref[1], v, num_classes, exclude, temperature)
   noisy = scaled + gumbel(seed_ref[0], rows, cols, jnp.float32)
   tile_best = jnp.max(noisy, axis=1, keepdims=True)
   arg = jnp.min(jnp.where(noisy == tile_best, cols, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
-  tile_logit = jnp.sum(jnp.where(cols == arg, scaled, 0.0), axis=1, keepdims=True)
+  tile_logit = jnp.sum(jnp.where(cols == arg, raw, 0.0), axis=1, keepdims=True)
   better = tile_best > best_ref[...]
   id_ref[...] = jnp.where(better, arg, id_ref[...])
   logit_ref[...] = jnp.where(better, tile_logit, logit_ref[...])
   best_ref[...] = jnp.maximum(best_ref[...], tile_best)
   m = m_ref[...]
-  m_new = jnp.maximum(m, jnp.max(scaled, axis=1, keepdims=True))
-  s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(scaled - m_new), 0.0), axis=1,
+  m_new = jnp.maximum(m, jnp.max(raw, axis=1, keepdims=True))
+  s_ref[...] = s_ref[...] * jnp.exp(m - m_new) + jnp.sum(jnp.where(valid, jnp.exp(raw - m_new), 0.0), axis=1,
                                                          keepdims=True)
   m_ref[...] = m_new
 

@@ -3,6 +3,7 @@ draw exactly the naive Gumbel-max's ids for the same noise, with the same probab
 tempered softmax (chi-square at fixed seeds, with the power to reject a wrong temperature); the hashed noise is
 uniform and refined near 0; the kernel lowers for CUDA."""
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,8 @@ def test_bfloat16_products_draw_as_the_reference_from_the_rounded_inputs(impl):
 @pytest.mark.parametrize("impl", ["reference", "tiled", "pallas"])
 def test_draws_follow_the_tempered_softmax(impl):
   """20,000 rows with the same hidden state: the counts of the 5 allowed classes fit softmax(logits / T) (the
-  mask class, 2, never drawn), and reject the untempered softmax."""
+  mask class, 2, never drawn), and reject the untempered softmax; the probability returned with each draw is the
+  drawn class's under the untempered softmax (what confidence ranks by), not the tempered one."""
   rows, temperature = 20000, 0.5
   h = jnp.ones((rows, 2), jnp.float32)
   w = jnp.asarray([[0.3, -0.2, 2.0, 0.1, -0.4, 0.0], [0.1, 0.2, 0.5, -0.3, 0.0, 0.05]], jnp.float32)
@@ -87,8 +89,7 @@ def test_draws_follow_the_tempered_softmax(impl):
 
   assert scipy.stats.chisquare(counts[allowed], rows * expected(temperature)).pvalue > 1e-4
   assert scipy.stats.chisquare(counts[allowed], rows * expected(1.0)).pvalue < 1e-6
-  np.testing.assert_allclose(np.asarray(p), expected(temperature)[np.searchsorted(allowed, np.asarray(ids))],
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(p), expected(1.0)[np.searchsorted(allowed, np.asarray(ids))], rtol=1e-5)
 
 
 def test_the_hashed_noise_is_uniform_and_refined_near_zero():
@@ -154,6 +155,83 @@ def test_the_sampler_with_a_fused_head_draws_the_exact_reverse_chain(impl, tempe
   assert chi_square_pvalue(counts, exact) > 1e-4, (counts / SAMPLES, exact)
   if temperature != 1.0:  # and has the power to see a temperature that is not applied
     assert chi_square_pvalue(counts, exact_distribution(proc, tables, {})) < 1e-6
+
+
+def _exact_confidence_paths(proc, tables, temperature, rank_tempered=False):
+  """P(first unmasked position, x_0) of the confidence sampler on the chain of tests/test_sampler_knobs.py
+  (L = 2), enumerated: each masked position proposes a token from its tempered prediction, and the
+  floor(frac(s) x L) proposals of lowest untempered probability p_theta(y | x_t) stay masked. With
+  ``rank_tempered`` the ranking reads the tempered probability instead (the bug this guards against). Cells:
+  ``first * V_DATA ** 2 + x0[0] * V_DATA + x0[1]``, with first = 2 when both unmask on one step."""
+  from d3pm_jax.sampling import time_grid
+  from test_sampler_knobs import EPS, LENGTH, STEPS, V_DATA, np_logits, np_shape
+  assert LENGTH == 2
+  mask = proc.mask_id
+  times = np.asarray(time_grid("uniform", STEPS), np.float64)
+  alpha = lambda t: EPS + (1.0 - 2.0 * EPS) * (1.0 - t)
+  dist = {((mask, mask), -1): 1.0}  # (state, first position unmasked: -1 none yet)
+  for i in range(STEPS, 0, -1):
+    t, s = times[i], times[i - 1]
+    keep = 0 if i == 1 else int(np.floor((1.0 - alpha(s)) / (1.0 - alpha(1.0)) * LENGTH))
+    new = {}
+    for (x_t, first), prob in dist.items():
+      logits = np_logits(tables, np.array(x_t), t)
+      masked = [n for n in range(LENGTH) if x_t[n] == mask]
+      p0 = [np.exp(z - z.max()) / np.exp(z - z.max()).sum() for z in (logits[n][:V_DATA] for n in range(LENGTH))]
+      tilde = [np_shape(p, {"temperature": temperature}) for p in p0]
+      for ys in itertools.product(range(V_DATA), repeat=len(masked)):
+        w = prob * np.prod([tilde[n][y] for n, y in zip(masked, ys)])
+        conf = [(tilde if rank_tempered else p0)[n][y] for n, y in zip(masked, ys)]
+        order = np.argsort(conf, kind="stable")  # least confident first; exact ties have probability 0 here
+        stays = {masked[k] for k in order[:keep]}
+        x_s = list(x_t)
+        for n, y in zip(masked, ys):
+          if n not in stays:
+            x_s[n] = y
+        newly = [n for n in masked if n not in stays]
+        f = first if first >= 0 or not newly else (newly[0] if len(newly) == 1 else 2)
+        new[(tuple(x_s), f)] = new.get((tuple(x_s), f), 0.0) + w
+    dist = new
+  out = np.zeros(3 * V_DATA ** LENGTH)
+  for (x, first), prob in dist.items():
+    out[first * V_DATA ** 2 + x[0] * V_DATA + x[1]] += prob
+  return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fused_and_xla_confidence_samplers_rank_by_the_untempered_probability(temperature):
+  """Confidence sampling ranks by the model's own probability, the knobs shaping only the proposals: on the
+  enumerated chain (absorbing, V = 3 + mask, L = 2, 3 steps), 20,000 samples of (which position unmasks first,
+  x_0) fit the enumeration through the XLA path and through the fused head alike (chi-square p > 1e-4), and at
+  temperatures 0.5 and 2 they reject the chain that ranks by the tempered probability (p < 1e-6). Mutation: the
+  fused head returning the tempered probability (the bug: position 0 first in 24% of rows where 3% is tempered
+  ranking's share at temperature 2, 64% at temperature 0.5)."""
+  from d3pm_jax.sampling import SampleHead, SamplerConfig, sample
+  from test_sampler_knobs import LENGTH, SAMPLES, V_DATA, build, chi_square_pvalue, make_logits_fn, network_tables
+  proc = build("absorbing")
+  own, other, timed = network_tables(proc.num_states)
+  # At t = 1 (both masked) the positions predict these: position 0's token 2 is the more probable, but position
+  # 1's is at temperature 0.5, and position 0's token 0 beats position 1's token 1 only at temperature 2.
+  timed = timed.copy()
+  for n, p in enumerate([(0.40, 0.06, 0.54), (0.002, 0.448, 0.55)]):
+    timed[n, :V_DATA] = np.log(p) - own[proc.mask_id, :V_DATA] - other[proc.mask_id, :V_DATA]
+  tables = (own, other, timed)
+  logits_fn = make_logits_fn(tables)
+  head = SampleHead(hidden_fn=_logits_as_head(logits_fn, proc.num_states), draw=fused_sample.select("tiled", tile_v=4))
+  cfg = SamplerConfig(num_steps=3, strategy="confidence", temperature=temperature, return_trajectory=True)
+  exact = _exact_confidence_paths(proc, tables, temperature)
+  tempered = _exact_confidence_paths(proc, tables, temperature, rank_tempered=True)
+  for fused in (None, head):
+    x0, traj = jax.jit(lambda key: sample(proc, logits_fn, key, SAMPLES, LENGTH, cfg, head=fused))(
+        jax.random.PRNGKey(11))
+    first_step = np.asarray(traj[0]) != proc.mask_id
+    first = np.where(first_step.all(axis=1), 2, np.argmax(first_step, axis=1))
+    x0 = np.asarray(x0)
+    counts = np.bincount(first * V_DATA ** 2 + x0[:, 0] * V_DATA + x0[:, 1], minlength=3 * V_DATA ** LENGTH)
+    assert chi_square_pvalue(counts, exact) > 1e-4, (fused is not None, counts / SAMPLES, exact)
+    if temperature != 1.0:
+      assert 0.5 * np.abs(tempered - exact).sum() > 0.2  # the two rankings differ here
+      assert counts[tempered == 0].sum() > 0 or chi_square_pvalue(counts, tempered) < 1e-6
 
 
 def test_the_confidence_sampler_with_a_fused_head_unmasks_its_schedule_by_probability():
