@@ -132,8 +132,9 @@ def ensure_evaluated(workdir: str, step: int, settings: dict, evaluator: str | N
   True."""
   path = os.path.join(workdir, "eval.json")
   wanted = {**_recorded(settings), "evaluator": os.path.abspath(evaluator) if evaluator else None}
-  if os.path.exists(path) and os.path.exists(os.path.join(workdir, "eval_windows.npz")):
-    with open(path) as f:
+  windows = os.path.join(workdir, "eval_windows.npz")
+  if os.path.exists(path) and os.path.exists(windows) and "documents" in np.load(windows).files:
+    with open(path) as f:  # (an evaluation from before windows recorded their documents is done again)
       old = json.load(f)
     same_evaluator = (evaluator is None or
                       old.get("generation", {}).get("evaluator", {}).get("checkpoint_step") == evaluator_step)
@@ -150,7 +151,8 @@ def _recorded(settings: dict) -> dict:
 
 def paired_difference(workdir: str, reference: str, bound: str = "nats", reference_bound: str = "nats") -> dict | None:
   """The run's bound minus the reference's, in bits per byte (per token where bytes are tokens), over the
-  windows both evaluated, with the 95% interval of the paired difference; None without two common windows.
+  windows both evaluated, with the 95% interval of the paired difference (paired per window, clustered by the
+  windows' documents as ``evaluate.summarize`` is); None without two common windows.
   ``bound`` picks the per-window nats of ``eval_windows.npz``: ``nats`` (the headline bound) or
   ``continuous_nats``."""
   a = np.load(os.path.join(workdir, "eval_windows.npz"))
@@ -160,9 +162,10 @@ def paired_difference(workdir: str, reference: str, bound: str = "nats", referen
   keep = ~np.isnan(nats_a) & ~np.isnan(nats_b)
   if keep.sum() < 2:
     return None
-  value, half = evaluate.ratio_mean_interval(nats_a[keep] - nats_b[keep], a["bytes"][ia][keep])
+  units, by_document = evaluate.interval_units(int(keep.sum()), a["documents"][ia][keep])
+  value, half = evaluate.ratio_mean_interval(nats_a[keep] - nats_b[keep], a["bytes"][ia][keep], units)
   return {"bits_per_byte": value / math.log(2.0), "bits_per_byte_95": half / math.log(2.0),
-          "windows": int(keep.sum())}
+          "windows": int(keep.sum()), "documents": int(np.unique(units).size) if by_document else None}
 
 
 # ---------------------------------------------------------------- the comparison
@@ -227,16 +230,34 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
       run["exact_minus_continuous"] = paired_difference(run["workdir"], run["workdir"], "nats", "continuous_nats")
       run["continuous_versus_reference"] = paired_difference(run["workdir"], os.path.join(workdir, reference),
                                                              "continuous_nats", "nats")
-  summary = {"runs": runs, "reference": reference, "machine": machine, "evaluator": scorer,
-             "validation_unigram_entropy": val_entropy,
+  summary = {"runs": runs, "run_order": list(runs), "reference": reference, "machine": machine,
+             "evaluator": scorer, "validation_unigram_entropy": val_entropy,
              "differences": differences(configs), "eval_settings": _recorded(settings)}
   curves = {name: _validation_curve(run["workdir"], configs[name]) for name, run in runs.items()}
   write_plots(workdir, results, curves)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(format_report(summary, results))
+  for name, result in results.items():  # the figures behind the report, beside it
+    with open(os.path.join(workdir, f"{name}.eval.json"), "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(render_report(workdir))
   return summary
+
+
+def render_report(directory: str) -> str:
+  """``report.md`` rendered from the files ``compare`` writes beside it: ``compare.json`` and each run's
+  ``<name>.eval.json``, the runs in their order. The published report is this function of the published JSON,
+  so a test can check that no cell of it has drifted from the code."""
+  with open(os.path.join(directory, "compare.json")) as f:
+    summary = json.load(f)
+  order = summary.get("run_order") or sorted(summary["runs"])
+  summary["runs"] = {name: summary["runs"][name] for name in order}
+  results = {}
+  for name in order:
+    with open(os.path.join(directory, f"{name}.eval.json")) as f:
+      results[name] = json.load(f)
+  return format_report(summary, results)
 
 
 def _validation_curve(workdir: str, config) -> dict:
@@ -270,10 +291,15 @@ def _interval(value, half, digits=4):
   return f"{value:.{digits}f} ± {half:.{digits}f}"
 
 
+def _counts(windows: int, documents: int | None) -> str:
+  return f"{windows} windows" + (f", {documents} documents" if documents is not None else "")
+
+
 def _versus(paired: dict | None) -> str:
   if not paired:
     return "-"
-  return _interval(paired["bits_per_byte"], paired["bits_per_byte_95"]) + f" ({paired['windows']} windows)"
+  return (_interval(paired["bits_per_byte"], paired["bits_per_byte_95"])
+          + f" ({_counts(paired['windows'], paired.get('documents'))})")
 
 
 def format_report(summary: dict, results: dict) -> str:
@@ -288,15 +314,20 @@ def format_report(summary: dict, results: dict) -> str:
            f"same for every run: "
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
            f"## Likelihood on the {settings.get('split', 'validation')} split", "",
-           "± is a 95% interval over windows. The last column is the run's bound minus the reference run's "
-           f"(`{summary['reference']}`) on the same windows, with the interval of that paired difference.", "",
-           "| run | process (loss) | bound | windows | bits/byte | perplexity / token | vs reference, bits/byte |",
+           "± is a 95% interval over documents: windows cut from one document are not independent samples of "
+           "text, so the interval is cluster-robust (each document's sums are the units; Student's t with "
+           "documents - 1 degrees of freedom). The last column is the run's bound minus the reference run's "
+           f"(`{summary['reference']}`), paired window by window, with the interval of that difference over "
+           "documents.", "",
+           "| run | process (loss) | bound | windows (documents) | bits/byte | perplexity / token | "
+           "vs reference, bits/byte |",
            "|---|---|---|---|---|---|---|"]
   def likelihood_row(name, run, bound, like, vs):
     per_byte = like.get("bits_per_byte", like["bits_per_token"])
     half = like.get("bits_per_byte_95", like["bits_per_token_95"])
     lo, hi = like["perplexity_95"]
-    return (f"| {name} | {run['process']} ({run['loss']}) | {bound} | {like['sequences']} | "
+    documents = f" ({like['documents']})" if like.get("documents") is not None else ""
+    return (f"| {name} | {run['process']} ({run['loss']}) | {bound} | {like['sequences']}{documents} | "
             f"{_interval(per_byte, half)} | {like['perplexity']:.3f} [{lo:.3f}, {hi:.3f}] | {vs} |")
 
   for name, run in runs.items():
@@ -310,7 +341,8 @@ def format_report(summary: dict, results: dict) -> str:
     gap = run.get("exact_minus_continuous")
     if gap:
       lines += ["", f"`{name}`: its exact discrete-time bound minus its continuous-time bound on the same "
-                f"{gap['windows']} windows: {_interval(gap['bits_per_byte'], gap['bits_per_byte_95'])} bits/byte."]
+                f"{_counts(gap['windows'], gap.get('documents'))}: "
+                f"{_interval(gap['bits_per_byte'], gap['bits_per_byte_95'])} bits/byte."]
   lines += ["", "## Budget", "", "| run | parameters | steps | tokens seen | train wall time |", "|---|---|---|---|---|"]
   for name, run in runs.items():
     wall = f"{run['train_seconds'] / 60:.1f} min" if run.get("train_seconds") else "not recorded"

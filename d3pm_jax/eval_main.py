@@ -1,7 +1,8 @@
 """``d3pm-eval --workdir=DIR [--evaluator=AR_WORKDIR] [--time_samples K] [--batch B] [--max_windows N | --quick]``.
 
 The likelihood of a trained run on its validation split (or ``--split=test`` of prepared text8; all of it unless
-capped), with a 95% interval over sequences, and where in t the bits go; prints a table and writes ``workdir/eval.json``.
+capped), with a 95% interval over documents (``evaluate.summarize``), and where in t the bits go; prints a table
+and writes ``workdir/eval.json``.
   continuous-time models   the Monte-Carlo NELBO with K stratified times per sequence, reconstruction and prior
                            included (``evaluate.continuous_nelbo``);
   D3PM (discrete time)     the exact full-T bound (``losses.d3pm_vlb_exact``: T network calls per window, so

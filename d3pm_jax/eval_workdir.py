@@ -31,9 +31,10 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   exact bound costs T network calls per window, so it covers ``exact_windows`` of the evaluated windows (0: all)
   while its continuous-time bound covers them all. Returns (and writes to ``eval.json``, with the settings) the
   bounds' ``evaluate.summarize`` dicts, the loss by time, generation and infilling quality; the per-window nats
-  go to ``eval_windows.npz`` (``rows``, ``tokens``, ``bytes``, ``nats``: NaN where the headline bound was not
-  computed, ``continuous_nats``) so that runs can be compared window by window, and the loss by time is
-  plotted to ``loss_vs_t.png``."""
+  go to ``eval_windows.npz`` (``rows``, ``tokens``, ``bytes``, ``documents``: each window's document, ``nats``:
+  NaN where the headline bound was not computed, ``continuous_nats``) so that runs can be compared window by
+  window, and the loss by time is plotted to ``loss_vs_t.png``. Intervals are over documents
+  (``evaluate.summarize``)."""
   if time_samples < 1 or batch < 1 or max_windows < 0 or exact_windows < 0:
     raise ValueError(f"time_samples and batch must be >= 1 and max_windows, exact_windows >= 0; got "
                      f"{time_samples}, {batch}, {max_windows}, {exact_windows}")
@@ -48,8 +49,65 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir, eval_split=split)
   model = Transformer(config.model)
   process = state.build_process(config.process, config.model)
+  first_bound, exact = window_bounds(config, model, process, time_samples)
   pcfg = config.process
-  # Packed rows (segment ids) keep the network's attention within each document.
+  rows = pipeline.spread_rows(data.val_windows.shape[0], max_windows)
+  windows, weights = data.val_windows[rows], data.val_weights[rows].astype(np.float32)
+  segments = None if data.val_segments is None else data.val_segments[rows]
+  tokens = weights.sum(axis=1)
+  documents = None if data.val_documents is None else data.val_documents[rows]
+  byte_counts = evaluate.window_bytes(data.tokenizer, windows, weights) if data.tokenizer is not None else None
+  key = jax.random.PRNGKey(seed)
+  first = _per_window(first_bound, params, key, windows, weights, segments,
+                      batch, progress, "exact NLL" if pcfg.is_autoregressive else "continuous bound")
+  nats = first["nelbo"]
+  result = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "process": pcfg.name,
+            "loss": pcfg.loss, "settings": settings, "windows": len(rows),
+            "split_windows": int(data.val_windows.shape[0]), "seq_len": config.data.seq_len,
+            "bound": {"ar": "exact NLL", "d3pm": f"exact discrete-time VLB (T = {pcfg.num_steps})"}.get(
+                pcfg.loss, f"continuous NELBO ({pcfg.loss}, K = {time_samples})")}
+  if pcfg.loss == "d3pm":
+    result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts, documents)
+    subset = pipeline.spread_rows(len(rows), exact_windows)
+    exact_nats = _per_window(exact, params, jax.random.fold_in(key, 1), windows[subset], weights[subset],
+                             None if segments is None else segments[subset], batch, progress,
+                             f"exact VLB, T = {pcfg.num_steps} calls per window")["nelbo"]
+    nats = np.full(len(rows), np.nan)
+    nats[subset] = exact_nats
+    result["exact_windows"] = len(subset)
+  kept = ~np.isnan(nats)
+  result["likelihood"] = evaluate.summarize(nats[kept], tokens[kept],
+                                            None if byte_counts is None else byte_counts[kept],
+                                            None if documents is None else documents[kept])
+  if "times_KxB" in first:
+    result["loss_by_time"] = evaluate.loss_by_time(first["times_KxB"], first["integrand_KxB"], tokens, num_bins)
+    plots.loss_by_time(os.path.join(workdir, "loss_vs_t.png"), {os.path.basename(workdir.rstrip("/")) or workdir:
+                                                                result["loss_by_time"]})
+  np.savez(os.path.join(workdir, "eval_windows.npz"), rows=rows, tokens=tokens, nats=nats,
+           bytes=tokens if byte_counts is None else byte_counts, continuous_nats=first["nelbo"],
+           documents=np.arange(len(rows)) if documents is None else documents)
+  scorer = load_evaluator(config, evaluator) if evaluator else None
+  if scorer is not None:
+    result["generation"], _ = generation_quality(config, model, process, params, scorer,
+                                                 [int(k) for k in sample_steps], num_samples, seed)
+  if process is not None and infill_windows > 0:
+    span_length = infill_length or max(1, config.data.seq_len // 8)
+    span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
+    result["infilling"] = infilling_quality(
+        config, model, process, params, data, span_start=span_start, span_length=span_length,
+        num_steps=infill_steps, num_windows=infill_windows, evaluator=scorer, seed=seed)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  return result
+
+
+def window_bounds(config, model, process, time_samples: int):
+  """The per-window bounds ``evaluate_workdir`` reports, as ``(first, exact)`` functions ``fn(params, key,
+  x0_BxL, weights_BxL, segments_BxL or None) -> {'nelbo': nats [B], ...}``: ``first`` is the AR baseline's exact
+  NLL or the continuous-time NELBO (``evaluate.continuous_nelbo``, K = ``time_samples``; the CTMC form for a
+  D3PM run), ``exact`` the discrete-time D3PM bound at the config's T (None for other losses). Packed rows'
+  segment ids reach the network, so a row scores as its documents apart."""
+  pcfg = config.process
   logits_fn = lambda params, segments, x_t, t_B: model.apply({"params": params}, x_t, t_B, segments_BxL=segments)
 
   def ar_nll(params, key, x0_BxL, weights_BxL, segments_BxL):
@@ -66,57 +124,13 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
     return {"nelbo": losses.d3pm_vlb_exact(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,
                                            pcfg.num_steps, weights_BxL)}
 
-  rows = pipeline.spread_rows(data.val_windows.shape[0], max_windows)
-  windows, weights = data.val_windows[rows], data.val_weights[rows].astype(np.float32)
-  segments = None if data.val_segments is None else data.val_segments[rows]
-  tokens = weights.sum(axis=1)
-  byte_counts = evaluate.window_bytes(data.tokenizer, windows, weights) if data.tokenizer is not None else None
-  key = jax.random.PRNGKey(seed)
-  first = _per_window(ar_nll if pcfg.is_autoregressive else continuous, params, key, windows, weights, segments,
-                      batch, progress, "exact NLL" if pcfg.is_autoregressive else "continuous bound")
-  nats = first["nelbo"]
-  result = {"workdir": os.path.abspath(workdir), "checkpoint_step": int(step), "process": pcfg.name,
-            "loss": pcfg.loss, "settings": settings, "windows": len(rows),
-            "split_windows": int(data.val_windows.shape[0]), "seq_len": config.data.seq_len,
-            "bound": {"ar": "exact NLL", "d3pm": f"exact discrete-time VLB (T = {pcfg.num_steps})"}.get(
-                pcfg.loss, f"continuous NELBO ({pcfg.loss}, K = {time_samples})")}
-  if pcfg.loss == "d3pm":
-    result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts)
-    subset = pipeline.spread_rows(len(rows), exact_windows)
-    exact_nats = _per_window(exact, params, jax.random.fold_in(key, 1), windows[subset], weights[subset],
-                             None if segments is None else segments[subset], batch, progress,
-                             f"exact VLB, T = {pcfg.num_steps} calls per window")["nelbo"]
-    nats = np.full(len(rows), np.nan)
-    nats[subset] = exact_nats
-    result["exact_windows"] = len(subset)
-  kept = ~np.isnan(nats)
-  result["likelihood"] = evaluate.summarize(nats[kept], tokens[kept],
-                                            None if byte_counts is None else byte_counts[kept])
-  if "times_KxB" in first:
-    result["loss_by_time"] = evaluate.loss_by_time(first["times_KxB"], first["integrand_KxB"], tokens, num_bins)
-    plots.loss_by_time(os.path.join(workdir, "loss_vs_t.png"), {os.path.basename(workdir.rstrip("/")) or workdir:
-                                                                result["loss_by_time"]})
-  np.savez(os.path.join(workdir, "eval_windows.npz"), rows=rows, tokens=tokens, nats=nats,
-           bytes=tokens if byte_counts is None else byte_counts, continuous_nats=first["nelbo"])
-  scorer = load_evaluator(config, evaluator) if evaluator else None
-  if scorer is not None:
-    result["generation"], _ = generation_quality(config, model, process, params, scorer,
-                                                 [int(k) for k in sample_steps], num_samples, seed)
-  if process is not None and infill_windows > 0:
-    span_length = infill_length or max(1, config.data.seq_len // 8)
-    span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
-    result["infilling"] = infilling_quality(
-        config, model, process, params, data, span_start=span_start, span_length=span_length,
-        num_steps=infill_steps, num_windows=infill_windows, evaluator=scorer, seed=seed)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
-  return result
+  return (ar_nll if pcfg.is_autoregressive else continuous), (exact if pcfg.loss == "d3pm" else None)
 
 
 def _per_window(fn, params, key, windows_NxL, weights_NxL, segments_NxL, batch: int, progress, label: str) -> dict:
   """``fn(params, key, x0_BxL, weights_BxL, segments_BxL or None) -> {name: [..., B]}`` over all windows in whole
-  batches of one compiled shape (the last padded with weight-0 rows, then dropped); arrays concatenated on their
-  last axis in float64."""
+  batches of one compiled shape (the last padded with weight-0 rows, then dropped), the batch of windows
+  ``[i, i + batch)`` with key ``fold_in(key, i)``; arrays concatenated on their last axis in float64."""
   step_fn = jax.jit(fn)
   n = len(windows_NxL)
   pad = lambda a: None if a is None else np.concatenate([a, np.zeros((-n % batch, a.shape[1]), a.dtype)])
@@ -211,11 +225,13 @@ def format_table(result: dict) -> str:
     return (f"{name:<34s} {s['bits_per_token']:.4f} ± {s['bits_per_token_95']:.4f}  {per_byte:>17s}  "
             f"{s['perplexity']:9.3f} [{lo:.3f}, {hi:.3f}]")
 
+  like_all = result["likelihood" if "continuous_bound" not in result else "continuous_bound"]
   lines = [f"d3pm-eval {result['workdir']}: step {result['checkpoint_step']}, {result['process']} "
            f"({result['loss']}), {result['windows']} of {result['split_windows']} "
            f"{result['settings'].get('split', 'validation')} windows, "
-           f"{result['likelihood' if 'continuous_bound' not in result else 'continuous_bound']['tokens']} tokens; ± is a "
-           f"95% interval over sequences",
+           f"{like_all['tokens']} tokens"
+           + (f", {like_all['documents']} documents" if like_all.get("documents") is not None else "")
+           + f"; ± is a 95% interval over {like_all.get('interval_over', 'sequences')}",
            f"{'bound':<34s} {'bits/token':>17s}  {'bits/byte':>17s}  {'perplexity (per token)':>26s}",
            row(result["bound"][:34], result["likelihood"])]
   if "exact_windows" in result and result["exact_windows"] < result["windows"]:

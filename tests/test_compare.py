@@ -3,6 +3,7 @@ unfinished run, writes the tables and three real PNGs, and a second run (here th
 evaluates nothing, checked through the runs' step counters and logs rather than timing."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from d3pm_jax import checkpoints, compare, evaluate, train
 
 from test_train import ROOT, experiment
 
-CONFIGS = [str(ROOT / "configs" / "test.py"), str(ROOT / "configs" / "test.py") + ":autoregressive"]
+CONFIGS = [str(ROOT / "configs" / "test.py"), str(ROOT / "configs" / "test.py") + ":autoregressive",
+           str(ROOT / "configs" / "test.py") + ":absorbing_d3pm"]
 OVERRIDES = ["train.eval_every=2"]
 SETTINGS = {"max_windows": 24, "batch": 8, "time_samples": 2, "sample_steps": [2, 4], "num_samples": 4,
             "infill_windows": 4, "infill_steps": 4}
@@ -75,9 +77,31 @@ def test_paired_difference_is_the_difference_on_common_windows(compared):
   diff = a["nats"] - b["nats"]
   per_window = diff / a["bytes"]
   assert versus["bits_per_byte_95"] == pytest.approx(
-      evaluate.ratio_mean_interval(diff, a["bytes"])[1] / np.log(2.0), rel=1e-9)
+      evaluate.ratio_mean_interval(diff, a["bytes"], a["documents"])[1] / np.log(2.0), rel=1e-9)
   assert versus["bits_per_byte_95"] < ea["bits_per_byte_95"] + eb["bits_per_byte_95"]
   assert np.std(per_window) > 0
+
+
+def test_a_d3pm_run_reports_exact_minus_continuous_and_its_continuous_bound_on_every_window(compared):
+  """The D3PM run (exact bound on all 24 windows here): the gap line is its exact bound minus its continuous
+  bound, window by window over the bytes (recomputed from eval_windows.npz), and its continuous-time row and
+  paired difference cover every evaluated window. Mutations: the gap's sign reversed; the continuous row read
+  from the exact subset."""
+  workdir, summary, _ = compared
+  run = summary["runs"]["test_absorbing_d3pm"]
+  saved = np.load(os.path.join(workdir, "test_absorbing_d3pm", "eval_windows.npz"))
+  gap = run["exact_minus_continuous"]
+  assert gap["windows"] == 24
+  assert gap["bits_per_byte"] == pytest.approx(
+      (saved["nats"] - saved["continuous_nats"]).sum() / saved["bytes"].sum() / np.log(2.0), rel=1e-9)
+  assert run["continuous_versus_reference"]["windows"] == 24
+  result = json.load(open(os.path.join(workdir, "test_absorbing_d3pm", "eval.json")))
+  assert result["continuous_bound"]["sequences"] == 24
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert re.search(r"\| test_absorbing_d3pm \| absorbing \(d3pm\) \| continuous-time bound \(ctmc, K = 2\) \| "
+                   r"24 \(\d+\) \|", report)
+  assert ("`test_absorbing_d3pm`: its exact discrete-time bound minus its continuous-time bound on the same 24 "
+          "windows") in report
 
 
 def test_report_has_the_tables_and_real_plots(compared):
@@ -85,7 +109,7 @@ def test_report_has_the_tables_and_real_plots(compared):
   report = open(os.path.join(workdir, "report.md")).read()
   for heading in ("## Likelihood on the validation split", "## Budget", "## Generation", "## Infilling"):
     assert heading in report
-  assert "| test_autoregressive | autoregressive (ar) | exact NLL | 24 |" in report
+  assert re.search(r"\| test_autoregressive \| autoregressive \(ar\) \| exact NLL \| 24 \(\d+\) \|", report)
   assert "| test | 2 |" in report and "| test | 4 |" in report  # gen-ppl at both step counts
   assert "| test | confidence |" in report and "(reference)" in report
   for name in compare.PLOTS:
@@ -146,9 +170,10 @@ def test_paired_difference_uses_common_windows_and_the_chosen_bound(tmp_path):
   a.mkdir(), b.mkdir()
   np.savez(a / "eval_windows.npz", rows=np.array([0, 2, 4, 6]), bytes=np.array([10, 20, 30, 40]),
            nats=np.array([5.0, np.nan, 9.0, 12.0]), continuous_nats=np.array([4.0, 6.0, 8.0, 11.0]),
-           tokens=np.array([10, 20, 30, 40]))
+           tokens=np.array([10, 20, 30, 40]), documents=np.arange(4))
   np.savez(b / "eval_windows.npz", rows=np.array([2, 4, 6, 8]), bytes=np.array([20, 30, 40, 50]),
-           nats=np.array([3.0, 7.0, 7.0, 1.0]), continuous_nats=np.full(4, np.nan), tokens=np.array([20, 30, 40, 50]))
+           nats=np.array([3.0, 7.0, 7.0, 1.0]), continuous_nats=np.full(4, np.nan), tokens=np.array([20, 30, 40, 50]),
+           documents=np.arange(4))
   headline = compare.paired_difference(str(a), str(b))  # rows 4 and 6 (row 2 is NaN in a)
   assert headline["windows"] == 2
   assert headline["bits_per_byte"] == pytest.approx(((9 - 7) + (12 - 7)) / 70 / np.log(2))

@@ -116,3 +116,39 @@ def test_generation_is_scored_by_the_evaluator(trained):
     assert got["samples_per_second"] > 0 and 0 < got["unigram_entropy"] <= 8
   with pytest.raises(ValueError, match="must be an autoregressive baseline's workdir"):
     load_evaluator(config, workdir)
+
+
+def test_the_d3pm_figures_are_the_public_losses_at_the_runs_T(trained):
+  """``evaluate_workdir``'s D3PM figures recomputed through the public functions at the evaluator's keys (the
+  batch of windows [i, i + batch) at ``fold_in(key, i)``, the exact bound's under ``fold_in(key, 1)``): the exact
+  bound is ``losses.d3pm_vlb_exact`` at the run's T = 50, the label says so, and the same windows at T = 25 give
+  another figure; the continuous bound is ``evaluate.continuous_nelbo``. Mutation: evaluating at another T than
+  the config's (the label would still say 50)."""
+  import jax
+  from d3pm_jax import evaluate, losses, state
+  from d3pm_jax.data import pipeline
+  workdir = trained["absorbing_d3pm"]
+  result = evaluate_workdir(workdir, batch=8, max_windows=16, exact_windows=8, time_samples=2, infill_windows=0)
+  assert result["bound"] == "exact discrete-time VLB (T = 50)"
+  config = checkpoints.load_experiment(workdir)
+  params, _ = checkpoints.restore_params(workdir, config)
+  model, process = Transformer(config.model), state.build_process(config.process, config.model)
+  data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir)
+  rows = pipeline.spread_rows(len(data.val_windows), 16)
+  windows, weights = jnp.asarray(data.val_windows[rows]), jnp.asarray(data.val_weights[rows])
+  logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
+  key = jax.random.PRNGKey(0)
+  subset = pipeline.spread_rows(16, 8)
+
+  def exact_bits(num_steps):
+    nats = losses.d3pm_vlb_exact(process, logits_fn, jax.random.fold_in(jax.random.fold_in(key, 1), 0),
+                                 windows[subset], num_steps, weights[subset])
+    return float(nats.sum() / weights[subset].sum() / math.log(2.0))
+
+  assert result["likelihood"]["bits_per_token"] == pytest.approx(exact_bits(50), rel=1e-5)
+  assert abs(exact_bits(25) - exact_bits(50)) > 1e-3
+  continuous = sum(float(evaluate.continuous_nelbo(process, logits_fn, jax.random.fold_in(key, i), windows[i:i + 8],
+                                                   num_time_samples=2, kind="ctmc",
+                                                   weights_BxL=weights[i:i + 8])["nelbo"].sum()) for i in (0, 8))
+  assert result["continuous_bound"]["bits_per_token"] == pytest.approx(
+      continuous / float(weights.sum()) / math.log(2.0), rel=1e-5)

@@ -7,17 +7,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 
 from d3pm_jax import evaluate, get_schedule, losses, make_process
 from d3pm_jax.data.synthetic import MarkovSource
 
 
 def test_equal_weights_give_the_standard_error_of_the_mean():
+  """Equal weights: the t interval of a mean (t with N - 1 degrees of freedom), per sequence and, with equal
+  documents, over the documents' means."""
   rng = np.random.default_rng(0)
   values = rng.normal(10.0, 3.0, 500)
   ratio, half = evaluate.ratio_mean_interval(values, np.full(500, 4.0))
   assert ratio == pytest.approx(values.mean() / 4.0, rel=1e-12)
-  assert half == pytest.approx(1.959963984540054 * values.std(ddof=1) / math.sqrt(500) / 4.0, rel=1e-12)
+  assert half == pytest.approx(scipy.stats.t.ppf(0.975, 499) * values.std(ddof=1) / math.sqrt(500) / 4.0, rel=1e-12)
+  means = values.reshape(50, 10).mean(axis=1)  # 50 documents of 10 sequences each
+  _, half = evaluate.ratio_mean_interval(values, np.full(500, 4.0), np.repeat(np.arange(50), 10))
+  assert half == pytest.approx(scipy.stats.t.ppf(0.975, 49) * means.std(ddof=1) / math.sqrt(50) / 4.0, rel=1e-12)
+
+
+def test_intervals_clustered_by_document_cover_where_per_window_ones_do_not():
+  """2,000 simulated validation splits shaped like the stdlib one (34 documents of log-normal sizes, the three
+  largest holding 49% of 2,397 windows; window lengths 60-128 tokens): each document has its own difficulty
+  (sd 0.15 nats per token) on top of per-window noise. The interval clustered by document covers the true rate
+  in 93-97% of them (binomial sd 0.5%), the per-window interval in under a fifth. Mutations: ignoring the
+  documents; dropping the small-sample corrections (leverage and effective degrees of freedom: 87%)."""
+  rng = np.random.default_rng(1)
+  sizes = np.maximum(1, np.round(np.exp(rng.normal(3.5, 1.3, 34)))).astype(int)
+  documents = np.repeat(np.arange(34), sizes)
+  assert documents.size == 2397 and np.sort(sizes)[-3:].sum() / sizes.sum() > 0.48
+  rate, clustered, per_window = 1.5, 0, 0
+  for _ in range(2000):
+    effect = rng.normal(0.0, 0.15, 34)
+    tokens = rng.integers(60, 129, documents.size).astype(float)
+    nats = tokens * (rate + effect[documents]) + rng.normal(0.0, 8.0, documents.size)
+    ratio, half = evaluate.ratio_mean_interval(nats, tokens, documents)
+    clustered += abs(ratio - rate) <= half
+    ratio, half = evaluate.ratio_mean_interval(nats, tokens)
+    per_window += abs(ratio - rate) <= half
+  assert 0.93 <= clustered / 2000 <= 0.97, clustered / 2000
+  assert per_window / 2000 < 0.2, per_window / 2000
+
+
+def test_summarize_counts_documents_and_falls_back_to_windows_for_one_stream():
+  nats, tokens = np.array([10.0, 14.0, 9.0, 13.0]), np.array([5, 7, 4, 6])
+  by_document = evaluate.summarize(nats, tokens, documents_N=[0, 0, 1, 1])
+  assert (by_document["documents"], by_document["interval_over"], by_document["sequences"]) == (2, "documents", 4)
+  # Two documents, so t with 1 degree of freedom on the documents' sums: wider than over four windows.
+  per_window = evaluate.summarize(nats, tokens)
+  assert by_document["bits_per_token_95"] > per_window["bits_per_token_95"]
+  one_stream = evaluate.summarize(nats, tokens, documents_N=[3, 3, 3, 3])  # text8: one document per split
+  assert (one_stream["documents"], one_stream["interval_over"]) == (None, "sequences")
+  assert one_stream["bits_per_token_95"] == per_window["bits_per_token_95"]
 
 
 def test_ratio_interval_covers_the_true_ratio_95_percent_of_the_time():

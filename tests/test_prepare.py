@@ -26,7 +26,8 @@ SPLITS = {"train": (0, 4000), "validation": (4000, 4600), "test": (4600, 5200)}
 def test_the_stdlib_default_reads_its_own_prepared_shards_with_the_corpus_windows(tmp_path, monkeypatch):
   """The default (no prepared_dir) reads the stdlib corpus through the prepared format, prepared once into the
   cache: its windows and batches are the corpus's files, as bytes, concatenated and cut in memory here, and the
-  same as a d3pm-prepare directory's; a second build reuses the cache."""
+  same as a d3pm-prepare directory's, each validation window knowing its file; a second build reuses the
+  cache."""
   corpus = stdlib.read_corpus(20)
   expected = {split: pipeline.pack([np.frombuffer(c, np.uint8) for c in contents], 64)
               for split, (_, contents) in corpus.items()}
@@ -35,6 +36,11 @@ def test_the_stdlib_default_reads_its_own_prepared_shards_with_the_corpus_window
   assert default.info["prepared_dir"].startswith(pipeline.cache_root())
   np.testing.assert_array_equal(default.val_windows, expected["validation"][0])
   np.testing.assert_array_equal(default.val_weights, expected["validation"][1])
+  # Each validation window's document is the file holding its first byte.
+  ends = np.cumsum([len(c) for c in corpus["validation"][1]])
+  np.testing.assert_array_equal(default.val_documents,
+                                np.searchsorted(ends, np.arange(len(default.val_windows)) * 64, side="right"))
+  assert default.val_documents.max() == len(corpus["validation"][0]) - 1
   in_memory = pipeline.train_batches(train_windows, 8, 3)
   assert len(default.train_batches) == len(in_memory)
   prepare.prepare_stdlib(str(tmp_path), seq_len=64)

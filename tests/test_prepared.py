@@ -105,3 +105,24 @@ def test_unprepared_or_incomplete_directories_are_refused(tmp_path):
   with pytest.raises(ValueError, match="unknown packing 'pack'; valid"):
     prepared.Packer(16, "pack")
   assert os.path.exists(tmp_path / "metadata.json")
+
+
+@pytest.mark.parametrize("packing", prepared.PACKING)
+def test_every_row_knows_the_document_of_its_first_token(packing, tmp_path):
+  """Independent oracle: the document index of each row's first token, from the documents' lengths (and the
+  separators) for stream/packed rows, from the row count of each document for padded rows; the split's
+  ``documents()`` reads the same back. Mutation: numbering by the row's last token, or padded rows all 0."""
+  docs = random_documents(6, 120)
+  separator = 0 if packing != "padded" else None
+  seq_len = 16
+  rows, packer = pack_all(docs, seq_len, packing, separator, chunk=13)
+  if packing == "padded":
+    expected = np.repeat(np.arange(len(docs)), [-(-d.size // seq_len) for d in docs])
+  else:
+    ends = np.cumsum([d.size + (separator is not None) for d in docs])
+    expected = np.searchsorted(ends, np.arange(len(rows)) * seq_len, side="right")
+  np.testing.assert_array_equal(packer.row_documents(), expected)
+  assert len(np.unique(expected)) < len(docs) < len(rows) or packing == "padded"  # rows do start mid-document
+  info = prepared.prepare_split(str(tmp_path), "validation", docs, seq_len, packing, separator, chunk=13)
+  prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing, "splits": {"validation": info}})
+  np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").documents(), expected)

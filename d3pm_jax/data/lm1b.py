@@ -172,6 +172,26 @@ class WordPieceTokenizer(tokenizers.HuggingFaceTokenizer):
   def files(self) -> list[str]:
     return [self.path]
 
+  def text_bytes(self, ids) -> int:
+    """The bytes of the normalised text the ids stand for (lower-cased, accents stripped, and CJK characters
+    split into words of their own by BERT's pre-tokenizer: all that WordPiece ids can express; LM1B's English
+    text is unchanged but for its case): each piece's own bytes (``##`` continuations without the marks), and
+    the space before a piece that starts a word after another piece of its sentence; ``[CLS]``, ``[SEP]`` and
+    ``[PAD]`` mark sentences and count 0. A window that starts mid-sentence does not count the space before its
+    first word."""
+    total, previous_piece = 0, False
+    for i in (int(i) for i in np.asarray(ids).ravel()):
+      if i in self._special:
+        previous_piece = False
+        continue
+      piece = self._tok.id_to_token(i)
+      if piece is None:
+        raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got {i}")
+      continuation = piece.startswith("##")
+      total += len((piece[2:] if continuation else piece).encode("utf-8")) + (previous_piece and not continuation)
+      previous_piece = True
+    return total
+
   def decode(self, ids) -> bytes:
     ids = [int(i) for i in np.asarray(ids).ravel()]
     if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):

@@ -130,6 +130,18 @@ class Gpt2Tokenizer(tokenizers.HuggingFaceTokenizer):
   def decode(self, ids) -> bytes:
     return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
 
+  def token_bytes(self) -> np.ndarray:
+    """int64 ``[V]``: the bytes each id stands for. A byte-level BPE piece is written in GPT-2's printable
+    alphabet (one character per byte), so its byte count is its length in that alphabet; ``<|endoftext|>`` and any
+    other special token separate documents and stand for no text (0)."""
+    if getattr(self, "_token_bytes", None) is None:
+      table = np.zeros(self.vocab_size, np.int64)
+      special = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {EOS}
+      for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+        table[i] = 0 if piece in special else len(piece)
+      self._token_bytes = table
+    return self._token_bytes
+
   @property
   def files(self) -> list[str]:
     return list(self._files)

@@ -63,6 +63,7 @@ class Data:
   val_weights: np.ndarray           # [N, L]
   info: dict
   val_segments: np.ndarray | None = None   # [N, L] segment ids of packed rows (0: padding); None: one text per row
+  val_documents: np.ndarray | None = None  # [N] the document of each window's first token (intervals cluster by it)
 
 
 def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
@@ -198,13 +199,14 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   usable = len(train)
   if not segmented and usable and train[usable - 1][1].min() == 0:
     usable -= 1
-  val = prepared.PreparedSplit(config.prepared_dir, eval_split).read_all()
+  val_split = prepared.PreparedSplit(config.prepared_dir, eval_split)
+  val = val_split.read_all()
   tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
   return Data(tokenizer=tok, train_batches=train_batches(PreparedRows(train, usable, segmented), batch_size, seed),
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
-              val_segments=val[:, 1] if segmented else None)
+              val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents())
 
 
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None,
@@ -231,8 +233,10 @@ def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | No
   train_windows = train_windows[train_weights.min(axis=1) > 0]  # training drops the one padded window
   val_windows, val_weights = pack(encoded["validation"], config.seq_len)
   info.update(train_windows=int(train_windows.shape[0]), validation_windows=int(val_windows.shape[0]))
+  # Every validation window is an independent sample of the source: each its own document.
   return Data(tokenizer=tok, train_batches=train_batches(train_windows, batch_size, seed),
-              val_windows=val_windows, val_weights=val_weights, info=info)
+              val_windows=val_windows, val_weights=val_weights, info=info,
+              val_documents=np.arange(val_windows.shape[0]))
 
 
 def vocab_size_of(data: Data, config: DataConfig) -> int:

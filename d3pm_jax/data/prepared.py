@@ -18,7 +18,10 @@ separators in ``stream``/``packed`` mode).
 
 ``metadata.json`` holds the format version, the data set, ``seq_len``, the packing mode, the tokenizer (kind,
 vocabulary size and a SHA-256 fingerprint of its file or definition) and per split the rows, tokens, documents
-and shard files. Reading needs only grain and array_record, never TensorFlow.
+and shard files. Beside each split's shards, ``{split}-documents.npy`` gives every row its document: the index
+(in the split's document order) of the document holding the row's first token, so that evaluation can cluster
+its intervals by document (windows of one document are not independent samples of text). Reading needs only
+grain and array_record, never TensorFlow.
 """
 from __future__ import annotations
 
@@ -30,14 +33,15 @@ import numpy as np
 
 from d3pm_jax.files import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row documents
 PACKING = ("stream", "packed", "padded")
 METADATA = "metadata.json"
 
 
 class Packer:
   """Turns a stream of documents (int token arrays) into rows ``[N, 2, L]`` (tokens, segment ids), chunk by
-  chunk: ``add(documents)`` returns the rows completed so far, ``finish()`` the padded last one."""
+  chunk: ``add(documents)`` returns the rows completed so far, ``finish()`` the padded last one.
+  ``row_documents()`` is the document of every row returned so far (that of its first token)."""
 
   def __init__(self, seq_len: int, packing: str, separator: int | None = None):
     if packing not in PACKING:
@@ -51,6 +55,7 @@ class Packer:
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
     self.documents = 0
     self.tokens = 0
+    self._row_documents: list[np.ndarray] = []
 
   def add(self, documents: Iterable) -> np.ndarray:
     docs = [np.asarray(d, np.int32).ravel() for d in documents]
@@ -74,6 +79,10 @@ class Packer:
     self._tokens, self._docs = np.zeros(0, np.int32), np.zeros(0, np.int64)
     return rows
 
+  def row_documents(self) -> np.ndarray:
+    """int64 ``[rows]``: the document index of each row's first token, for every row emitted so far."""
+    return np.concatenate(self._row_documents) if self._row_documents else np.zeros(0, np.int64)
+
   def _rows(self, tokens, doc_ids) -> np.ndarray:
     """Rows of ``tokens`` (a whole number of rows, or the final partial one, zero-padded)."""
     n = -(-tokens.size // self.seq_len)
@@ -86,12 +95,14 @@ class Packer:
     tokens_flat, segments_flat = np.zeros(n * self.seq_len, np.int32), np.zeros(n * self.seq_len, np.int32)
     tokens_flat[:tokens.size], segments_flat[:tokens.size] = tokens, segments
     out[:, 0], out[:, 1] = tokens_flat.reshape(n, self.seq_len), segments_flat.reshape(n, self.seq_len)
+    self._row_documents.append(np.asarray(doc_ids[::self.seq_len], np.int64))
     return out
 
   def _padded(self, docs) -> np.ndarray:
     """Each document from the start of a fresh row (one document: segment 1), wrapping onto as many rows as it
     needs."""
-    rows = [self._rows(d, np.zeros(d.size, np.int64)) for d in docs if d.size]
+    first = self.documents - len(docs)
+    rows = [self._rows(d, np.full(d.size, first + i, np.int64)) for i, d in enumerate(docs) if d.size]
     return np.concatenate(rows) if rows else np.zeros((0, 2, self.seq_len), np.int32)
 
 
@@ -145,6 +156,7 @@ class PreparedSplit:
       raise ValueError(f"{prepared_dir} has no split {split!r}; it has {sorted(self.metadata['splits'])}")
     info = self.metadata["splits"][split]
     self.seq_len = int(self.metadata["seq_len"])
+    self._dir, self._documents_file = prepared_dir, info.get("row_documents", f"{split}-documents.npy")
     paths = [os.path.join(prepared_dir, name) for name in info["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
     if len(self._source) != info["rows"]:
@@ -156,6 +168,10 @@ class PreparedSplit:
 
   def __getitem__(self, index: int) -> np.ndarray:
     return np.frombuffer(self._source[index], np.int32).reshape(2, self.seq_len)
+
+  def documents(self) -> np.ndarray:
+    """int64 ``[rows]``: each row's document (that of its first token), as ``Packer.row_documents`` made it."""
+    return np.load(os.path.join(self._dir, self._documents_file)).astype(np.int64)
 
   def read_all(self) -> np.ndarray:
     """Every row, ``[rows, 2, L]``, read in bulk (one read per record costs ~15x as much)."""
@@ -197,4 +213,9 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
       batch = []
   writer.write(packer.add(batch))
   writer.write(packer.finish())
-  return {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents)}
+  documents_file = f"{split}-documents.npy"
+  row_documents = packer.row_documents()
+  np.save(os.path.join(out_dir, documents_file),
+          row_documents.astype(np.int32 if packer.documents < 2 ** 31 else np.int64))
+  return {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents),
+          "row_documents": documents_file}

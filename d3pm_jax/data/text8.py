@@ -37,6 +37,9 @@ class Text8Tokenizer:
   def fingerprint(self) -> str:
     return hashlib.sha256(b"text8-chars:" + ALPHABET).hexdigest()
 
+  def text_bytes(self, ids) -> int:
+    return int(np.size(ids))  # every character is one ASCII byte
+
 
 def read_splits(zip_path: str, split_chars: dict | None = None) -> dict:
   """``{split: bytes}`` from ``text8.zip`` (its one member, ``text8``). ``split_chars`` (default: the standard

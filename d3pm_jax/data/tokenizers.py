@@ -1,9 +1,12 @@
 """Tokenizers that round-trip bytes exactly: raw bytes (256 symbols) and a locally trained sentencepiece model
 (text8's characters, GPT-2's BPE and BERT's WordPiece live beside their data sets).
 
-Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``) and a
-``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. The corpus is handled as bytes, so a
-file that is not valid UTF-8 still round-trips.
+Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``), a
+``fingerprint()`` (a SHA-256 of its definition) that prepared shards record, and ``text_bytes(ids)``: how many
+bytes of the original UTF-8 text the ids stand for, the denominator of bits per byte. It counts each token's own
+bytes, so a character cut by a window edge counts the bytes on each side, not a replacement character's three,
+and separators the tokenizer adds (GPT-2's ``<|endoftext|>``, BERT's ``[CLS]``/``[SEP]``) count 0. The corpus
+is handled as bytes, so a file that is not valid UTF-8 still round-trips.
 """
 from __future__ import annotations
 
@@ -50,6 +53,14 @@ class HuggingFaceTokenizer:
   def encode_batch(self, texts) -> list:
     return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
 
+  def text_bytes(self, ids) -> int:
+    """The sum of the ids' byte counts (``token_bytes``)."""
+    ids = np.asarray(ids, np.int64).ravel()
+    table = self.token_bytes()
+    if ids.size and (ids.min() < 0 or ids.max() >= table.size):
+      raise ValueError(f"{self.name} ids must lie in [0, {table.size}); got min {ids.min()}, max {ids.max()}")
+    return int(table[ids].sum())
+
 
 class ByteTokenizer:
   """Each byte is a token: vocab 256, lossless for any input."""
@@ -67,6 +78,9 @@ class ByteTokenizer:
     if ids.size and (ids.min() < 0 or ids.max() > 255):
       raise ValueError(f"byte ids must lie in [0, 256); got min {ids.min()}, max {ids.max()}")
     return ids.astype(np.uint8).tobytes()
+
+  def text_bytes(self, ids) -> int:
+    return int(np.size(ids))
 
 
 @dataclasses.dataclass
@@ -113,6 +127,10 @@ class SentencePieceTokenizer:
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise ValueError(f"sentencepiece ids must lie in [0, {self.vocab_size}); got min {ids.min()}, max {ids.max()}")
     return b"".join(self._piece_bytes[i] for i in ids.tolist())
+
+  def text_bytes(self, ids) -> int:
+    """The decoded bytes: exact here (identity normalisation, no dummy prefix, byte pieces are raw bytes)."""
+    return len(self.decode(ids))
 
   def _tables(self):
     self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
