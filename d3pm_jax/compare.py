@@ -28,6 +28,7 @@ from d3pm_jax.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer, count_params
 
 PLOTS = ("val_loss_vs_tokens.png", "gen_ppl_vs_steps.png", "loss_vs_t.png")
+FRONTIER_PLOT = "frontier.png"  # when the runs were evaluated with frontier=True
 
 
 # ---------------------------------------------------------------- configs
@@ -122,6 +123,8 @@ def eval_settings_with_defaults(given: dict) -> dict:
   out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty and k != "evaluator"}
   out.update(given)
   out["sample_steps"] = [int(k) for k in out["sample_steps"]]
+  for key in ("frontier_temperatures", "frontier_top_p"):  # as evaluate_workdir records them
+    out[key] = [float(x) for x in out[key]]
   return out
 
 
@@ -285,6 +288,9 @@ def write_plots(workdir: str, results: dict, curves: dict) -> None:
                             colors)
   plots.loss_by_time(os.path.join(workdir, PLOTS[2]),
                      {name: r["loss_by_time"] for name, r in results.items() if "loss_by_time" in r}, colors)
+  frontiers = {name: r["frontier"] for name, r in results.items() if "frontier" in r}
+  if frontiers:
+    plots.frontier(os.path.join(workdir, FRONTIER_PLOT), frontiers, colors)
 
 
 def _interval(value, half, digits=4):
@@ -366,6 +372,30 @@ def format_report(summary: dict, results: dict) -> str:
         lo, hi = g["gen_ppl_95"]
         lines.append(f"| {name} | {steps} | {g['gen_ppl']:.2f} [{lo:.2f}, {hi:.2f}] | {g['unigram_entropy']:.3f} | "
                      f"{g['samples_per_second']:.2f} |")
+  frontiers = {n: r["frontier"] for n, r in results.items() if "frontier" in r}
+  if frontiers:
+    first = next(iter(frontiers.values()))
+    lines += ["", "## Generative frontiers", "",
+              f"One gen-ppl at one temperature ranks samplers unfairly: a lower temperature buys gen-ppl with "
+              f"diversity. Each run sampled {first['samples']} sequences at every temperature of "
+              f"{sorted({p['temperature'] for p in first['points']})} (nucleus 1) and every nucleus p of "
+              f"{sorted({p['top_p'] for p in first['points'] if p['top_p'] < 1})} (temperature 1), "
+              f"{first['steps']} steps for diffusion runs; the table reads each run's temperature frontier at the "
+              f"validation text's own unigram entropy ({first['data_entropy']:.3f} bits), interpolating log gen-ppl "
+              "between the two sweep points that bracket it (`frontier.png`)."]
+    if "evaluator_own_samples" in first:
+      own = first["evaluator_own_samples"]
+      lines.append(f"The AR evaluator's own samples at temperature 1 score gen-ppl {own['gen_ppl']:.2f} at entropy "
+                   f"{own['unigram_entropy']:.3f} bits.")
+    lines += ["", "| run | gen-ppl at the data's entropy | entropy swept (bits) | gen-ppl at temperature 1 |",
+              "|---|---|---|---|"]
+    for name, fr in frontiers.items():
+      at = fr["gen_ppl_at_data_entropy"]
+      tempered = [p for p in fr["points"] if p["top_p"] == 1.0]
+      low, high = min(p["unigram_entropy"] for p in tempered), max(p["unigram_entropy"] for p in tempered)
+      plain = next((p["gen_ppl"] for p in tempered if p["temperature"] == 1.0), None)
+      lines.append(f"| {name} | {f'{at:.2f}' if at is not None else 'outside the sweep'} | "
+                   f"{low:.3f} - {high:.3f} | {f'{plain:.2f}' if plain is not None else '-'} |")
   infill = {n: r["infilling"] for n, r in results.items() if "infilling" in r}
   if infill:
     first = next(iter(infill.values()))
@@ -378,5 +408,6 @@ def format_report(summary: dict, results: dict) -> str:
       for strategy, e in inf["by_strategy"].items():
         ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
         lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {ppl} |")
-  lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS] + [""]
+  shown = PLOTS + ((FRONTIER_PLOT,) if frontiers else ())
+  lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in shown] + [""]
   return "\n".join(lines)

@@ -3,8 +3,9 @@
 Trains each config into ``DIR/<config name>`` at its own budget (a finished run is reused, an unfinished one
 resumed from its checkpoint), evaluates every run with the same ``d3pm-eval`` settings (the flags below; an
 evaluation of the same checkpoint with the same settings is reused), and writes ``DIR/report.md`` with the tables
-and the PNG plots beside it (validation loss vs tokens seen, generative perplexity vs sampling steps, loss vs t),
-plus ``DIR/compare.json``. Samples are scored by the autoregressive run among the configs (else ``--evaluator``).
+and the PNG plots beside it (validation loss vs tokens seen, generative perplexity vs sampling steps, loss vs t,
+and with ``--frontier`` every run's generative frontier on one plot, read at the data's entropy), plus
+``DIR/compare.json`` and each run's ``DIR/<name>.eval.json``, from which the report renders. Samples are scored by the autoregressive run among the configs (else ``--evaluator``).
 Running it again trains and evaluates nothing. Every config must read the same data; what else differs between
 them is listed in the report. Runs on one process.
 """

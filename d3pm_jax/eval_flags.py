@@ -23,6 +23,13 @@ _INFILL_WINDOWS = flags.DEFINE_integer("infill_windows", 64, "Windows for infill
 _INFILL_START = flags.DEFINE_integer("infill_start", -1, "First held-out position (-1: centre the span).")
 _INFILL_LENGTH = flags.DEFINE_integer("infill_length", 0, "Held-out span length (0: an eighth of the window).")
 _INFILL_STEPS = flags.DEFINE_integer("infill_steps", 64, "Sampling steps for infilling.")
+_FRONTIER = flags.DEFINE_bool("frontier", False, "Also sweep temperature and nucleus p and report the generative "
+                               "frontier (gen-ppl vs unigram entropy; needs an evaluator).")
+_FRONTIER_TEMPERATURES = flags.DEFINE_list("frontier_temperatures", ["0.7", "0.8", "0.9", "1.0", "1.1", "1.25"],
+                                           "Temperatures of the frontier sweep (at nucleus 1).")
+_FRONTIER_TOP_P = flags.DEFINE_list("frontier_top_p", ["0.8", "0.9", "0.95"],
+                                    "Nucleus p values of the frontier sweep (at temperature 1).")
+_FRONTIER_STEPS = flags.DEFINE_integer("frontier_steps", 64, "Sampling steps of the frontier's diffusion samples.")
 _SPLIT = flags.DEFINE_string("split", "validation", "The held-out split to evaluate on: validation, or a prepared "
                              "data set's other splits (text8: test, where its published figures are).")
 
@@ -35,7 +42,15 @@ def eval_kwargs() -> dict:
     steps = [int(k) for k in _SAMPLE_STEPS.value]
   except ValueError as e:
     raise ValueError(f"--sample_steps must be integers; got {_SAMPLE_STEPS.value}") from e
-  return {"time_samples": 4 if quick else _TIME_SAMPLES.value, "batch": _BATCH.value,
+  try:
+    temperatures = [float(x) for x in _FRONTIER_TEMPERATURES.value]
+    top_ps = [float(x) for x in _FRONTIER_TOP_P.value]
+  except ValueError as e:
+    raise ValueError(f"--frontier_temperatures and --frontier_top_p must be numbers; got "
+                     f"{_FRONTIER_TEMPERATURES.value}, {_FRONTIER_TOP_P.value}") from e
+  return {"frontier": _FRONTIER.value, "frontier_temperatures": temperatures, "frontier_top_p": top_ps,
+          "frontier_steps": 8 if quick else _FRONTIER_STEPS.value,
+          "time_samples": 4 if quick else _TIME_SAMPLES.value, "batch": _BATCH.value,
           "max_windows": 64 if quick else _MAX_WINDOWS.value, "exact_windows": 16 if quick else _EXACT_WINDOWS.value,
           "use_ema": _EMA.value, "seed": _SEED.value, "num_bins": _BINS.value, "sample_steps": steps,
           "num_samples": 4 if quick else _NUM_SAMPLES.value, "infill_windows": 8 if quick else _INFILL_WINDOWS.value,

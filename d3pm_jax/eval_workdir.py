@@ -23,11 +23,14 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                      exact_windows: int = 0, use_ema: bool = False, seed: int = 0, num_bins: int = 10,
                      progress=None, evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32,
                      infill_windows: int = 64, infill_start: int = -1, infill_length: int = 0,
-                     infill_steps: int = 64, split: str = "validation") -> dict:
+                     infill_steps: int = 64, split: str = "validation", frontier: bool = False,
+                     frontier_temperatures=(0.7, 0.8, 0.9, 1.0, 1.1, 1.25), frontier_top_p=(0.8, 0.9, 0.95),
+                     frontier_steps: int = 64) -> dict:
   """Evaluates ``workdir``'s latest checkpoint on a held-out ``split`` of its data (``validation``; a prepared
   data set may also have ``test``), ``max_windows`` spread over it (0: all),
   its samples under ``evaluator`` (an AR baseline's workdir) when given, and infilling of a held-out span
-  (default: the middle eighth of ``infill_windows`` windows; not for the AR baseline). A discrete-time D3PM run's
+  (default: the middle eighth of ``infill_windows`` windows; not for the AR baseline), and with ``frontier`` its
+  generative frontier (``generation_frontier``, plotted to ``frontier.png``). A discrete-time D3PM run's
   exact bound costs T network calls per window, so it covers ``exact_windows`` of the evaluated windows (0: all)
   while its continuous-time bound covers them all. Returns (and writes to ``eval.json``, with the settings) the
   bounds' ``evaluate.summarize`` dicts, the loss by time, generation and infilling quality; the per-window nats
@@ -43,7 +46,11 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
               "evaluator": os.path.abspath(evaluator) if evaluator else None,
               "sample_steps": [int(k) for k in sample_steps], "num_samples": num_samples,
               "infill_windows": infill_windows, "infill_start": infill_start, "infill_length": infill_length,
-              "infill_steps": infill_steps, "split": split}
+              "infill_steps": infill_steps, "split": split, "frontier": frontier,
+              "frontier_temperatures": [float(x) for x in frontier_temperatures],
+              "frontier_top_p": [float(x) for x in frontier_top_p], "frontier_steps": frontier_steps}
+  if frontier and not evaluator:
+    raise ValueError("--frontier scores samples: it needs --evaluator (an AR baseline's workdir on the same data)")
   config = checkpoints.load_experiment(workdir)
   params, step = checkpoints.restore_params(workdir, config, use_ema)
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir, eval_split=split)
@@ -90,6 +97,14 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   if scorer is not None:
     result["generation"], _ = generation_quality(config, model, process, params, scorer,
                                                  [int(k) for k in sample_steps], num_samples, seed)
+  if scorer is not None and frontier:
+    result["frontier"] = generation_frontier(
+        config, model, process, params, scorer, frontier_steps, frontier_temperatures, frontier_top_p,
+        num_samples, seed, data_entropy=sampling.unigram_entropy(data.val_windows[data.val_weights > 0],
+                                                                 config.model.vocab_size),
+        evaluator_workdir=evaluator)
+    plots.frontier(os.path.join(workdir, "frontier.png"),
+                   {os.path.basename(workdir.rstrip("/")) or workdir: result["frontier"]})
   if process is not None and infill_windows > 0:
     span_length = infill_length or max(1, config.data.seq_len // 8)
     span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
@@ -192,6 +207,40 @@ def generation_quality(config, model, process, params, evaluator, step_counts, n
   return out, samples
 
 
+def generation_frontier(config, model, process, params, evaluator, steps: int, temperatures, top_ps,
+                        num_samples: int, seed: int = 0, data_entropy: float | None = None,
+                        evaluator_workdir: str | None = None) -> dict:
+  """Generative perplexity against the samples' unigram entropy as temperature sweeps (at nucleus 1) and as the
+  nucleus sweeps (at temperature 1): a lower temperature buys gen-ppl with diversity, so one point ranks samplers
+  unfairly, and a frontier compares them at equal entropy. ``steps`` sampling steps (an AR model decodes one
+  token per step). Returns the points, ``data_entropy`` (the validation text's unigram entropy), the gen-ppl
+  interpolated along the temperature frontier at that entropy (``evaluate.frontier_at_entropy``; None outside
+  the swept range), and with ``evaluator_workdir`` the AR evaluator's own samples at temperature 1, scored by
+  itself: the marks a sampler's frontier is read against."""
+  score, num_tokens, info = evaluator
+  length = config.data.seq_len
+  sweeps = [(float(t), 1.0) for t in temperatures] + [(1.0, float(p)) for p in top_ps if p < 1.0]
+  points = []
+  for k, (temperature, top_p) in enumerate(sweeps):
+    sampler = state.make_sampler(config, model, process, length if process is None else steps, num_samples,
+                                 temperature=temperature, top_p=top_p)
+    tokens = np.asarray(sampler(params, jax.random.PRNGKey(seed + 1000 + k)))
+    points.append({"temperature": temperature, "top_p": top_p,
+                   **evaluate.generative_perplexity(tokens, score, num_tokens)})
+  out = {"steps": length if process is None else steps, "samples": num_samples, "points": points,
+         "evaluator": info, "data_entropy": data_entropy}
+  tempered = [(p["unigram_entropy"], p["gen_ppl"]) for p in points if p["top_p"] == 1.0]
+  out["gen_ppl_at_data_entropy"] = (None if data_entropy is None else
+                                    evaluate.frontier_at_entropy(tempered, data_entropy))
+  if evaluator_workdir:
+    ev_config = checkpoints.load_experiment(evaluator_workdir)
+    ev_params, _ = checkpoints.restore_params(evaluator_workdir, ev_config)
+    ev_sampler = state.make_sampler(ev_config, Transformer(ev_config.model), None, length, num_samples)
+    own = np.asarray(ev_sampler(ev_params, jax.random.PRNGKey(seed + 999)))
+    out["evaluator_own_samples"] = evaluate.generative_perplexity(own, score, num_tokens)
+  return out
+
+
 def infilling_quality(config, model, process, params, data, *, span_start: int, span_length: int, num_steps: int,
                       num_windows: int, evaluator=None, seed: int = 0) -> dict:
   """Fills a held-out span of ``num_windows`` unpadded one-document validation windows (spread over the split)
@@ -246,6 +295,20 @@ def format_table(result: dict) -> str:
       lo, hi = g["gen_ppl_95"]
       lines.append(f"  {steps:>5s} steps: gen-ppl {g['gen_ppl']:9.3f} [{lo:.3f}, {hi:.3f}], unigram entropy "
                    f"{g['unigram_entropy']:.3f} bits, {g['samples_per_second']:.2f} samples/s")
+  if "frontier" in result:
+    fr = result["frontier"]
+    lines.append(f"frontier at {fr['steps']} steps, {fr['samples']} samples each (validation text's unigram entropy "
+                 f"{fr['data_entropy']:.3f} bits):")
+    for p in fr["points"]:
+      lines.append(f"  temperature {p['temperature']:.2f}, top_p {p['top_p']:.2f}: gen-ppl {p['gen_ppl']:9.3f}, "
+                   f"unigram entropy {p['unigram_entropy']:.3f} bits")
+    at = fr["gen_ppl_at_data_entropy"]
+    lines.append("  gen-ppl at the data's entropy: " + (f"{at:.3f}" if at is not None else
+                                                         "outside the swept range"))
+    if "evaluator_own_samples" in fr:
+      own = fr["evaluator_own_samples"]
+      lines.append(f"  the evaluator's own samples: gen-ppl {own['gen_ppl']:.3f}, unigram entropy "
+                   f"{own['unigram_entropy']:.3f} bits")
   if "infilling" in result:
     inf = result["infilling"]
     for strategy, entry in inf["by_strategy"].items():

@@ -149,6 +149,21 @@ def generative_perplexity(tokens_NxL, evaluator_nll_fn, vocab_size: int) -> dict
           "unigram_entropy": sampling.unigram_entropy(tokens, vocab_size), "samples": int(tokens.shape[0])}
 
 
+def frontier_at_entropy(points, entropy: float) -> float | None:
+  """Generative perplexity at unigram ``entropy`` along a sampler's frontier: ``points`` are ``(entropy,
+  gen_ppl)`` pairs from a sweep of temperature (or nucleus), sorted by entropy and interpolated linearly in
+  log gen-ppl between the two that bracket ``entropy``; None when no two do. Comparing samplers at the data's own
+  entropy removes the trade a lower temperature makes of diversity for gen-ppl."""
+  pairs = sorted((float(h), float(p)) for h, p in points)
+  for (h0, p0), (h1, p1) in zip(pairs, pairs[1:]):
+    if h0 <= entropy <= h1:
+      if h1 == h0:
+        return math.exp((math.log(p0) + math.log(p1)) / 2)
+      w = (entropy - h0) / (h1 - h0)
+      return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
+  return None
+
+
 def window_bytes(tokenizer, tokens_NxL, weights_NxL=None) -> np.ndarray:
   """The bytes of original text each window stands for ``[N]`` (padding, weight 0, excluded): the denominator of
   bits per byte, so byte-level and subword models compare on the same text. ``tokenizer.text_bytes`` counts each

@@ -1,5 +1,5 @@
 """PNG plots of evaluations (matplotlib, no display needed): validation loss vs tokens seen, generative perplexity
-vs sampling steps, and the loss by diffusion time. Each takes ``{run name: data}`` and writes one file; ``colors``
+vs sampling steps, the loss by diffusion time, and generative frontiers (gen-ppl vs unigram entropy). Each takes ``{run name: data}`` and writes one file; ``colors``
 (``{run name: colour}``, e.g. from ``run_colors``) keeps a run's colour the same across plots."""
 from __future__ import annotations
 
@@ -71,3 +71,27 @@ def loss_by_time(path: str, by_run: dict, colors: dict | None = None) -> None:
     for name, bins in by_run.items():
       centres = [(a + b) / 2 for a, b in zip(bins["edges"], bins["edges"][1:])]
       ax.plot(centres, bins["bits_per_token"], marker="o", label=name, color=colors[name])
+
+
+def frontier(path: str, by_run: dict, colors: dict | None = None) -> None:
+  """``by_run``: ``{name: eval_workdir.generation_frontier(...)}``: gen-ppl against unigram entropy, one line per
+  run through its temperature sweep (dashed: its nucleus sweep), the validation text's entropy as a vertical line
+  and the AR evaluator's own samples as a star."""
+  colors = colors or run_colors(by_run)
+  with _figure(path, "Generative frontier: gen-ppl vs unigram entropy of the samples",
+               "unigram entropy of the samples (bits)", "generative perplexity under the AR evaluator") as ax:
+    marks = None
+    for name, fr in by_run.items():
+      for top_p_sweep, style in ((False, "-"), (True, "--")):
+        pts = sorted((p["unigram_entropy"], p["gen_ppl"]) for p in fr["points"] if (p["top_p"] < 1.0) == top_p_sweep
+                     or (top_p_sweep and p["top_p"] == 1.0 and p["temperature"] == 1.0))
+        if len(pts) > 1 or (pts and not top_p_sweep):
+          ax.plot(*zip(*pts), style, marker="o" if not top_p_sweep else ".", color=colors[name],
+                  label=name if not top_p_sweep else None)
+      marks = marks or fr
+    if marks is not None and marks.get("data_entropy") is not None:
+      ax.axvline(marks["data_entropy"], color="k", ls=":", label="validation text's entropy")
+    if marks is not None and "evaluator_own_samples" in marks:
+      own = marks["evaluator_own_samples"]
+      ax.plot([own["unigram_entropy"]], [own["gen_ppl"]], "k*", markersize=12, label="AR evaluator's own samples")
+    ax.set(yscale="log")

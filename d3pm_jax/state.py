@@ -140,17 +140,19 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   return {"loss": out["nelbo"], **out}
 
 
-def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None):
+def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None,
+                 temperature: float = 1.0, top_p: float = 1.0):
   """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
-  autoregressive baseline (``sampling``). With parameters spread over several processes, pass a replicated
-  ``out_sharding`` so every process can read the tokens."""
+  autoregressive baseline (``sampling``), at ``temperature`` and nucleus ``top_p``. With parameters spread over
+  several processes, pass a replicated ``out_sharding`` so every process can read the tokens."""
   length = config.data.seq_len
+  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps, temperature=temperature, top_p=top_p)
   if process is None:
     bos = model.config.vocab_size - 1
-    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos),
+    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos,
+                                                                      sampler_cfg),
                    out_shardings=out_sharding)
 
-  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps)
 
   def sample(params, key):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)

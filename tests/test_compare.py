@@ -19,7 +19,8 @@ CONFIGS = [str(ROOT / "configs" / "test.py"), str(ROOT / "configs" / "test.py") 
            str(ROOT / "configs" / "test.py") + ":absorbing_d3pm"]
 OVERRIDES = ["train.eval_every=2"]
 SETTINGS = {"max_windows": 24, "batch": 8, "time_samples": 2, "sample_steps": [2, 4], "num_samples": 4,
-            "infill_windows": 4, "infill_steps": 4}
+            "infill_windows": 4, "infill_steps": 4, "frontier": True, "frontier_temperatures": [0.8, 1.2],
+            "frontier_top_p": [0.9], "frontier_steps": 4}
 
 
 def counters(workdir):
@@ -112,9 +113,15 @@ def test_report_has_the_tables_and_real_plots(compared):
   assert re.search(r"\| test_autoregressive \| autoregressive \(ar\) \| exact NLL \| 24 \(\d+\) \|", report)
   assert "| test | 2 |" in report and "| test | 4 |" in report  # gen-ppl at both step counts
   assert "| test | confidence |" in report and "(reference)" in report
-  for name in compare.PLOTS:
+  for name in compare.PLOTS + (compare.FRONTIER_PLOT,):
     assert f"]({name})" in report
     assert_real_png(os.path.join(workdir, name))
+  # The frontier section has a row per run, and its figures are the eval.json ones.
+  assert "## Generative frontiers" in report
+  for name in ("test", "test_autoregressive", "test_absorbing_d3pm"):
+    fr = json.load(open(os.path.join(workdir, name, "eval.json")))["frontier"]
+    assert [(p["temperature"], p["top_p"]) for p in fr["points"]] == [(0.8, 1.0), (1.2, 1.0), (1.0, 0.9)]
+    assert f"| {name} | " in report.split("## Generative frontiers")[1]
 
 
 def assert_real_png(path):
