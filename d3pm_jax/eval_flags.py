@@ -25,7 +25,7 @@ _INFILL_LENGTH = flags.DEFINE_integer("infill_length", 0, "Held-out span length 
 _INFILL_STEPS = flags.DEFINE_integer("infill_steps", 64, "Sampling steps for infilling.")
 _FRONTIER = flags.DEFINE_bool("frontier", False, "Also sweep temperature and nucleus p and report the generative "
                                "frontier (gen-ppl vs unigram entropy; needs an evaluator).")
-_FRONTIER_TEMPERATURES = flags.DEFINE_list("frontier_temperatures", ["0.7", "0.8", "0.9", "1.0", "1.1", "1.25"],
+_FRONTIER_TEMPERATURES = flags.DEFINE_list("frontier_temperatures", ["0.7", "0.85", "1.0", "1.15", "1.3", "1.5"],
                                            "Temperatures of the frontier sweep (at nucleus 1).")
 _FRONTIER_TOP_P = flags.DEFINE_list("frontier_top_p", ["0.8", "0.9", "0.95"],
                                     "Nucleus p values of the frontier sweep (at temperature 1).")

@@ -24,7 +24,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                      progress=None, evaluator: str | None = None, sample_steps=(16, 64, 256), num_samples: int = 32,
                      infill_windows: int = 64, infill_start: int = -1, infill_length: int = 0,
                      infill_steps: int = 64, split: str = "validation", frontier: bool = False,
-                     frontier_temperatures=(0.7, 0.8, 0.9, 1.0, 1.1, 1.25), frontier_top_p=(0.8, 0.9, 0.95),
+                     frontier_temperatures=(0.7, 0.85, 1.0, 1.15, 1.3, 1.5), frontier_top_p=(0.8, 0.9, 0.95),
                      frontier_steps: int = 64) -> dict:
   """Evaluates ``workdir``'s latest checkpoint on a held-out ``split`` of its data (``validation``; a prepared
   data set may also have ``test``), ``max_windows`` spread over it (0: all),
@@ -88,6 +88,9 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                                             None if documents is None else documents[kept])
   if "times_KxB" in first:
     result["loss_by_time"] = evaluate.loss_by_time(first["times_KxB"], first["integrand_KxB"], tokens, num_bins)
+    # The reconstruction term's share of the continuous bound (what training must include to minimise it).
+    denominator = tokens if byte_counts is None else byte_counts
+    result["reconstruction_bits_per_byte"] = float(first["recon"].sum() / denominator.sum() / np.log(2.0))
     plots.loss_by_time(os.path.join(workdir, "loss_vs_t.png"), {os.path.basename(workdir.rstrip("/")) or workdir:
                                                                 result["loss_by_time"]})
   np.savez(os.path.join(workdir, "eval_windows.npz"), rows=rows, tokens=tokens, nats=nats,
@@ -133,7 +136,8 @@ def window_bounds(config, model, process, time_samples: int):
     out = evaluate.continuous_nelbo(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,
                                     num_time_samples=time_samples, kind="ctmc" if pcfg.loss == "d3pm" else pcfg.loss,
                                     weights_BxL=weights_BxL)
-    return {"nelbo": out["nelbo"], "times_KxB": out["times_KxB"], "integrand_KxB": out["integrand_KxB"]}
+    return {"nelbo": out["nelbo"], "recon": out["recon"], "times_KxB": out["times_KxB"],
+            "integrand_KxB": out["integrand_KxB"]}
 
   def exact(params, key, x0_BxL, weights_BxL, segments_BxL):
     return {"nelbo": losses.d3pm_vlb_exact(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,

@@ -116,6 +116,9 @@ def test_report_has_the_tables_and_real_plots(compared):
   for name in compare.PLOTS + (compare.FRONTIER_PLOT,):
     assert f"]({name})" in report
     assert_real_png(os.path.join(workdir, name))
+  # The reconstruction term of each continuous bound is shown (absorbing: ~eps of the bits, so near 0).
+  recon = json.load(open(os.path.join(workdir, "test", "eval.json")))["reconstruction_bits_per_byte"]
+  assert 0 <= recon < 0.01 and f"`test` {recon:.4f}" in report
   # The frontier section has a row per run, and its figures are the eval.json ones.
   assert "## Generative frontiers" in report
   for name in ("test", "test_autoregressive", "test_absorbing_d3pm"):

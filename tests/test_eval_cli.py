@@ -84,13 +84,17 @@ def test_d3pm_run_reports_its_exact_bound_and_the_continuous_bound(trained):
 
 def test_cli_prints_the_table(trained):
   out = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", f"--workdir={trained['absorbing_d3pm']}",
-                        "--quick", f"--evaluator={trained['autoregressive']}", "--sample_steps=2,4"],
+                        "--quick", f"--evaluator={trained['autoregressive']}", "--sample_steps=2,4", "--frontier",
+                        "--frontier_temperatures=0.9,1.1", "--frontier_top_p=0.9"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exact discrete-time VLB (T = 50)" in out.stdout and "continuous-time bound (ctmc)" in out.stdout
   assert "64 of" in out.stdout and "scored by this project's autoregressive baseline" in out.stdout
   assert "    2 steps: gen-ppl" in out.stdout and "    4 steps: gen-ppl" in out.stdout
   assert "8 windows, 8 steps, ancestral: token accuracy" in out.stdout and ", confidence: token accuracy" in out.stdout
+  assert "frontier at 8 steps, 4 samples each" in out.stdout and "temperature 1.00, top_p 0.90: gen-ppl" in out.stdout
+  assert "gen-ppl at the data's entropy: " in out.stdout and "the evaluator's own samples: gen-ppl" in out.stdout
+  assert_real_png(os.path.join(trained["absorbing_d3pm"], "frontier.png"))
   bad = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", "--workdir=/nonexistent"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and "is /nonexistent a d3pm-train workdir" in bad.stderr
