@@ -321,8 +321,9 @@ def format_report(summary: dict, results: dict) -> str:
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
            f"## Likelihood on the {settings.get('split', 'validation')} split", "",
            "± is a 95% interval over documents: windows cut from one document are not independent samples of "
-           "text, so the interval is cluster-robust (each document's sums are the units; Student's t with "
-           "documents - 1 degrees of freedom). The last column is the run's bound minus the reference run's "
+           "text, so the interval is cluster-robust (each document's sums are the units, leverage-corrected, "
+           "with Student's t over the effective number of documents: `evaluate.ratio_mean_interval`). The last "
+           "column is the run's bound minus the reference run's "
            f"(`{summary['reference']}`), paired window by window, with the interval of that difference over "
            "documents.", "",
            "| run | process (loss) | bound | windows (documents) | bits/byte | perplexity / token | "

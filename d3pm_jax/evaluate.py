@@ -7,7 +7,8 @@ ratio estimator). The unit of sampling is the document: windows cut from one fil
 and difficulty, so they are not independent samples of text, and an interval that treated them as such would
 be too narrow as a statement about unseen text (the stdlib validation split's 7,252 windows come from 34 files,
 three of which hold half of them). Given each window's document, the interval is cluster-robust: the sums within
-each document are the units, and the quantile is Student's t with (documents - 1) degrees of freedom. Every
+each document are the units (``ratio_mean_interval``: leverage-corrected, with Student's t over the effective
+number of documents, since a few large ones carry the estimate). Every
 Monte-Carlo estimate here (random times, random x_t) is independent across windows, so the interval covers that
 noise as well as the spread of the data.
 """
@@ -22,6 +23,7 @@ import scipy.stats
 
 from d3pm_jax import _checks, losses, sampling
 from d3pm_jax.processes import AbsorbingProcess, Process
+
 
 def interval_units(num_sequences: int, documents_N=None) -> tuple[np.ndarray, bool]:
   """``(units [N], by_document)``: the unit of each sequence for an interval, its document where ``documents_N``

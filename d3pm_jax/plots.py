@@ -1,6 +1,7 @@
 """PNG plots of evaluations (matplotlib, no display needed): validation loss vs tokens seen, generative perplexity
-vs sampling steps, the loss by diffusion time, and generative frontiers (gen-ppl vs unigram entropy). Each takes ``{run name: data}`` and writes one file; ``colors``
-(``{run name: colour}``, e.g. from ``run_colors``) keeps a run's colour the same across plots."""
+vs sampling steps, the loss by diffusion time, and generative frontiers (gen-ppl vs unigram entropy). Each takes
+``{run name: data}`` and writes one file; ``colors`` (``{run name: colour}``, e.g. from ``run_colors``) keeps a
+run's colour the same across plots."""
 from __future__ import annotations
 
 import contextlib
@@ -82,12 +83,12 @@ def frontier(path: str, by_run: dict, colors: dict | None = None) -> None:
                "unigram entropy of the samples (bits)", "generative perplexity under the AR evaluator") as ax:
     marks = None
     for name, fr in by_run.items():
-      for top_p_sweep, style in ((False, "-"), (True, "--")):
-        pts = sorted((p["unigram_entropy"], p["gen_ppl"]) for p in fr["points"] if (p["top_p"] < 1.0) == top_p_sweep
-                     or (top_p_sweep and p["top_p"] == 1.0 and p["temperature"] == 1.0))
-        if len(pts) > 1 or (pts and not top_p_sweep):
-          ax.plot(*zip(*pts), style, marker="o" if not top_p_sweep else ".", color=colors[name],
-                  label=name if not top_p_sweep else None)
+      tempered = sorted((p["unigram_entropy"], p["gen_ppl"]) for p in fr["points"] if p["top_p"] == 1.0)
+      nucleus = sorted((p["unigram_entropy"], p["gen_ppl"]) for p in fr["points"] if p["temperature"] == 1.0)
+      if tempered:
+        ax.plot(*zip(*tempered), "-o", color=colors[name], label=name)
+      if len(nucleus) > 1:
+        ax.plot(*zip(*nucleus), "--.", color=colors[name])
       marks = marks or fr
     if marks is not None and marks.get("data_entropy") is not None:
       ax.axvline(marks["data_entropy"], color="k", ls=":", label="validation text's entropy")
