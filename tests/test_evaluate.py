@@ -15,7 +15,7 @@ from d3pm_jax.data.synthetic import MarkovSource
 
 def test_equal_weights_give_the_standard_error_of_the_mean():
   """Equal weights: the t interval of a mean (t with N - 1 degrees of freedom), per sequence and, with equal
-  documents, over the documents' means."""
+  documents, over the documents' means. Mutations: a normal quantile; ignoring the documents."""
   rng = np.random.default_rng(0)
   values = rng.normal(10.0, 3.0, 500)
   ratio, half = evaluate.ratio_mean_interval(values, np.full(500, 4.0))
@@ -50,6 +50,9 @@ def test_intervals_clustered_by_document_cover_where_per_window_ones_do_not():
 
 
 def test_summarize_counts_documents_and_falls_back_to_windows_for_one_stream():
+  """Two documents of two windows each: the interval is over the documents (wider here) and says so; one
+  document for the whole split (text8's single stream) falls back to windows rather than failing. Mutations:
+  ignoring ``documents_N``; refusing a single-document split."""
   nats, tokens = np.array([10.0, 14.0, 9.0, 13.0]), np.array([5, 7, 4, 6])
   by_document = evaluate.summarize(nats, tokens, documents_N=[0, 0, 1, 1])
   assert (by_document["documents"], by_document["interval_over"], by_document["sequences"]) == (2, "documents", 4)
