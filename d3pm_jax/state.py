@@ -15,8 +15,7 @@ from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
-from d3pm_jax.processes import Process, make_process
-from d3pm_jax.processes.absorbing import AbsorbingProcess
+from d3pm_jax.processes import AbsorbingProcess, Process, make_process
 from d3pm_jax.schedules import get_schedule
 from pallas_kernels import fused_ce, fused_sample
 
@@ -152,7 +151,6 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
     return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos,
                                                                       sampler_cfg),
                    out_shardings=out_sharding)
-
 
   def sample(params, key):
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
