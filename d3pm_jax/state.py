@@ -72,15 +72,25 @@ def shift_right(tokens_BxL, bos: int):
   return jnp.concatenate([jnp.full_like(tokens_BxL[:, :1], bos), tokens_BxL[:, :-1]], axis=1)
 
 
-def fused_head(model: Transformer, params, segments_BxL=None) -> losses.FusedHead | None:
+def network(model: Transformer, params, dropout_key=None):
+  """``model.apply`` with ``params`` bound: deterministic, or with ``dropout_key`` (training) the model's dropout
+  on, its masks drawn from that key. A model without dropout ignores the key, so its calls stay bit for bit the
+  same."""
+  if dropout_key is None or not model.config.has_dropout:
+    return lambda *args, **kwargs: model.apply({"params": params}, *args, **kwargs)
+  return lambda *args, **kwargs: model.apply({"params": params}, *args, deterministic=False,
+                                             rngs={"dropout": dropout_key}, **kwargs)
+
+
+def fused_head(model: Transformer, params, segments_BxL=None, dropout_key=None) -> losses.FusedHead | None:
   """The model's output head fused with the loss's cross-entropy (``model.head_impl``), or None for the plain
   XLA head (``xla``)."""
   cfg = model.config
   if cfg.head_impl == "xla":
     return None
+  apply = network(model, params, dropout_key)
   return losses.FusedHead(
-      hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, segments_BxL=segments_BxL,
-                                               head_inputs=True),
+      hidden_fn=lambda x_BxL, t_B: apply(x_BxL, t_B, segments_BxL=segments_BxL, head_inputs=True),
       weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
                                   dot_dtype=cfg.compute_dtype))
 
@@ -102,11 +112,15 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
   ``weights_BxL`` (1 real, 0 padding; default: ``segments_BxL > 0``, else all 1) removes padded positions from
   every sum. ``segments_BxL`` (packed rows) keeps the network's attention within each document, and the AR
-  baseline starts every document from the start token, so a packed row scores as its documents apart."""
+  baseline starts every document from the start token, so a packed row scores as its documents apart.
+  Training (``evaluate=False``) runs the model's dropout, if any, with masks from a key folded out of ``key``;
+  evaluation never does."""
   pcfg = config.process
   if weights_BxL is None and segments_BxL is not None:
     weights_BxL = (segments_BxL > 0).astype(jnp.float32)
-  head = fused_head(model, params, segments_BxL)
+  dropout_key = None if evaluate else jax.random.fold_in(key, 0xD120)
+  apply = network(model, params, dropout_key)
+  head = fused_head(model, params, segments_BxL, dropout_key)
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
     inputs_BxL = shift_right(x0_BxL, bos)
@@ -117,14 +131,14 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
       nll_B = head.sequence_ce(inputs_BxL, None, x0_BxL,
                                jnp.ones(x0_BxL.shape, jnp.float32) if weights_BxL is None else weights_BxL, bos)
       return {"loss": nll_B, "nelbo": nll_B}
-    logits = model.apply({"params": params}, inputs_BxL, segments_BxL=segments_BxL)
+    logits = apply(inputs_BxL, segments_BxL=segments_BxL)
     log_p = jax.nn.log_softmax(logits[..., :bos])
     nll_BxL = -jnp.take_along_axis(log_p, x0_BxL[..., None], axis=-1)[..., 0]
     nll_B = jnp.sum(nll_BxL if weights_BxL is None else nll_BxL * weights_BxL, axis=1)
     return {"loss": nll_B, "nelbo": nll_B}
 
   def logits_fn(x_t_BxL, t_B):
-    return model.apply({"params": params}, x_t_BxL, t_B, segments_BxL=segments_BxL)
+    return apply(x_t_BxL, t_B, segments_BxL=segments_BxL)
 
   if pcfg.loss == "d3pm":
     out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)

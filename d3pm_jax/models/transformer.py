@@ -24,6 +24,9 @@ EXECUTION_FIELDS = ("attention_impl", "head_impl", "head_tile", "kernel_interpre
 HEAD_IMPLS = fused_ce.IMPLS
 ATTENTION_IMPLS = attention_kernels.IMPLS
 DTYPES = ("float32", "bfloat16")
+# The GLU's gate nonlinearity: SiLU (SwiGLU; MDLM-style and this library's default), sigmoid (the original GLU of
+# Dauphin et al.; MD4), GELU (GeGLU; tanh approximation).
+MLP_ACTIVATIONS = {"silu": nn.silu, "sigmoid": nn.sigmoid, "gelu": nn.gelu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +51,25 @@ class ModelConfig:
   head_impl: str = "xla"         # the output head in the masked ELBO and the AR loss: xla | tiled | pallas
   head_tile: int = 2048          # vocabulary columns per tile of the tiled head
   kernel_interpret: bool = False  # run Pallas kernels in interpret mode (any backend; tests and debugging)
+  mlp_activation: str = "silu"   # the GLU gate: silu | sigmoid | gelu (MLP_ACTIVATIONS)
+  # Dropout, only while training (the loss's network calls; never in evaluation or sampling): ``dropout`` on the
+  # embedding output and on each residual branch's output before it is added, ``attention_dropout`` on the
+  # attention weights (the XLA attention only: the fused kernels have no dropout).
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  # GPT-2's depth-scaled init: the projections that write into the residual stream (attention out, GLU wo) start
+  # with their variance divided by 2 * num_layers, so the stream's variance at init does not grow with depth.
+  depth_scaled_init: bool = False
 
   def __post_init__(self):
     _checks.check_choice("norm", self.norm, NORMS)
+    _checks.check_choice("model.mlp_activation", self.mlp_activation, tuple(MLP_ACTIVATIONS))
+    for name in ("dropout", "attention_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"model.{name} is a rate in [0, 1); got {getattr(self, name)}")
+    if self.attention_dropout > 0 and self.attention_impl != "xla":
+      raise ValueError(f"model.attention_dropout={self.attention_dropout} needs model.attention_impl='xla': the "
+                       f"{self.attention_impl!r} kernel has no dropout (use 0, or the XLA attention)")
     _checks.check_choice("dtype", self.dtype, DTYPES)
     _checks.check_choice("model.head_impl", self.head_impl, HEAD_IMPLS)
     _checks.check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
@@ -61,6 +80,10 @@ class ModelConfig:
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(f"model.d_model={self.d_model} must split into num_heads={self.num_heads} heads of even "
                        "width (rotary embeddings rotate pairs)")
+
+  @property
+  def has_dropout(self) -> bool:
+    return self.dropout > 0 or self.attention_dropout > 0
 
   @property
   def compute_dtype(self):
@@ -120,20 +143,43 @@ def rotary(x_BxLxHxK, base: float, positions_L=None):
   return out.reshape(x_BxLxHxK.shape).astype(x_BxLxHxK.dtype)
 
 
+def dropout(x, rate: float, key):
+  """Inverted dropout: each element kept with probability 1 - rate and scaled by 1 / (1 - rate), so its expected
+  value is x; ``rate`` 0 returns x itself."""
+  if rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Dropout(nn.Module):
+  """``dropout`` with a key from the 'dropout' RNG stream; the identity when ``deterministic`` or ``rate`` is 0."""
+  rate: float
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.deterministic or self.rate == 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng("dropout"))
+
+
 def segment_mask(segments_BxL):
   """``[B, 1, L, L]`` bool: query i sees key j when both lie in the same document of a packed row (the same
   non-zero segment id); padding (segment 0) is seen by nobody."""
   return ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
 
 
-def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None):
+def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None, dropout_rate: float = 0.0,
+              dropout_key=None):
   """Softmax attention with heads moved next to the batch, so both products are plain batched matmuls, the
   1/sqrt(K) scale applied to q and the softmax normalisation applied to the [B, H, L, K] output rather than to the
   [B, H, L, L] weights. On CPU this is about 15% faster forward and backward than the XLA path of
   ``jax.nn.dot_product_attention``; ``tests/test_model.py`` checks the two agree. ``kv_valid_M`` (bool, broadcast
   against the ``[B, H, L, M]`` scores) hides keys: a KV cache's unwritten slots, or other documents of a packed
   row (``segment_mask``). A query that sees no key (padding) gets zeros, as in every kernel of
-  ``model.attention_impl``."""
+  ``model.attention_impl``. With ``dropout_key``, the weights are dropped at ``dropout_rate`` after the softmax's
+  normalisation (a dropped weight still counts in it), as in the usual dropout on attention probabilities."""
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores_BxHxLxL = jnp.matmul(q * (1.0 / math.sqrt(q.shape[-1])), jnp.swapaxes(k, -1, -2),
                               preferred_element_type=jnp.float32)
@@ -148,6 +194,8 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None):
   total = jnp.sum(weights, axis=-1, keepdims=True)
   if kv_valid_M is not None:
     total = jnp.where(total > 0, total, 1.0)
+  if dropout_key is not None:
+    weights = dropout(weights, dropout_rate, dropout_key)
   out_BxHxLxK = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
   out_BxHxLxK = out_BxHxLxK / total
   return jnp.swapaxes(out_BxHxLxK, 1, 2).astype(v.dtype)
@@ -164,14 +212,16 @@ class Linear(nn.Module):
   names: tuple[str, ...]
   dtype: jnp.dtype
   in_axes: int = 1
+  init_scale: float = 1.0        # multiplies the LeCun-normal init's variance (1 / fan_in)
 
   @nn.compact
   def __call__(self, x, return_kernel: bool = False):
     """``x @ kernel``, or with ``return_kernel`` the float32 kernel itself (for a fused head)."""
     in_shape = x.shape[-self.in_axes:]
-    kernel = self.param("kernel", _partitioned(nn.initializers.lecun_normal(in_axis=tuple(range(self.in_axes)),
-                                                                            out_axis=tuple(range(self.in_axes, len(self.names)))),
-                                               self.names),
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal",
+                                            in_axis=tuple(range(self.in_axes)),
+                                            out_axis=tuple(range(self.in_axes, len(self.names))))
+    kernel = self.param("kernel", _partitioned(init, self.names),
                         tuple(in_shape) + tuple(self.features), jnp.float32)
     if return_kernel:
       return kernel
@@ -180,11 +230,17 @@ class Linear(nn.Module):
     return y.reshape(x.shape[:-self.in_axes] + tuple(self.features))
 
 
+def residual_init_scale(cfg: ModelConfig) -> float:
+  """The init variance multiplier of a projection into the residual stream (``model.depth_scaled_init``)."""
+  return 1.0 / (2 * cfg.num_layers) if cfg.depth_scaled_init else 1.0
+
+
 class Attention(nn.Module):
   """Self-attention. With ``decode=True`` (causal models) each call takes the next token(s) and attends to a
   KV cache in the ``cache`` collection; initialising with ``decode=True`` sizes the cache from the input length."""
   config: ModelConfig
   decode: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD, segments_BxL=None):
@@ -213,17 +269,24 @@ class Attention(nn.Module):
         visible = jnp.arange(capacity)[None, :] <= positions[:, None]  # [L, M]: causal within the new tokens
         out_BxLxHxK = attention(rotary(q, cfg.rope_base, positions), cached_k.value, cached_v.value,
                                 causal=False, kv_valid_M=visible)
-        return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(
-            out_BxLxHxK)
+        return self._out(out_BxLxHxK)
     # Rotary scores depend only on the offset between positions, so row positions serve documents packed in a row.
     q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
     if cfg.attention_impl == "xla":
+      drop = not self.deterministic and cfg.attention_dropout > 0
       out_BxLxHxK = attention(q, k, v, causal=cfg.causal,
-                              kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL))
+                              kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL),
+                              dropout_rate=cfg.attention_dropout,
+                              dropout_key=self.make_rng("dropout") if drop else None)
     else:
       attend = attention_kernels.select(cfg.attention_impl, interpret=cfg.kernel_interpret)
       out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal).astype(v.dtype)
-    return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2, name="out")(out_BxLxHxK)
+    return self._out(out_BxLxHxK)
+
+  def _out(self, out_BxLxHxK):
+    cfg = self.config
+    return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2,
+                  init_scale=residual_init_scale(cfg), name="out")(out_BxLxHxK)
 
 
 class GluMlp(nn.Module):
@@ -234,16 +297,20 @@ class GluMlp(nn.Module):
     cfg = self.config
     gate = Linear((cfg.mlp_dim,), ("embed", "mlp"), cfg.compute_dtype, name="wi_gate")(x_BxLxD)
     up = Linear((cfg.mlp_dim,), ("embed", "mlp"), cfg.compute_dtype, name="wi_up")(x_BxLxD)
-    hidden = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return Linear((cfg.d_model,), ("mlp", "embed"), cfg.compute_dtype, name="wo")(hidden)
+    hidden = _constrain(MLP_ACTIVATIONS[cfg.mlp_activation](gate) * up,
+                        ("activation_batch", "activation_length", "activation_mlp"))
+    return Linear((cfg.d_model,), ("mlp", "embed"), cfg.compute_dtype, init_scale=residual_init_scale(cfg),
+                  name="wo")(hidden)
 
 
 class Block(nn.Module):
   """Pre-norm block; with a conditioning vector, adaLN-zero shifts, scales and gates both branches. ``scanned``
-  blocks return ``(x, None)``, the carry and output ``nn.scan`` expects."""
+  blocks return ``(x, None)``, the carry and output ``nn.scan`` expects. Unless ``deterministic``, each branch's
+  output is dropped out (``model.dropout``) before it joins the residual stream."""
   config: ModelConfig
   decode: bool = False
   scanned: bool = False
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None):
@@ -263,9 +330,11 @@ class Block(nn.Module):
       # The barrier makes XLA materialise the modulated input once; otherwise (on CPU) it fuses the norm and
       # modulation into each consuming matmul and recomputes them there: about 5% of a train step.
       y = module(jax.lax.optimization_barrier(y.astype(cfg.compute_dtype)), *extra)
+      y = Dropout(cfg.dropout, self.deterministic)(y)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, name="attention"), "attention_norm", *mods[:3],
+    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, self.deterministic, name="attention"), "attention_norm",
+                     *mods[:3],
                      segments_BxL)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
@@ -300,17 +369,21 @@ class Transformer(nn.Module):
   ``decode=True`` runs the causal model incrementally against a KV cache (``mutable=['cache']``).
   ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding.
   ``head_inputs=True`` returns what the output head would read instead of the logits: ``(h_BxLxD, W_DxV)`` in
-  float32, ``W`` the head's kernel with its padded columns (``padded_vocab_size``), for a fused head."""
+  float32, ``W`` the head's kernel with its padded columns (``padded_vocab_size``), for a fused head.
+  ``deterministic=False`` turns dropout on (``model.dropout``, ``model.attention_dropout``; training only): pass
+  ``rngs={'dropout': key}`` to ``apply``."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False):
+  def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False,
+               deterministic: bool = True):
     cfg = self.config
+    deterministic = deterministic or decode
     if segments_BxL is not None and decode:
       raise ValueError("segment ids are for training and scoring packed rows, not for KV-cache decoding")
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
-    x_BxLxD = _constrain(Embed(cfg, name="embed")(tokens_BxL), _RESIDUAL)
+    x_BxLxD = _constrain(Dropout(cfg.dropout, deterministic)(Embed(cfg, name="embed")(tokens_BxL)), _RESIDUAL)
     cond_BxC = None
     if cfg.time_conditioning:
       if t_B is None:
@@ -325,14 +398,16 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       # Parameters (and KV caches) gain a leading 'layers' axis of size num_layers: params["blocks"][...].
       block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-      blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+      blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = blocks(cfg, decode, scanned=True, name="blocks")(x_BxLxD, cond_BxC, segments_BxL)
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, name="blocks")(
+          x_BxLxD, cond_BxC, segments_BxL)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
-        x_BxLxD = block(cfg, decode, name=f"block_{layer}")(x_BxLxD, cond_BxC, segments_BxL)
+        x_BxLxD = block(cfg, decode, deterministic=deterministic, name=f"block_{layer}")(x_BxLxD, cond_BxC,
+                                                                                        segments_BxL)
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
       shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",
