@@ -10,6 +10,8 @@ and writes ``workdir/eval.json``.
                            beside it on every evaluated window;
   autoregressive           the exact NLL.
 Bits per byte come from each window's decoded bytes, so byte-level and subword models compare on the same text.
+Where the data set defines words (LM1B, both setups), perplexity per word is printed too: total nats over the
+held-out sentences' whitespace-separated words plus one end per sentence, D3PM's unit on LM1B.
 With ``--evaluator=AR_WORKDIR`` (this project's AR baseline on the same data), samples at each of
 ``--sample_steps`` are scored: generative perplexity with the samples' unigram entropy beside it, and samples per
 second. Infilling: a held-out span of validation windows (``--infill_start``, ``--infill_length``; default the

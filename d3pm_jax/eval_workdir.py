@@ -34,7 +34,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   exact bound costs T network calls per window, so it covers ``exact_windows`` of the evaluated windows (0: all)
   while its continuous-time bound covers them all. Returns (and writes to ``eval.json``, with the settings) the
   bounds' ``evaluate.summarize`` dicts, the loss by time, generation and infilling quality; the per-window nats
-  go to ``eval_windows.npz`` (``rows``, ``tokens``, ``bytes``, ``documents``: each window's document, ``nats``:
+  go to ``eval_windows.npz`` (``rows``, ``tokens``, ``bytes``, ``words`` where the data set defines words,
+  ``documents``: each window's document, ``nats``:
   NaN where the headline bound was not computed, ``continuous_nats``) so that runs can be compared window by
   window, and the loss by time is plotted to ``loss_vs_t.png``. Intervals are over documents
   (``evaluate.summarize``)."""
@@ -63,6 +64,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   segments = None if data.val_segments is None else data.val_segments[rows]
   tokens = weights.sum(axis=1)
   documents = None if data.val_documents is None else data.val_documents[rows]
+  words = None if data.val_words is None else data.val_words[rows]
   byte_counts = evaluate.window_bytes(data.tokenizer, windows, weights) if data.tokenizer is not None else None
   key = jax.random.PRNGKey(seed)
   first = _per_window(first_bound, params, key, windows, weights, segments,
@@ -74,7 +76,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
             "bound": {"ar": "exact NLL", "d3pm": f"exact discrete-time VLB (T = {pcfg.num_steps})"}.get(
                 pcfg.loss, f"continuous NELBO ({pcfg.loss}, K = {time_samples})")}
   if pcfg.loss == "d3pm":
-    result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts, documents)
+    result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts, documents, words)
     subset = pipeline.spread_rows(len(rows), exact_windows)
     exact_nats = _per_window(exact, params, jax.random.fold_in(key, 1), windows[subset], weights[subset],
                              None if segments is None else segments[subset], batch, progress,
@@ -85,7 +87,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   kept = ~np.isnan(nats)
   result["likelihood"] = evaluate.summarize(nats[kept], tokens[kept],
                                             None if byte_counts is None else byte_counts[kept],
-                                            None if documents is None else documents[kept])
+                                            None if documents is None else documents[kept],
+                                            None if words is None else words[kept])
   if "times_KxB" in first:
     result["loss_by_time"] = evaluate.loss_by_time(first["times_KxB"], first["integrand_KxB"], tokens, num_bins)
     # The reconstruction term's share of the continuous bound (what training must include to minimise it).
@@ -95,7 +98,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                                                                 result["loss_by_time"]})
   np.savez(os.path.join(workdir, "eval_windows.npz"), rows=rows, tokens=tokens, nats=nats,
            bytes=tokens if byte_counts is None else byte_counts, continuous_nats=first["nelbo"],
-           documents=np.arange(len(rows)) if documents is None else documents)
+           documents=np.arange(len(rows)) if documents is None else documents,
+           **({} if words is None else {"words": words}))
   scorer = load_evaluator(config, evaluator) if evaluator else None
   if scorer is not None:
     result["generation"], _ = generation_quality(config, model, process, params, scorer,
@@ -287,6 +291,11 @@ def format_table(result: dict) -> str:
            + f"; ± is a 95% interval over {like_all.get('interval_over', 'sequences')}",
            f"{'bound':<34s} {'bits/token':>17s}  {'bits/byte':>17s}  {'perplexity (per token)':>26s}",
            row(result["bound"][:34], result["likelihood"])]
+  for name, s in (("bound", result["likelihood"]), ("continuous-time bound", result.get("continuous_bound"))):
+    if s and "perplexity_per_word" in s:
+      lo, hi = s["perplexity_per_word_95"]
+      lines.append(f"  {name}, per word ({s['words']} words, each sentence's end counted as one): perplexity "
+                   f"{s['perplexity_per_word']:.3f} [{lo:.3f}, {hi:.3f}]")
   if "exact_windows" in result and result["exact_windows"] < result["windows"]:
     lines.append(f"  (the exact bound on {result['exact_windows']} of the {result['windows']} windows, "
                  f"{result['likelihood']['tokens']} tokens; the continuous bound on all of them)")

@@ -73,10 +73,12 @@ def ratio_mean_interval(values_N, weights_N, clusters_N=None, level: float = 0.9
   return float(ratio), float(scipy.stats.t.ppf(0.5 + level / 2, max(effective - 1.0, 1.0)) * se)
 
 
-def summarize(nats_N, tokens_N, bytes_N=None, documents_N=None) -> dict:
+def summarize(nats_N, tokens_N, bytes_N=None, documents_N=None, words_N=None) -> dict:
   """Bits per token (and per byte when ``bytes_N`` is given) with their 95% half-widths, and perplexity per
-  token with its interval's ends, from per-sequence nats and token (byte) counts. The intervals cluster the
-  sequences by ``documents_N`` (``interval_units``); 'documents' counts the units (None: sequences)."""
+  token with its interval's ends, from per-sequence nats and token (byte) counts. With ``words_N`` (the words
+  ending in each sequence, the data set's own unit: LM1B's words plus one end per sentence) also perplexity per
+  word, exp(total nats / total words), with its interval. The intervals cluster the sequences by
+  ``documents_N`` (``interval_units``); 'documents' counts the units (None: sequences)."""
   units, by_document = interval_units(np.size(tokens_N), documents_N)
   nats, half = ratio_mean_interval(nats_N, tokens_N, units)
   out = {"bits_per_token": nats / math.log(2.0), "bits_per_token_95": half / math.log(2.0),
@@ -88,6 +90,11 @@ def summarize(nats_N, tokens_N, bytes_N=None, documents_N=None) -> dict:
     per_byte, half_byte = ratio_mean_interval(nats_N, bytes_N, units)
     out.update(bits_per_byte=per_byte / math.log(2.0), bits_per_byte_95=half_byte / math.log(2.0),
                bytes=int(np.sum(bytes_N)))
+  if words_N is not None:
+    per_word, half_word = ratio_mean_interval(nats_N, words_N, units)
+    out.update(perplexity_per_word=math.exp(per_word),
+               perplexity_per_word_95=[math.exp(per_word - half_word), math.exp(per_word + half_word)],
+               words=int(np.sum(words_N)))
   return out
 
 

@@ -6,8 +6,10 @@ over these functions. Each returns the metadata it wrote to ``out/metadata.json`
   text8    a local ``text8.zip``: 27 characters, the standard 90M/5M/5M split, rows of 256 (stream packing).
   openwebtext  local jsonl / parquet / txt files with GPT-2's BPE from local tokenizer files: documents joined
            with EOS, rows of 1024 (stream packing), the last 100k documents for validation (MD4, MDLM, SEDD).
-  lm1b     LM1B's sentences in D3PM's setup (sentencepiece 8k trained here, packed rows of 128 with segment ids)
-           or MDLM's (BERT's uncased WordPiece, a sentence per padded row of 128).
+  lm1b     LM1B's sentences in D3PM's setup (sentencepiece 8k trained here, each sentence ``<s> ... </s>``, the
+           stream cut into rows of 128 with attention across sentences) or MDLM's (BERT's uncased WordPiece, a
+           sentence per padded row of 128). Both record each sentence's words (plus one for its end) for
+           per-word perplexity.
 
 A file-defined tokenizer is kept in ``out/tokenizer/``, so the prepared directory alone defines the data.
 """
@@ -17,6 +19,8 @@ import hashlib
 import itertools
 import os
 import shutil
+
+import numpy as np
 
 from d3pm_jax.data import fetch, lm1b, openwebtext, prepared, stdlib, text8, tokenizers
 
@@ -113,9 +117,10 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
 
 
 LM1B_SETUPS = {
-    # D3PM (Austin et al. 2021): cased sentencepiece with 8192 pieces trained on the training split, sentences
-    # packed into rows of 128 with a segment id each, so attention and the loss never cross a sentence.
-    "d3pm": {"tokenizer": "sentencepiece", "packing": "packed", "vocab_size": 8192},
+    # D3PM (Austin et al. 2021; its reference code's lm1b pipeline): cased sentencepiece with 8192 pieces trained
+    # on the training split, each sentence wrapped in <s> ... </s>, the sentences batched into rows of 128 with no
+    # segment ids, so attention crosses sentences ('stream'); 'packed' keeps them apart with segment ids.
+    "d3pm": {"tokenizer": "sentencepiece", "packing": "stream", "vocab_size": 8192},
     # MDLM (Sahoo et al. 2024): bert-base-uncased WordPiece, each sentence [CLS] ... [SEP] in its own row padded
     # to 128 (a longer one wraps onto the next row); packing='stream' gives the wrapped variant.
     "mdlm": {"tokenizer": "wordpiece", "packing": "padded"},
@@ -129,13 +134,17 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
   (``LM1B_SETUPS``). ``d3pm``: trains the sentencepiece model on the training split into ``out/tokenizer/``
   unless ``tokenizer_path`` names one (``vocab_size`` pieces, 8192 by default; at most ``spm_sentences``
   sentences sampled for training). ``mdlm``: ``tokenizer_path`` is BERT's ``vocab.txt``. The validation split
-  is LM1B's held-out set (tfds's ``test``)."""
+  is LM1B's held-out set (tfds's ``test``). Each sentence's words, for per-word perplexity, are its
+  whitespace-separated words plus one for its end (D3PM's unit: the end-of-sentence is scored)."""
   if setup not in LM1B_SETUPS:
     raise ValueError(f"unknown LM1B setup {setup!r}; valid: {sorted(LM1B_SETUPS)}")
   recipe = LM1B_SETUPS[setup]
   packing = packing or recipe["packing"]
   if setup == "mdlm" and packing not in ("padded", "stream"):
     raise ValueError(f"the MDLM setup pads or wraps sentences: packing must be 'padded' or 'stream'; got {packing!r}")
+  if setup == "d3pm" and packing not in ("stream", "packed"):
+    raise ValueError(f"the D3PM setup cuts the sentence stream into rows: packing must be 'stream' (D3PM's: "
+                     f"attention crosses sentences) or 'packed' (segment ids keep them apart); got {packing!r}")
   if setup == "mdlm" and not tokenizer_path:
     raise ValueError("the MDLM LM1B setup needs --tokenizer_path=bert-base-uncased's vocab.txt (download it from "
                      "https://huggingface.co/bert-base-uncased on a machine with network access)")
@@ -147,12 +156,18 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
     tok = lm1b.WordPieceTokenizer(tokenizer_path)
   elif tokenizer_path:
     tok = tokenizers.SentencePieceTokenizer(tokenizer_path)
+    if tok.bos_id is None or tok.eos_id is None:
+      raise ValueError(f"the D3PM setup wraps each sentence in <s> ... </s>, but the sentencepiece model "
+                       f"{tokenizer_path} defines no sentence-start or -end piece (bos_id {tok.bos_id}, eos_id "
+                       f"{tok.eos_id}); train one with them, or leave --tokenizer_path out to train it here")
   else:
     os.makedirs(os.path.join(out, TOKENIZER_DIR), exist_ok=True)
     prefix = os.path.join(out, TOKENIZER_DIR, "lm1b_spm")
     sentences = (line.encode("utf-8") for line in splits["train"]())
     tok = tokenizers.SentencePieceTokenizer.train(sentences, prefix, vocab_size or recipe["vocab_size"],
-                                                  max_sentences=spm_sentences)
+                                                  max_sentences=spm_sentences, delimiters=True)
+  wrap = ((lambda ids: np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)) if setup == "d3pm"
+          else (lambda ids: ids))
 
   def encoded(lines, chunk=4096):
     batch = []
@@ -160,10 +175,8 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
       if line is not None:
         batch.append(line)
       if len(batch) == chunk or (line is None and batch):
-        if hasattr(tok, "encode_batch"):
-          yield from tok.encode_batch(batch)
-        else:
-          yield from (tok.encode(s.encode("utf-8")) for s in batch)
+        ids = tok.encode_batch(batch) if hasattr(tok, "encode_batch") else [tok.encode(s.encode()) for s in batch]
+        yield from (prepared.Worded(wrap(i), len(s.split()) + 1) for i, s in zip(ids, batch))
         batch = []
 
   source = {**source, "setup": setup}

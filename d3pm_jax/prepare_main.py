@@ -8,9 +8,10 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
                                         jsonl / parquet / txt documents (default: the hub's
                                         Skylion007/openwebtext when online), GPT-2 BPE, EOS-joined rows of
                                         1024, the last --validation_documents (100k) documents for validation
-  --dataset=lm1b --setup=d3pm [--manual_dir=DIR]
+  --dataset=lm1b --setup=d3pm [--manual_dir=DIR] [--packing=stream|packed]
                                         D3PM's setup: cased sentencepiece 8k trained on the training split,
-                                        sentences packed into rows of 128 (segment ids keep them apart)
+                                        each sentence <s> ... </s>, the stream cut into rows of 128 (attention
+                                        crosses sentences; with packed, segment ids keep them apart)
   --dataset=lm1b --setup=mdlm --tokenizer_path=vocab.txt [--manual_dir=DIR] [--packing=padded|stream]
                                         MDLM's setup: bert-base-uncased WordPiece, a sentence per row padded
                                         (or, with stream, wrapped) to 128
@@ -42,8 +43,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "lm1b: a directory holding
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "lm1b: tensorflow-datasets' data dir (default "
                                      "~/tensorflow_datasets).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "lm1b d3pm: sentencepiece pieces to train (default 8192).")
-_PACKING = flags.DEFINE_enum("packing", None, ["padded", "stream"], "lm1b mdlm: pad each sentence (default) or "
-                             "wrap the stream.")
+_PACKING = flags.DEFINE_enum("packing", None, ["padded", "stream", "packed"], "lm1b mdlm: pad each sentence "
+                             "(default) or wrap the stream; lm1b d3pm: cut the stream into rows (stream, default: "
+                             "D3PM's) or give each sentence of a row its segment id (packed).")
 _VALIDATION_DOCUMENTS = flags.DEFINE_integer("validation_documents", 100_000, "openwebtext: the last this many "
                                              "documents form the validation split.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Row length in tokens (0: the data set's published setup).")

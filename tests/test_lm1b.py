@@ -14,6 +14,7 @@ import pytest
 from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
+from d3pm_jax.eval_workdir import evaluate_workdir, format_table
 
 from conftest import guarded_command
 from test_train import ROOT
@@ -35,15 +36,48 @@ def test_the_directory_and_the_archive_give_tfds_lines(fake_lm1b):
     assert not any("README" in f for f in source["files"]["validation"])
 
 
-def test_d3pm_setup_packs_sentencepiece_sentences_with_segment_ids(tmp_path, fake_lm1b):
+def test_d3pm_setup_wraps_sentences_and_streams_them_across_rows(tmp_path, fake_lm1b):
+  """D3PM's own setup: each sentence <s> pieces </s>, the stream cut into rows with no segment ids (every real
+  token segment 1, attention across sentences), and each row's words the words plus one of the sentences whose
+  </s> it holds, counted here from the raw text."""
   root, expected, _ = fake_lm1b
   out = str(tmp_path / "d3pm")
   metadata = prepare.prepare_lm1b(out, "d3pm", manual_dir=str(root / "archive"), vocab_size=320, seq_len=32)
+  assert metadata["packing"] == "stream"
+  tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="sentencepiece", seq_len=32, prepared_dir=out))
+  assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.decode([tok.bos_id, tok.eos_id]) == b""
+  for split in ("train", "validation"):
+    rows, real = _real_tokens(out, split)
+    np.testing.assert_array_equal(real, np.concatenate([[1, *tok.encode(s.encode()), 2] for s in expected[split]]))
+    assert (rows[:-1, 1] == 1).all()
+    ends = np.flatnonzero(real == 2)  # every </s>: each sentence's last token
+    want = np.bincount(ends // 32, weights=[len(s.split()) + 1 for s in expected[split]], minlength=len(rows))
+    np.testing.assert_array_equal(prepared.PreparedSplit(out, split).words(), want)
+    assert metadata["splits"][split]["words"] == sum(len(s.split()) + 1 for s in expected[split])
+
+
+def test_d3pm_setup_refuses_a_sentencepiece_model_without_delimiters(tmp_path, fake_lm1b):
+  root, expected, _ = fake_lm1b
+  plain = tokenizers.SentencePieceTokenizer.train((s.encode() for s in expected["train"]), str(tmp_path / "plain"),
+                                                  320)
+  with pytest.raises(ValueError, match=r"wraps each sentence in <s> \.\.\. </s>, but the sentencepiece model .*"
+                                       r"plain.model defines no sentence-start or -end piece"):
+    prepare.prepare_lm1b(str(tmp_path / "o"), "d3pm", manual_dir=str(root / "extracted"),
+                         tokenizer_path=plain.model_path)
+  with pytest.raises(ValueError, match=r"packing must be 'stream' .* or 'packed' .*; got 'padded'"):
+    prepare.prepare_lm1b(str(tmp_path / "o"), "d3pm", manual_dir=str(root / "extracted"), packing="padded")
+
+
+def test_d3pm_setup_packs_sentencepiece_sentences_with_segment_ids(tmp_path, fake_lm1b):
+  root, expected, _ = fake_lm1b
+  out = str(tmp_path / "d3pm")
+  metadata = prepare.prepare_lm1b(out, "d3pm", manual_dir=str(root / "archive"), vocab_size=320, seq_len=32,
+                                  packing="packed")
   assert metadata["packing"] == "packed" and metadata["tokenizer"]["kind"] == "sentencepiece"
   tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="sentencepiece", seq_len=32, prepared_dir=out))
   assert tok.vocab_size == 320 and metadata["tokenizer"]["path"].startswith("tokenizer/")
   for split in ("train", "validation"):
-    encoded = [tok.encode(s.encode()) for s in expected[split]]
+    encoded = [np.array([tok.bos_id, *tok.encode(s.encode()), tok.eos_id]) for s in expected[split]]
     assert [tok.decode(e).decode() for e in encoded] == expected[split]  # cased, lossless
     rows, real = _real_tokens(out, split)
     np.testing.assert_array_equal(real, np.concatenate(encoded))  # no token lost, duplicated or reordered
@@ -172,3 +206,11 @@ def test_d3pm_train_trains_on_prepared_fake_lm1b(tmp_path, fake_lm1b, setup):
   # The samples went back through the prepared directory's own tokenizer: text, not lists of token ids.
   samples = [s.strip("\n") for s in run.stdout.split("-" * 40 + "\n")[1:]]
   assert len(samples) == 2 and not any(re.fullmatch(r"[\d ]+", s) for s in samples), samples
+  # d3pm-eval in LM1B's own unit: per-word perplexity = exp(total nats / (words + sentences)), the words counted
+  # here from the raw held-out text. Mutation: words without the sentence ends (or per-token nats) misses it.
+  result = evaluate_workdir(str(tmp_path / "run"), time_samples=2, sample_steps=(), infill_windows=0)
+  nats = np.load(tmp_path / "run" / "eval_windows.npz")["nats"]
+  words = sum(len(s.split()) for s in expected["validation"]) + len(expected["validation"])
+  assert result["likelihood"]["words"] == words and result["windows"] == result["split_windows"]
+  np.testing.assert_allclose(result["likelihood"]["perplexity_per_word"], np.exp(nats.sum() / words), rtol=1e-9)
+  assert "per word" in format_table(result)

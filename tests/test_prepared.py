@@ -126,3 +126,34 @@ def test_every_row_knows_the_document_of_its_first_token(packing, tmp_path):
   info = prepared.prepare_split(str(tmp_path), "validation", docs, seq_len, packing, separator, chunk=13)
   prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing, "splits": {"validation": info}})
   np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").documents(), expected)
+
+
+@pytest.mark.parametrize("packing", prepared.PACKING)
+def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_path):
+  """Independent oracle: the row of each document's last token (from the documents' lengths and separators, or
+  for padded rows from the rows each document fills) gets its words; summed over rows they are all the words.
+  The split reads them back; a split of plain documents has none. Mutation: attributing words to the row of a
+  document's first token, or dropping those that end in the padded last row."""
+  docs = random_documents(7, 90)
+  words = [int(w) for w in np.random.default_rng(8).integers(1, 20, len(docs))]
+  separator = 0 if packing != "padded" else None
+  seq_len = 16
+  packer = prepared.Packer(seq_len, packing, separator)
+  rows = np.concatenate([packer.add(docs[i:i + 11], words[i:i + 11]) for i in range(0, len(docs), 11)]
+                        + [packer.finish()])
+  if packing == "padded":
+    last_row = np.cumsum([-(-d.size // seq_len) for d in docs]) - 1
+  else:
+    last_row = (np.cumsum([d.size + (separator is not None) for d in docs]) - 1) // seq_len
+  expected = np.bincount(last_row, weights=words, minlength=len(rows)).astype(np.int64)
+  np.testing.assert_array_equal(packer.row_words(), expected)
+  assert packer.row_words().sum() == sum(words) and expected[-1] > 0
+  worded = [prepared.Worded(d, w) for d, w in zip(docs, words)]
+  info = prepared.prepare_split(str(tmp_path), "validation", worded, seq_len, packing, separator, chunk=13)
+  plain = prepared.prepare_split(str(tmp_path), "train", docs, seq_len, packing, separator)
+  prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing,
+                                          "splits": {"validation": info, "train": plain}})
+  np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").words(), expected)
+  assert info["words"] == sum(words) and prepared.PreparedSplit(str(tmp_path), "train").words() is None
+  with pytest.raises(ValueError, match="one count per document: 2 for 3 documents"):
+    prepared.Packer(seq_len, packing, separator).add(docs[:3], [1, 2])

@@ -64,6 +64,7 @@ class Data:
   info: dict
   val_segments: np.ndarray | None = None   # [N, L] segment ids of packed rows (0: padding); None: one text per row
   val_documents: np.ndarray | None = None  # [N] the document of each window's first token (intervals cluster by it)
+  val_words: np.ndarray | None = None      # [N] words ending in each window (LM1B); None: the data defines no words
 
 
 def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
@@ -206,7 +207,8 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
   return Data(tokenizer=tok, train_batches=train_batches(PreparedRows(train, usable, segmented), batch_size, seed),
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
-              val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents())
+              val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents(),
+              val_words=val_split.words())
 
 
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None,

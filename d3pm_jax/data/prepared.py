@@ -20,14 +20,17 @@ separators in ``stream``/``packed`` mode).
 vocabulary size and a SHA-256 fingerprint of its file or definition) and per split the rows, tokens, documents
 and shard files. Beside each split's shards, ``{split}-documents.npy`` gives every row its document: the index
 (in the split's document order) of the document holding the row's first token, so that evaluation can cluster
-its intervals by document (windows of one document are not independent samples of text). Reading needs only
+its intervals by document (windows of one document are not independent samples of text). Where the data set
+defines words (LM1B: a sentence's whitespace-separated words plus one for its end), ``{split}-words.npy`` gives
+every row the words of the documents that end in it (whose last token it holds), so a split's rows sum to its
+words and per-word perplexity, the unit D3PM reports on LM1B, is total nats over total words. Reading needs only
 grain and array_record, never TensorFlow.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -38,10 +41,18 @@ PACKING = ("stream", "packed", "padded")
 METADATA = "metadata.json"
 
 
+class Worded(NamedTuple):
+  """A document with its word count, for data sets that define words (``prepare_split`` takes either these or
+  plain token arrays)."""
+  tokens: np.ndarray
+  words: int
+
+
 class Packer:
   """Turns a stream of documents (int token arrays) into rows ``[N, 2, L]`` (tokens, segment ids), chunk by
-  chunk: ``add(documents)`` returns the rows completed so far, ``finish()`` the padded last one.
-  ``row_documents()`` is the document of every row returned so far (that of its first token)."""
+  chunk: ``add(documents, words)`` returns the rows completed so far, ``finish()`` the padded last one.
+  ``row_documents()`` is the document of every row returned so far (that of its first token), ``row_words()``
+  the words (``add``'s per-document counts) of the documents whose last token each row holds."""
 
   def __init__(self, seq_len: int, packing: str, separator: int | None = None):
     if packing not in PACKING:
@@ -53,37 +64,51 @@ class Packer:
     self.seq_len, self.packing, self.separator = seq_len, packing, separator
     self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
+    self._ends = np.zeros(0, np.int64)     # a document's words at its last token, 0 elsewhere
     self.documents = 0
     self.tokens = 0
     self._row_documents: list[np.ndarray] = []
+    self._row_words: list[np.ndarray] = []
 
-  def add(self, documents: Iterable) -> np.ndarray:
+  def add(self, documents: Iterable, words: Iterable[int] | None = None) -> np.ndarray:
     docs = [np.asarray(d, np.int32).ravel() for d in documents]
+    counts = np.zeros(len(docs), np.int64) if words is None else np.asarray(list(words), np.int64)
+    if counts.shape != (len(docs),):
+      raise ValueError(f"words must give one count per document: {counts.size} for {len(docs)} documents")
     if self.separator is not None:
       docs = [np.append(d, np.int32(self.separator)) for d in docs]
+    if any(c and not d.size for c, d in zip(counts, docs)):
+      raise ValueError("a document without tokens cannot hold words")
     first = self.documents  # the index of this chunk's first document in the whole stream
     self.documents += len(docs)
     self.tokens += sum(d.size for d in docs)
+    ends = [np.pad(np.zeros(d.size - 1, np.int64), (0, 1), constant_values=c) if d.size else np.zeros(0, np.int64)
+            for d, c in zip(docs, counts)]
     if self.packing == "padded":
-      return self._padded(docs)
+      return self._padded(docs, ends)
     ids = np.repeat(np.arange(first, self.documents), np.array([d.size for d in docs], np.int64))
     tokens = np.concatenate([self._tokens] + docs) if docs else self._tokens
     doc_ids = np.concatenate([self._docs, ids])
+    marks = np.concatenate([self._ends] + ends)
     full = tokens.size // self.seq_len * self.seq_len
-    self._tokens, self._docs = tokens[full:], doc_ids[full:]
-    return self._rows(tokens[:full], doc_ids[:full])
+    self._tokens, self._docs, self._ends = tokens[full:], doc_ids[full:], marks[full:]
+    return self._rows(tokens[:full], doc_ids[:full], marks[:full])
 
   def finish(self) -> np.ndarray:
     """The last, padded row of a ``stream``/``packed`` stream (none when it ended on a row boundary)."""
-    rows = self._rows(self._tokens, self._docs)
-    self._tokens, self._docs = np.zeros(0, np.int32), np.zeros(0, np.int64)
+    rows = self._rows(self._tokens, self._docs, self._ends)
+    self._tokens, self._docs, self._ends = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return rows
 
   def row_documents(self) -> np.ndarray:
     """int64 ``[rows]``: the document index of each row's first token, for every row emitted so far."""
     return np.concatenate(self._row_documents) if self._row_documents else np.zeros(0, np.int64)
 
-  def _rows(self, tokens, doc_ids) -> np.ndarray:
+  def row_words(self) -> np.ndarray:
+    """int64 ``[rows]``: the words of the documents whose last token each row holds."""
+    return np.concatenate(self._row_words) if self._row_words else np.zeros(0, np.int64)
+
+  def _rows(self, tokens, doc_ids, marks) -> np.ndarray:
     """Rows of ``tokens`` (a whole number of rows, or the final partial one, zero-padded)."""
     n = -(-tokens.size // self.seq_len)
     out = np.zeros((n, 2, self.seq_len), np.int32)
@@ -96,13 +121,16 @@ class Packer:
     tokens_flat[:tokens.size], segments_flat[:tokens.size] = tokens, segments
     out[:, 0], out[:, 1] = tokens_flat.reshape(n, self.seq_len), segments_flat.reshape(n, self.seq_len)
     self._row_documents.append(np.asarray(doc_ids[::self.seq_len], np.int64))
+    self._row_words.append(np.add.reduceat(marks, np.arange(0, tokens.size, self.seq_len)) if n
+                           else np.zeros(0, np.int64))
     return out
 
-  def _padded(self, docs) -> np.ndarray:
+  def _padded(self, docs, ends) -> np.ndarray:
     """Each document from the start of a fresh row (one document: segment 1), wrapping onto as many rows as it
     needs."""
     first = self.documents - len(docs)
-    rows = [self._rows(d, np.full(d.size, first + i, np.int64)) for i, d in enumerate(docs) if d.size]
+    rows = [self._rows(d, np.full(d.size, first + i, np.int64), e)
+            for i, (d, e) in enumerate(zip(docs, ends)) if d.size]
     return np.concatenate(rows) if rows else np.zeros((0, 2, self.seq_len), np.int32)
 
 
@@ -157,6 +185,7 @@ class PreparedSplit:
     info = self.metadata["splits"][split]
     self.seq_len = int(self.metadata["seq_len"])
     self._dir, self._documents_file = prepared_dir, info.get("row_documents", f"{split}-documents.npy")
+    self._words_file = info.get("row_words")
     paths = [os.path.join(prepared_dir, name) for name in info["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
     if len(self._source) != info["rows"]:
@@ -172,6 +201,13 @@ class PreparedSplit:
   def documents(self) -> np.ndarray:
     """int64 ``[rows]``: each row's document (that of its first token), as ``Packer.row_documents`` made it."""
     return np.load(os.path.join(self._dir, self._documents_file)).astype(np.int64)
+
+  def words(self) -> np.ndarray | None:
+    """int64 ``[rows]``: the words ending in each row (``Packer.row_words``), or None where the data set defines
+    no words."""
+    if not self._words_file:
+      return None
+    return np.load(os.path.join(self._dir, self._words_file)).astype(np.int64)
 
   def read_all(self) -> np.ndarray:
     """Every row, ``[rows, 2, L]``, read in bulk (one read per record costs ~15x as much)."""
@@ -201,21 +237,36 @@ def load_metadata(prepared_dir: str) -> dict:
 
 def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, packing: str,
                   separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536) -> dict:
-  """Packs ``documents`` (an iterable of token arrays) into ``out_dir``'s shards of ``split``; returns the split's
-  metadata entry (rows, tokens, documents, shards)."""
+  """Packs ``documents`` (an iterable of token arrays, or of ``Worded`` documents where the data set defines
+  words) into ``out_dir``'s shards of ``split``; returns the split's metadata entry (rows, tokens, documents,
+  shards, and for worded documents the words and the rows' word file)."""
   packer = Packer(seq_len, packing, separator)
   writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
-  batch = []
+  batch, words, worded = [], [], None
+
+  def flush():
+    writer.write(packer.add(batch, words if worded else None))
+    batch.clear()
+    words.clear()
+
   for doc in documents:
-    batch.append(doc)
+    if worded is None:
+      worded = isinstance(doc, Worded)
+    if isinstance(doc, Worded) != worded:
+      raise ValueError("a split's documents must all be Worded or all plain token arrays")
+    batch.append(doc.tokens if worded else doc)
+    words.append(doc.words if worded else 0)
     if len(batch) == chunk:
-      writer.write(packer.add(batch))
-      batch = []
-  writer.write(packer.add(batch))
+      flush()
+  flush()
   writer.write(packer.finish())
   documents_file = f"{split}-documents.npy"
   row_documents = packer.row_documents()
   np.save(os.path.join(out_dir, documents_file),
           row_documents.astype(np.int32 if packer.documents < 2 ** 31 else np.int64))
-  return {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents),
+  info = {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents),
           "row_documents": documents_file}
+  if worded:
+    info.update(words=int(packer.row_words().sum()), row_words=f"{split}-words.npy")
+    np.save(os.path.join(out_dir, info["row_words"]), packer.row_words())
+  return info

@@ -108,6 +108,16 @@ class SentencePieceTokenizer:
   def files(self) -> list[str]:
     return [self.model_path]
 
+  @property
+  def bos_id(self) -> int | None:
+    """The sentence-start piece (``<s>``), or None when the model has none."""
+    return self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+
+  @property
+  def eos_id(self) -> int | None:
+    """The sentence-end piece (``</s>``), or None when the model has none."""
+    return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+
   def encode(self, data: bytes) -> np.ndarray:
     """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
     whitespace mark, which it would decode as a space), become byte-fallback pieces, so any input round-trips."""
@@ -151,8 +161,11 @@ class SentencePieceTokenizer:
 
   @classmethod
   def train(cls, texts: Iterable[bytes], model_prefix: str, vocab_size: int = 8192,
-            model_type: str = "unigram", max_sentences: int = 2_000_000) -> "SentencePieceTokenizer":
+            model_type: str = "unigram", max_sentences: int = 2_000_000,
+            delimiters: bool = False) -> "SentencePieceTokenizer":
     """Trains a lossless model: identity normalisation, whitespace kept as is, byte fallback for anything unseen.
+    ``delimiters`` reserves sentence-start and sentence-end pieces (``<s>`` = 1, ``</s>`` = 2, sentencepiece's
+    defaults) for data that wraps each sentence in them (D3PM's LM1B).
 
     ``texts`` are documents; each line becomes a training sentence (sentencepiece learns within lines, and
     newlines are encoded through byte fallback). The same texts give the same model file wherever it is written
@@ -168,7 +181,7 @@ class SentencePieceTokenizer:
           normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
           byte_fallback=True, character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True,
           split_by_whitespace=False, input_sentence_size=max_sentences, shuffle_input_sentence=True,
-          bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2)
+          bos_id=1 if delimiters else -1, eos_id=2 if delimiters else -1, pad_id=-1, unk_id=0, minloglevel=2)
     except RuntimeError as e:  # sentencepiece reports a vocabulary it cannot fill as an internal error
       needed = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
       if needed:
