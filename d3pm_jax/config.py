@@ -19,6 +19,7 @@ from d3pm_jax.sharding import MeshConfig
 PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")
 DATASETS = ("stdlib", "markov", "text8", "openwebtext", "lm1b")
+LR_SCHEDULES = ("cosine", "inverse_sqrt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,9 @@ class TrainConfig:
   grad_accum: int = 1
   learning_rate: float = 3e-3
   warmup_steps: int = 50
+  # After linear warm-up: 'cosine' decays to learning_rate * min_lr_ratio at train.steps (1.0: constant);
+  # 'inverse_sqrt' (D3PM's) decays as learning_rate * sqrt(warmup_steps / step), min_lr_ratio unused.
+  lr_schedule: str = "cosine"
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.03
   b1: float = 0.9
@@ -106,6 +110,10 @@ class TrainConfig:
       raise ValueError(f"train.preemption_grace_s must be > 0 seconds; got {self.preemption_grace_s}")
     if self.grad_clip < 0:
       raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping); got {self.grad_clip}")
+    _checks.check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+    if self.lr_schedule == "inverse_sqrt" and self.warmup_steps < 1:
+      raise ValueError("train.lr_schedule='inverse_sqrt' decays as sqrt(warmup_steps / step): it needs "
+                       f"train.warmup_steps >= 1; got {self.warmup_steps}")
     if self.batch_size % self.grad_accum:
       raise ValueError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum={self.grad_accum}")
 

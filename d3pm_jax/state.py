@@ -16,7 +16,7 @@ from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import AbsorbingProcess, Process, make_process
-from d3pm_jax.schedules import get_schedule
+from d3pm_jax.schedules import DISCRETE, get_schedule
 from pallas_kernels import fused_ce, fused_sample
 
 
@@ -33,7 +33,8 @@ def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
   """The corruption process for the model's vocabulary; None for the autoregressive baseline."""
   if cfg.is_autoregressive:
     return None
-  schedule = get_schedule(cfg.schedule, eps=cfg.eps)
+  # D3PM's discrete schedules are defined by betas over the loss's T steps (process.num_steps).
+  schedule = get_schedule(cfg.schedule, eps=cfg.eps, num_steps=cfg.num_steps if cfg.schedule in DISCRETE else None)
   if cfg.name != "nearest_neighbor":
     return make_process(cfg.name, model_cfg.vocab_size, schedule)
   if cfg.nn_embeddings:
@@ -46,14 +47,23 @@ def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
                       rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to ``min_lr_ratio`` (1.0: constant after warmup), after
-  global-norm clipping to ``grad_clip`` (0: no clipping, as in MD4's configs)."""
+def learning_rate_schedule(cfg) -> optax.Schedule:
+  """Linear warm-up from 0 over ``warmup_steps``, then ``lr_schedule``: a cosine to ``min_lr_ratio`` (1.0:
+  constant) at ``steps``, or the inverse square root ``learning_rate * sqrt(warmup_steps / step)``."""
+  if cfg.lr_schedule == "inverse_sqrt":
+    peak, warmup = cfg.learning_rate, cfg.warmup_steps
+    return lambda step: peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / jnp.maximum(step, warmup)))
   warmup = min(cfg.warmup_steps, cfg.steps)
   # The cosine runs from the end of warm-up to train.steps; when warm-up takes every step it gets one step nobody
   # reaches (optax refuses a cosine of zero steps).
-  schedule = optax.warmup_cosine_decay_schedule(
+  return optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW at ``learning_rate_schedule``, after global-norm clipping to ``grad_clip`` (0: no clipping, as in
+  MD4's configs)."""
+  schedule = learning_rate_schedule(cfg)
   clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
   return optax.chain(clip,
                      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))

@@ -19,6 +19,8 @@ def reference_lr(cfg: TrainConfig, k: int) -> float:
   peak, end, warm = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio, cfg.warmup_steps
   if k < warm:
     return peak * k / warm
+  if cfg.lr_schedule == "inverse_sqrt":  # D3PM's: the peak at the end of warm-up, then 1 / sqrt(step)
+    return peak / math.sqrt(k / warm)
   return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (k - warm) / (cfg.steps - warm)))
 
 
@@ -44,12 +46,13 @@ def reference_adamw(cfg: TrainConfig, params, grads_per_step):
   return out
 
 
-@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
-def test_make_optimizer_is_clipped_adamw_on_a_warmup_cosine_schedule(grad_clip):
+@pytest.mark.parametrize("grad_clip,lr_schedule", [(1.0, "cosine"), (0.0, "cosine"), (1.0, "inverse_sqrt")])
+def test_make_optimizer_is_clipped_adamw_on_a_warmup_cosine_schedule(grad_clip, lr_schedule):
   """Eight updates whose gradient norms range over 0.05..20, so clipping to 1 changes some and not others; the
-  learning rate visits warm-up, the peak and the cosine (its end at step 8 is never used by an update)."""
+  learning rate visits warm-up, the peak and the decay (the cosine's end at step 8 is never used by an update;
+  the inverse square root falls to sqrt(3/7) of the peak by the last)."""
   cfg = TrainConfig(steps=8, warmup_steps=3, learning_rate=0.1, min_lr_ratio=0.1, weight_decay=0.03, b1=0.9,
-                    b2=0.99, grad_clip=grad_clip)
+                    b2=0.99, grad_clip=grad_clip, lr_schedule=lr_schedule)
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)}
   scales = [0.05, 20.0, 0.3, 5.0, 1.0, 0.1, 12.0, 0.7]

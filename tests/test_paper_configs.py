@@ -5,12 +5,14 @@ import dataclasses
 import importlib.util
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from d3pm_jax import prepare, state
+from d3pm_jax import prepare, state, train
+from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.config import TrainConfig, from_config
 from d3pm_jax.data import pipeline
 
@@ -73,6 +75,32 @@ def test_the_data_its_prepare_command_makes_is_what_the_config_reads(tmp_path, s
   assert data.tokenizer.name == cfg.data.tokenizer and data.val_windows.shape[1] == seq_len
   experiment = from_config(cfg, data.tokenizer.vocab_size)
   assert experiment.model.max_len >= seq_len and experiment.process.name == cfg.process.name
+  # One train step and one evaluation step on that data with every field of the config but the network's size
+  # (its dropout, gate, init, process, loss, schedule and optimiser included): the loss is finite and the steps
+  # move the weights, and the evaluation (dropout off) is deterministic.
+  cfg.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64, cond_dim=16, dtype="float32",
+                   vocab_pad_multiple=1)
+  cfg.train.update(batch_size=2)
+  if cfg.process.name == "nearest_neighbor":
+    np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(data.tokenizer.vocab_size, 4)))
+    cfg.process.update(nn_embeddings=str(tmp_path / "emb.npy"), nn_uniform_rate=0.1)
+  small = dataclasses.replace(from_config(cfg, data.tokenizer.vocab_size), data=data_cfg)
+  model, process = Transformer(small.model), state.build_process(small.process, small.model)
+  optimizer = state.make_optimizer(small.train)
+  start = state.init_state(small, model, optimizer)
+  windows, weights = jnp.asarray(data.val_windows[:2]), jnp.asarray(data.val_weights[:2])
+  segments = None if data.val_segments is None else jnp.asarray(data.val_segments[:2])
+  batch = windows if segments is None else (windows, segments)  # the fake OWT's train split has no full batch
+  step = jax.jit(train.make_train_step(small, model, process, optimizer))
+  after = start
+  for _ in range(2):  # the first update's learning rate is 0 (warm-up from 0)
+    after, metrics = step(after, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after.params, start.params)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+  eval_step = jax.jit(train.make_eval_step(small, model, process))
+  nats = [np.asarray(eval_step(after.params, jax.random.PRNGKey(1), windows, weights, segments)) for _ in range(2)]
+  assert np.all(np.isfinite(nats[0])) and np.array_equal(nats[0], nats[1])
 
 
 def test_grad_clip_zero_means_no_clipping():

@@ -196,6 +196,26 @@ def test_nn_disconnected_graph_is_refused_unless_uniform_rate():
   assert float(mixed.prior_kl(jnp.array(0))) > 0.01
 
 
+def test_nn_at_a_large_vocabulary_is_refused_before_any_work(monkeypatch):
+  """D3PM's LM1B vocabulary (V = 8192, rate scale 4, eps 1e-4) would need ~46 GB of powers: refused at once (a
+  table of zeros: the check runs before the k-NN search), naming V, the size and the settings that shrink it. The
+  size is the one the construction builds: at V = 48 under a limit just below its stack it is refused, just above
+  it built. Mutation: estimating the terms from a smaller rate than the construction uses."""
+  from d3pm_jax.processes import nearest_neighbor
+  schedule = get_schedule("linear", eps=1e-4)
+  with pytest.raises(ValueError, match=r"V=8192 tokens would store \d+ dense V x V powers .*4[0-9]\.\d GiB.*"
+                                       r"nn_rate_scale, now 4.0.*process.eps, now 0.0001"):
+    NearestNeighborProcess.from_embeddings(np.zeros((8192, 2)), 8, schedule, rate_scale=4.0, uniform_rate=0.1)
+  table = np.random.default_rng(0).normal(size=(48, 3))
+  built = NearestNeighborProcess.from_embeddings(table, 4, schedule, rate_scale=4.0, uniform_rate=0.1)
+  size = built.powers_KxVxV.size * 8
+  monkeypatch.setattr(nearest_neighbor, "MAX_POWERS_BYTES", size - 1)
+  with pytest.raises(ValueError, match="V=48 tokens would store"):
+    NearestNeighborProcess.from_embeddings(table, 4, schedule, rate_scale=4.0, uniform_rate=0.1)
+  monkeypatch.setattr(nearest_neighbor, "MAX_POWERS_BYTES", size)
+  NearestNeighborProcess.from_embeddings(table, 4, schedule, rate_scale=4.0, uniform_rate=0.1)
+
+
 def test_nn_from_npy_path(tmp_path):
   path = tmp_path / "emb.npy"
   np.save(path, nn_embeddings())

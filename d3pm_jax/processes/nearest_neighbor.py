@@ -45,6 +45,10 @@ from d3pm_jax.schedules import Schedule
 
 METRICS = ("euclidean", "cosine")
 _TAIL = 1e-13                     # Poisson mass left out of the uniformisation series
+# The largest stack of dense powers [K + 1, V, V] (float64, host) the construction will build. At V = 8192 (D3PM's
+# LM1B vocabulary) K is ~85 and the stack ~46 GB, and every call would build a [N, V, V] transition per distinct
+# time: the exact construction is for small vocabularies, and a larger one is refused before any work.
+MAX_POWERS_BYTES = 4 * 2 ** 30
 _HIGHEST = jax.lax.Precision.HIGHEST  # full float32 matmuls on TPU/GPU too (the default may round to bfloat16)
 
 
@@ -111,6 +115,17 @@ class NearestNeighborProcess(Process):
     if not schedule.eps > 0:
       raise ValueError(f"the nearest-neighbour process needs a schedule with eps > 0 (alpha(1) = eps bounds the "
                        f"total rate tau(1) = -log eps); got eps={schedule.eps}")
+    # The largest total rate: the most connected token leaves at rate 1 before the uniform share and the scale.
+    lam = rate_scale * ((1.0 - uniform_rate) + uniform_rate * (1.0 - 1.0 / num_states))
+    num_terms = int(scipy.stats.poisson.isf(_TAIL, float(schedule.tau(1.0)) * lam)) + 2
+    stack_bytes = num_terms * num_states ** 2 * 8
+    if stack_bytes > MAX_POWERS_BYTES:
+      raise ValueError(
+          f"the nearest-neighbour process over V={num_states} tokens would store {num_terms} dense V x V powers "
+          f"for its uniformisation ({stack_bytes / 2 ** 30:.1f} GiB in float64, over the {MAX_POWERS_BYTES / 2 ** 30:.0f}"
+          f" GiB limit), and build a V x V transition for every distinct time of a batch; this exact construction "
+          f"is for small vocabularies (characters, bytes). Use a smaller vocabulary, or fewer terms (a lower "
+          f"process.nn_rate_scale, now {rate_scale}, or a larger process.eps, now {schedule.eps}), or another process")
     neighbors = knn_graph(table, k, metric)
     adjacency = np.zeros((num_states, num_states))
     adjacency[np.repeat(np.arange(num_states), k), neighbors.ravel()] = 1.0
