@@ -60,11 +60,16 @@ class DataConfig:
   markov_states: int = 8
   markov_windows: int = 4096
   prepared_dir: str = ""         # a d3pm-prepare output; empty: read the corpus directly (stdlib, markov)
+  # Train on windows cropped at random offsets of the (stream-packed) training text rather than its fixed rows
+  # (MD4's text8 pipeline); evaluation keeps the fixed validation rows.
+  random_crops: bool = False
 
   def __post_init__(self):
     _checks.check_choice("data set", self.name, DATASETS)
     if self.seq_len < 2:
       raise ValueError(f"data.seq_len must be >= 2; got {self.seq_len}")
+    if self.random_crops and self.name == "markov":
+      raise ValueError("data.random_crops crops a prepared token stream; the synthetic 'markov' source has none")
     if self.name in ("text8", "openwebtext", "lm1b") and not self.prepared_dir:
       raise ValueError(f"data set {self.name!r} is read from prepared shards: run d3pm-prepare "
                        f"--dataset={self.name} --source=... --out=DIR, then pass --config.data.prepared_dir=DIR")

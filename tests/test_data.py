@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import pipeline, stdlib, tokenizers
+from d3pm_jax.data import pipeline, prepared, stdlib, tokenizers
 
 
 def test_stdlib_file_list_is_deterministic_and_excludes_site_packages():
@@ -111,3 +111,53 @@ def test_markov_data_set_reports_its_entropy_in_bits():
   reported = data.info["entropy_bits_per_token"]
   assert abs(bits.mean() - reported) < 4 * bits.std() / np.sqrt(len(bits))
   assert abs(bits.mean() - reported * np.log(2)) > 8 * bits.std() / np.sqrt(len(bits))
+
+
+def _prepared_stream(tmp_path, tokens, seq_len, packing="stream"):
+  out = str(tmp_path / packing)
+  info = {split: prepared.prepare_split(out, split, [tokens], seq_len, packing) for split in ("train", "validation")}
+  byte_tokenizer = {"kind": "bytes", "vocab_size": 256, "sha256": tokenizers.ByteTokenizer().fingerprint(),
+                    "path": None}
+  prepared.write_metadata(out, {"dataset": "stdlib", "seq_len": seq_len, "packing": packing, "separator": None,
+                                "tokenizer": byte_tokenizer,
+                                "splits": info, "source": {"validation_permille": 20}})
+  return out
+
+
+def test_random_crops_reach_every_offset_uniformly_and_resume_exactly(tmp_path):
+  """A 61-token stream (token i at position i, so a crop's first token is its offset) in rows of 8, the last row
+  padded: every crop is the stream's 8 tokens from its offset (read across row boundaries, never into padding);
+  2,400 crops reach all 54 offsets with frequencies a chi-square test accepts; the same seed gives the same batches
+  at any index (a resumed run reads what it would have), another seed others; and two processes' shares make the
+  one-process batch. Mutations: offsets drawn from [0, tokens - L) (never the last), crops by element index within
+  an epoch (the same crops every epoch), reading the padded row."""
+  import scipy.stats
+  stream, seq_len = np.arange(1, 62, dtype=np.int32) % 250, 8
+  cfg = DataConfig(name="stdlib", seq_len=seq_len, prepared_dir=_prepared_stream(tmp_path, stream, seq_len),
+                   random_crops=True)
+  data = pipeline.build_data(cfg, batch_size=6, seed=11)
+  crops = np.concatenate([data.train_batches[i] for i in range(400)])
+  offsets = crops[:, 0] - 1
+  np.testing.assert_array_equal(crops, stream[offsets[:, None] + np.arange(seq_len)])
+  counts = np.bincount(offsets, minlength=61 - seq_len + 1)
+  assert counts.size == 54 and counts.min() > 0
+  assert scipy.stats.chisquare(counts).pvalue > 1e-3
+  again = pipeline.build_data(cfg, batch_size=6, seed=11)
+  for i in (0, 5, 399, 10_000):
+    np.testing.assert_array_equal(again.train_batches[i], data.train_batches[i])
+  assert not np.array_equal(pipeline.build_data(cfg, batch_size=6, seed=12).train_batches[0], data.train_batches[0])
+  source = pipeline.RandomCrops(pipeline.PreparedRows(prepared.PreparedSplit(cfg.prepared_dir, "train"), 8, False),
+                                61, seq_len, seed=11)
+  shares = [pipeline.crop_batches(source, 6, process_index=p, process_count=2)[3] for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate(shares), data.train_batches[3])
+  # Evaluation keeps the fixed validation rows.
+  np.testing.assert_array_equal(data.val_windows[0], stream[:seq_len])
+
+
+def test_random_crops_refuse_rows_of_separate_documents(tmp_path):
+  cfg = DataConfig(name="stdlib", seq_len=8, random_crops=True,
+                   prepared_dir=_prepared_stream(tmp_path, np.arange(1, 30, dtype=np.int32), 8, packing="packed"))
+  with pytest.raises(ValueError, match="random_crops crops windows out of one token stream; .* 'packed'-packed"):
+    pipeline.build_data(cfg, batch_size=2, seed=0)
+  with pytest.raises(ValueError, match="the synthetic 'markov' source has none"):
+    DataConfig(name="markov", random_crops=True)

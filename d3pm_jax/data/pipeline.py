@@ -81,6 +81,41 @@ def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_i
   return mine.batch(per, drop_remainder=True)
 
 
+class RandomCrops:
+  """Training windows cropped at uniformly random offsets of a stream-packed split (MD4's text8 pipeline), instead
+  of its fixed rows: every offset ``[0, tokens - L]`` of the split's token stream is reachable, so a long run
+  does not see the same few windows again and again. Crop g of the training stream (its position in it, the same
+  for any number of processes) starts at an offset drawn from a generator seeded by ``(seed, g)``: deterministic
+  given the seed, and random access, so a resumed run reads exactly the crops it would have read."""
+
+  def __init__(self, rows, tokens: int, seq_len: int, seed: int):
+    if tokens < seq_len:
+      raise ValueError(f"random crops of {seq_len} tokens need a split of at least that many; it has {tokens}")
+    self.rows, self.tokens, self.seq_len, self.seed = rows, tokens, seq_len, seed
+
+  def offset(self, g: int) -> int:
+    return int(np.random.default_rng([self.seed, int(g)]).integers(0, self.tokens - self.seq_len + 1))
+
+  def __getitem__(self, g: int) -> np.ndarray:
+    start = self.offset(g)
+    row, at = divmod(start, self.seq_len)
+    window = self.rows[row]
+    if at:
+      window = np.concatenate([window[at:], self.rows[row + 1][:at]])
+    return np.asarray(window, np.int32)
+
+
+def crop_batches(crops: RandomCrops, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """This process's rows (``process_rows``) of each global batch of ``crops``: element i holds crops
+  ``i * batch_size + rows``."""
+  rows = process_rows(batch_size, process_index, process_count)
+  per = rows.stop - rows.start
+  count = _EPOCHS * max(crops.tokens // crops.seq_len // batch_size, 1)
+  mine = grain.MapDataset.range(count * per).map(lambda k: crops[(k // per) * batch_size + rows.start + k % per])
+  return mine.batch(per, drop_remainder=True)
+
+
 def process_rows(batch_size: int, process_index: int | None = None, process_count: int | None = None) -> slice:
   """Rows ``[p b, (p + 1) b)`` of a global batch, ``b = batch_size / P``: what process p of P (default: this
   process of the running job) supplies."""
@@ -198,6 +233,13 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   segmented = metadata["packing"] != "stream"
   train = prepared.PreparedSplit(config.prepared_dir, "train")
   usable = len(train)
+  if config.random_crops:
+    if segmented:
+      raise ValueError(f"data.random_crops crops windows out of one token stream; {config.prepared_dir} is "
+                       f"{metadata['packing']!r}-packed (rows of separate documents): prepare it with stream packing "
+                       f"or set data.random_crops=False")
+    batches = crop_batches(RandomCrops(PreparedRows(train, usable, False), int(metadata["splits"]["train"]["tokens"]),
+                                       config.seq_len, seed), batch_size)
   if not segmented and usable and train[usable - 1][1].min() == 0:
     usable -= 1
   val_split = prepared.PreparedSplit(config.prepared_dir, eval_split)
@@ -205,7 +247,9 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
-  return Data(tokenizer=tok, train_batches=train_batches(PreparedRows(train, usable, segmented), batch_size, seed),
+  if not config.random_crops:
+    batches = train_batches(PreparedRows(train, usable, segmented), batch_size, seed)
+  return Data(tokenizer=tok, train_batches=batches,
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
               val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents(),
               val_words=val_split.words())
