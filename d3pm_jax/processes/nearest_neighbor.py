@@ -122,8 +122,8 @@ class NearestNeighborProcess(Process):
     if stack_bytes > MAX_POWERS_BYTES:
       raise ValueError(
           f"the nearest-neighbour process over V={num_states} tokens would store {num_terms} dense V x V powers "
-          f"for its uniformisation ({stack_bytes / 2 ** 30:.1f} GiB in float64, over the {MAX_POWERS_BYTES / 2 ** 30:.0f}"
-          f" GiB limit), and build a V x V transition for every distinct time of a batch; this exact construction "
+          f"for its uniformisation ({stack_bytes / 2 ** 30:.1f} GiB in float64, over the "
+          f"{MAX_POWERS_BYTES / 2 ** 30:.0f} GiB limit), and build a V x V transition for every distinct time of a batch; this exact construction "
           f"is for small vocabularies (characters, bytes). Use a smaller vocabulary, or fewer terms (a lower "
           f"process.nn_rate_scale, now {rate_scale}, or a larger process.eps, now {schedule.eps}), or another process")
     neighbors = knn_graph(table, k, metric)
