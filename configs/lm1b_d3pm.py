@@ -22,7 +22,8 @@ batch 512 x 128 tokens, 1M steps (67B token positions), AdamW without weight dec
 warm-up steps, then decaying as 1/sqrt(step), EMA 0.9999. Loss: the hybrid loss with lambda = 0.01 for absorbing and
 pure L_vb (lambda = 0) for uniform and nearest-neighbour (D3PM's Section 5.2: 0.01 hurt them). Schedules: absorbing
 uses 1/(T - t + 1) (`jsd`, which D3PM's mutual-information schedule reduces to for absorbing), uniform the cosine
-schedule (`cosine_betas`). Gradient clipping: D3PM clips the gradient of each batch's per-sequence sums at 0.25; this
+schedule (`cosine_betas`), nearest-neighbour the mutual-information schedule (`mutual_information`, computed at
+start from the process and the training split's unigram counts). Gradient clipping: D3PM clips the gradient of each batch's per-sequence sums at 0.25; this
 library's loss is the per-token mean, 1/128 of that sum on full rows, so the same clip is a global norm of
 0.25 / 128.
 
@@ -35,8 +36,6 @@ Deviations from the paper:
     the embeddings, 105M in all). Expected effect: small; a different architecture at equal size.
   - Training is in bf16 with float32 parameters; D3PM trained in float32. Expected effect: none on the bound
     beyond noise.
-  - nearest_neighbor uses the cosine schedule, not D3PM's mutual-information schedule (computed from unigram
-    frequencies), which this library does not yet compute. Expected effect: a worse bound for nearest_neighbor.
   - nearest_neighbor needs the token embeddings that define the neighbours, which D3PM built from word
     embeddings and this library does not ship: pass --config.process.nn_embeddings=emb.npy (a [8192, D] table
     for the prepared tokenizer). Its uniformisation at V = 8192 is refused as too large (see
@@ -47,7 +46,7 @@ Deviations from the paper:
 """
 from d3pm_jax.config import base_config, parse_arg, prepared_path
 
-SCHEDULES = {"absorbing": "jsd", "uniform": "cosine_betas", "nearest_neighbor": "cosine_betas"}
+SCHEDULES = {"absorbing": "jsd", "uniform": "cosine_betas", "nearest_neighbor": "mutual_information"}
 HYBRID_LAMBDA = {"absorbing": 0.01, "uniform": 0.0, "nearest_neighbor": 0.0}
 
 

@@ -56,7 +56,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   params, step = checkpoints.restore_params(workdir, config, use_ema)
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, workdir, eval_split=split)
   model = Transformer(config.model)
-  process = state.build_process(config.process, config.model)
+  process = state.process_for(config, workdir)
   first_bound, exact = window_bounds(config, model, process, time_samples)
   pcfg = config.process
   rows = pipeline.spread_rows(data.val_windows.shape[0], max_windows)

@@ -100,7 +100,7 @@ def main(argv):
     given_L, prompt_L = parse_template(template, tokenizer, length)
     given, prompt = jnp.tile(given_L, (batch, 1)), jnp.tile(prompt_L, (batch, 1))
   model = Transformer(config.model)
-  process = state.build_process(config.process, config.model)
+  process = state.process_for(config, workdir)
   cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
                                temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value,
                                greedy=_GREEDY.value, time_grid=_GRID.value)

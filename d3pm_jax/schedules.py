@@ -21,6 +21,10 @@ D3PM's discrete-time schedules, defined by betas over ``num_steps`` = T steps, t
   jsd           beta_i = 1 / (T - i + 1)        (whose grid values equal ``linear``'s)
   linear_betas  beta_i = linspace(beta_start, beta_end, T)
   cosine_betas  beta_i = min(1 - f(i)/f(i-1), 0.999),  f(i) = cos((i/T + 0.008) / 1.008 * pi/2)
+  mutual_information  D3PM's (its Appendix A.5): the grid for which the mutual information between x_0 and x_t
+                falls linearly, I(x_0; x_{t_i}) = (1 - i/T) H(x_0), x_0 drawn from the data's unigram
+                distribution. It depends on the process and the data, so it is computed
+                (``mutual_information_grid``) and passed in as ``grid``; for absorbing it is ``jsd``'s.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ import numpy as np
 from d3pm_jax import _checks
 
 CONTINUOUS = ("linear", "cosine", "poly<k>", "loglinear", "geometric")
-DISCRETE = ("jsd", "linear_betas", "cosine_betas")
+DISCRETE = ("jsd", "linear_betas", "cosine_betas", "mutual_information")
 VALID_NAMES = CONTINUOUS + DISCRETE
 _POLY = re.compile(r"^poly(\d+(\.\d+)?)$")
 
@@ -50,6 +54,7 @@ class Schedule:
     num_steps: T for the discrete-time D3PM schedules; ignored (and must be None) for continuous ones.
     beta_start, beta_end: the endpoints of ``linear_betas``.
     sigma_min, sigma_max: total-noise endpoints of ``geometric``.
+    grid: alpha_raw at t_i = i / T, i = 0..T (``mutual_information`` only: ``mutual_information_grid``).
   """
   name: str
   eps: float = 1e-4
@@ -58,6 +63,7 @@ class Schedule:
   beta_end: float = 0.02
   sigma_min: float = 1e-4
   sigma_max: float = 20.0
+  grid: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if not (0.0 <= self.eps < 0.5):
@@ -76,6 +82,16 @@ class Schedule:
                        f"schedule {self.name!r} is continuous, drop num_steps={self.num_steps}")
     if self.name == "geometric" and not (0 < self.sigma_min < self.sigma_max):
       raise ValueError(f"geometric schedule needs 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+    if (self.name == "mutual_information") != (self.grid is not None):
+      raise ValueError(f"a grid is given exactly for the mutual_information schedule (computed from the process "
+                       f"and the data's unigram frequencies by mutual_information_grid); schedule {self.name!r} got "
+                       f"{'none' if self.grid is None else 'one'}")
+    if self.grid is not None:
+      grid = np.asarray(self.grid, np.float64)
+      if grid.shape != (int(self.num_steps) + 1,) or not (np.all(np.diff(grid) <= 0) and grid.min() >= 0
+                                                          and grid.max() <= 1):
+        raise ValueError(f"the mutual_information grid must hold num_steps + 1 = {int(self.num_steps) + 1} "
+                         f"non-increasing values in [0, 1]; got {grid.size} values")
     if self.name == "linear_betas" and not (0 <= self.beta_start <= 1 and 0 <= self.beta_end <= 1):
       raise ValueError(f"linear_betas needs betas in [0, 1]; got {self.beta_start}, {self.beta_end}")
 
@@ -87,6 +103,8 @@ class Schedule:
 
   def _grid(self) -> np.ndarray:
     """alpha_raw at t_i = i / T for the discrete schedules, float64, shape [T + 1]."""
+    if self.grid is not None:
+      return np.asarray(self.grid, np.float64)
     num_steps = int(self.num_steps)
     i = np.arange(1, num_steps + 1, dtype=np.float64)
     if self.name == "jsd":
@@ -165,6 +183,64 @@ class Schedule:
   def dtau_dt(self, t):
     """d tau / dt = -alpha'(t) / alpha(t) >= 0, the instantaneous rate multiplier."""
     return -self.dalpha_dt(t) / self.alpha(t)
+
+
+def mutual_information(p_V, q_NxVxV):
+  """I(x_0; x_t) in nats ``[N]`` for x_0 ~ ``p_V`` and x_t | x_0 = x ~ row x of each ``q_NxVxV``:
+  H(x_t) - H(x_t | x_0), in the inputs' precision."""
+  p = jnp.asarray(p_V, jnp.result_type(q_NxVxV))
+  marginal_NxV = jnp.einsum("x,nxy->ny", p, q_NxVxV)
+  h_marginal = -jnp.sum(jax.scipy.special.xlogy(marginal_NxV, marginal_NxV), axis=-1)
+  h_conditional = -jnp.einsum("x,nx->n", p, jnp.sum(jax.scipy.special.xlogy(q_NxVxV, q_NxVxV), axis=-1))
+  return h_marginal - h_conditional
+
+
+def mutual_information_grid(transition_fn, p_V, num_steps: int, eps: float, coarse: int = 257,
+                            iterations: int = 6, chunk: int = 64) -> tuple[float, ...]:
+  """D3PM's mutual-information schedule as an ``alpha_raw`` grid over t_i = i / T: each value solves
+  I(x_0; x_{t_i}) = (1 - i / T) H(x_0), x_0 ~ ``p_V``, where ``transition_fn(alpha_N) -> [N, V, V]`` is the
+  process's q(x_t | x_0) at keep-probabilities alpha (after the squash ``alpha = eps + (1 - 2 eps) alpha_raw``).
+  The information falls as alpha does, so each target has one root: bracketed on ``coarse`` evenly spaced values,
+  then refined by ``iterations`` steps of false position (Illinois): within 1e-9 nats in float64 (the tests), at
+  float32's precision otherwise. A target beyond the squash's range lands on its end (alpha_raw 1 at t = 0, 0 at
+  t = 1)."""
+  p = np.asarray(p_V, np.float64)
+  if p.ndim != 1 or p.min() < 0 or not p.sum() > 0:
+    raise ValueError("p_V must be a non-negative [V] vector of (unigram) frequencies with a positive sum")
+  p = p / p.sum()
+  positive = p[p > 0]
+  entropy = -float(np.sum(positive * np.log(positive)))
+
+  compiled = jax.jit(lambda a_raw: mutual_information(p, transition_fn(eps + (1.0 - 2.0 * eps) * a_raw)))
+
+  def information(a_raw):  # in chunks of one shape, so the process's transitions compile once
+    padded = np.pad(a_raw, (0, -a_raw.size % chunk), constant_values=1.0)
+    return np.concatenate([np.asarray(compiled(jnp.asarray(padded[i:i + chunk])), np.float64)
+                           for i in range(0, padded.size, chunk)])[:a_raw.size]
+
+  nodes = np.linspace(0.0, 1.0, coarse)
+  info_nodes = np.maximum.accumulate(information(nodes))  # non-decreasing in alpha_raw
+  targets = (1.0 - np.arange(num_steps + 1) / num_steps) * entropy
+  right = np.clip(np.searchsorted(info_nodes, targets), 1, coarse - 1)  # the root lies in [nodes[r-1], nodes[r]]
+  lo, hi = nodes[right - 1], nodes[right]
+  f_lo, f_hi = info_nodes[right - 1] - targets, info_nodes[right] - targets
+  inside = (f_lo <= 0) & (f_hi >= 0)
+  last = np.zeros(targets.size, np.int8)  # which end the previous step moved: 1 lo, -1 hi
+  for _ in range(iterations):
+    span = np.where(f_hi - f_lo > 0, f_hi - f_lo, 1.0)
+    mid = np.where(inside, lo - f_lo * (hi - lo) / span, lo)
+    f_mid = information(mid) - targets
+    left = f_mid < 0  # the root is above mid: move lo
+    # Illinois: when the same end moves twice running, halve the other end's value so that it moves too.
+    f_hi = np.where(left & (last == 1), 0.5 * f_hi, np.where(left, f_hi, f_mid))
+    f_lo = np.where(~left & (last == -1), 0.5 * f_lo, np.where(left, f_mid, f_lo))
+    lo, hi = np.where(left, mid, lo), np.where(left, hi, mid)
+    last = np.where(left, 1, -1).astype(np.int8)
+  f_hi_true, f_lo_true = np.abs(information(hi) - targets), np.abs(information(lo) - targets)
+  grid = np.where(f_hi_true < f_lo_true, hi, lo)
+  # H(x_0) is above any information the squashed alpha keeps and 0 below it: the ends are the squash's ends.
+  grid[0], grid[-1] = 1.0, 0.0
+  return tuple(float(x) for x in np.minimum.accumulate(grid))
 
 
 def get_schedule(name: str, eps: float = 1e-4, num_steps: int | None = None, **kwargs) -> Schedule:

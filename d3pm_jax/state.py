@@ -3,12 +3,14 @@ corruption process, the loss and the sampler a config names, and a fresh state. 
 touches a workdir."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from d3pm_jax import losses, sampling
@@ -16,7 +18,7 @@ from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import AbsorbingProcess, Process, make_process
-from d3pm_jax.schedules import DISCRETE, get_schedule
+from d3pm_jax.schedules import DISCRETE, get_schedule, mutual_information_grid
 from pallas_kernels import fused_ce, fused_sample
 
 
@@ -29,22 +31,48 @@ class TrainState:
   rng: jax.Array
 
 
-def build_process(cfg: ProcessConfig, model_cfg: ModelConfig) -> Process | None:
-  """The corruption process for the model's vocabulary; None for the autoregressive baseline."""
+def build_process(cfg: ProcessConfig, model_cfg: ModelConfig, unigram_V=None) -> Process | None:
+  """The corruption process for the model's vocabulary; None for the autoregressive baseline. The
+  ``mutual_information`` schedule is computed for the process from ``unigram_V``, the training data's token
+  counts (``pipeline.train_unigram``)."""
   if cfg.is_autoregressive:
     return None
   # D3PM's discrete schedules are defined by betas over the loss's T steps (process.num_steps).
-  schedule = get_schedule(cfg.schedule, eps=cfg.eps, num_steps=cfg.num_steps if cfg.schedule in DISCRETE else None)
+  mutual_information = cfg.schedule == "mutual_information"
+  schedule = get_schedule("jsd" if mutual_information else cfg.schedule, eps=cfg.eps,
+                          num_steps=cfg.num_steps if cfg.schedule in DISCRETE else None)
   if cfg.name != "nearest_neighbor":
-    return make_process(cfg.name, model_cfg.vocab_size, schedule)
-  if cfg.nn_embeddings:
-    embeddings = cfg.nn_embeddings
-  elif model_cfg.vocab_size == 256:
-    embeddings = pipeline.byte_features()
+    process = make_process(cfg.name, model_cfg.vocab_size, schedule)
   else:
-    raise ValueError("process.nn_embeddings (a .npy table [V, D]) is required unless the tokenizer is bytes")
-  return make_process("nearest_neighbor", model_cfg.vocab_size, schedule, embeddings=embeddings, k=cfg.nn_k,
-                      rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
+    if cfg.nn_embeddings:
+      embeddings = cfg.nn_embeddings
+    elif model_cfg.vocab_size == 256:
+      embeddings = pipeline.byte_features()
+    else:
+      raise ValueError("process.nn_embeddings (a .npy table [V, D]) is required unless the tokenizer is bytes")
+    process = make_process("nearest_neighbor", model_cfg.vocab_size, schedule, embeddings=embeddings, k=cfg.nn_k,
+                           rate_scale=cfg.nn_rate_scale, uniform_rate=cfg.nn_uniform_rate)
+  if not mutual_information:
+    return process
+  if unigram_V is None:
+    raise ValueError("process.schedule='mutual_information' is computed from the training data's unigram "
+                     "frequencies; build the process with unigram_V (state.process_for does)")
+  p_V = np.zeros(process.num_states)
+  counts = np.asarray(unigram_V, np.float64)
+  if counts.size > process.num_data_states:
+    raise ValueError(f"unigram counts over {counts.size} tokens for a process over {process.num_data_states}")
+  p_V[:counts.size] = counts
+  eye = jnp.eye(process.num_states)
+  grid = mutual_information_grid(lambda a_N: process._apply(eye[None], a_N[:, None]), p_V, cfg.num_steps, cfg.eps)
+  return dataclasses.replace(process, schedule=get_schedule("mutual_information", eps=cfg.eps,
+                                                            num_steps=cfg.num_steps, grid=grid))
+
+
+def process_for(config: ExperimentConfig, workdir: str | None = None) -> Process | None:
+  """``build_process`` for a run, with the training data's unigram counts when its schedule needs them."""
+  unigram = (pipeline.train_unigram(config.data, workdir) if config.process.schedule == "mutual_information"
+             else None)
+  return build_process(config.process, config.model, unigram)
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:

@@ -31,7 +31,7 @@ from d3pm_jax.models.transformer import Transformer, count_params
 # The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
 # re-exported here because the loop's callers reach them through ``train``.
 from d3pm_jax.state import (TrainState, build_process, init_state, loss_terms, make_optimizer,  # noqa: F401
-                            make_sampler)
+                            make_sampler, process_for)
 
 
 # ---------------------------------------------------------------- placement
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   tcfg = config.train
   data = data or pipeline.build_data(config.data, tcfg.batch_size, tcfg.seed, workdir)
   model = Transformer(config.model)
-  process = build_process(config.process, config.model)
+  process = process_for(config, workdir)
   optimizer = make_optimizer(tcfg)
   writer = metrics_lib.MetricsWriter(workdir, tcfg.steps, quiet)
   fingerprint = checkpoints.fingerprint(config)

@@ -85,7 +85,7 @@ def test_the_data_its_prepare_command_makes_is_what_the_config_reads(tmp_path, s
     np.save(tmp_path / "emb.npy", np.random.default_rng(0).normal(size=(data.tokenizer.vocab_size, 4)))
     cfg.process.update(nn_embeddings=str(tmp_path / "emb.npy"), nn_uniform_rate=0.1)
   small = dataclasses.replace(from_config(cfg, data.tokenizer.vocab_size), data=data_cfg)
-  model, process = Transformer(small.model), state.build_process(small.process, small.model)
+  model, process = Transformer(small.model), state.process_for(small)
   optimizer = state.make_optimizer(small.train)
   start = state.init_state(small, model, optimizer)
   windows, weights = jnp.asarray(data.val_windows[:2]), jnp.asarray(data.val_weights[:2])

@@ -157,3 +157,17 @@ def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_p
   assert info["words"] == sum(words) and prepared.PreparedSplit(str(tmp_path), "train").words() is None
   with pytest.raises(ValueError, match="one count per document: 2 for 3 documents"):
     prepared.Packer(seq_len, packing, separator).add(docs[:3], [1, 2])
+
+
+def test_the_split_counts_its_tokens(tmp_path):
+  """The unigram counts (the mutual-information schedule's distribution) are the documents' own token counts, the
+  separators included and the padding not; a directory prepared without them counts them on reading. Mutation:
+  counting the padded zeros, or only the first chunk."""
+  docs = random_documents(9, 70)
+  info = prepared.prepare_split(str(tmp_path), "train", docs, 16, "packed", separator=0, chunk=9)
+  prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "packed", "splits": {"train": info}})
+  want = np.bincount(np.concatenate([np.append(d, 0) for d in docs]))
+  np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "train").unigram(), want)
+  del info["unigram"]
+  prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "packed", "splits": {"train": info}})
+  np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "train").unigram(), want)

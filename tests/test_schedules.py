@@ -119,7 +119,8 @@ def test_every_listed_schedule_builds_and_falls_from_one_to_zero(name):
   sign; an unlisted name is refused."""
   spelled = "poly2" if name == "poly<k>" else name
   eps = 1e-4
-  sched = get_schedule(spelled, eps=eps, num_steps=1000 if name in schedules.DISCRETE else None)
+  grid = {"grid": tuple(1.0 - np.arange(1001) / 1000)} if name == "mutual_information" else {}
+  sched = get_schedule(spelled, eps=eps, num_steps=1000 if name in schedules.DISCRETE else None, **grid)
   t = jnp.linspace(0.0, 1.0, 401)
   alpha = np.asarray(sched.alpha(t), np.float64)
   assert abs(alpha[0] - (1.0 - eps)) < 1e-6 and eps - 1e-9 <= alpha[-1] < 1e-3
@@ -139,3 +140,48 @@ def test_time_at_alpha_inverts_alpha(name):
   if name != "cosine_betas":  # strictly decreasing alpha: the time itself comes back
     np.testing.assert_allclose(back, t, atol=1e-4)
   np.testing.assert_allclose(sched.time_at_alpha(jnp.array([2.0, -1.0])), [0.0, 1.0], atol=1e-6)  # clipped
+
+
+# ---------------------------------------------------------------- D3PM's mutual-information schedule
+
+def _information(p, q):
+  """I(x_0; x_t) = sum_x sum_y p(x) q(y|x) log(q(y|x) / m(y)), term by term (no shared code with the library)."""
+  m = [sum(p[x] * q[x][y] for x in range(len(p))) for y in range(len(p))]
+  return sum(p[x] * q[x][y] * math.log(q[x][y] / m[y]) for x in range(len(p)) for y in range(len(p))
+             if p[x] > 0 and q[x][y] > 0)
+
+
+def test_mutual_information_grid_makes_the_information_fall_linearly():
+  """On a toy unigram distribution and the uniform process (q(y|x) = a [x = y] + (1 - a) / V, written out here),
+  each grid point's information is (1 - i/T) H(x_0), the paper's definition, to 1e-9 nats. Mutations: targets
+  rising with i, H(x_t) in place of the information, or the squash left out of alpha (off by ~eps H)."""
+  p, num_steps, eps, vocab = [0.5, 0.25, 0.15, 0.1], 8, 1e-3, 4
+  uniform = lambda a_N: (a_N[:, None, None] * jnp.eye(vocab)[None] + (1.0 - a_N[:, None, None]) / vocab)
+  grid = schedules.mutual_information_grid(uniform, p, num_steps, eps)
+  entropy = -sum(x * math.log(x) for x in p)
+  assert grid[0] == 1.0 and grid[-1] == 0.0 and all(a >= b for a, b in zip(grid, grid[1:]))
+  for i in range(1, num_steps):
+    a = eps + (1 - 2 * eps) * grid[i]
+    q = [[a * (x == y) + (1 - a) / vocab for y in range(vocab)] for x in range(vocab)]
+    assert abs(_information(p, q) - (1 - i / num_steps) * entropy) < 1e-9, i
+  sched = get_schedule("mutual_information", eps=eps, num_steps=num_steps, grid=grid)
+  np.testing.assert_allclose(sched.alpha(jnp.arange(num_steps + 1) / num_steps), eps + (1 - 2 * eps) * np.array(grid),
+                             atol=1e-12)
+
+
+def test_mutual_information_schedule_is_jsd_for_absorbing():
+  """For absorbing, I(x_0; x_t) = alpha H(x_0) whatever the unigram distribution, so the schedule is D3PM's
+  1/(T - t + 1) (``jsd``) exactly, through the library's process and ``state.build_process``."""
+  from d3pm_jax import state
+  from d3pm_jax.config import ProcessConfig
+  from d3pm_jax.models.transformer import ModelConfig
+  counts = np.array([40, 3, 17, 0, 9])
+  cfg = ProcessConfig(name="absorbing", loss="d3pm", schedule="mutual_information", eps=0.0, num_steps=20)
+  process = state.build_process(cfg, ModelConfig(vocab_size=6), unigram_V=counts)
+  jsd = get_schedule("jsd", eps=0.0, num_steps=20)
+  t = jnp.arange(21) / 20
+  np.testing.assert_allclose(process.schedule.alpha(t), jsd.alpha(t), atol=1e-12)
+  with pytest.raises(ValueError, match="computed from the training data's unigram frequencies"):
+    state.build_process(cfg, ModelConfig(vocab_size=6))
+  with pytest.raises(ValueError, match="a grid is given exactly for the mutual_information schedule"):
+    get_schedule("mutual_information", num_steps=4)

@@ -285,5 +285,15 @@ def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | No
               val_documents=np.arange(val_windows.shape[0]))
 
 
+def train_unigram(config: DataConfig, workdir: str | None = None) -> np.ndarray:
+  """How often each token occurs in the training split ``[max token + 1]`` (the mutual-information schedule's
+  unigram distribution), from its prepared shards (the stdlib corpus prepared into the cache first)."""
+  if config.name == "markov":
+    raise ValueError("the synthetic 'markov' source has no prepared training split to count unigrams in")
+  if config.name == "stdlib" and not config.prepared_dir:
+    config = dataclasses.replace(config, prepared_dir=_stdlib(config, workdir))
+  return prepared.PreparedSplit(config.prepared_dir, "train").unigram()
+
+
 def vocab_size_of(data: Data, config: DataConfig) -> int:
   return config.markov_states if data.tokenizer is None else data.tokenizer.vocab_size

@@ -185,7 +185,7 @@ class PreparedSplit:
     info = self.metadata["splits"][split]
     self.seq_len = int(self.metadata["seq_len"])
     self._dir, self._documents_file = prepared_dir, info.get("row_documents", f"{split}-documents.npy")
-    self._words_file = info.get("row_words")
+    self._words_file, self._unigram_file = info.get("row_words"), info.get("unigram")
     paths = [os.path.join(prepared_dir, name) for name in info["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
     if len(self._source) != info["rows"]:
@@ -209,12 +209,32 @@ class PreparedSplit:
       return None
     return np.load(os.path.join(self._dir, self._words_file)).astype(np.int64)
 
+  def unigram(self) -> np.ndarray:
+    """int64 ``[max token + 1]``: how often each token occurs in the split's real positions (counted while
+    preparing; counted now, in chunks, for a directory prepared before that)."""
+    if self._unigram_file:
+      return np.load(os.path.join(self._dir, self._unigram_file)).astype(np.int64)
+    counts = np.zeros(0, np.int64)
+    for start in range(0, len(self), 65536):
+      records = self._source.__getitems__(range(start, min(start + 65536, len(self))))
+      counts = _count_tokens(counts, np.frombuffer(b"".join(records), np.int32).reshape(-1, 2, self.seq_len))
+    return counts
+
   def read_all(self) -> np.ndarray:
     """Every row, ``[rows, 2, L]``, read in bulk (one read per record costs ~15x as much)."""
     if not len(self):
       return np.zeros((0, 2, self.seq_len), np.int32)
     records = self._source.__getitems__(range(len(self)))
     return np.frombuffer(b"".join(records), np.int32).reshape(len(self), 2, self.seq_len)
+
+
+def _count_tokens(counts, rows_Nx2xL) -> np.ndarray:
+  """``counts`` plus the occurrences of each token in the rows' real (segment > 0) positions, grown as needed."""
+  real = rows_Nx2xL[:, 0][rows_Nx2xL[:, 1] > 0]
+  if not real.size:
+    return counts
+  counts = np.pad(counts, (0, max(0, int(real.max()) + 1 - counts.size)))
+  return counts + np.bincount(real, minlength=counts.size)
 
 
 def write_metadata(prepared_dir: str, metadata: dict) -> None:
@@ -243,9 +263,15 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
   packer = Packer(seq_len, packing, separator)
   writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
   batch, words, worded = [], [], None
+  counts = np.zeros(0, np.int64)
+
+  def write(rows):
+    nonlocal counts
+    counts = _count_tokens(counts, rows)
+    writer.write(rows)
 
   def flush():
-    writer.write(packer.add(batch, words if worded else None))
+    write(packer.add(batch, words if worded else None))
     batch.clear()
     words.clear()
 
@@ -259,13 +285,14 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
     if len(batch) == chunk:
       flush()
   flush()
-  writer.write(packer.finish())
+  write(packer.finish())
   documents_file = f"{split}-documents.npy"
   row_documents = packer.row_documents()
   np.save(os.path.join(out_dir, documents_file),
           row_documents.astype(np.int32 if packer.documents < 2 ** 31 else np.int64))
+  np.save(os.path.join(out_dir, f"{split}-unigram.npy"), counts)
   info = {**writer.close(), "tokens": int(packer.tokens), "documents": int(packer.documents),
-          "row_documents": documents_file}
+          "row_documents": documents_file, "unigram": f"{split}-unigram.npy"}
   if worded:
     info.update(words=int(packer.row_words().sum()), row_words=f"{split}-words.npy")
     np.save(os.path.join(out_dir, info["row_words"]), packer.row_words())
