@@ -51,6 +51,11 @@ def _write(out: str, dataset: str, seq_len: int, packing: str, tokenizer, splits
            separator=None) -> dict:
   infos = {split: prepared.prepare_split(out, split, documents, seq_len, packing, separator)
            for split, documents in splits.items()}
+  return _write_metadata(out, dataset, seq_len, packing, tokenizer, infos, source, separator)
+
+
+def _write_metadata(out: str, dataset: str, seq_len: int, packing: str, tokenizer, infos: dict, source: dict,
+                    separator=None) -> dict:
   metadata = {"dataset": dataset, "seq_len": seq_len, "packing": packing, "separator": separator,
               "tokenizer": {**tokenizer_fingerprint(tokenizer), "path": _keep_tokenizer(out, tokenizer)},
               "splits": infos, "source": source}
@@ -85,11 +90,18 @@ def prepare_text8(zip_path: str | None, out: str, seq_len: int = 256, split_char
   return _write(out, "text8", seq_len, "stream", tok, {s: [tok.encode(t)] for s, t in texts.items()}, source)
 
 
+OWT_VALIDATION = ("documents", "chunks")
+
+
 def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1024,
-                        validation_documents: int = 100_000, chunk: int = 1000) -> dict:
+                        validation_documents: int = 100_000, chunk: int = 1000, validation: str = "documents",
+                        validation_permille: int = 20, seed: int = 0) -> dict:
   """OpenWebText from the files under ``sources`` (read in sorted order), or from one hub data set
-  ``hf://NAME``: each document followed by GPT-2's EOS, the stream cut into rows of ``seq_len``; the last
-  ``validation_documents`` documents are the validation split."""
+  ``hf://NAME``: each document followed by GPT-2's EOS, the stream cut into rows of ``seq_len``. ``validation``:
+  ``documents`` holds out the last ``validation_documents`` documents (MDLM, SEDD); ``chunks`` a random
+  ``validation_permille`` of the rows, chosen by ``seed`` (MD4: 2% of the 1024-token chunks)."""
+  if validation not in OWT_VALIDATION:
+    raise ValueError(f"unknown OpenWebText validation split {validation!r}; valid: {list(OWT_VALIDATION)}")
   tok = openwebtext.Gpt2Tokenizer(tokenizer_path)
   if len(sources) == 1 and sources[0].startswith(openwebtext.HUB):
     total, texts = openwebtext.hub_documents(sources[0])
@@ -98,7 +110,7 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
     files = openwebtext.list_files(sources)
     total, texts = openwebtext.count_documents(files), openwebtext.iter_documents(files)
     where = {"files": [os.path.abspath(f) for f in files]}
-  if not 0 < validation_documents < total:
+  if validation == "documents" and not 0 < validation_documents < total:
     raise ValueError(f"validation_documents must lie in (0, {total}) for these {total} documents; got "
                      f"{validation_documents}")
 
@@ -109,7 +121,12 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
       remaining -= len(batch)
       yield from tok.encode_batch(batch)
 
-  source = {**where, "documents": total,
+  if validation == "chunks":
+    source = {**where, "documents": total, "validation": "chunks", "validation_permille": validation_permille,
+              "seed": seed, "tokenizer_path": os.path.abspath(tokenizer_path)}
+    infos = prepared.prepare_chunk_splits(out, encoded(total), seq_len, tok.eos_id, validation_permille, seed)
+    return _write_metadata(out, "openwebtext", seq_len, "stream", tok, infos, source, separator=tok.eos_id)
+  source = {**where, "documents": total, "validation": "documents",
             "validation_documents": validation_documents, "tokenizer_path": os.path.abspath(tokenizer_path)}
   # Both generators read the one pass over the files, lazily: train is written (consumed) before validation starts.
   splits = {"train": encoded(total - validation_documents), "validation": encoded(validation_documents)}

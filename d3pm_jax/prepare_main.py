@@ -7,7 +7,9 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
   --dataset=openwebtext [--source=DIR[,FILES] | --source=hf://NAME] --tokenizer_path=tokenizer.json
                                         jsonl / parquet / txt documents (default: the hub's
                                         Skylion007/openwebtext when online), GPT-2 BPE, EOS-joined rows of
-                                        1024, the last --validation_documents (100k) documents for validation
+                                        1024, the last --validation_documents (100k) documents for validation;
+                                        --validation=chunks: a random --validation_permille (20) of the rows
+                                        (MD4's split)
   --dataset=lm1b --setup=d3pm [--manual_dir=DIR] [--packing=stream|packed]
                                         D3PM's setup: cased sentencepiece 8k trained on the training split,
                                         each sentence <s> ... </s>, the stream cut into rows of 128 (attention
@@ -48,6 +50,11 @@ _PACKING = flags.DEFINE_enum("packing", None, ["padded", "stream", "packed"], "l
                              "D3PM's) or give each sentence of a row its segment id (packed).")
 _VALIDATION_DOCUMENTS = flags.DEFINE_integer("validation_documents", 100_000, "openwebtext: the last this many "
                                              "documents form the validation split.")
+_VALIDATION = flags.DEFINE_enum("validation", "documents", list(prepare.OWT_VALIDATION), "openwebtext: hold out "
+                                "the last --validation_documents documents (MDLM, SEDD) or a random "
+                                "--validation_permille of the rows (MD4).")
+_VALIDATION_PERMILLE = flags.DEFINE_integer("validation_permille", 20, "openwebtext --validation=chunks: the "
+                                            "rows held out, per thousand (MD4: 20).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Row length in tokens (0: the data set's published setup).")
 flags.mark_flags_as_required(["dataset", "out"])
 
@@ -76,7 +83,9 @@ def main(argv):
       metadata = prepare.prepare_openwebtext(_SOURCE.value or [openwebtext.DEFAULT_HUB], _TOKENIZER_PATH.value,
                                              _OUT.value,
                                              seq_len=_SEQ_LEN.value or 1024,
-                                             validation_documents=_VALIDATION_DOCUMENTS.value)
+                                             validation_documents=_VALIDATION_DOCUMENTS.value,
+                                             validation=_VALIDATION.value,
+                                             validation_permille=_VALIDATION_PERMILLE.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   for split, info in metadata["splits"].items():

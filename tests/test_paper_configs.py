@@ -3,6 +3,7 @@ deviations; the data its own d3pm-prepare command makes (here from the fake corp
 the config reads; and MD4's "no clipping" is a real setting."""
 import dataclasses
 import importlib.util
+import json
 import re
 
 import jax
@@ -67,9 +68,15 @@ def test_the_data_its_prepare_command_makes_is_what_the_config_reads(tmp_path, s
   elif flags["dataset"] == "text8":
     prepare.prepare_text8(text8_zip[0], out, seq_len=seq_len, split_chars=SPLITS)
   else:
-    root, _ = owt
-    prepare.prepare_openwebtext([str(root / "corpus")], str(root / "tokenizer.json"), out, seq_len=seq_len,
-                                validation_documents=2)
+    root, docs = owt
+    # The fake's twelve documents make two rows of 1024; forty copies of them make enough rows for MD4's split
+    # (held out here at 50% rather than 2%, so that the fake's validation split is not empty).
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 40))
+    validation = flags.get("validation", "documents")
+    metadata = prepare.prepare_openwebtext([str(corpus)], str(root / "tokenizer.json"), out, seq_len=seq_len,
+                                           validation_documents=2, validation=validation, validation_permille=500)
+    assert metadata["source"]["validation"] == validation
   data_cfg = dataclasses.replace(from_config(cfg, 256).data, prepared_dir=out)
   data = pipeline.build_data(data_cfg, batch_size=2, seed=0)  # refuses another data set, length or tokenizer
   assert data.tokenizer.name == cfg.data.tokenizer and data.val_windows.shape[1] == seq_len

@@ -171,3 +171,39 @@ def test_the_split_counts_its_tokens(tmp_path):
   del info["unigram"]
   prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "packed", "splits": {"train": info}})
   np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "train").unigram(), want)
+
+
+def test_chunk_splits_hold_out_a_random_share_of_one_stream(tmp_path):
+  """MD4's split: the stream's rows, each in exactly one split and in stream order within it (so together they are
+  the plain stream's rows), the validation share within 3 standard deviations of 20%, the same rows for the same
+  seed and others for another; each split's row documents and token counts are those of its rows. Mutations:
+  deciding by a row's index within its chunk of documents (the same pattern every chunk), or dropping the
+  padded last row."""
+  docs = random_documents(10, 3000)
+  stream, packer = pack_all(docs, 16, "stream", separator=0)
+  infos = prepared.prepare_chunk_splits(str(tmp_path), docs, 16, 0, validation_permille=200, seed=3, chunk=97)
+  prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "stream", "splits": infos})
+  splits = {s: prepared.PreparedSplit(str(tmp_path), s) for s in infos}
+  rows = {s: split.read_all() for s, split in splits.items()}
+  total = len(stream)
+  assert len(rows["train"]) + len(rows["validation"]) == total
+  held = np.zeros(total, bool)
+  position = {row.tobytes(): i for i, row in enumerate(stream)}  # rows are distinct (random tokens)
+  assert len(position) == total
+  for split, r in rows.items():
+    where = np.array([position[row.tobytes()] for row in r])
+    assert (np.diff(where) > 0).all()  # in stream order
+    held[where] = split == "validation"
+    np.testing.assert_array_equal(splits[split].documents(), packer.row_documents()[where])
+    np.testing.assert_array_equal(splits[split].unigram(), np.bincount(r[:, 0][r[:, 1] > 0], minlength=50)[
+        :splits[split].unigram().size])
+  share = held.mean()
+  assert abs(share - 0.2) < 3 * np.sqrt(0.2 * 0.8 / total), (share, total)
+  again = prepared.prepare_chunk_splits(str(tmp_path / "again"), docs, 16, 0, validation_permille=200, seed=3)
+  other = prepared.prepare_chunk_splits(str(tmp_path / "other"), docs, 16, 0, validation_permille=200, seed=4)
+  assert again["validation"]["rows"] == infos["validation"]["rows"]
+  np.testing.assert_array_equal(np.load(tmp_path / "again" / "validation-documents.npy"),
+                                np.load(tmp_path / "validation-documents.npy"))
+  assert not np.array_equal(np.load(tmp_path / "other" / "validation-documents.npy"),
+                            np.load(tmp_path / "validation-documents.npy"))
+  assert other["train"]["rows"] + other["validation"]["rows"] == total

@@ -255,6 +255,63 @@ def load_metadata(prepared_dir: str) -> dict:
   return metadata
 
 
+def chunk_hash(seed: int, rows) -> np.ndarray:
+  """A uniform float in [0, 1) for each row index, from (seed, index) alone (splitmix64): the same row goes to the
+  same split whatever the chunking and wherever it is prepared."""
+  with np.errstate(over="ignore"):
+    # splitmix64's state after row + 1 steps of its golden-ratio increment from a state set by the seed.
+    z = (np.uint64(seed % 2 ** 64) * np.uint64(0xD1B54A32D192ED03)
+         + (np.asarray(rows, np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+
+
+def prepare_chunk_splits(out_dir: str, documents: Iterable, seq_len: int, separator: int | None,
+                         validation_permille: int, seed: int = 0, chunk: int = 10000,
+                         rows_per_shard: int = 65536) -> dict:
+  """One stream of ``documents`` cut into rows, each row (chunk) going to ``validation`` with probability
+  ``validation_permille`` / 1000 by ``chunk_hash(seed, row)`` and to ``train`` otherwise (MD4's OpenWebText split:
+  a random 2% of the 1024-token chunks). Returns both splits' metadata entries; a split's ``documents`` counts the
+  distinct documents its rows start in."""
+  if not 0 < validation_permille < 1000:
+    raise ValueError(f"validation_permille must lie in (0, 1000); got {validation_permille}")
+  packer = Packer(seq_len, "stream", separator)
+  writers = {split: SplitWriter(out_dir, split, seq_len, rows_per_shard) for split in ("train", "validation")}
+  counts = {split: np.zeros(0, np.int64) for split in writers}
+  held_out, written = [], 0
+
+  def write(rows):
+    nonlocal written
+    validation = chunk_hash(seed, np.arange(written, written + len(rows))) < validation_permille / 1000.0
+    written += len(rows)
+    held_out.append(validation)
+    for split, mask in (("train", ~validation), ("validation", validation)):
+      counts[split] = _count_tokens(counts[split], rows[mask])
+      writers[split].write(rows[mask])
+
+  batch = []
+  for doc in documents:
+    batch.append(doc)
+    if len(batch) == chunk:
+      write(packer.add(batch))
+      batch = []
+  write(packer.add(batch))
+  write(packer.finish())
+  held_out = np.concatenate(held_out) if held_out else np.zeros(0, bool)
+  row_documents = packer.row_documents()
+  infos = {}
+  for split, mask in (("train", ~held_out), ("validation", held_out)):
+    documents_file, unigram_file = f"{split}-documents.npy", f"{split}-unigram.npy"
+    np.save(os.path.join(out_dir, documents_file), row_documents[mask])
+    np.save(os.path.join(out_dir, unigram_file), counts[split])
+    infos[split] = {**writers[split].close(), "tokens": int(counts[split].sum()),
+                    "documents": int(np.unique(row_documents[mask]).size), "row_documents": documents_file,
+                    "unigram": unigram_file}
+  return infos
+
+
 def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, packing: str,
                   separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536) -> dict:
   """Packs ``documents`` (an iterable of token arrays, or of ``Worded`` documents where the data set defines
