@@ -3,7 +3,7 @@ perplexity <= 27.04 after 33B tokens (MDLM's count: 1M steps x 512 x 128 positio
 average; 65.5B token positions in all).
 
 Data: MDLM's setup: bert-base-uncased's WordPiece vocabulary (30,522 pieces), each sentence `[CLS] ... [SEP]`
-in its own row padded to 128 tokens; the figure is on LM1B's held-out set (tfds's `test`, our `validation`).
+in its own row padded to 128 tokens, a longer one truncated (MDLM's `wrap=False`); the figure is on LM1B's held-out set (tfds's `test`, our `validation`).
 Padding is neither attended to nor scored. The unit is perplexity per WordPiece token, what d3pm-eval prints as
 perplexity (per token).
     d3pm-prepare --dataset=lm1b --setup=mdlm --tokenizer_path=/path/to/bert-base-uncased/vocab.txt \\
@@ -24,8 +24,6 @@ Deviations from the paper:
   - The network is this library's transformer (pre-norm, rotary positions, a GLU MLP of width 2048 with the
     parameters of DiT's 4x GELU MLP); MDLM's DiT uses LayerNorm, which is kept (`norm='layer'`). Expected effect:
     small; a different architecture at equal size.
-  - A sentence longer than 128 tokens wraps onto the next row; MDLM truncates it at 128. Expected effect: a few
-    more tokens trained and scored (LM1B's sentences rarely reach 128 WordPieces).
   - Times are drawn with this library's low-discrepancy (antithetic) sampler, as MDLM's are; the schedule keeps
     alpha in [1e-3, 1 - 1e-3] by an affine squash (`process.eps`), where MDLM's log-linear noise ends at
     alpha(1) = 1e-3 and its sampler keeps t >= 1e-3. Expected effect: none beyond noise.

@@ -8,7 +8,7 @@ over these functions. Each returns the metadata it wrote to ``out/metadata.json`
            with EOS, rows of 1024 (stream packing), the last 100k documents for validation (MD4, MDLM, SEDD).
   lm1b     LM1B's sentences in D3PM's setup (sentencepiece 8k trained here, each sentence ``<s> ... </s>``, the
            stream cut into rows of 128 with attention across sentences) or MDLM's (BERT's uncased WordPiece, a
-           sentence per padded row of 128). Both record each sentence's words (plus one for its end) for
+           sentence per padded row of 128, truncated). Both record each sentence's words (plus one for its end) for
            per-word perplexity.
 
 A file-defined tokenizer is kept in ``out/tokenizer/``, so the prepared directory alone defines the data.
@@ -139,8 +139,9 @@ LM1B_SETUPS = {
     # segment ids, so attention crosses sentences ('stream'); 'packed' keeps them apart with segment ids.
     "d3pm": {"tokenizer": "sentencepiece", "packing": "stream", "vocab_size": 8192},
     # MDLM (Sahoo et al. 2024): bert-base-uncased WordPiece, each sentence [CLS] ... [SEP] in its own row padded
-    # to 128 (a longer one wraps onto the next row); packing='stream' gives the wrapped variant.
-    "mdlm": {"tokenizer": "wordpiece", "packing": "padded"},
+    # to 128, a longer one truncated ('truncated', MDLM's wrap=False); 'padded' wraps it onto the next row instead,
+    # and 'stream' gives MDLM's wrapped variant.
+    "mdlm": {"tokenizer": "wordpiece", "packing": "truncated"},
 }
 
 
@@ -157,8 +158,9 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
     raise ValueError(f"unknown LM1B setup {setup!r}; valid: {sorted(LM1B_SETUPS)}")
   recipe = LM1B_SETUPS[setup]
   packing = packing or recipe["packing"]
-  if setup == "mdlm" and packing not in ("padded", "stream"):
-    raise ValueError(f"the MDLM setup pads or wraps sentences: packing must be 'padded' or 'stream'; got {packing!r}")
+  if setup == "mdlm" and packing not in ("truncated", "padded", "stream"):
+    raise ValueError(f"the MDLM setup puts a sentence in a row of its own or wraps the stream: packing must be "
+                     f"'truncated', 'padded' or 'stream'; got {packing!r}")
   if setup == "d3pm" and packing not in ("stream", "packed"):
     raise ValueError(f"the D3PM setup cuts the sentence stream into rows: packing must be 'stream' (D3PM's: "
                      f"attention crosses sentences) or 'packed' (segment ids keep them apart); got {packing!r}")

@@ -111,7 +111,7 @@ def test_mdlm_setup_pads_each_lowercased_sentence_into_its_own_rows(tmp_path, fa
   root, expected, vocab = fake_lm1b
   out = str(tmp_path / "mdlm")
   metadata = prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab,
-                                  seq_len=16)
+                                  seq_len=16, packing="padded")
   tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="wordpiece", seq_len=16, prepared_dir=out))
   cls, sep = tok.encode("")[[0, -1]]
   for split in ("train", "validation"):
@@ -128,6 +128,22 @@ def test_mdlm_setup_pads_each_lowercased_sentence_into_its_own_rows(tmp_path, fa
     assert ends.size == len(expected[split])
     text = tok.decode(rows[:, 0][real]).decode()
     assert text == "".join(s.lower() + "\n" for s in expected[split])
+
+
+def test_mdlm_setup_truncates_each_sentence_to_one_row_by_default(tmp_path, fake_lm1b):
+  """MDLM's wrap=False: a row per sentence, ``[CLS]`` and its first 14 pieces and ``[SEP]`` when it is longer
+  than 16, computed here from the tokenizer's own encoding of each sentence."""
+  root, expected, vocab = fake_lm1b
+  out = str(tmp_path / "mdlm")
+  metadata = prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab, seq_len=16)
+  assert metadata["packing"] == "truncated"
+  tok = lm1b.WordPieceTokenizer(vocab)
+  rows = prepared.PreparedSplit(out, "validation").read_all()
+  encoded = [tok.encode(s.encode()) for s in expected["validation"]]
+  assert len(rows) == len(encoded) and any(e.size > 16 for e in encoded)
+  for row, ids in zip(rows, encoded):
+    want = ids if ids.size <= 16 else np.append(ids[:15], ids[-1])
+    np.testing.assert_array_equal(row[0][row[1] > 0], want)
 
 
 def test_mdlm_wrapped_variant_streams_sentences(tmp_path, fake_lm1b):

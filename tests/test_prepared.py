@@ -23,7 +23,7 @@ def pack_all(docs, seq_len, packing, separator=None, chunk=None):
   return np.concatenate(parts), packer
 
 
-@pytest.mark.parametrize("packing", prepared.PACKING)
+@pytest.mark.parametrize("packing", [p for p in prepared.PACKING if p != "truncated"])
 def test_no_token_is_lost_or_duplicated(packing):
   docs = random_documents(0, 300)
   separator = 0 if packing != "padded" else None
@@ -71,6 +71,20 @@ def test_padded_rows_hold_one_document_each_and_wrap():
   assert rows[3, 1].sum() == 39 - 32 and rows[4, 0, 0] == 7 and rows[4, 1].sum() == 1
 
 
+def test_truncated_rows_hold_each_document_cut_to_its_first_tokens_and_its_last():
+  """A document of 39 tokens in rows of 16 keeps tokens 1..15 and its last, 39 (a tokenizer's truncation keeps
+  the end marker); shorter ones are whole and padded; one row each. Mutation: keeping the first 16 (losing the end
+  marker), or wrapping."""
+  docs = [np.arange(1, 6), np.arange(1, 40), np.arange(7, 8), np.arange(20, 36)]
+  rows, packer = pack_all(docs, 16, "truncated")
+  assert rows.shape == (4, 2, 16) and packer.tokens == 5 + 16 + 1 + 16
+  np.testing.assert_array_equal(rows[1, 0], np.append(np.arange(1, 16), 39))
+  np.testing.assert_array_equal(rows[3, 0], np.arange(20, 36))
+  assert rows[0, 1].sum() == 5 and rows[2, 1].sum() == 1 and (rows[[1, 3], 1] == 1).all()
+  with pytest.raises(ValueError, match="truncated rows hold one document each and take no separator"):
+    prepared.Packer(16, "truncated", separator=0)
+
+
 @pytest.mark.parametrize("packing", prepared.PACKING)
 def test_chunking_does_not_change_the_rows(packing):
   docs = random_documents(3, 250)
@@ -113,16 +127,18 @@ def test_every_row_knows_the_document_of_its_first_token(packing, tmp_path):
   separators) for stream/packed rows, from the row count of each document for padded rows; the split's
   ``documents()`` reads the same back. Mutation: numbering by the row's last token, or padded rows all 0."""
   docs = random_documents(6, 120)
-  separator = 0 if packing != "padded" else None
+  separator = 0 if packing not in ("padded", "truncated") else None
   seq_len = 16
   rows, packer = pack_all(docs, seq_len, packing, separator, chunk=13)
-  if packing == "padded":
+  if packing == "truncated":
+    expected = np.arange(len(docs))
+  elif packing == "padded":
     expected = np.repeat(np.arange(len(docs)), [-(-d.size // seq_len) for d in docs])
   else:
     ends = np.cumsum([d.size + (separator is not None) for d in docs])
     expected = np.searchsorted(ends, np.arange(len(rows)) * seq_len, side="right")
   np.testing.assert_array_equal(packer.row_documents(), expected)
-  assert len(np.unique(expected)) < len(docs) < len(rows) or packing == "padded"  # rows do start mid-document
+  assert len(np.unique(expected)) < len(docs) < len(rows) or packing in ("padded", "truncated")  # mid-document
   info = prepared.prepare_split(str(tmp_path), "validation", docs, seq_len, packing, separator, chunk=13)
   prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing, "splits": {"validation": info}})
   np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").documents(), expected)
@@ -136,12 +152,14 @@ def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_p
   document's first token, or dropping those that end in the padded last row."""
   docs = random_documents(7, 90)
   words = [int(w) for w in np.random.default_rng(8).integers(1, 20, len(docs))]
-  separator = 0 if packing != "padded" else None
+  separator = 0 if packing not in ("padded", "truncated") else None
   seq_len = 16
   packer = prepared.Packer(seq_len, packing, separator)
   rows = np.concatenate([packer.add(docs[i:i + 11], words[i:i + 11]) for i in range(0, len(docs), 11)]
                         + [packer.finish()])
-  if packing == "padded":
+  if packing == "truncated":
+    last_row = np.arange(len(docs))
+  elif packing == "padded":
     last_row = np.cumsum([-(-d.size // seq_len) for d in docs]) - 1
   else:
     last_row = (np.cumsum([d.size + (separator is not None) for d in docs]) - 1) // seq_len

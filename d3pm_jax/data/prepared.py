@@ -11,10 +11,13 @@ Three packing modes, one per published setup:
               (1, 2, ...), so attention never crosses a document boundary; a document cut by a row boundary
               continues as segment 1 of the next row (D3PM on LM1B: sentences packed into 128 tokens).
   ``padded``  each document starts a fresh row and is padded to the row's end; a longer one wraps onto further
-              rows (MDLM on LM1B: one sentence per row).
+              rows.
+  ``truncated``  each document in one row of its own, padded; a longer one keeps its first L - 1 tokens and its
+              last (its end marker, as a tokenizer's truncation keeps ``[SEP]``) (MDLM on LM1B: one sentence per
+              row, truncated at 128).
 
-No token is lost or duplicated in any mode: the rows' real tokens, in order, are the documents' tokens (with the
-separators in ``stream``/``packed`` mode).
+No token is lost or duplicated in any mode but ``truncated``: the rows' real tokens, in order, are the documents'
+tokens (with the separators in ``stream``/``packed`` mode).
 
 ``metadata.json`` holds the format version, the data set, ``seq_len``, the packing mode, the tokenizer (kind,
 vocabulary size and a SHA-256 fingerprint of its file or definition) and per split the rows, tokens, documents
@@ -37,7 +40,7 @@ import numpy as np
 from d3pm_jax.files import write_json
 
 FORMAT_VERSION = 2  # 2: row documents
-PACKING = ("stream", "packed", "padded")
+PACKING = ("stream", "packed", "padded", "truncated")
 METADATA = "metadata.json"
 
 
@@ -59,8 +62,8 @@ class Packer:
       raise ValueError(f"unknown packing {packing!r}; valid: {list(PACKING)}")
     if seq_len < 1:
       raise ValueError(f"seq_len must be >= 1; got {seq_len}")
-    if separator is not None and packing == "padded":
-      raise ValueError("padded rows hold one document each and take no separator")
+    if separator is not None and packing in ("padded", "truncated"):
+      raise ValueError(f"{packing} rows hold one document each and take no separator")
     self.seq_len, self.packing, self.separator = seq_len, packing, separator
     self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
@@ -77,6 +80,8 @@ class Packer:
       raise ValueError(f"words must give one count per document: {counts.size} for {len(docs)} documents")
     if self.separator is not None:
       docs = [np.append(d, np.int32(self.separator)) for d in docs]
+    if self.packing == "truncated":
+      docs = [d if d.size <= self.seq_len else np.append(d[:self.seq_len - 1], d[-1]) for d in docs]
     if any(c and not d.size for c, d in zip(counts, docs)):
       raise ValueError("a document without tokens cannot hold words")
     first = self.documents  # the index of this chunk's first document in the whole stream
@@ -84,7 +89,7 @@ class Packer:
     self.tokens += sum(d.size for d in docs)
     ends = [np.pad(np.zeros(d.size - 1, np.int64), (0, 1), constant_values=c) if d.size else np.zeros(0, np.int64)
             for d, c in zip(docs, counts)]
-    if self.packing == "padded":
+    if self.packing in ("padded", "truncated"):
       return self._padded(docs, ends)
     ids = np.repeat(np.arange(first, self.documents), np.array([d.size for d in docs], np.int64))
     tokens = np.concatenate([self._tokens] + docs) if docs else self._tokens
