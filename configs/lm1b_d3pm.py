@@ -40,9 +40,10 @@ Deviations from the paper:
     embeddings and this library does not ship: pass --config.process.nn_embeddings=emb.npy (a [8192, D] table
     for the prepared tokenizer). Its uniformisation at V = 8192 is refused as too large (see
     processes/nearest_neighbor.py). Expected effect: the row cannot run at this vocabulary yet.
-  - The sentencepiece model is trained here with D3PM's recipe, not D3PM's shipped `lm1b-sentencepiece-8k.model`
-    (a model without byte pieces, which this library's lossless tokenizer refuses). Expected effect: a different
-    segmentation, which the per-word unit makes comparable.
+  - By default the sentencepiece model is trained here with D3PM's recipe; D3PM's shipped
+    `lm1b-sentencepiece-8k.model` is used when passed as d3pm-prepare --tokenizer_path=lm1b-sentencepiece-8k.model
+    (a model without byte pieces is accepted, lossy on characters it has no piece for). Expected effect: a
+    different segmentation, which the per-word unit makes comparable.
 """
 from d3pm_jax.config import base_config, parse_arg, prepared_path
 

@@ -68,6 +68,32 @@ def test_d3pm_setup_refuses_a_sentencepiece_model_without_delimiters(tmp_path, f
     prepare.prepare_lm1b(str(tmp_path / "o"), "d3pm", manual_dir=str(root / "extracted"), packing="padded")
 
 
+def test_d3pm_setup_accepts_a_sentencepiece_model_made_elsewhere_without_byte_pieces(tmp_path, fake_lm1b):
+  """A model like D3PM's shipped one (sentencepiece's defaults: NFKC, a dummy prefix, <s> and </s>, no byte
+  fallback) is accepted through --tokenizer_path: each held-out sentence is <s>, sentencepiece's own encoding,
+  </s>; a character it never saw becomes its unknown piece; bytes that are not UTF-8 are refused."""
+  import io
+  import sentencepiece as spm
+  root, expected, _ = fake_lm1b
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(expected["train"]), model_writer=model, vocab_size=60,
+                                 minloglevel=2)
+  path = tmp_path / "d3pm-like.model"
+  path.write_bytes(model.getvalue())
+  out = str(tmp_path / "d3pm")
+  prepare.prepare_lm1b(out, "d3pm", manual_dir=str(root / "extracted"), tokenizer_path=str(path), seq_len=32)
+  reference = spm.SentencePieceProcessor(model_file=str(path))
+  _, real = _real_tokens(out, "validation")
+  np.testing.assert_array_equal(real, np.concatenate([[reference.bos_id(), *reference.encode(s), reference.eos_id()]
+                                                      for s in expected["validation"]]))
+  tok = pipeline.tokenizer_of(DataConfig(name="lm1b", tokenizer="sentencepiece", seq_len=32, prepared_dir=out))
+  assert not tok.lossless and tok.decode(tok.encode(expected["validation"][0].encode())).decode() == \
+      reference.decode(reference.encode(expected["validation"][0]))
+  assert reference.unk_id() in tok.encode("prices rose by 3 \u0416".encode()).tolist()
+  with pytest.raises(ValueError, match="has no byte pieces, so it cannot encode bytes that are not UTF-8"):
+    tok.encode(b"bad \xff byte")
+
+
 def test_d3pm_setup_packs_sentencepiece_sentences_with_segment_ids(tmp_path, fake_lm1b):
   root, expected, _ = fake_lm1b
   out = str(tmp_path / "d3pm")

@@ -85,7 +85,11 @@ class ByteTokenizer:
 
 @dataclasses.dataclass
 class SentencePieceTokenizer:
-  """A sentencepiece model, loaded from ``model_path`` (a ``.model`` file)."""
+  """A sentencepiece model, loaded from ``model_path`` (a ``.model`` file). A model trained here
+  (``SentencePieceTokenizer.train``) is lossless. One trained elsewhere without byte pieces (such as D3PM's LM1B
+  model) is accepted as ``lossless = False``: text it has no pieces for becomes its unknown piece, bytes that are
+  not UTF-8 are refused, and decoding (and so ``text_bytes``) is the model's own decode (an unknown piece shows as
+  its " \u2047 ")."""
   model_path: str
   name = "sentencepiece"
 
@@ -118,9 +122,19 @@ class SentencePieceTokenizer:
     """The sentence-end piece (``</s>``), or None when the model has none."""
     return self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
+  @property
+  def lossless(self) -> bool:
+    return self._byte_ids is not None
+
   def encode(self, data: bytes) -> np.ndarray:
     """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
     whitespace mark, which it would decode as a space), become byte-fallback pieces, so any input round-trips."""
+    if not self.lossless:
+      try:
+        return np.asarray(self._sp.encode(data.decode("utf-8")), np.int32)
+      except UnicodeDecodeError as e:
+        raise ValueError(f"sentencepiece model {self.model_path!r} has no byte pieces, so it cannot encode bytes "
+                         f"that are not UTF-8 ({e}); use a model trained with byte fallback") from e
     ids = []
     for i, segment in enumerate(_RAW.split(data.decode("utf-8", errors="surrogateescape"))):
       if i % 2 == 0:
@@ -136,17 +150,20 @@ class SentencePieceTokenizer:
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise ValueError(f"sentencepiece ids must lie in [0, {self.vocab_size}); got min {ids.min()}, max {ids.max()}")
+    if not self.lossless:
+      return self._sp.decode([int(i) for i in ids.ravel()]).encode("utf-8")
     return b"".join(self._piece_bytes[i] for i in ids.tolist())
 
   def text_bytes(self, ids) -> int:
-    """The decoded bytes: exact here (identity normalisation, no dummy prefix, byte pieces are raw bytes)."""
+    """The decoded bytes: exact for a lossless model (identity normalisation, no dummy prefix, byte pieces are raw
+    bytes); for another, its own decode's bytes."""
     return len(self.decode(ids))
 
   def _tables(self):
     self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
     if any(self._sp.is_unknown(i) for i in self._byte_ids):
-      raise ValueError(f"sentencepiece model {self.model_path!r} has no byte-fallback pieces, so it cannot encode "
-                       "every input; train it with SentencePieceTokenizer.train (byte_fallback=True)")
+      self._byte_ids = None  # a model trained elsewhere without byte fallback: lossy
+      return
     pieces = []
     for i in range(self.vocab_size):
       if self._sp.is_byte(i):
