@@ -23,9 +23,7 @@ warm-up steps, then decaying as 1/sqrt(step), EMA 0.9999. Loss: the hybrid loss 
 pure L_vb (lambda = 0) for uniform and nearest-neighbour (D3PM's Section 5.2: 0.01 hurt them). Schedules: absorbing
 uses 1/(T - t + 1) (`jsd`, which D3PM's mutual-information schedule reduces to for absorbing), uniform the cosine
 schedule (`cosine_betas`), nearest-neighbour the mutual-information schedule (`mutual_information`, computed at
-start from the process and the training split's unigram counts). Gradient clipping: D3PM clips the gradient of each batch's per-sequence sums at 0.25; this
-library's loss is the per-token mean, 1/128 of that sum on full rows, so the same clip is a global norm of
-0.25 / 128.
+start from the process and the training split's unigram counts). Gradient clipping at 0.25 (restated below).
 
 Hardware and time (an estimate from 6 x parameters x tokens, not a measurement): ~4.2e19 FLOPs, about 30 hours
 on one H100 at 40% of its bf16 peak, or 4 hours on an 8-GPU node (data parallel, `mesh.data=-1`).
@@ -34,8 +32,10 @@ Deviations from the paper:
   - The network is this library's transformer (pre-norm RMSNorm, rotary positions, GLU MLP of width 2048, adaLN
     time conditioning), not D3PM's T5-style encoder; it has the same depth, width and heads (92M parameters without
     the embeddings, 105M in all). Expected effect: small; a different architecture at equal size.
-  - Training is in bf16 with float32 parameters; D3PM trained in float32. Expected effect: none on the bound
-    beyond noise.
+  - `model.dtype`: training is in bf16 with float32 parameters; D3PM trained in float32. Expected effect: none on
+    the bound beyond noise.
+  - `train.grad_clip`: D3PM clips the per-sequence sums' gradient at 0.25; this loss is the per-token mean (1/128
+    of that sum), so the same clip is 0.25 / 128. Expected effect: none (the same clip, restated).
   - nearest_neighbor needs the token embeddings that define the neighbours, which D3PM built from word
     embeddings and this library does not ship: pass --config.process.nn_embeddings=emb.npy (a [8192, D] table
     for the prepared tokenizer). Its uniformisation at V = 8192 is refused as too large (see
