@@ -54,6 +54,7 @@ def test_the_docstring_names_the_target_commands_hardware_and_deviations(spec):
                  "Deviations from the paper"):
     assert needed in doc, needed
   assert _prepare_flags(doc)["dataset"] == cfg.data.name
+  assert re.search(r"d3pm-eval [^\n]*--ema", doc), "the eval command must use the weights the paper used (--ema)"
 
 
 @pytest.mark.parametrize("spec", sorted(TARGETS))
