@@ -11,25 +11,36 @@ import jax
 import orbax.checkpoint as ocp
 
 from d3pm_jax.config import ExperimentConfig, experiment_from_dict
-from d3pm_jax.models.transformer import EXECUTION_FIELDS, Transformer
+from d3pm_jax.config import ProcessConfig
+from d3pm_jax.models.transformer import EXECUTION_FIELDS, REGULARISATION_FIELDS, ModelConfig, Transformer
 from d3pm_jax.state import TrainState, init_state, make_optimizer
 
 
 def fingerprint(config: ExperimentConfig) -> dict:
-  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change, and
-  so may how the model is computed: ``EXECUTION_FIELDS``, such as which output-head kernel)."""
-  model = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in EXECUTION_FIELDS}
+  """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change,
+  dropout among them, and so may how the model is computed: ``EXECUTION_FIELDS``, such as which output-head
+  kernel)."""
+  model = {k: v for k, v in dataclasses.asdict(config.model).items()
+           if k not in EXECUTION_FIELDS + REGULARISATION_FIELDS}
   return {"model": model, "process": dataclasses.asdict(config.process),
           "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
 
 
+# A field a checkpoint's fingerprint lacks was added to the library after it was written: it had the default.
+_DEFAULTS = {"model": {f.name: f.default for f in dataclasses.fields(ModelConfig)},
+             "process": {f.name: f.default for f in dataclasses.fields(ProcessConfig)}}
+
+
 def check_compatible(saved: dict, current: dict) -> None:
-  """Raises, naming every differing key, unless the two fingerprints agree as JSON stores them (tuples as lists)."""
+  """Raises, naming every differing key, unless the two fingerprints agree as JSON stores them (tuples as lists).
+  A model or process field missing from the saved fingerprint (a checkpoint older than the field) counts as its
+  default."""
   saved, current = (json.loads(json.dumps(d)) for d in (saved, current))
   diffs = []
   for section in sorted(set(saved) | set(current)):
     a, b = saved.get(section), current.get(section)
     if isinstance(a, dict) and isinstance(b, dict):
+      a = {**{k: v for k, v in _DEFAULTS.get(section, {}).items() if k in b and k not in a}, **a}
       diffs += [f"{section}.{k}: checkpoint {a.get(k)!r} vs config {b.get(k)!r}"
                 for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     elif a != b:

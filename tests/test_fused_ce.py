@@ -258,12 +258,21 @@ def test_impossible_head_choices_say_what_to_use():
                                 num_classes=8, tile_v=48, interpret=True)
 
 
-def test_a_checkpoint_resumes_under_any_head():
+def test_a_checkpoint_resumes_under_any_head_or_dropout_and_from_before_a_field_existed():
   base = experiment()
   other = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl="tiled", head_tile=64))
   assert checkpoints.fingerprint(base) == checkpoints.fingerprint(other)
   wider = dataclasses.replace(base, model=dataclasses.replace(base.model, d_model=64))
   assert checkpoints.fingerprint(base) != checkpoints.fingerprint(wider)
+  # Dropout rates are training knobs; a checkpoint from before a field existed had its default.
+  dropped = dataclasses.replace(base, model=dataclasses.replace(base.model, dropout=0.1, attention_dropout=0.1))
+  assert checkpoints.fingerprint(base) == checkpoints.fingerprint(dropped)
+  older = checkpoints.fingerprint(base)
+  del older["model"]["mlp_activation"], older["model"]["depth_scaled_init"]
+  checkpoints.check_compatible(older, checkpoints.fingerprint(base))
+  sigmoid = dataclasses.replace(base, model=dataclasses.replace(base.model, mlp_activation="sigmoid"))
+  with pytest.raises(ValueError, match="model.mlp_activation: checkpoint 'silu' vs config 'sigmoid'"):
+    checkpoints.check_compatible(older, checkpoints.fingerprint(sigmoid))
 
 
 def test_the_pallas_head_lowers_for_cuda():

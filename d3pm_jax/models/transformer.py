@@ -21,6 +21,8 @@ from pallas_kernels import fused_ce
 NORMS = ("rms", "layer")
 # Fields that choose how the network is computed, never what it computes: a checkpoint resumes under any of them.
 EXECUTION_FIELDS = ("attention_impl", "head_impl", "head_tile", "kernel_interpret")
+# Fields that change training, never the network a checkpoint holds: a run may resume with other rates.
+REGULARISATION_FIELDS = ("dropout", "attention_dropout")
 HEAD_IMPLS = fused_ce.IMPLS
 ATTENTION_IMPLS = attention_kernels.IMPLS
 DTYPES = ("float32", "bfloat16")
