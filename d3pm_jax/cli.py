@@ -26,6 +26,7 @@ USAGE_ERRORS = (ValueError, app.UsageError, FileNotFoundError, NotADirectoryErro
 
 
 _PROG = ["d3pm"]
+_HELP_FLAGS = ("--help", "-help", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 
 def _prog() -> str:
@@ -111,6 +112,10 @@ def flags_parser(schema=None):
       for name in flags.FLAGS:
         hasattr(flags.FLAGS[name].value, "to_dict")  # a config file that failed to load raises here
       return rest
+    except SystemExit as e:  # absl's --help exits 1 after printing the help asked for: that is a success
+      if e.code == 1 and any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+        raise SystemExit(0) from None
+      raise
     except Exception as e:  # noqa: BLE001 - whatever the flags or the config file did wrong, it is the input's
       fail((schema is not None and unknown_key(argv, schema())) or _describe(e))
   return parse
@@ -157,10 +162,25 @@ def _quiet_closed_loops(hook):
   return quiet
 
 
+def show_command_help(main) -> None:
+  """Makes ``--help`` describe the command whose ``main`` this is: absl prints ``__main__``'s docstring and the key
+  flags of the module named ``sys.argv[0]``, which for a console script (``d3pm-train``) is the generated wrapper,
+  with no docstring and no flags. The command module's docstring and key flags (its own, and those it adopts)
+  are given to that name."""
+  name = getattr(main, "__module__", "__main__")
+  module = sys.modules.get(name)
+  if module is None or name == "__main__":  # python -m d3pm_jax.main: absl finds them itself
+    return
+  sys.modules["__main__"].__doc__ = module.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(name):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main, prog: str, schema=None) -> None:
   """``app.run(main)`` with bad input answered as usage errors naming ``prog`` (the command, also when run as
-  ``python -m``); ``schema`` as for ``flags_parser``."""
+  ``python -m``), and ``--help`` naming the command's purpose and flags; ``schema`` as for ``flags_parser``."""
   _PROG[0] = prog
+  show_command_help(main)
   threading.excepthook = _quiet_closed_loops(threading.excepthook)
   sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   app.run(guarded(main), flags_parser=flags_parser(schema))

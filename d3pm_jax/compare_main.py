@@ -15,6 +15,8 @@ from absl import app, flags, logging
 
 from d3pm_jax import cli, compare, eval_flags
 
+flags.adopt_module_key_flags(eval_flags)  # --help lists the shared evaluation flags too
+
 _CONFIGS = flags.DEFINE_list("configs", None, "Config files, 'path.py' or 'path.py:arg', comma-separated.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The comparison's directory: one sub-workdir per config, the report.")
 _OVERRIDES = flags.DEFINE_list("override", [], "section.key=value settings applied to every config (e.g. an "

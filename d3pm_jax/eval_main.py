@@ -25,6 +25,8 @@ from absl import app, flags, logging
 from d3pm_jax import cli, eval_flags
 from d3pm_jax.eval_workdir import evaluate_workdir, format_table
 
+flags.adopt_module_key_flags(eval_flags)  # --help lists the shared evaluation flags too
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _EVALUATOR = flags.DEFINE_string("evaluator", None, "An autoregressive baseline's workdir trained on the same data: "
                                  "scores samples for generative perplexity (skipped when not given).")
