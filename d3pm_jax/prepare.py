@@ -84,7 +84,7 @@ def prepare_text8(zip_path: str | None, out: str, seq_len: int = 256, split_char
   if not os.path.exists(zip_path) and fetch.reachable(text8.URL):
     fetch.download(text8.URL, zip_path)
   texts = text8.read_splits(zip_path, split_chars)
-  tok = text8.Text8Tokenizer()
+  tok = tokenizers.Text8Tokenizer()
   source = {"zip": zip_path, "split_chars": split_chars or text8.SPLIT_CHARS,
             "sha256": {split: hashlib.sha256(t).hexdigest() for split, t in texts.items()}}
   return _write(out, "text8", seq_len, "stream", tok, {s: [tok.encode(t)] for s, t in texts.items()}, source)
@@ -102,7 +102,7 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
   ``validation_permille`` of the rows, chosen by ``seed`` (MD4: 2% of the 1024-token chunks)."""
   if validation not in OWT_VALIDATION:
     raise ValueError(f"unknown OpenWebText validation split {validation!r}; valid: {list(OWT_VALIDATION)}")
-  tok = openwebtext.Gpt2Tokenizer(tokenizer_path)
+  tok = tokenizers.Gpt2Tokenizer(tokenizer_path)
   if len(sources) == 1 and sources[0].startswith(openwebtext.HUB):
     total, texts = openwebtext.hub_documents(sources[0])
     where = {"hub": sources[0][len(openwebtext.HUB):]}
@@ -172,7 +172,7 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
                      f"at least 300 (D3PM: 8192)")
   splits, source = lm1b.open_splits(manual_dir, tfds_data_dir)
   if setup == "mdlm":
-    tok = lm1b.WordPieceTokenizer(tokenizer_path)
+    tok = tokenizers.WordPieceTokenizer(tokenizer_path)
   elif tokenizer_path:
     tok = tokenizers.SentencePieceTokenizer(tokenizer_path)
     if tok.bos_id is None or tok.eos_id is None:

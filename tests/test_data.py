@@ -161,3 +161,18 @@ def test_random_crops_refuse_rows_of_separate_documents(tmp_path):
     pipeline.build_data(cfg, batch_size=2, seed=0)
   with pytest.raises(ValueError, match="the synthetic 'markov' source has none"):
     DataConfig(name="markov", random_crops=True)
+
+
+def test_tokenizers_import_no_corpus_module():
+  """The corpus modules import their tokenizers from ``data/tokenizers.py``, never the reverse: no import circle.
+  Mutation: moving a tokenizer back beside its corpus and importing it lazily from ``make_tokenizer``."""
+  import ast
+  import pathlib
+  source = pathlib.Path(tokenizers.__file__).read_text()
+  imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module}
+  imported |= {f"{node.module}.{a.name}" for node in ast.walk(ast.parse(source))
+               if isinstance(node, ast.ImportFrom) and node.module for a in node.names}
+  corpora = {f"d3pm_jax.data.{name}" for name in ("text8", "openwebtext", "lm1b", "stdlib", "pipeline", "prepared")}
+  assert not imported & corpora, sorted(imported & corpora)
+  for name in ("Text8Tokenizer", "Gpt2Tokenizer", "WordPieceTokenizer", "SentencePieceTokenizer", "ByteTokenizer"):
+    assert getattr(tokenizers, name).__module__ == "d3pm_jax.data.tokenizers"

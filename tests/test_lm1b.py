@@ -163,7 +163,7 @@ def test_mdlm_setup_truncates_each_sentence_to_one_row_by_default(tmp_path, fake
   out = str(tmp_path / "mdlm")
   metadata = prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab, seq_len=16)
   assert metadata["packing"] == "truncated"
-  tok = lm1b.WordPieceTokenizer(vocab)
+  tok = tokenizers.WordPieceTokenizer(vocab)
   rows = prepared.PreparedSplit(out, "validation").read_all()
   encoded = [tok.encode(s.encode()) for s in expected["validation"]]
   assert len(rows) == len(encoded) and any(e.size > 16 for e in encoded)
@@ -177,7 +177,7 @@ def test_mdlm_wrapped_variant_streams_sentences(tmp_path, fake_lm1b):
   out = str(tmp_path / "wrap")
   prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab, seq_len=16,
                        packing="stream")
-  tok = lm1b.WordPieceTokenizer(vocab)
+  tok = tokenizers.WordPieceTokenizer(vocab)
   rows, real = _real_tokens(out, "validation")
   np.testing.assert_array_equal(real, np.concatenate(tok.encode_batch(expected["validation"])))
   assert (rows[:-1, 1] == 1).all()
@@ -201,7 +201,7 @@ def test_the_tfds_path_reads_what_tfds_serves(tmp_path, monkeypatch, fake_lm1b):
   examples, in tfds's order, become the train and validation splits."""
   import tensorflow_datasets as tfds
   _, _, vocab = fake_lm1b
-  tok = lm1b.WordPieceTokenizer(vocab)
+  tok = tokenizers.WordPieceTokenizer(vocab)
   monkeypatch.setattr(lm1b.fetch, "reachable", lambda url: True)  # mock_data's download_and_prepare is a no-op
   with tfds.testing.mock_data(num_examples=37, policy=tfds.testing.MockPolicy.USE_CODE):
     metadata = prepare.prepare_lm1b(str(tmp_path), "mdlm", tfds_data_dir=str(tmp_path / "tfds"),

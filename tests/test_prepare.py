@@ -15,7 +15,7 @@ import pytest
 
 from d3pm_jax import prepare
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import openwebtext, pipeline, prepared, stdlib, text8, tokenizers
+from d3pm_jax.data import pipeline, prepared, stdlib, tokenizers
 
 from conftest import guarded_command
 from test_train import ROOT, experiment
@@ -56,7 +56,7 @@ def test_the_stdlib_default_reads_its_own_prepared_shards_with_the_corpus_window
 def test_text8_prepares_with_its_split_and_round_trips(tmp_path, text8_zip):
   path, text = text8_zip
   metadata = prepare.prepare_text8(path, str(tmp_path), seq_len=32, split_chars=SPLITS)
-  tok = text8.Text8Tokenizer()
+  tok = tokenizers.Text8Tokenizer()
   for split, (start, end) in SPLITS.items():
     rows = prepared.PreparedSplit(str(tmp_path), split).read_all()
     assert len(rows) == -(-(end - start) // 32) == metadata["splits"][split]["rows"]
@@ -66,7 +66,7 @@ def test_text8_prepares_with_its_split_and_round_trips(tmp_path, text8_zip):
 
 def test_text8_tokenizer_refuses_other_characters():
   with pytest.raises(ValueError, match=r"byte b'A' at offset 3"):
-    text8.Text8Tokenizer().encode(b"abcA")
+    tokenizers.Text8Tokenizer().encode(b"abcA")
 
 
 def test_d3pm_train_trains_on_prepared_text8(tmp_path, text8_zip):
@@ -127,8 +127,8 @@ def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
 
 def test_openwebtext_prepares_documents_in_order_with_eos_and_the_last_ones_held_out(tmp_path, owt):
   root, docs = owt
-  tok = openwebtext.Gpt2Tokenizer(str(root / "tokenizer.json"))
-  from_pair = openwebtext.Gpt2Tokenizer(str(root / "vocab"))
+  tok = tokenizers.Gpt2Tokenizer(str(root / "tokenizer.json"))
+  from_pair = tokenizers.Gpt2Tokenizer(str(root / "vocab"))
   for doc in docs:
     assert tok.decode(tok.encode(doc.encode())) == doc.encode()
     assert np.array_equal(tok.encode(doc), from_pair.encode(doc))

@@ -55,7 +55,7 @@ DOCS = ["héllo wörld, 中文 ✓ café", "plain ascii text here", "more ünïc
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
   import tokenizers
-  from d3pm_jax.data.openwebtext import Gpt2Tokenizer
+  from d3pm_jax.data.tokenizers import Gpt2Tokenizer
   root = tmp_path_factory.mktemp("gpt2")
   bpe = tokenizers.ByteLevelBPETokenizer()
   bpe.train_from_iterator(DOCS * 3, vocab_size=290, min_frequency=1, special_tokens=["<|endoftext|>"])
@@ -82,7 +82,7 @@ def test_gpt2_windows_count_the_texts_bytes(gpt2):
 @pytest.fixture(scope="module")
 def wordpiece(tmp_path_factory):
   import tokenizers
-  from d3pm_jax.data.lm1b import WordPieceTokenizer
+  from d3pm_jax.data.tokenizers import WordPieceTokenizer
   from conftest import WORDPIECE_SPECIALS
   root = tmp_path_factory.mktemp("wordpiece")
   sentences = ["the naïve cat sat on the straße", "prices rose by 3 percent , more than expected",

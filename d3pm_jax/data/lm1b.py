@@ -17,15 +17,11 @@ split with sentences packed into 128 tokens, and MDLM's ``bert-base-uncased`` Wo
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import glob
-import importlib
 import os
 import tarfile
 from typing import Callable, Iterator
-
-import numpy as np
 
 from d3pm_jax.data import fetch, tokenizers
 
@@ -36,14 +32,6 @@ TOP = "1-billion-word-language-modeling-benchmark-r13output"
 PATTERNS = {"train": "training-monolingual.tokenized.shuffled/news.en-*",
             "validation": "heldout-monolingual.tokenized.shuffled/news.en.heldout-*"}
 TFDS_SPLITS = {"train": "train", "validation": "test"}
-SPECIALS = {"[PAD]": b"", "[CLS]": b"", "[SEP]": b"\n"}  # WordPiece specials as decoded text: one line a sentence
-
-
-def _need(module: str, why: str, extra: str = "lm1b"):
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise ValueError(f"{why} needs the '{module}' package: pip install -e '.[{extra}]'") from e
 
 
 def _offline_message(manual_dir: str | None, data_dir: str | None) -> str:
@@ -113,7 +101,8 @@ def _tfds_splits(data_dir: str | None, manual_dir: str | None) -> dict:
     if not fetch.reachable(URL):  # offline: say what to download, within seconds
       raise ValueError(_offline_message(manual_dir, data_dir))
     if builder is None:
-      _need("tensorflow_datasets", "downloading and preparing LM1B with tensorflow-datasets")
+      tokenizers.need_package("tensorflow_datasets", "downloading and preparing LM1B with tensorflow-datasets",
+                              "lm1b")
     try:
       builder.download_and_prepare(file_format="array_record",
                                    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -143,67 +132,3 @@ def open_splits(manual_dir: str | None = None, tfds_data_dir: str | None = None)
   return ({split: _tfds_split(s) for split, s in sources.items()},
           {"tfds_data_dir": tfds_data_dir, "tfds_splits": TFDS_SPLITS,
            "tfds_examples": {split: len(s) for split, s in sources.items()}})
-
-
-# ---------------------------------------------------------------- MDLM's tokenizer
-
-@dataclasses.dataclass
-class WordPieceTokenizer(tokenizers.HuggingFaceTokenizer):
-  """A BERT WordPiece vocabulary (``vocab.txt``; MDLM uses ``bert-base-uncased``'s, 30,522 pieces), lower-casing
-  and stripping accents as that model does. ``encode`` gives one sentence as ``[CLS] pieces [SEP]``; ``decode``
-  joins pieces with single spaces (LM1B's text is already split at punctuation, so a lower-case sentence decodes
-  to itself), drops ``[CLS]``/``[PAD]`` and ends each sentence at ``[SEP]`` with a newline."""
-  path: str
-  name = "wordpiece"
-
-  def __post_init__(self):
-    hf_tokenizers = _need("tokenizers", "the WordPiece tokenizer")
-    if not os.path.isfile(self.path):
-      raise ValueError(f"WordPiece vocabulary {self.path!r} does not exist: copy bert-base-uncased's vocab.txt "
-                       f"there and pass it with --tokenizer_path / data.tokenizer_path")
-    self._tok = hf_tokenizers.BertWordPieceTokenizer(self.path, lowercase=True)
-    self._tok._tokenizer.decoder = hf_tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
-    missing = [s for s in SPECIALS if self._tok.token_to_id(s) is None]
-    if missing:
-      raise ValueError(f"the WordPiece vocabulary {self.path} lacks {missing}; a BERT vocab.txt has them")
-    self._special = {self._tok.token_to_id(s): text for s, text in SPECIALS.items()}
-
-  @property
-  def files(self) -> list[str]:
-    return [self.path]
-
-  def text_bytes(self, ids) -> int:
-    """The bytes of the normalised text the ids stand for (lower-cased, accents stripped, and CJK characters
-    split into words of their own by BERT's pre-tokenizer: all that WordPiece ids can express; LM1B's English
-    text is unchanged but for its case): each piece's own bytes (``##`` continuations without the marks), and
-    the space before a piece that starts a word after another piece of its sentence; ``[CLS]``, ``[SEP]`` and
-    ``[PAD]`` mark sentences and count 0. A window that starts mid-sentence does not count the space before its
-    first word."""
-    total, previous_piece = 0, False
-    for i in (int(i) for i in np.asarray(ids).ravel()):
-      if i in self._special:
-        previous_piece = False
-        continue
-      piece = self._tok.id_to_token(i)
-      if piece is None:
-        raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got {i}")
-      continuation = piece.startswith("##")
-      total += len((piece[2:] if continuation else piece).encode("utf-8")) + (previous_piece and not continuation)
-      previous_piece = True
-    return total
-
-  def decode(self, ids) -> bytes:
-    ids = [int(i) for i in np.asarray(ids).ravel()]
-    if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-      raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got min {min(ids)}, max {max(ids)}")
-    out, run = [], []
-    for i in ids + [None]:
-      if i is None or i in self._special:
-        if run:
-          out.append(self._tok.decode(run, skip_special_tokens=False).encode("utf-8"))
-          run = []
-        if i is not None:
-          out.append(self._special[i])
-      else:
-        run.append(i)
-    return b"".join(out)

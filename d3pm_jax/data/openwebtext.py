@@ -9,27 +9,19 @@ GPT-2's ``vocab.json`` and ``merges.txt``; both need the ``tokenizers`` package 
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
-import importlib
 import json
 import os
 
-import numpy as np
-
 from d3pm_jax.data import fetch, tokenizers
 
-EOS = "<|endoftext|>"
 EXTENSIONS = (".jsonl", ".parquet", ".txt")
 HUB = "hf://"
 DEFAULT_HUB = "hf://Skylion007/openwebtext"
 
 
-def _need(module: str, extra: str = "openwebtext"):
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise ValueError(f"preparing OpenWebText needs the '{module}' package: pip install -e '.[{extra}]'") from e
+def _need(module: str):
+  return tokenizers.need_package(module, "preparing OpenWebText", "openwebtext")
 
 
 def hub_documents(source: str):
@@ -100,48 +92,3 @@ def count_documents(files) -> int:
     else:
       count += 1
   return count
-
-
-@dataclasses.dataclass
-class Gpt2Tokenizer(tokenizers.HuggingFaceTokenizer):
-  """GPT-2's byte-level BPE from ``path``: a ``tokenizer.json`` file, or a directory with ``vocab.json`` and
-  ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
-  path: str
-  name = "gpt2"
-
-  def __post_init__(self):
-    hf_tokenizers = _need("tokenizers")
-    if os.path.isdir(self.path):
-      vocab, merges = os.path.join(self.path, "vocab.json"), os.path.join(self.path, "merges.txt")
-      if not (os.path.exists(vocab) and os.path.exists(merges)):
-        raise ValueError(f"{self.path} should hold GPT-2's vocab.json and merges.txt (or pass a tokenizer.json)")
-      self._files = [vocab, merges]
-      self._tok = hf_tokenizers.ByteLevelBPETokenizer(vocab, merges)
-    elif os.path.isfile(self.path):
-      self._files = [self.path]
-      self._tok = hf_tokenizers.Tokenizer.from_file(self.path)
-    else:
-      raise ValueError(f"GPT-2 tokenizer {self.path!r} does not exist: copy GPT-2's tokenizer.json (or vocab.json "
-                       f"and merges.txt) there and pass it with --tokenizer_path / data.tokenizer_path")
-    self.eos_id = self._tok.token_to_id(EOS)
-    if self.eos_id is None:
-      raise ValueError(f"the tokenizer at {self.path} has no {EOS} token")
-
-  def decode(self, ids) -> bytes:
-    return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
-
-  def token_bytes(self) -> np.ndarray:
-    """int64 ``[V]``: the bytes each id stands for. A byte-level BPE piece is written in GPT-2's printable
-    alphabet (one character per byte), so its byte count is its length in that alphabet; ``<|endoftext|>`` and any
-    other special token separate documents and stand for no text (0)."""
-    if getattr(self, "_token_bytes", None) is None:
-      table = np.zeros(self.vocab_size, np.int64)
-      special = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {EOS}
-      for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
-        table[i] = 0 if piece in special else len(piece)
-      self._token_bytes = table
-    return self._token_bytes
-
-  @property
-  def files(self) -> list[str]:
-    return list(self._files)

@@ -4,41 +4,11 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 import zipfile
 
-import numpy as np
-
-ALPHABET = b"abcdefghijklmnopqrstuvwxyz "
 SPLIT_CHARS = {"train": (0, 90_000_000), "validation": (90_000_000, 95_000_000), "test": (95_000_000, 100_000_000)}
 URL = "http://mattmahoney.net/dc/text8.zip"
-
-
-@dataclasses.dataclass(frozen=True)
-class Text8Tokenizer:
-  """Characters to ids and back; any other byte is refused with its position."""
-  vocab_size: int = len(ALPHABET)
-  name = "text8"
-
-  def encode(self, data: bytes) -> np.ndarray:
-    table = np.full(256, -1, np.int32)
-    table[np.frombuffer(ALPHABET, np.uint8)] = np.arange(len(ALPHABET))
-    ids = table[np.frombuffer(data, np.uint8)]
-    bad = np.flatnonzero(ids < 0)
-    if bad.size:
-      raise ValueError(f"text8 holds only a-z and space; byte {data[bad[0]:bad[0] + 1]!r} at offset {bad[0]}")
-    return ids
-
-  def decode(self, ids) -> bytes:
-    return np.frombuffer(ALPHABET, np.uint8)[np.asarray(ids, np.int64)].tobytes()
-
-  def fingerprint(self) -> str:
-    return hashlib.sha256(b"text8-chars:" + ALPHABET).hexdigest()
-
-  def text_bytes(self, ids) -> int:
-    return int(np.size(ids))  # every character is one ASCII byte
 
 
 def read_splits(zip_path: str, split_chars: dict | None = None) -> dict:

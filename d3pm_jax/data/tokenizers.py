@@ -1,5 +1,6 @@
-"""Tokenizers that round-trip bytes exactly: raw bytes (256 symbols) and a locally trained sentencepiece model
-(text8's characters, GPT-2's BPE and BERT's WordPiece live beside their data sets).
+"""Every tokenizer: raw bytes (256 symbols), a sentencepiece model (trained here, lossless, or one made elsewhere),
+text8's 27 characters, GPT-2's byte-level BPE and BERT's WordPiece. The corpus modules (``text8``, ``openwebtext``,
+``lm1b``) import their tokenizer from here; this module imports none of them.
 
 Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``), a
 ``fingerprint()`` (a SHA-256 of its definition) that prepared shards record, and ``text_bytes(ids)``: how many
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import io
 import os
 import re
@@ -22,6 +24,9 @@ import numpy as np
 from d3pm_jax import _checks
 
 TOKENIZERS = ("bytes", "sentencepiece", "text8", "gpt2", "wordpiece")
+TEXT8_ALPHABET = b"abcdefghijklmnopqrstuvwxyz "
+GPT2_EOS = "<|endoftext|>"
+WORDPIECE_SPECIALS = {"[PAD]": b"", "[CLS]": b"", "[SEP]": b"\n"}  # as decoded text: one line a sentence
 # Runs that bypass the sentencepiece model: undecodable bytes (surrogate escapes) and the whitespace mark U+2581.
 _RAW = re.compile("([\udc80-\udcff\u2581]+)")
 
@@ -212,23 +217,160 @@ class SentencePieceTokenizer:
     return cls(model_prefix + ".model")
 
 
+@dataclasses.dataclass(frozen=True)
+class Text8Tokenizer:
+  """Characters to ids and back; any other byte is refused with its position."""
+  vocab_size: int = len(TEXT8_ALPHABET)
+  name = "text8"
+
+  def encode(self, data: bytes) -> np.ndarray:
+    table = np.full(256, -1, np.int32)
+    table[np.frombuffer(TEXT8_ALPHABET, np.uint8)] = np.arange(len(TEXT8_ALPHABET))
+    ids = table[np.frombuffer(data, np.uint8)]
+    bad = np.flatnonzero(ids < 0)
+    if bad.size:
+      raise ValueError(f"text8 holds only a-z and space; byte {data[bad[0]:bad[0] + 1]!r} at offset {bad[0]}")
+    return ids
+
+  def decode(self, ids) -> bytes:
+    return np.frombuffer(TEXT8_ALPHABET, np.uint8)[np.asarray(ids, np.int64)].tobytes()
+
+  def fingerprint(self) -> str:
+    return hashlib.sha256(b"text8-chars:" + TEXT8_ALPHABET).hexdigest()
+
+  def text_bytes(self, ids) -> int:
+    return int(np.size(ids))  # every character is one ASCII byte
+
+
+def need_package(module: str, why: str, extra: str):
+  """``module`` imported, or a ValueError naming the pip extra that installs it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ValueError(f"{why} needs the '{module}' package: pip install -e '.[{extra}]'") from e
+
+
+@dataclasses.dataclass
+class Gpt2Tokenizer(HuggingFaceTokenizer):
+  """GPT-2's byte-level BPE from ``path``: a ``tokenizer.json`` file, or a directory with ``vocab.json`` and
+  ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
+  path: str
+  name = "gpt2"
+
+  def __post_init__(self):
+    hf_tokenizers = need_package("tokenizers", "GPT-2's tokenizer", "openwebtext")
+    if os.path.isdir(self.path):
+      vocab, merges = os.path.join(self.path, "vocab.json"), os.path.join(self.path, "merges.txt")
+      if not (os.path.exists(vocab) and os.path.exists(merges)):
+        raise ValueError(f"{self.path} should hold GPT-2's vocab.json and merges.txt (or pass a tokenizer.json)")
+      self._files = [vocab, merges]
+      self._tok = hf_tokenizers.ByteLevelBPETokenizer(vocab, merges)
+    elif os.path.isfile(self.path):
+      self._files = [self.path]
+      self._tok = hf_tokenizers.Tokenizer.from_file(self.path)
+    else:
+      raise ValueError(f"GPT-2 tokenizer {self.path!r} does not exist: copy GPT-2's tokenizer.json (or vocab.json "
+                       f"and merges.txt) there and pass it with --tokenizer_path / data.tokenizer_path")
+    self.eos_id = self._tok.token_to_id(GPT2_EOS)
+    if self.eos_id is None:
+      raise ValueError(f"the tokenizer at {self.path} has no {GPT2_EOS} token")
+
+  def decode(self, ids) -> bytes:
+    return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False).encode("utf-8")
+
+  def token_bytes(self) -> np.ndarray:
+    """int64 ``[V]``: the bytes each id stands for. A byte-level BPE piece is written in GPT-2's printable
+    alphabet (one character per byte), so its byte count is its length in that alphabet; ``<|endoftext|>`` and any
+    other special token separate documents and stand for no text (0)."""
+    if getattr(self, "_token_bytes", None) is None:
+      table = np.zeros(self.vocab_size, np.int64)
+      special = {t.content for t in self._tok.get_added_tokens_decoder().values()} | {GPT2_EOS}
+      for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+        table[i] = 0 if piece in special else len(piece)
+      self._token_bytes = table
+    return self._token_bytes
+
+  @property
+  def files(self) -> list[str]:
+    return list(self._files)
+
+
+@dataclasses.dataclass
+class WordPieceTokenizer(HuggingFaceTokenizer):
+  """A BERT WordPiece vocabulary (``vocab.txt``; MDLM uses ``bert-base-uncased``'s, 30,522 pieces), lower-casing
+  and stripping accents as that model does. ``encode`` gives one sentence as ``[CLS] pieces [SEP]``; ``decode``
+  joins pieces with single spaces (LM1B's text is already split at punctuation, so a lower-case sentence decodes
+  to itself), drops ``[CLS]``/``[PAD]`` and ends each sentence at ``[SEP]`` with a newline."""
+  path: str
+  name = "wordpiece"
+
+  def __post_init__(self):
+    hf_tokenizers = need_package("tokenizers", "the WordPiece tokenizer", "lm1b")
+    if not os.path.isfile(self.path):
+      raise ValueError(f"WordPiece vocabulary {self.path!r} does not exist: copy bert-base-uncased's vocab.txt "
+                       f"there and pass it with --tokenizer_path / data.tokenizer_path")
+    self._tok = hf_tokenizers.BertWordPieceTokenizer(self.path, lowercase=True)
+    self._tok._tokenizer.decoder = hf_tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
+    missing = [s for s in WORDPIECE_SPECIALS if self._tok.token_to_id(s) is None]
+    if missing:
+      raise ValueError(f"the WordPiece vocabulary {self.path} lacks {missing}; a BERT vocab.txt has them")
+    self._special = {self._tok.token_to_id(s): text for s, text in WORDPIECE_SPECIALS.items()}
+
+  @property
+  def files(self) -> list[str]:
+    return [self.path]
+
+  def text_bytes(self, ids) -> int:
+    """The bytes of the normalised text the ids stand for (lower-cased, accents stripped, and CJK characters
+    split into words of their own by BERT's pre-tokenizer: all that WordPiece ids can express; LM1B's English
+    text is unchanged but for its case): each piece's own bytes (``##`` continuations without the marks), and
+    the space before a piece that starts a word after another piece of its sentence; ``[CLS]``, ``[SEP]`` and
+    ``[PAD]`` mark sentences and count 0. A window that starts mid-sentence does not count the space before its
+    first word."""
+    total, previous_piece = 0, False
+    for i in (int(i) for i in np.asarray(ids).ravel()):
+      if i in self._special:
+        previous_piece = False
+        continue
+      piece = self._tok.id_to_token(i)
+      if piece is None:
+        raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got {i}")
+      continuation = piece.startswith("##")
+      total += len((piece[2:] if continuation else piece).encode("utf-8")) + (previous_piece and not continuation)
+      previous_piece = True
+    return total
+
+  def decode(self, ids) -> bytes:
+    ids = [int(i) for i in np.asarray(ids).ravel()]
+    if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+      raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got min {min(ids)}, max {max(ids)}")
+    out, run = [], []
+    for i in ids + [None]:
+      if i is None or i in self._special:
+        if run:
+          out.append(self._tok.decode(run, skip_special_tokens=False).encode("utf-8"))
+          run = []
+        if i is not None:
+          out.append(self._special[i])
+      else:
+        run.append(i)
+    return b"".join(out)
+
+
 def make_tokenizer(name: str, model_path: str | None = None):
   _checks.check_choice("tokenizer", name, TOKENIZERS)
   if name == "bytes":
     return ByteTokenizer()
   if name == "text8":
-    from d3pm_jax.data.text8 import Text8Tokenizer
     return Text8Tokenizer()
   if name == "gpt2":
     if not model_path:
       raise ValueError("tokenizer 'gpt2' needs data.tokenizer_path (GPT-2's tokenizer.json, or a directory with "
                        "vocab.json and merges.txt)")
-    from d3pm_jax.data.openwebtext import Gpt2Tokenizer
     return Gpt2Tokenizer(model_path)
   if name == "wordpiece":
     if not model_path:
       raise ValueError("tokenizer 'wordpiece' needs data.tokenizer_path (a BERT vocab.txt)")
-    from d3pm_jax.data.lm1b import WordPieceTokenizer
     return WordPieceTokenizer(model_path)
   if not model_path:
     raise ValueError("tokenizer 'sentencepiece' needs data.tokenizer_path (a .model file)")
