@@ -8,9 +8,11 @@ Unix socket), and every name look-up other than this machine's own names, raises
 (``tfds.load('lm1b')`` offline retries for minutes). Subprocesses that tests start run our own commands on local
 files; the guard covers the pytest process itself.
 """
+import atexit
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import sys
 import tarfile
@@ -72,6 +74,17 @@ def guarded_command(module: str, *args: str) -> list[str]:
 # The stdlib corpus is prepared on first use into a cache (d3pm_jax/data/pipeline.py): one fresh cache for the
 # whole test session and the commands it starts, so tests neither read nor fill the user's.
 os.environ["D3PM_CACHE"] = tempfile.mkdtemp(prefix="d3pm_test_cache_")
+
+# Compiled programs are shared by the whole session through JAX's persistent compilation cache (a fresh directory
+# per session, so nothing is read from or left for another): the many tests and subprocesses that train the same
+# tiny models compile each program once. The environment carries it to the commands the tests start.
+_COMPILED = tempfile.mkdtemp(prefix="d3pm_test_xla_cache_")
+for _name, _value in (("jax_compilation_cache_dir", _COMPILED), ("jax_persistent_cache_min_compile_time_secs", 0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+  os.environ[_name.upper()] = str(_value)
+  jax.config.update(_name, _value)
+atexit.register(shutil.rmtree, _COMPILED, ignore_errors=True)
+atexit.register(shutil.rmtree, os.environ["D3PM_CACHE"], ignore_errors=True)
 
 socket.socket.connect = _guarded(socket.socket.connect)
 socket.socket.connect_ex = _guarded(socket.socket.connect_ex)
