@@ -224,6 +224,7 @@ def mutual_information_grid(transition_fn, p_V, num_steps: int, eps: float, coar
   right = np.clip(np.searchsorted(info_nodes, targets), 1, coarse - 1)  # the root lies in [nodes[r-1], nodes[r]]
   lo, hi = nodes[right - 1], nodes[right]
   f_lo, f_hi = info_nodes[right - 1] - targets, info_nodes[right] - targets
+  err_lo, err_hi = np.abs(f_lo), np.abs(f_hi)  # the ends' true residuals (Illinois halves f_lo, f_hi)
   inside = (f_lo <= 0) & (f_hi >= 0)
   last = np.zeros(targets.size, np.int8)  # which end the previous step moved: 1 lo, -1 hi
   for _ in range(iterations):
@@ -235,9 +236,9 @@ def mutual_information_grid(transition_fn, p_V, num_steps: int, eps: float, coar
     f_hi = np.where(left & (last == 1), 0.5 * f_hi, np.where(left, f_hi, f_mid))
     f_lo = np.where(~left & (last == -1), 0.5 * f_lo, np.where(left, f_mid, f_lo))
     lo, hi = np.where(left, mid, lo), np.where(left, hi, mid)
+    err_lo, err_hi = np.where(left, np.abs(f_mid), err_lo), np.where(left, err_hi, np.abs(f_mid))
     last = np.where(left, 1, -1).astype(np.int8)
-  f_hi_true, f_lo_true = np.abs(information(hi) - targets), np.abs(information(lo) - targets)
-  grid = np.where(f_hi_true < f_lo_true, hi, lo)
+  grid = np.where(err_hi < err_lo, hi, lo)
   # H(x_0) is above any information the squashed alpha keeps and 0 below it: the ends are the squash's ends.
   grid[0], grid[-1] = 1.0, 0.0
   return tuple(float(x) for x in np.minimum.accumulate(grid))

@@ -233,22 +233,23 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   segmented = metadata["packing"] != "stream"
   train = prepared.PreparedSplit(config.prepared_dir, "train")
   usable = len(train)
+  if not segmented and usable and train[usable - 1][1].min() == 0:
+    usable -= 1
   if config.random_crops:
     if segmented:
       raise ValueError(f"data.random_crops crops windows out of one token stream; {config.prepared_dir} is "
                        f"{metadata['packing']!r}-packed (rows of separate documents): prepare it with stream packing "
                        f"or set data.random_crops=False")
-    batches = crop_batches(RandomCrops(PreparedRows(train, usable, False), int(metadata["splits"]["train"]["tokens"]),
-                                       config.seq_len, seed), batch_size)
-  if not segmented and usable and train[usable - 1][1].min() == 0:
-    usable -= 1
+    # Every row, the padded last one too: crops reach the stream's last token and never its padding.
+    batches = crop_batches(RandomCrops(PreparedRows(train, len(train), False),
+                                       int(metadata["splits"]["train"]["tokens"]), config.seq_len, seed), batch_size)
+  else:
+    batches = train_batches(PreparedRows(train, usable, segmented), batch_size, seed)
   val_split = prepared.PreparedSplit(config.prepared_dir, eval_split)
   val = val_split.read_all()
   tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
-  if not config.random_crops:
-    batches = train_batches(PreparedRows(train, usable, segmented), batch_size, seed)
   return Data(tokenizer=tok, train_batches=batches,
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
               val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents(),

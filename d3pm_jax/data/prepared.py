@@ -260,6 +260,30 @@ def load_metadata(prepared_dir: str) -> dict:
   return metadata
 
 
+def _pack(packer: Packer, documents: Iterable, chunk: int, write) -> bool:
+  """Feeds ``documents`` (token arrays, or ``Worded`` ones) through ``packer`` ``chunk`` at a time, handing every
+  completed row, the padded last one included, to ``write(rows)``; returns whether the documents were worded."""
+  batch, words, worded = [], [], None
+
+  def flush():
+    write(packer.add(batch, words if worded else None))
+    batch.clear()
+    words.clear()
+
+  for doc in documents:
+    if worded is None:
+      worded = isinstance(doc, Worded)
+    if isinstance(doc, Worded) != worded:
+      raise ValueError("a split's documents must all be Worded or all plain token arrays")
+    batch.append(doc.tokens if worded else doc)
+    words.append(doc.words if worded else 0)
+    if len(batch) == chunk:
+      flush()
+  flush()
+  write(packer.finish())
+  return bool(worded)
+
+
 def chunk_hash(seed: int, rows) -> np.ndarray:
   """A uniform float in [0, 1) for each row index, from (seed, index) alone (splitmix64): the same row goes to the
   same split whatever the chunking and wherever it is prepared."""
@@ -296,14 +320,7 @@ def prepare_chunk_splits(out_dir: str, documents: Iterable, seq_len: int, separa
       counts[split] = _count_tokens(counts[split], rows[mask])
       writers[split].write(rows[mask])
 
-  batch = []
-  for doc in documents:
-    batch.append(doc)
-    if len(batch) == chunk:
-      write(packer.add(batch))
-      batch = []
-  write(packer.add(batch))
-  write(packer.finish())
+  _pack(packer, documents, chunk, write)
   held_out = np.concatenate(held_out) if held_out else np.zeros(0, bool)
   row_documents = packer.row_documents()
   infos = {}
@@ -324,7 +341,6 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
   shards, and for worded documents the words and the rows' word file)."""
   packer = Packer(seq_len, packing, separator)
   writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
-  batch, words, worded = [], [], None
   counts = np.zeros(0, np.int64)
 
   def write(rows):
@@ -332,22 +348,7 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
     counts = _count_tokens(counts, rows)
     writer.write(rows)
 
-  def flush():
-    write(packer.add(batch, words if worded else None))
-    batch.clear()
-    words.clear()
-
-  for doc in documents:
-    if worded is None:
-      worded = isinstance(doc, Worded)
-    if isinstance(doc, Worded) != worded:
-      raise ValueError("a split's documents must all be Worded or all plain token arrays")
-    batch.append(doc.tokens if worded else doc)
-    words.append(doc.words if worded else 0)
-    if len(batch) == chunk:
-      flush()
-  flush()
-  write(packer.finish())
+  worded = _pack(packer, documents, chunk, write)
   documents_file = f"{split}-documents.npy"
   row_documents = packer.row_documents()
   np.save(os.path.join(out_dir, documents_file),
