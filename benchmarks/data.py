@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from d3pm_jax import prepare
+from d3pm_jax.data import prepare
 from d3pm_jax.config import from_config, stdlib_tiny
 from d3pm_jax.data import pipeline
 
-from d3pm_jax.metrics import matmul_peak
+from d3pm_jax.training.metrics import matmul_peak
 
 from train_step import bench  # the sibling benchmark's train-step timer
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from d3pm_jax.metrics import matmul_peak, median_seconds  # noqa: E402
+from d3pm_jax.training.metrics import matmul_peak, median_seconds  # noqa: E402
 from d3pm_jax.models.transformer import attention, segment_mask  # noqa: E402
 from pallas_kernels import attention as attention_kernels  # noqa: E402
 from pallas_kernels import fused_ce, fused_sample  # noqa: E402

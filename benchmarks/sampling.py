@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from d3pm_jax import sampling
-from d3pm_jax.metrics import median_seconds
+from d3pm_jax.training.metrics import median_seconds
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import make_process
 

@@ -47,7 +47,8 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from d3pm_jax import train
+  from d3pm_jax.training import train
+  from d3pm_jax.training.state import build_process, init_state, make_optimizer
   from d3pm_jax.config import from_config
   from d3pm_jax.models.transformer import Transformer, count_params
 
@@ -60,9 +61,9 @@ def main() -> None:
   if base.model.scan_layers:  # what scanning the blocks saves: the same FSDP step with the layers unrolled
     meshes.append(("FSDP, layers unrolled", (1, n, 1), True))
   model = Transformer(base.model)
-  process = train.build_process(base.process, base.model)
-  optimizer = train.make_optimizer(base.train)
-  abstract = jax.eval_shape(lambda: train.init_state(base, model, optimizer))
+  process = build_process(base.process, base.model)
+  optimizer = make_optimizer(base.train)
+  abstract = jax.eval_shape(lambda: init_state(base, model, optimizer))
   total_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract))
   print(f"jax {jax.__version__} on {n} fake {jax.devices()[0].platform} devices; config "
         f"{os.path.basename(args.config)}: {count_params(abstract.params):,} parameters, train state "
@@ -76,7 +77,7 @@ def main() -> None:
     if unrolled:
       exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, scan_layers=False))
     model = Transformer(exp.model)
-    abstract = jax.eval_shape(lambda: train.init_state(exp, model, optimizer))
+    abstract = jax.eval_shape(lambda: init_state(exp, model, optimizer))
     placement = train.make_placement(exp, model, optimizer)
     per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
                      for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(placement.state)))

@@ -14,20 +14,21 @@ import time
 import jax
 import numpy as np
 
-from d3pm_jax import train
+from d3pm_jax.training import train
+from d3pm_jax.training.state import build_process, init_state, make_optimizer
 from d3pm_jax.config import from_config, stdlib_tiny
-from d3pm_jax.metrics import matmul_peak
+from d3pm_jax.training.metrics import matmul_peak
 from d3pm_jax.models.transformer import Transformer, count_params, forward_flops_per_token
 
 
 def bench(name: str, cfg, steps: int, peak: float) -> dict:
   exp = from_config(cfg, vocab_size=256)
   model = Transformer(exp.model)
-  process = train.build_process(exp.process, exp.model)
-  optimizer = train.make_optimizer(exp.train)
+  process = build_process(exp.process, exp.model)
+  optimizer = make_optimizer(exp.train)
   # The train loop's own step: placed on the mesh, traced under its sharding rules, state donated.
   placement = train.make_placement(exp, model, optimizer)
-  state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
+  state = jax.jit(lambda: init_state(exp, model, optimizer), out_shardings=placement.state)()
   step, _ = train.compile_steps(exp, model, process, optimizer, placement)
   batch = train.global_batch(placement.batch, np.random.default_rng(0).integers(
       0, 256, (exp.train.batch_size, exp.data.seq_len), dtype=np.int32))

@@ -14,7 +14,7 @@ import ml_collections
 
 from d3pm_jax import _checks
 from d3pm_jax.models.transformer import ModelConfig
-from d3pm_jax.sharding import MeshConfig
+from d3pm_jax.runtime.sharding import MeshConfig
 
 PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")

@@ -1,4 +1,4 @@
-"""Runs d3pm-train or d3pm-sample many times in one process, exactly as their entry points do (``cli.run`` of the
+"""Runs d3pm-train or d3pm-sample many times in one process, exactly as their entry points do (``common.run`` of the
 module's ``main``), so a test can make dozens of CLI calls for the price of one JAX start-up. Not collected by
 pytest: the tests run it as a subprocess, because absl's flags of the two commands cannot live in one process.
 
@@ -23,7 +23,7 @@ import jax
 from absl import flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROGS = {"d3pm_jax.main": "d3pm-train", "d3pm_jax.sample_main": "d3pm-sample"}
+PROGS = {"d3pm_jax.cli.train": "d3pm-train", "d3pm_jax.cli.sample": "d3pm-sample"}
 
 
 def call(module_name: str, argv: list) -> dict:
@@ -101,7 +101,7 @@ def fuzz_train(root: pathlib.Path) -> None:
             "--config.train.steps=2", "--config.train.eval_every=2", "--config.train.num_samples=1",
             "--config.train.sample_steps=2", *overrides,
             *(e if e != "positional" else "stray" for e in extra)]
-    check_outcome("d3pm-train", argv, call("d3pm_jax.main", argv))
+    check_outcome("d3pm-train", argv, call("d3pm_jax.cli.train", argv))
 
   property_()
 
@@ -132,7 +132,7 @@ def fuzz_sample(diffusion: str, autoregressive: str) -> None:
     argv = [f"--workdir={workdir}", *(f"--{k}={v}" for k, v in opts.items()), *extra]
     if "steps" not in opts and workdir == diffusion:
       argv.append("--steps=2")  # keep the default 128 steps out of the budget
-    check_outcome("d3pm-sample", argv, call("d3pm_jax.sample_main", argv))
+    check_outcome("d3pm-sample", argv, call("d3pm_jax.cli.sample", argv))
 
   property_()
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from d3pm_jax import checkpoints
+from d3pm_jax.training import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "cli_harness.py"
@@ -59,7 +59,7 @@ def test_each_kind_of_bad_input_is_named_with_exit_2(tmp_path):
       ([f"--workdir={work}", "stray"], "unexpected arguments ['stray']"),
       ([], "--workdir must have a value other than None"),
   ]
-  results = run_batch("d3pm_jax.main", [BASE + extra for extra, _ in cases], tmp_path)
+  results = run_batch("d3pm_jax.cli.train", [BASE + extra for extra, _ in cases], tmp_path)
   assert results[0]["code"] == 0 and results[0]["exception"] is None, results[0]["err"][-2000:]
   for (extra, message), result in zip(cases[1:], results[1:]):
     last = result["err"].rstrip("\n").splitlines()[-1]
@@ -85,7 +85,7 @@ def test_a_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
   its next checkpoint: it stops with status 1 and a one-paragraph message, no traceback, and the checkpoint saved
   before still restores."""
   work = tmp_path / "work"
-  cmd = [sys.executable, "-m", "d3pm_jax.main", *BASE, f"--workdir={work}", "--config.train.steps=4",
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.train", *BASE, f"--workdir={work}", "--config.train.steps=4",
          "--config.train.checkpoint_every=2", "--config.train.eval_every=100"]
   first = subprocess.run(cmd + ["--config.train.steps=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert first.returncode == 0, first.stderr[-3000:]

@@ -19,7 +19,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_prints_the_commands_purpose_and_its_own_flags(command):
-  """Mutation: no ``cli.show_command_help`` (absl then prints "USAGE: d3pm-train [flags]" and no flag), or the
+  """Mutation: no ``common.show_command_help`` (absl then prints "USAGE: d3pm-train [flags]" and no flag), or the
   shared evaluation flags not adopted by d3pm-eval and d3pm-compare."""
   script = pathlib.Path(sys.executable).parent / command
   assert script.exists(), f"{script} is not installed: pip install -e '.[test]'"

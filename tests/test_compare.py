@@ -11,7 +11,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from d3pm_jax import checkpoints, compare, evaluate, train
+from d3pm_jax.evaluation import compare, evaluate
+from d3pm_jax.training import checkpoints, train
 
 from test_train import ROOT, experiment
 
@@ -145,7 +146,7 @@ def test_running_again_trains_and_evaluates_nothing(compared):
   report = open(os.path.join(workdir, "report.md")).read()
   flags = [f"--configs={','.join(CONFIGS)}", f"--workdir={workdir}", f"--override={','.join(OVERRIDES)}"]
   flags += [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in SETTINGS.items()]
-  out = subprocess.run([sys.executable, "-m", "d3pm_jax.compare_main", *flags], capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-m", "d3pm_jax.cli.compare", *flags], capture_output=True, text=True,
                        timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "test: reused, evaluation reused" in out.stdout

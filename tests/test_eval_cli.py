@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.special
 
-from d3pm_jax import checkpoints, train
-from d3pm_jax.eval_workdir import evaluate_workdir
+from d3pm_jax.training import checkpoints, train
+from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer
 
 from test_compare import assert_real_png
@@ -83,7 +83,7 @@ def test_d3pm_run_reports_its_exact_bound_and_the_continuous_bound(trained):
 
 
 def test_cli_prints_the_table(trained):
-  out = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", f"--workdir={trained['absorbing_d3pm']}",
+  out = subprocess.run([sys.executable, "-m", "d3pm_jax.cli.eval", f"--workdir={trained['absorbing_d3pm']}",
                         "--quick", f"--evaluator={trained['autoregressive']}", "--sample_steps=2,4", "--frontier",
                         "--frontier_temperatures=0.9,1.1", "--frontier_top_p=0.9"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -95,14 +95,14 @@ def test_cli_prints_the_table(trained):
   assert "frontier at 8 steps, 4 samples each" in out.stdout and "temperature 1.00, top_p 0.90: gen-ppl" in out.stdout
   assert "gen-ppl at the data's entropy: " in out.stdout and "the evaluator's own samples: gen-ppl" in out.stdout
   assert_real_png(os.path.join(trained["absorbing_d3pm"], "frontier.png"))
-  bad = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", "--workdir=/nonexistent"], capture_output=True,
+  bad = subprocess.run([sys.executable, "-m", "d3pm_jax.cli.eval", "--workdir=/nonexistent"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
   assert bad.returncode != 0 and "is /nonexistent a d3pm-train workdir" in bad.stderr
 
 
 def test_generation_is_scored_by_the_evaluator(trained):
-  from d3pm_jax import state
-  from d3pm_jax.eval_workdir import generation_quality, load_evaluator
+  from d3pm_jax.training import state
+  from d3pm_jax.evaluation.eval_workdir import generation_quality, load_evaluator
   workdir, evaluator = trained["absorbing_d3pm"], trained["autoregressive"]
   config = checkpoints.load_experiment(workdir)
   params, _ = checkpoints.restore_params(workdir, config)
@@ -129,7 +129,9 @@ def test_the_d3pm_figures_are_the_public_losses_at_the_runs_T(trained):
   another figure; the continuous bound is ``evaluate.continuous_nelbo``. Mutation: evaluating at another T than
   the config's (the label would still say 50)."""
   import jax
-  from d3pm_jax import evaluate, losses, state
+  from d3pm_jax import losses
+  from d3pm_jax.evaluation import evaluate
+  from d3pm_jax.training import state
   from d3pm_jax.data import pipeline
   workdir = trained["absorbing_d3pm"]
   result = evaluate_workdir(workdir, batch=8, max_windows=16, exact_windows=8, time_samples=2, infill_windows=0)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from d3pm_jax import evaluate, get_schedule, losses, make_process
+from d3pm_jax import get_schedule, losses, make_process
+from d3pm_jax.evaluation import evaluate
 from d3pm_jax.data.synthetic import MarkovSource
 
 

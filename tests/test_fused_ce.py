@@ -22,7 +22,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from d3pm_jax import checkpoints, state
+from d3pm_jax.training import checkpoints, state
 from d3pm_jax.config import from_config
 from d3pm_jax.models.transformer import Transformer
 from pallas_kernels import fused_ce

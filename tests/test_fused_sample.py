@@ -276,7 +276,7 @@ def test_the_train_loop_runs_on_the_fused_head(tmp_path):
   import dataclasses
   import io
 
-  from d3pm_jax import train
+  from d3pm_jax.training import train
   from test_train import experiment
   base = experiment(steps=2, eval_every=2)
   config = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl="tiled", head_tile=64))
@@ -289,7 +289,7 @@ def test_the_train_loop_runs_on_the_fused_head(tmp_path):
 def test_the_train_loop_builds_fused_heads_only_where_they_apply():
   import dataclasses
 
-  from d3pm_jax import state
+  from d3pm_jax.training import state
   from d3pm_jax.models.transformer import Transformer
   from d3pm_jax.sampling import SamplerConfig
   from test_train import experiment

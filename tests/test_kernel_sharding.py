@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = r"""
     import functools, re
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from d3pm_jax import sharding
+    from d3pm_jax.runtime import sharding
     from pallas_kernels import attention, fused_ce, fused_sample
 
     n, d, v, num_classes, exclude = 64, 16, 256, 255, 3

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from d3pm_jax import prepare
+from d3pm_jax.data import prepare
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
-from d3pm_jax.eval_workdir import evaluate_workdir, format_table
+from d3pm_jax.evaluation.eval_workdir import evaluate_workdir, format_table
 
 from conftest import guarded_command
 from test_train import ROOT
@@ -223,7 +223,7 @@ def test_offline_without_the_data_fails_within_seconds_saying_what_to_fetch(tmp_
     prepare.prepare_lm1b(str(tmp_path / "out"), "d3pm", manual_dir=str(tmp_path), tfds_data_dir=str(tmp_path))
   assert time.time() - start < 10
   start = time.time()
-  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=lm1b", "--setup=d3pm",
+  out = subprocess.run(guarded_command("d3pm_jax.cli.prepare", "--dataset=lm1b", "--setup=d3pm",
                                        f"--out={tmp_path / 'o'}", f"--tfds_data_dir={tmp_path / 'tfds'}"),
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode != 0 and time.time() - start < 10, out.stderr[-2000:]
@@ -239,7 +239,7 @@ def test_d3pm_train_trains_on_prepared_fake_lm1b(tmp_path, fake_lm1b, setup):
   prepare.prepare_lm1b(out, setup, manual_dir=str(root / "extracted"), seq_len=16,
                        **({"vocab_size": 320} if setup == "d3pm" else {"tokenizer_path": vocab}))
   run = subprocess.run(
-      [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
+      [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={ROOT / 'configs' / 'test.py'}",
        f"--workdir={tmp_path / 'run'}", "--config.data.name=lm1b", f"--config.data.tokenizer={tokenizer}",
        f"--config.data.prepared_dir={out}", "--config.train.steps=2"],
       capture_output=True, text=True, timeout=300, cwd=ROOT)

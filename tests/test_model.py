@@ -263,7 +263,7 @@ def test_dropout_is_training_only_and_rate_zero_changes_nothing(scan_layers):
   ``apply`` bit for bit; a model with dropout evaluates exactly as the same weights without it, and trains on
   outputs that differ from that and from mask to mask. Mutations: dropout left on at evaluation, never on in
   training, or the same mask for every layer of a scanned stack."""
-  from d3pm_jax import state
+  from d3pm_jax.training import state
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 11)
   t = jnp.array([0.3, 0.8])
   plain = Transformer(tiny(scan_layers=scan_layers, time_conditioning=True))

@@ -11,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from d3pm_jax import checkpoints, multihost, train
+from d3pm_jax.runtime import multihost
+from d3pm_jax.training import checkpoints, train
+from d3pm_jax.training.state import init_state, make_optimizer
 from d3pm_jax.config import experiment_from_dict
 from d3pm_jax.data import pipeline
 
@@ -76,7 +78,7 @@ def test_two_processes_train_like_one(tmp_path):
   the same validation bits; each process feeds its own half of every batch, and only process 0 prints results.
   Then the step-3 checkpoint is removed and the 2 processes resume from the one both saved at step 2: they end
   with the same parameters again."""
-  command = [sys.executable, "-m", "d3pm_jax.main", *ARGS, "--config.train.checkpoint_every=2"]
+  command = [sys.executable, "-m", "d3pm_jax.cli.train", *ARGS, "--config.train.checkpoint_every=2"]
   env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
 
   def launch():
@@ -104,7 +106,7 @@ def test_two_processes_train_like_one(tmp_path):
   config = experiment_from_dict(json.loads((tmp_path / "single" / "experiment.json").read_text()))
   params = {name: checkpoints.restore_params(str(tmp_path / name), config) for name in ("multi", "single")}
   assert params["multi"][1] == params["single"][1] == 3
-  initial = train.init_state(config, train.Transformer(config.model), train.make_optimizer(config.train)).params
+  initial = init_state(config, train.Transformer(config.model), make_optimizer(config.train)).params
   diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                                 params["multi"][0], params["single"][0])
   moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
@@ -194,7 +196,7 @@ import sys
 args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:])
 import jax
 jax.distributed.initialize(args["coordinator_address"], int(args["num_processes"]), int(args["process_id"]))
-from d3pm_jax import multihost
+from d3pm_jax.runtime import multihost
 if jax.process_index() == 0:  # a barrier process 1 never joins: it must give up after its own timeout
   try:
     multihost.sync("process 0 alone", timeout_s=2)

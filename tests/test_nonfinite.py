@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax import checkpoints, train
+from d3pm_jax.training import checkpoints, train
+from d3pm_jax.training.state import loss_terms
 from d3pm_jax.data import pipeline
 
 from test_train import experiment
@@ -20,7 +21,7 @@ POISON = 0  # a NUL byte: never in the stdlib's .py sources
 
 @pytest.fixture
 def planted(monkeypatch):
-  real = train.loss_terms
+  real = loss_terms
 
   def poisoned(config, model, process, params, key, x0_BxL, *args, **kwargs):
     out = real(config, model, process, params, key, x0_BxL, *args, **kwargs)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax import train
+from d3pm_jax.training import train
+from d3pm_jax.training.state import init_state, make_optimizer
 from d3pm_jax.config import TrainConfig
 
 from test_train import experiment, parts
@@ -61,7 +62,7 @@ def test_make_optimizer_is_clipped_adamw_on_a_warmup_cosine_schedule(grad_clip, 
     g = {k: rng.normal(size=x.shape) for k, x in params.items()}
     norm = math.sqrt(sum(float((x ** 2).sum()) for x in g.values()))
     grads.append({k: (x * s / norm).astype(np.float32) for k, x in g.items()})
-  optimizer = train.make_optimizer(cfg)
+  optimizer = make_optimizer(cfg)
   state = optimizer.init(params)
   current = params
   for k, (g, expected) in enumerate(zip(grads, reference_adamw(cfg, params, grads))):
@@ -74,7 +75,7 @@ def test_make_optimizer_is_clipped_adamw_on_a_warmup_cosine_schedule(grad_clip, 
 def test_warmup_may_take_every_step():
   cfg = TrainConfig(steps=2, warmup_steps=5, learning_rate=0.1)
   params = {"w": np.ones(3, np.float32)}
-  optimizer = train.make_optimizer(cfg)
+  optimizer = make_optimizer(cfg)
   state = optimizer.init(params)
   updates, _ = optimizer.update({"w": np.ones(3, np.float32)}, state, params)
   np.testing.assert_array_equal(updates["w"], 0.0)  # the first update's learning rate is 0
@@ -85,7 +86,7 @@ def test_ema_is_the_weighted_average_of_the_iterates():
   step k — checked for d = 0.5 over three real train steps."""
   exp = experiment(ema_decay=0.5, learning_rate=0.05)
   model, process, optimizer = parts(exp)
-  state = train.init_state(exp, model, optimizer)
+  state = init_state(exp, model, optimizer)
   step = jax.jit(train.make_train_step(exp, model, process, optimizer))
   batch = jax.random.randint(jax.random.PRNGKey(3), (exp.train.batch_size, exp.data.seq_len), 0, 255)
   iterates = [state.params]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax import state
+from d3pm_jax.training import state
 from d3pm_jax.models.transformer import Transformer
 
 from test_train import experiment

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from d3pm_jax import prepare
+from d3pm_jax.data import prepare
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import pipeline, prepared, stdlib, tokenizers
 
@@ -72,7 +72,7 @@ def test_text8_tokenizer_refuses_other_characters():
 def test_d3pm_train_trains_on_prepared_text8(tmp_path, text8_zip):
   prepare.prepare_text8(text8_zip[0], str(tmp_path / "text8"), seq_len=16, split_chars=SPLITS)
   out = subprocess.run(
-      [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
+      [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={ROOT / 'configs' / 'test.py'}",
        f"--workdir={tmp_path / 'run'}", "--config.data.name=text8", "--config.data.tokenizer=text8",
        f"--config.data.prepared_dir={tmp_path / 'text8'}", "--config.train.steps=2"],
       capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -82,7 +82,7 @@ def test_d3pm_train_trains_on_prepared_text8(tmp_path, text8_zip):
   tokens = int(out.stdout.split("bits per character (")[1].split(" tokens")[0])
   assert tokens == 3 * 16 + 8
   # d3pm-eval on the test split (text8's published figures are there): its 600 characters, not validation's.
-  ev = subprocess.run([sys.executable, "-m", "d3pm_jax.eval_main", f"--workdir={tmp_path / 'run'}", "--split=test",
+  ev = subprocess.run([sys.executable, "-m", "d3pm_jax.cli.eval", f"--workdir={tmp_path / 'run'}", "--split=test",
                        "--infill_windows=0", "--time_samples=2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "38 of 38 test windows, 600 tokens" in ev.stdout
@@ -115,7 +115,7 @@ def test_mismatched_shards_are_refused(tmp_path, text8_zip):
 
 def test_a_missing_source_fails_at_once_with_what_to_do(tmp_path):
   start = time.time()
-  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=text8",
+  out = subprocess.run(guarded_command("d3pm_jax.cli.prepare", "--dataset=text8",
                                        f"--source={tmp_path / 'text8.zip'}", f"--out={tmp_path / 'out'}"),
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode != 0 and time.time() - start < 10
@@ -168,7 +168,7 @@ def test_openwebtext_from_the_hub_offline_fails_within_seconds_saying_what_to_fe
   """No --source means the hub's Skylion007/openwebtext; behind the network guard it must fail fast."""
   root, _ = owt
   start = time.time()
-  out = subprocess.run(guarded_command("d3pm_jax.prepare_main", "--dataset=openwebtext", f"--out={tmp_path / 'o'}",
+  out = subprocess.run(guarded_command("d3pm_jax.cli.prepare", "--dataset=openwebtext", f"--out={tmp_path / 'o'}",
                                        f"--tokenizer_path={root / 'tokenizer.json'}"),
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert out.returncode != 0 and time.time() - start < 10, out.stderr[-2000:]
@@ -200,7 +200,7 @@ def padded_dir(tmp_path_factory):
 def test_a_train_step_on_padded_rows_counts_only_real_tokens(padded_dir):
   import jax
 
-  from d3pm_jax import state, train
+  from d3pm_jax.training import state, train
   from d3pm_jax.models.transformer import Transformer
   base = experiment()
   config = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_dir=padded_dir))
@@ -222,7 +222,7 @@ def test_a_train_step_on_padded_rows_counts_only_real_tokens(padded_dir):
 
 
 def test_training_on_padded_rows_evaluates_real_tokens_only(tmp_path, padded_dir):
-  from d3pm_jax import train
+  from d3pm_jax.training import train
   base = experiment(steps=2, eval_every=2, eval_batches=100)
   config = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_dir=padded_dir))
   result = train.train_and_evaluate(config, str(tmp_path), quiet=True)
@@ -238,8 +238,8 @@ def test_d3pm_eval_scores_a_packed_row_as_its_documents_apart(tmp_path):
   """An AR baseline trained on packed rows: d3pm-eval's NLL of the whole validation split equals the sum, over
   the validation documents (cut where a row ends, as packing cuts them), of the model's NLL of each piece alone,
   computed position by position."""
-  from d3pm_jax import checkpoints, train
-  from d3pm_jax.eval_workdir import evaluate_workdir
+  from d3pm_jax.training import checkpoints, train
+  from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
   from test_eval_cli import direct_ar_nats
   docs = prepare_random_documents(str(tmp_path / "packed"), "packed")
   base = experiment("autoregressive", steps=2, eval_every=2)

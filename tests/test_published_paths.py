@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax import evaluate
+from d3pm_jax.evaluation import evaluate
 from d3pm_jax.data import pipeline
-from d3pm_jax.eval_workdir import infilling_quality, window_bounds
+from d3pm_jax.evaluation.eval_workdir import infilling_quality, window_bounds
 
 from test_packed_loss import A, B, row, setup
 
@@ -134,7 +134,7 @@ def test_paired_difference_and_byte_intervals_are_per_byte(tmp_path):
     (tmp_path / name).mkdir()
     np.savez(tmp_path / name / "eval_windows.npz", rows=np.arange(n), tokens=tokens, bytes=byte_counts, nats=nats,
              continuous_nats=nats, documents=documents)
-  from d3pm_jax import compare
+  from d3pm_jax.evaluation import compare
   paired = compare.paired_difference(str(tmp_path / "a"), str(tmp_path / "b"))
   assert paired["bits_per_byte"] == pytest.approx((nats_a - nats_b).sum() / byte_counts.sum() / math.log(2))
   assert paired["bits_per_byte_95"] == pytest.approx(

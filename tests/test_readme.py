@@ -47,6 +47,6 @@ def test_the_published_report_is_the_code_rendering_of_its_published_json():
   """``docs/comparison/report.md`` is byte for byte what ``compare.render_report`` makes of the committed
   ``compare.json`` and ``*.eval.json`` (run order kept), so no published cell can drift from the code that
   formats it. Mutation: any change to the report's format or to one committed figure."""
-  from d3pm_jax import compare
+  from d3pm_jax.evaluation import compare
   directory = ROOT / "docs" / "comparison"
   assert compare.render_report(str(directory)) == (directory / "report.md").read_text()

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from d3pm_jax import checkpoints, faults, train
+from d3pm_jax.training import checkpoints, faults, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The Markov corpus is built in memory in milliseconds, so a restart costs only JAX's start-up and compilation.
@@ -33,7 +33,7 @@ def run_env(tmp_path_factory):
 
 
 def train_cmd(workdir, *extra):
-  return [sys.executable, "-m", "d3pm_jax.main", *ARGS, f"--workdir={workdir}", *extra]
+  return [sys.executable, "-m", "d3pm_jax.cli.train", *ARGS, f"--workdir={workdir}", *extra]
 
 
 def complete_steps(workdir) -> list:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from d3pm_jax.data.tokenizers import ByteTokenizer
-from d3pm_jax.sample_main import parse_template
+from d3pm_jax.cli.sample import parse_template
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_parse_template():
 
 def _trained(path, config="test.py", *overrides):
   """``path`` after two d3pm-train steps of ``configs/CONFIG`` on the stdlib corpus."""
-  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / config}", f"--workdir={path}",
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={ROOT / 'configs' / config}", f"--workdir={path}",
          "--config.train.steps=2", "--config.train.eval_every=2", *overrides]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("flag,expected", [("--infill=x = [MASK]*3\\n#[MASK]*2!", ["x = ", "!"]),
                                            ("--prompt=def f", ["def f"]), (None, [])])
 def test_cli_prints_samples_keeping_given_text(workdir, flag, expected):
-  cmd = [sys.executable, "-m", "d3pm_jax.sample_main", f"--workdir={workdir}", "--steps=4", "--num_samples=2",
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.sample", f"--workdir={workdir}", "--steps=4", "--num_samples=2",
          "--strategy=confidence"] + ([flag] if flag else [])
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -54,7 +54,7 @@ def test_cli_prints_samples_keeping_given_text(workdir, flag, expected):
 
 
 def test_cli_refuses_a_workdir_without_training(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "d3pm_jax.sample_main", f"--workdir={tmp_path}"],
+  out = subprocess.run([sys.executable, "-m", "d3pm_jax.cli.sample", f"--workdir={tmp_path}"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert out.returncode != 0 and "experiment.json does not exist" in out.stderr
 
@@ -106,7 +106,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
       "no_checkpoint": [f"--workdir={no_checkpoint}"],
       "foreign": [f"--workdir={foreign}"],
   }
-  results = dict(zip(calls, run_batch("d3pm_jax.sample_main", list(calls.values()), tmp_path)))
+  results = dict(zip(calls, run_batch("d3pm_jax.cli.sample", list(calls.values()), tmp_path)))
   for name, result in results.items():
     assert result["exception"] is None and "Traceback" not in result["err"], (name, result["err"][-2000:])
   ok = {name: r for name, r in results.items() if r["code"] == 0}

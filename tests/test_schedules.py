@@ -172,7 +172,7 @@ def test_mutual_information_grid_makes_the_information_fall_linearly():
 def test_mutual_information_schedule_is_jsd_for_absorbing():
   """For absorbing, I(x_0; x_t) = alpha H(x_0) whatever the unigram distribution, so the schedule is D3PM's
   1/(T - t + 1) (``jsd``) exactly, through the library's process and ``state.build_process``."""
-  from d3pm_jax import state
+  from d3pm_jax.training import state
   from d3pm_jax.config import ProcessConfig
   from d3pm_jax.models.transformer import ModelConfig
   counts = np.array([40, 3, 17, 0, 9])

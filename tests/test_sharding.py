@@ -8,14 +8,15 @@ import textwrap
 
 import pytest
 
-from d3pm_jax.sharding import MeshConfig
+from d3pm_jax.runtime.sharding import MeshConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PRELUDE = textwrap.dedent("""
     import importlib.util, json, re, sys
     import jax, jax.numpy as jnp, numpy as np
-    from d3pm_jax import train
+    from d3pm_jax.training import train
+    from d3pm_jax.training.state import build_process, init_state, make_optimizer
     from d3pm_jax.config import from_config
     from d3pm_jax.data import pipeline
     from d3pm_jax.models.transformer import Transformer
@@ -36,10 +37,10 @@ PRELUDE = textwrap.dedent("""
     # placement and the data.
     def build(exp, devices=None):
       model = Transformer(exp.model)
-      process = train.build_process(exp.process, exp.model)
-      optimizer = train.make_optimizer(exp.train)
+      process = build_process(exp.process, exp.model)
+      optimizer = make_optimizer(exp.train)
       placement = train.make_placement(exp, model, optimizer, devices)
-      state = jax.jit(lambda: train.init_state(exp, model, optimizer), out_shardings=placement.state)()
+      state = jax.jit(lambda: init_state(exp, model, optimizer), out_shardings=placement.state)()
       step, _ = train.compile_steps(exp, model, process, optimizer, placement)
       return state, step, placement, pipeline.build_data(exp.data, 8, 0)
 
@@ -78,8 +79,8 @@ def test_sharded_train_step_equals_single_device():
           lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), scanned[0].params, scanned[1].params)))
       moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
           lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), reference.params,
-          train.init_state(experiment((1, 1, 1)), Transformer(experiment((1, 1, 1)).model),
-                           train.make_optimizer(experiment((1, 1, 1)).train)).params)))
+          init_state(experiment((1, 1, 1)), Transformer(experiment((1, 1, 1)).model),
+                           make_optimizer(experiment((1, 1, 1)).train)).params)))
       print(json.dumps({"errors": errors, "moved": moved}))
   """)
   assert result["moved"] > 1e-3  # training really changed the parameters
@@ -127,10 +128,10 @@ def test_sharded_train_step_lowers_for_tpu_and_cuda():
   result = run_script("""
       exp = experiment((2, 2, 2))
       model = Transformer(exp.model)
-      process = train.build_process(exp.process, exp.model)
-      optimizer = train.make_optimizer(exp.train)
+      process = build_process(exp.process, exp.model)
+      optimizer = make_optimizer(exp.train)
       placement = train.make_placement(exp, model, optimizer)
-      abstract = jax.eval_shape(lambda: train.init_state(exp, model, optimizer))
+      abstract = jax.eval_shape(lambda: init_state(exp, model, optimizer))
       abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         abstract, placement.state)
       batch = jax.ShapeDtypeStruct((8, exp.data.seq_len), jnp.int32, sharding=placement.batch)
@@ -153,7 +154,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
   on (8,1,1) (atol 1e-5) and the restored state lives on the new mesh."""
   result = run_script(f"""
       import dataclasses
-      from d3pm_jax.sharding import MeshConfig
+      from d3pm_jax.runtime.sharding import MeshConfig
       def with_mesh(mesh, steps):
         exp = experiment(mesh)
         return dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=steps, checkpoint_every=2,
@@ -215,8 +216,8 @@ def test_scale_configs_place_on_their_meshes():
         spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
         mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
         base = from_config(mod.get_config(), 32000)
-        model, optimizer = Transformer(base.model), train.make_optimizer(base.train)
-        abstract = jax.eval_shape(lambda: train.init_state(base, model, optimizer))
+        model, optimizer = Transformer(base.model), make_optimizer(base.train)
+        abstract = jax.eval_shape(lambda: init_state(base, model, optimizer))
         per_device = {}
         for mesh in ("config", (8, 1, 1), (1, 8, 1), (1, 4, 2)):
           exp = base if mesh == "config" else dataclasses.replace(base, mesh=dataclasses.replace(
@@ -229,13 +230,13 @@ def test_scale_configs_place_on_their_meshes():
       state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                         abstract, placement.state)
       batch_in = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=placement.batch)
-      step, _ = train.compile_steps(exp, model, train.build_process(exp.process, exp.model), optimizer, placement)
+      step, _ = train.compile_steps(exp, model, build_process(exp.process, exp.model), optimizer, placement)
       texts = {p: step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")}
       logits_type = re.compile(f"tensor<(?:8x128|1024)x{exp.model.padded_vocab_size}xf32>")
       out["lowered"] = {p: [len(text), bool(logits_type.search(text))] for p, text in texts.items()}
       # ... and with the fused, tiled output head (pallas_kernels/fused_ce.py): no [B, L, V] logits.
       fused = dataclasses.replace(exp, model=dataclasses.replace(exp.model, head_impl="tiled"))
-      step, _ = train.compile_steps(fused, Transformer(fused.model), train.build_process(fused.process, fused.model),
+      step, _ = train.compile_steps(fused, Transformer(fused.model), build_process(fused.process, fused.model),
                                     optimizer, placement)
       texts = {p: step.trace(state_in, batch_in).lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cuda")}
       out["lowered_fused"] = {p: [len(text), bool(logits_type.search(text))] for p, text in texts.items()}

@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from d3pm_jax import checkpoints, train
+from d3pm_jax.training import checkpoints, train
+from d3pm_jax.training.state import build_process, init_state, loss_terms, make_optimizer
 from d3pm_jax.config import from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
@@ -41,8 +42,8 @@ def data():
 
 def parts(exp):
   model = Transformer(exp.model)
-  process = train.build_process(exp.process, exp.model)
-  optimizer = train.make_optimizer(exp.train)
+  process = build_process(exp.process, exp.model)
+  optimizer = make_optimizer(exp.train)
   return model, process, optimizer
 
 
@@ -52,14 +53,14 @@ def test_tiny_model_overfits_one_batch(data, arg, steps, lr, fraction):
   the windows from few unmasked tokens, to well under a third (measured: 1.4% and 20%)."""
   exp = experiment(arg, steps=steps, learning_rate=lr, warmup_steps=10, ema_decay=0.0, weight_decay=0.0)
   model, process, optimizer = parts(exp)
-  state = train.init_state(exp, model, optimizer)
+  state = init_state(exp, model, optimizer)
   step = jax.jit(train.make_train_step(exp, model, process, optimizer))
   batch = jnp.asarray(data.train_batches[0])
 
   @jax.jit
   def loss_at_fixed_noise(params):  # the loss averaged over 32 fixed draws of (t, x_t): low-variance
     keys = jax.random.split(jax.random.PRNGKey(123), 32)
-    per_key = jax.vmap(lambda k: jnp.mean(train.loss_terms(exp, model, process, params, k, batch)["loss"]))(keys)
+    per_key = jax.vmap(lambda k: jnp.mean(loss_terms(exp, model, process, params, k, batch)["loss"]))(keys)
     return jnp.mean(per_key)
 
   start = float(loss_at_fixed_noise(state.params))
@@ -141,7 +142,7 @@ def test_gradient_accumulation_equals_full_batch(data):
   states = []
   for exp in (one, two):
     model, process, optimizer = parts(exp)
-    state = train.init_state(exp, model, optimizer)
+    state = init_state(exp, model, optimizer)
     state, _ = jax.jit(train.make_train_step(exp, model, process, optimizer))(state, batch)
     states.append(state.params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *states)
@@ -156,8 +157,8 @@ def test_remat_equals_no_remat(data):
   grads = []
   for e in (exp, exp_remat):
     model, process, optimizer = parts(e)
-    state = train.init_state(e, model, optimizer)
-    loss = lambda p: jnp.mean(train.loss_terms(e, model, process, p, jax.random.PRNGKey(0), batch)["loss"])
+    state = init_state(e, model, optimizer)
+    loss = lambda p: jnp.mean(loss_terms(e, model, process, p, jax.random.PRNGKey(0), batch)["loss"])
     grads.append(jax.grad(loss)(state.params))
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
 
@@ -203,7 +204,7 @@ def test_every_config_file_builds():
 
 
 def test_cli_trains_and_prints_bits_and_samples(tmp_path):
-  cmd = [sys.executable, "-m", "d3pm_jax.main", f"--config={ROOT / 'configs' / 'test.py'}",
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={ROOT / 'configs' / 'test.py'}",
          f"--workdir={tmp_path}", "--config.train.steps=2", "--config.train.eval_every=2"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]

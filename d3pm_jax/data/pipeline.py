@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from d3pm_jax import multihost
+from d3pm_jax.runtime import multihost
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import prepared, stdlib, tokenizers
 from d3pm_jax.data.synthetic import MarkovSource
@@ -162,7 +162,7 @@ def _stdlib(config: DataConfig, workdir: str | None) -> str:
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
   out = os.path.join(cache_root(), f"stdlib-{digest}")
   if not os.path.exists(os.path.join(out, prepared.METADATA)):
-    from d3pm_jax import prepare  # the preparation code; reading never needs it
+    from d3pm_jax.data import prepare  # the preparation code; reading never needs it
     aside = f"{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     prepare.prepare_stdlib(aside, config.seq_len, config.validation_permille, tokenizer=tok, corpus=corpus)
     try:

@@ -37,7 +37,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from d3pm_jax.files import write_json
+from d3pm_jax.runtime.files import write_json
 
 FORMAT_VERSION = 2  # 2: row documents
 PACKING = ("stream", "packed", "padded", "truncated")

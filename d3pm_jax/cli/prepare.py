@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import cli, prepare
+from d3pm_jax.cli import common
+from d3pm_jax.data import prepare
 from d3pm_jax.data import openwebtext
 
 DATASETS = ("stdlib", "text8", "openwebtext", "lm1b")
@@ -97,7 +98,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, "d3pm-prepare")
+  common.run(main, "d3pm-prepare")
 
 
 if __name__ == "__main__":

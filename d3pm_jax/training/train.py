@@ -23,15 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from d3pm_jax import checkpoints, faults, files, losses, multihost, preemption, sampling, sharding
-from d3pm_jax import metrics as metrics_lib
+from d3pm_jax import losses, sampling
+from d3pm_jax.runtime import files, multihost, sharding
+from d3pm_jax.training import checkpoints, faults, preemption
+from d3pm_jax.training import metrics as metrics_lib
 from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
-# The run's building blocks live in state.py (evaluation and sampling use them without the loop); they are
-# re-exported here because the loop's callers reach them through ``train``.
-from d3pm_jax.state import (TrainState, build_process, init_state, loss_terms, make_optimizer,  # noqa: F401
-                            make_sampler, process_for)
+from d3pm_jax.training.state import TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for
 
 
 # ---------------------------------------------------------------- placement

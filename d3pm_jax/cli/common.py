@@ -169,7 +169,7 @@ def show_command_help(main) -> None:
   are given to that name."""
   name = getattr(main, "__module__", "__main__")
   module = sys.modules.get(name)
-  if module is None or name == "__main__":  # python -m d3pm_jax.main: absl finds them itself
+  if module is None or name == "__main__":  # python -m d3pm_jax.cli.train: absl finds them itself
     return
   sys.modules["__main__"].__doc__ = module.__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(name):

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import cli, eval_flags
-from d3pm_jax.eval_workdir import evaluate_workdir, format_table
+from d3pm_jax.cli import common, eval_flags
+from d3pm_jax.evaluation.eval_workdir import evaluate_workdir, format_table
 
 flags.adopt_module_key_flags(eval_flags)  # --help lists the shared evaluation flags too
 
@@ -46,7 +46,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, "d3pm-eval")
+  common.run(main, "d3pm-eval")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from d3pm_jax import cli, compare, eval_flags
+from d3pm_jax.cli import common, eval_flags
+from d3pm_jax.evaluation import compare
 
 flags.adopt_module_key_flags(eval_flags)  # --help lists the shared evaluation flags too
 
@@ -43,7 +44,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, "d3pm-compare")
+  common.run(main, "d3pm-compare")
 
 
 if __name__ == "__main__":

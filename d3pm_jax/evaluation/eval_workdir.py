@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import checkpoints, evaluate, losses, plots, sampling, state
+from d3pm_jax import losses, sampling
+from d3pm_jax.evaluation import evaluate, plots
+from d3pm_jax.training import checkpoints, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.processes import AbsorbingProcess

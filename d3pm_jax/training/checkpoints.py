@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 
 from d3pm_jax.config import ExperimentConfig, ProcessConfig, experiment_from_dict
 from d3pm_jax.models.transformer import EXECUTION_FIELDS, REGULARISATION_FIELDS, ModelConfig, Transformer
-from d3pm_jax.state import TrainState, init_state, make_optimizer
+from d3pm_jax.training.state import TrainState, init_state, make_optimizer
 
 
 def fingerprint(config: ExperimentConfig) -> dict:

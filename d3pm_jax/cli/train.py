@@ -13,7 +13,9 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from d3pm_jax import cli, multihost, train
+from d3pm_jax.cli import common
+from d3pm_jax.runtime import multihost
+from d3pm_jax.training import train
 from d3pm_jax.config import base_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
@@ -65,7 +67,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, "d3pm-train", schema=base_config)
+  common.run(main, "d3pm-train", schema=base_config)
 
 
 if __name__ == "__main__":

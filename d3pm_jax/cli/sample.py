@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from d3pm_jax import checkpoints, cli, sampling, state
+from d3pm_jax import sampling
+from d3pm_jax.cli import common
+from d3pm_jax.training import checkpoints, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 
@@ -130,7 +132,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, "d3pm-sample")
+  common.run(main, "d3pm-sample")
 
 
 if __name__ == "__main__":
