@@ -27,7 +27,6 @@ it needs, build the wheel on a machine with the registry (``pip wheel --no-deps 
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -40,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from d3pm_jax.models.transformer import ModelConfig, Transformer, attention, forward_flops_per_token  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from d3pm_jax.models.transformer import (ModelConfig, Transformer, attention, forward_flops_per_token,  # noqa: E402
+                                         segment_mask)
 from d3pm_jax.training.metrics import median_seconds  # noqa: E402
-from d3pm_jax.models.transformer import segment_mask  # noqa: E402
-from pallas_kernels import attention as attention_kernels  # noqa: E402
-from pallas_kernels import fused_ce, fused_sample  # noqa: E402
+from pallas_kernels import attention as attention_kernels, fused_ce, fused_sample  # noqa: E402
+import harness  # noqa: E402  (this directory: the module is also loaded by path, in tests)
 
 BF16 = jnp.bfloat16
 SECTIONS = ("compile", "correct", "speed", "mfu")
@@ -391,7 +391,7 @@ TINY = dict(tokens=64, head_shapes=[(48, 300)], attention_shapes=[(1, 64, 2, 32)
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--rehearse", action="store_true", help="every row at tiny shapes, kernels interpreted")
   parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
   parser.add_argument("--reps", type=int, default=20, help="timed runs per speed row (the median is printed)")

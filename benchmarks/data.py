@@ -7,20 +7,18 @@ outpace the step by at least 10x so that it never starves it.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 
 import numpy as np
 
-from d3pm_jax.data import prepare
 from d3pm_jax.config import from_config, stdlib_tiny
-from d3pm_jax.data import pipeline
+from d3pm_jax.data import pipeline, prepare
 
-from d3pm_jax.training.metrics import matmul_peak
 
 from train_step import bench  # the sibling benchmark's train-step timer
+import harness  # the sibling helper (this directory is the script's path)
 
 
 def pipeline_tokens_per_second(prepared_dir: str, batch_size: int, batches: int) -> dict:
@@ -42,7 +40,7 @@ def _config(prepared_dir: str):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--batches", type=int, default=2000, help="batches read from the shards")
   parser.add_argument("--steps", type=int, default=30, help="timed train steps (the median is reported)")
   parser.add_argument("--prepared", default="", help="a prepared stdlib directory (default: prepare one now)")
@@ -57,9 +55,8 @@ def main():
       print(f"prepared the stdlib corpus: {metadata['splits']['train']['rows']:,} training rows of {seq_len} in "
             f"{time.perf_counter() - start:.1f} s")
     reading = pipeline_tokens_per_second(prepared_dir, batch, args.batches)
-  peak = matmul_peak()
+  peak = harness.stated_peak()
   step = bench("stdlib_tiny", cfg, args.steps, peak)
-  print(f"float32 matmul peak {peak:.1f} GFLOP/s")
   print(f"grain pipeline, prepared shards: {reading['tokens_per_s']:12,.0f} tokens/s "
         f"({reading['batches']} batches of {batch} x {seq_len} in {reading['seconds']:.2f} s)")
   print(f"stdlib_tiny train step:          {step['tokens_per_s']:12,.0f} tokens/s ({step['step_ms']:.1f} ms/step)")

@@ -10,7 +10,6 @@ ones and splash attention.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -20,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from d3pm_jax.training.metrics import matmul_peak, median_seconds  # noqa: E402
 from d3pm_jax.models.transformer import attention, segment_mask  # noqa: E402
-from pallas_kernels import attention as attention_kernels  # noqa: E402
-from pallas_kernels import fused_ce, fused_sample  # noqa: E402
+from d3pm_jax.training.metrics import median_seconds  # noqa: E402
+from pallas_kernels import attention as attention_kernels, fused_ce, fused_sample  # noqa: E402
+import harness  # noqa: E402  (the sibling helper: this directory is the script's path)
 
 
 def row(name: str, seconds: float, flops: float, nbytes: float, peak: float) -> str:
@@ -32,7 +31,7 @@ def row(name: str, seconds: float, flops: float, nbytes: float, peak: float) -> 
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--tokens", type=int, default=2048, help="N: rows of the output-head kernels")
   parser.add_argument("--width", type=int, default=256, help="D: model width of the output-head kernels")
@@ -40,8 +39,7 @@ def main():
   parser.add_argument("--attention", default="4,512,4,64", help="B,L,H,K of the attention kernels")
   args = parser.parse_args()
   gpu, tpu = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
-  peak = matmul_peak()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}: float32 matmul peak {peak:.1f} GFLOP/s")
+  peak = harness.stated_peak()
 
   n, d, v = args.tokens, args.width, args.vocab
   rng = np.random.default_rng(0)

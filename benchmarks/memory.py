@@ -9,7 +9,6 @@ On a GPU, ``--impl=pallas`` measures the Pallas kernels instead of the lax.scan 
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from pallas_kernels import fused_ce  # noqa: E402
+import harness  # noqa: E402  (the sibling helper: this directory is the script's path)
 
 
 def temp_bytes(loss_fn, n: int, d: int, v: int) -> dict:
@@ -38,7 +38,7 @@ def temp_bytes(loss_fn, n: int, d: int, v: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--tokens", type=int, default=8 * 1024, help="N: hidden states (batch x length)")
   parser.add_argument("--width", type=int, default=768, help="D: model width")
   parser.add_argument("--vocab", default="32000,50257", help="V: vocabulary sizes (the mask class included)")

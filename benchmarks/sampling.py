@@ -10,16 +10,17 @@ without time conditioning, where skipping is exact).
 """
 from __future__ import annotations
 
-import argparse
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from d3pm_jax import sampling
-from d3pm_jax.training.metrics import median_seconds
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import make_process
+from d3pm_jax.training.metrics import median_seconds
+
+import harness  # the sibling helper (this directory is the script's path)
 
 
 def model_and_params(time_conditioning: bool, causal: bool = False, max_len: int = 1024):
@@ -31,7 +32,7 @@ def model_and_params(time_conditioning: bool, causal: bool = False, max_len: int
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--quick", action="store_true", help="one repetition (and lengths 128 and 512 by default)")
   parser.add_argument("--lengths", default="", help="comma-separated sequence lengths (default 128,512,1024)")

@@ -14,12 +14,13 @@ Target (issue 5): FSDP over 8 devices holds at most 1/7 of the replicated per-de
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import os
 import sys
 import time
+
+import harness  # the sibling helper (this directory is the script's path)
 
 
 def _load_config(path: str):
@@ -30,7 +31,7 @@ def _load_config(path: str):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "diffusion_1b.py"))
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary (the model adds the mask)")
@@ -47,10 +48,10 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from d3pm_jax.training import train
-  from d3pm_jax.training.state import build_process, init_state, make_optimizer
   from d3pm_jax.config import from_config
   from d3pm_jax.models.transformer import Transformer, count_params
+  from d3pm_jax.training import train
+  from d3pm_jax.training.state import build_process, init_state, make_optimizer
 
   n = args.devices
   base = from_config(_load_config(args.config), vocab_size=args.vocab)

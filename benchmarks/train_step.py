@@ -8,17 +8,17 @@ float32 matmul peak measured in this same process (so the ratio holds whatever t
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import numpy as np
 
+from d3pm_jax.config import from_config, stdlib_tiny
+from d3pm_jax.models.transformer import Transformer, count_params, forward_flops_per_token
 from d3pm_jax.training import train
 from d3pm_jax.training.state import build_process, init_state, make_optimizer
-from d3pm_jax.config import from_config, stdlib_tiny
-from d3pm_jax.training.metrics import matmul_peak
-from d3pm_jax.models.transformer import Transformer, count_params, forward_flops_per_token
+
+import harness  # the sibling helper (this directory is the script's path)
 
 
 def bench(name: str, cfg, steps: int, peak: float) -> dict:
@@ -50,11 +50,10 @@ def bench(name: str, cfg, steps: int, peak: float) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = harness.parser(__doc__)
   parser.add_argument("--steps", type=int, default=100, help="timed steps per model (the median is reported)")
   args = parser.parse_args()
-  peak = matmul_peak()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}: float32 matmul peak {peak:.1f} GFLOP/s")
+  peak = harness.stated_peak()
   rows = [bench("stdlib_tiny (MD4, 4x256x4h, GLU 640, adaLN)", stdlib_tiny(), args.steps, peak)]
   # The reference's size: 4 layers, d=256, 4 heads, GLU MLP, adaLN-zero, 3.8M parameters (GLU width 576 here).
   reference = stdlib_tiny()

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3pm_jax import _checks, draws
-from d3pm_jax.processes import NEG_INF, AbsorbingProcess, Process
+from d3pm_jax.processes import AbsorbingProcess, NEG_INF, Process
 from d3pm_jax.processes.base import expand_time
 
 STRATEGIES = ("ancestral", "confidence")

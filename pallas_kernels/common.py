@@ -1,6 +1,8 @@
-"""What every kernel of this package shares: the masked logit, the stated precision of a product, and which
-columns of a vocabulary tile are classes."""
+"""What every kernel of this package shares: the masked logit, the stated precision of a product, which columns
+of a vocabulary tile are classes, and the choice between the jnp twin and the backend's Pallas kernel."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -36,3 +38,35 @@ def valid_columns(local, offset, v: int, num_classes: int, exclude: int | None):
   if exclude is not None:
     valid &= cols != exclude
   return valid, cols
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadProblem:
+  """The static problem of one fused output-head call, which each backend's plan extends with its blocks: ``n``
+  rows of width ``d`` against ``v`` columns (a shard's), the classes those below ``num_classes`` but ``exclude``,
+  the products in ``dot_dtype``. Rows whose weight is zero are skipped by every plan's backward pass."""
+  n: int
+  d: int
+  v: int
+  num_classes: int
+  exclude: int | None
+  dot_dtype: str = "bfloat16"
+  skips_zero_rows = True
+
+
+def by_backend(what: str, impl: str, valid, *, tiled, triton, mosaic, interpret: bool, hint: str = ""):
+  """The callable that implementation ``impl`` of ``what`` means on this backend: ``tiled`` (the jnp twin, any
+  backend), or for ``pallas`` the Triton kernel on GPUs, the Mosaic one on TPUs, and the Triton one interpreted
+  elsewhere when ``interpret`` is set. ``hint`` follows the list of valid names in the error."""
+  if impl not in valid:
+    raise ValueError(f"unknown {what} implementation {impl!r}; valid: {list(valid)}{hint}")
+  if impl == "tiled":
+    return tiled
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return mosaic
+  if backend != "gpu" and not interpret:
+    raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
+                     f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
+                     f"kernels")
+  return triton

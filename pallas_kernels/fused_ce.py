@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.common import NEG, valid_columns, xla_precision
+from pallas_kernels.common import NEG, by_backend, valid_columns, xla_precision
 
 IMPLS = ("xla", "tiled", "pallas")
 def _check(h_NxD, w_DxV, targets_N, weights_N, num_classes: int, exclude):
@@ -290,16 +290,7 @@ def select(impl: str, *, tile_v: int = 2048, interpret: bool = False, dot_dtype=
   """The ``weighted_ce(h, W, targets, weights, *, num_classes, exclude)`` of implementation ``impl``
   (``tiled`` or ``pallas``; ``xla`` is the unfused head, which has none), its products in ``dot_dtype``. The
   Pallas kernels are Triton's on GPUs and Mosaic's on TPUs: on another backend they need ``interpret``."""
-  if impl not in IMPLS[1:]:
-    raise ValueError(f"unknown fused head implementation {impl!r}; valid: {list(IMPLS[1:])} ('xla' computes the "
-                     f"logits and needs none)")
-  if impl == "tiled":
-    return functools.partial(weighted_ce_tiled, tile_v=tile_v, dot_dtype=dot_dtype)
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return functools.partial(weighted_ce_pallas_tpu, dot_dtype=dot_dtype)
-  if backend != "gpu" and not interpret:
-    raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
-                     f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
-                     f"kernels")
-  return functools.partial(weighted_ce_pallas, interpret=interpret, dot_dtype=dot_dtype)
+  return by_backend("fused head", impl, IMPLS[1:], hint=" ('xla' computes the logits and needs none)",
+                    tiled=functools.partial(weighted_ce_tiled, tile_v=tile_v, dot_dtype=dot_dtype),
+                    triton=functools.partial(weighted_ce_pallas, interpret=interpret, dot_dtype=dot_dtype),
+                    mosaic=functools.partial(weighted_ce_pallas_tpu, dot_dtype=dot_dtype), interpret=interpret)

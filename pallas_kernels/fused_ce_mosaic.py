@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import NEG, valid_columns, xla_precision
+from pallas_kernels.common import NEG, HeadProblem, valid_columns, xla_precision
 
 DEFAULT_SCOPED_VMEM = 16 << 20  # v4 and v5e; v5p and v6e give 32 MiB
 _TEMPORARIES = 6  # [block_n, tile_v] float32 arrays live at once in a tile's body (logits, exp, masks, dlogits)
@@ -89,58 +89,55 @@ def _dlogits(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, v, num_
   return jnp.where(coef != 0, coef * (p - (cols == t_ref[...]).astype(jnp.float32)), 0.0)
 
 
-def _dh_kernel(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, dh_ref, acc_ref, *, tile_v, v, num_classes, exclude,
-               precision):
-  j, last = pl.program_id(1), pl.num_programs(1) - 1
-
-  @pl.when(j == 0)
+def _accumulate(step, acc_ref, out_ref, coef_ref, partial):
+  """One program of a grid whose axis 1 is a reduction: ``acc_ref`` starts at zero at the first step, adds
+  ``partial()`` where the row block has a nonzero coefficient (masked rows cost nothing), and is written to
+  ``out_ref`` at the last step."""
+  @pl.when(step == 0)
   def _():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   @pl.when(jnp.max(jnp.abs(coef_ref[...])) > 0)
   def _():
+    acc_ref[...] += partial()
+
+  @pl.when(step == pl.num_programs(1) - 1)
+  def _():
+    out_ref[...] = acc_ref[...]
+
+
+def _dh_kernel(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, dh_ref, acc_ref, *, tile_v, v, num_classes, exclude,
+               precision):
+  """Grid (row blocks, vocabulary tiles), the tiles the inner reduction: dh = dlogits W^T."""
+  j = pl.program_id(1)
+
+  def partial():
     dlogits = _dlogits(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, v, num_classes, exclude,
                        precision)
-    acc_ref[...] += jax.lax.dot_general(dlogits.astype(w_ref.dtype), w_ref[...], (((1,), (1,)), ((), ())),
-                                        precision=precision, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(dlogits.astype(w_ref.dtype), w_ref[...], (((1,), (1,)), ((), ())),
+                               precision=precision, preferred_element_type=jnp.float32)
 
-  @pl.when(j == last)
-  def _():
-    dh_ref[...] = acc_ref[...]
+  _accumulate(j, acc_ref, dh_ref, coef_ref, partial)
 
 
 def _dw_kernel(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, dw_ref, acc_ref, *, tile_v, v, num_classes, exclude,
                precision):
-  """Grid (vocabulary tiles, row blocks), the row blocks the inner reduction."""
-  j, i, last = pl.program_id(0), pl.program_id(1), pl.num_programs(1) - 1
+  """Grid (vocabulary tiles, row blocks), the row blocks the inner reduction: dW = h^T dlogits."""
+  j, i = pl.program_id(0), pl.program_id(1)
 
-  @pl.when(i == 0)
-  def _():
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-  @pl.when(jnp.max(jnp.abs(coef_ref[...])) > 0)
-  def _():
+  def partial():
     dlogits = _dlogits(off_ref, h_ref, w_ref, t_ref, lse_ref, coef_ref, j, tile_v, v, num_classes, exclude,
                        precision)
-    acc_ref[...] += jax.lax.dot_general(h_ref[...], dlogits.astype(h_ref.dtype), (((0,), (0,)), ((), ())),
-                                        precision=precision, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(h_ref[...], dlogits.astype(h_ref.dtype), (((0,), (0,)), ((), ())),
+                               precision=precision, preferred_element_type=jnp.float32)
 
-  @pl.when(i == last)
-  def _():
-    dw_ref[...] = acc_ref[...]
+  _accumulate(i, acc_ref, dw_ref, coef_ref, partial)
 
 
 @dataclasses.dataclass(frozen=True)
-class MosaicPlan:
-  n: int
-  d: int
-  v: int
-  num_classes: int
-  exclude: int | None
-  dot_dtype: str = "bfloat16"
+class MosaicPlan(HeadProblem):
   block_n: int = 0  # 0: blocks_for(d)
   tile_v: int = 0
-  skips_zero_rows = True
 
   def __post_init__(self):
     xla_precision(self.dot_dtype)  # validates

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import NEG, precision_of, valid_columns
+from pallas_kernels.common import NEG, HeadProblem, precision_of, valid_columns
 
 
 
@@ -36,16 +36,10 @@ def _power_of_two(name: str, value: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class TritonPlan:
+class TritonPlan(HeadProblem):
   """Static shapes of one call: sizes, blocks, launch parameters. ``splits`` 0 chooses enough vocabulary splits
   for about 1024 forward programs; ``chunk_rows`` 0 chooses the rows of one backward chunk so that its
   ``dlogits`` take at most 64 MiB."""
-  n: int
-  d: int
-  v: int
-  num_classes: int
-  exclude: int | None
-  dot_dtype: str = "bfloat16"
   block_n: int = 64
   tile_v: int = 0      # 0: 128 for bfloat16 products (wgmma), 64 for float32 ones (FMA, register-bound)
   chunk_d: int = 64
@@ -54,7 +48,6 @@ class TritonPlan:
   num_warps: int = 0   # 0: 4 for bfloat16 (one warpgroup), 8 for float32 (halves each thread's accumulators)
   num_stages: int = 0  # 0: as many as fit (``stages``)
   interpret: bool = False
-  skips_zero_rows = True
 
   def __post_init__(self):
     for name, value in (("block_n", self.block_n), ("tile_v", self.tile), ("chunk_d", self.chunk_d),

@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce, fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.common import NEG, precision_of, valid_columns, xla_precision
+from pallas_kernels.common import NEG, by_backend, precision_of, valid_columns, xla_precision
 
 LEVELS = 3
 _REFINE = 2.0 ** -12
@@ -307,18 +307,10 @@ def select(impl: str, *, tile_v: int = 2048, interpret: bool = False, dot_dtype=
   """The ``draw(h, W, seed, *, num_classes, exclude, temperature, dtype)`` of implementation ``impl`` (``tiled``
   or ``pallas``; the Pallas kernel is Triton's on GPUs and Mosaic's on TPUs: on another backend it needs
   ``interpret``), its products in ``dot_dtype`` (default: the draw's dtype)."""
-  if impl not in ("tiled", "pallas"):
-    raise ValueError(f"unknown fused sampling implementation {impl!r}; valid: ['pallas', 'tiled']")
-  if impl == "tiled":
-    return functools.partial(sample_tiled, tile_v=tile_v, dot_dtype=dot_dtype)
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return functools.partial(sample_pallas_tpu, dot_dtype=dot_dtype)
-  if backend != "gpu" and not interpret:
-    raise ValueError(f"head_impl 'pallas' runs Triton kernels on GPUs and Mosaic kernels on TPUs; this backend is "
-                     f"{backend!r}: use 'tiled' (or 'xla'), or set model.kernel_interpret=True to interpret the "
-                     f"kernels")
-  return functools.partial(sample_pallas, interpret=interpret, dot_dtype=dot_dtype)
+  return by_backend("fused sampling", impl, ("pallas", "tiled"),
+                    tiled=functools.partial(sample_tiled, tile_v=tile_v, dot_dtype=dot_dtype),
+                    triton=functools.partial(sample_pallas, interpret=interpret, dot_dtype=dot_dtype),
+                    mosaic=functools.partial(sample_pallas_tpu, dot_dtype=dot_dtype), interpret=interpret)
 
 
 # ---------------------------------------------------------------- Pallas (a Mosaic TPU kernel)

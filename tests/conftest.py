@@ -71,20 +71,25 @@ def guarded_command(module: str, *args: str) -> list[str]:
   return [sys.executable, "-c", code, *args]
 
 
-# The stdlib corpus is prepared on first use into a cache (d3pm_jax/data/pipeline.py): one fresh cache for the
-# whole test session and the commands it starts, so tests neither read nor fill the user's.
-os.environ["D3PM_CACHE"] = tempfile.mkdtemp(prefix="d3pm_test_cache_")
+# One directory per test session, made by the first pytest process and inherited through the environment by the
+# processes it starts (pytest-xdist's workers, the commands tests run), and removed by its maker at exit.
+if "D3PM_TEST_SESSION_DIR" not in os.environ:
+  os.environ["D3PM_TEST_SESSION_DIR"] = tempfile.mkdtemp(prefix="d3pm_test_session_")
+  atexit.register(shutil.rmtree, os.environ["D3PM_TEST_SESSION_DIR"], ignore_errors=True)
+_SESSION = os.environ["D3PM_TEST_SESSION_DIR"]
 
-# Compiled programs are shared by the whole session through JAX's persistent compilation cache (a fresh directory
-# per session, so nothing is read from or left for another): the many tests and subprocesses that train the same
-# tiny models compile each program once. The environment carries it to the commands the tests start.
-_COMPILED = tempfile.mkdtemp(prefix="d3pm_test_xla_cache_")
+# The stdlib corpus is prepared on first use into a cache (d3pm_jax/data/pipeline.py): one fresh cache for the
+# whole session, so tests neither read nor fill the user's (concurrent preparations are safe: each is renamed
+# into place whole).
+os.environ["D3PM_CACHE"] = os.path.join(_SESSION, "data")
+
+# Compiled programs are shared by the whole session through JAX's persistent compilation cache: the many tests,
+# workers and subprocesses that train the same tiny models compile each program once.
+_COMPILED = os.path.join(_SESSION, "xla")
 for _name, _value in (("jax_compilation_cache_dir", _COMPILED), ("jax_persistent_cache_min_compile_time_secs", 0),
                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
   os.environ[_name.upper()] = str(_value)
   jax.config.update(_name, _value)
-atexit.register(shutil.rmtree, _COMPILED, ignore_errors=True)
-atexit.register(shutil.rmtree, os.environ["D3PM_CACHE"], ignore_errors=True)
 
 socket.socket.connect = _guarded(socket.socket.connect)
 socket.socket.connect_ex = _guarded(socket.socket.connect_ex)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax.training import state
 from d3pm_jax.models.transformer import Transformer, attention, segment_mask
+from d3pm_jax.training import state
 from pallas_kernels import attention as kernels
 
 from test_train import experiment

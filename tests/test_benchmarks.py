@@ -23,7 +23,7 @@ RUNS = {
 
 
 def test_every_benchmark_script_has_a_smoke_run():
-  scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+  scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")} - {"harness.py"}  # the scripts' shared helper
   assert scripts == set(RUNS), f"give each script a tiny run here: {sorted(scripts ^ set(RUNS))}"
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import scipy.special
 
-from d3pm_jax.training import checkpoints, train
 from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import checkpoints, train
 
 from test_compare import assert_real_png
 from test_train import ROOT, experiment
@@ -101,8 +101,8 @@ def test_cli_prints_the_table(trained):
 
 
 def test_generation_is_scored_by_the_evaluator(trained):
-  from d3pm_jax.training import state
   from d3pm_jax.evaluation.eval_workdir import generation_quality, load_evaluator
+  from d3pm_jax.training import state
   workdir, evaluator = trained["absorbing_d3pm"], trained["autoregressive"]
   config = checkpoints.load_experiment(workdir)
   params, _ = checkpoints.restore_params(workdir, config)
@@ -130,9 +130,9 @@ def test_the_d3pm_figures_are_the_public_losses_at_the_runs_T(trained):
   the config's (the label would still say 50)."""
   import jax
   from d3pm_jax import losses
+  from d3pm_jax.data import pipeline
   from d3pm_jax.evaluation import evaluate
   from d3pm_jax.training import state
-  from d3pm_jax.data import pipeline
   workdir = trained["absorbing_d3pm"]
   result = evaluate_workdir(workdir, batch=8, max_windows=16, exact_windows=8, time_samples=2, infill_windows=0)
   assert result["bound"] == "exact discrete-time VLB (T = 50)"

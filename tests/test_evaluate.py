@@ -10,8 +10,8 @@ import pytest
 import scipy.stats
 
 from d3pm_jax import get_schedule, losses, make_process
-from d3pm_jax.evaluation import evaluate
 from d3pm_jax.data.synthetic import MarkovSource
+from d3pm_jax.evaluation import evaluate
 
 
 def test_equal_weights_give_the_standard_error_of_the_mean():

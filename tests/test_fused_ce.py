@@ -22,9 +22,9 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from d3pm_jax.training import checkpoints, state
 from d3pm_jax.config import from_config
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import checkpoints, state
 from pallas_kernels import fused_ce
 
 from test_train import experiment, load_config

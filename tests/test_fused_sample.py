@@ -289,9 +289,9 @@ def test_the_train_loop_runs_on_the_fused_head(tmp_path):
 def test_the_train_loop_builds_fused_heads_only_where_they_apply():
   import dataclasses
 
-  from d3pm_jax.training import state
   from d3pm_jax.models.transformer import Transformer
   from d3pm_jax.sampling import SamplerConfig
+  from d3pm_jax.training import state
   from test_train import experiment
   base = experiment()
   tiled = dataclasses.replace(base, model=dataclasses.replace(base.model, head_impl="tiled"))

@@ -11,9 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from d3pm_jax.data import prepare
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import lm1b, pipeline, prepared, tokenizers
+from d3pm_jax.data import lm1b, pipeline, prepare, prepared, tokenizers
 from d3pm_jax.evaluation.eval_workdir import evaluate_workdir, format_table
 
 from conftest import guarded_command

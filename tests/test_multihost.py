@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from d3pm_jax.config import experiment_from_dict
+from d3pm_jax.data import pipeline
 from d3pm_jax.runtime import multihost
 from d3pm_jax.training import checkpoints, train
 from d3pm_jax.training.state import init_state, make_optimizer
-from d3pm_jax.config import experiment_from_dict
-from d3pm_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}

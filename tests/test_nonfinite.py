@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from d3pm_jax.data import pipeline
 from d3pm_jax.training import checkpoints, train
 from d3pm_jax.training.state import loss_terms
-from d3pm_jax.data import pipeline
 
 from test_train import experiment
 

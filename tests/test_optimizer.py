@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from d3pm_jax.config import TrainConfig
 from d3pm_jax.training import train
 from d3pm_jax.training.state import init_state, make_optimizer
-from d3pm_jax.config import TrainConfig
 
 from test_train import experiment, parts
 

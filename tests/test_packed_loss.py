@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax.training import state
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import state
 
 from test_train import experiment
 

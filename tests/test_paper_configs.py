@@ -12,11 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from d3pm_jax.data import prepare
-from d3pm_jax.training import state, train
-from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.config import TrainConfig, from_config
-from d3pm_jax.data import pipeline
+from d3pm_jax.data import pipeline, prepare
+from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import state, train
 
 from test_prepare import SPLITS
 from test_train import ROOT

@@ -13,9 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from d3pm_jax.data import prepare
 from d3pm_jax.config import DataConfig
-from d3pm_jax.data import pipeline, prepared, stdlib, tokenizers
+from d3pm_jax.data import pipeline, prepare, prepared, stdlib, tokenizers
 
 from conftest import guarded_command
 from test_train import ROOT, experiment
@@ -200,8 +199,8 @@ def padded_dir(tmp_path_factory):
 def test_a_train_step_on_padded_rows_counts_only_real_tokens(padded_dir):
   import jax
 
-  from d3pm_jax.training import state, train
   from d3pm_jax.models.transformer import Transformer
+  from d3pm_jax.training import state, train
   base = experiment()
   config = dataclasses.replace(base, data=dataclasses.replace(base.data, prepared_dir=padded_dir))
   data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed)
@@ -238,8 +237,8 @@ def test_d3pm_eval_scores_a_packed_row_as_its_documents_apart(tmp_path):
   """An AR baseline trained on packed rows: d3pm-eval's NLL of the whole validation split equals the sum, over
   the validation documents (cut where a row ends, as packing cuts them), of the model's NLL of each piece alone,
   computed position by position."""
-  from d3pm_jax.training import checkpoints, train
   from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
+  from d3pm_jax.training import checkpoints, train
   from test_eval_cli import direct_ar_nats
   docs = prepare_random_documents(str(tmp_path / "packed"), "packed")
   base = experiment("autoregressive", steps=2, eval_every=2)

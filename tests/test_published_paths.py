@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3pm_jax.evaluation import evaluate
 from d3pm_jax.data import pipeline
+from d3pm_jax.evaluation import evaluate
 from d3pm_jax.evaluation.eval_workdir import infilling_quality, window_bounds
 
 from test_packed_loss import A, B, row, setup

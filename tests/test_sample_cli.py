@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from d3pm_jax.data.tokenizers import ByteTokenizer
 from d3pm_jax.cli.sample import parse_template
+from d3pm_jax.data.tokenizers import ByteTokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

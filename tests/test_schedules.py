@@ -172,9 +172,9 @@ def test_mutual_information_grid_makes_the_information_fall_linearly():
 def test_mutual_information_schedule_is_jsd_for_absorbing():
   """For absorbing, I(x_0; x_t) = alpha H(x_0) whatever the unigram distribution, so the schedule is D3PM's
   1/(T - t + 1) (``jsd``) exactly, through the library's process and ``state.build_process``."""
-  from d3pm_jax.training import state
   from d3pm_jax.config import ProcessConfig
   from d3pm_jax.models.transformer import ModelConfig
+  from d3pm_jax.training import state
   counts = np.array([40, 3, 17, 0, 9])
   cfg = ProcessConfig(name="absorbing", loss="d3pm", schedule="mutual_information", eps=0.0, num_steps=20)
   process = state.build_process(cfg, ModelConfig(vocab_size=6), unigram_V=counts)

@@ -15,11 +15,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRELUDE = textwrap.dedent("""
     import importlib.util, json, re, sys
     import jax, jax.numpy as jnp, numpy as np
-    from d3pm_jax.training import train
-    from d3pm_jax.training.state import build_process, init_state, make_optimizer
     from d3pm_jax.config import from_config
     from d3pm_jax.data import pipeline
     from d3pm_jax.models.transformer import Transformer
+    from d3pm_jax.training import train
+    from d3pm_jax.training.state import build_process, init_state, make_optimizer
     spec = importlib.util.spec_from_file_location("cfg", "configs/test.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 

@@ -12,11 +12,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from d3pm_jax.training import checkpoints, train
-from d3pm_jax.training.state import build_process, init_state, loss_terms, make_optimizer
 from d3pm_jax.config import from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import checkpoints, train
+from d3pm_jax.training.state import build_process, init_state, loss_terms, make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from d3pm_jax.cli import common
-from d3pm_jax.data import prepare
-from d3pm_jax.data import openwebtext
+from d3pm_jax.data import openwebtext, prepare
 
 DATASETS = ("stdlib", "text8", "openwebtext", "lm1b")
 _DATASET = flags.DEFINE_enum("dataset", None, list(DATASETS), "Which corpus to prepare.")

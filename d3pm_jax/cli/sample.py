@@ -17,9 +17,9 @@ from absl import app, flags, logging
 
 from d3pm_jax import sampling
 from d3pm_jax.cli import common
-from d3pm_jax.training import checkpoints, state
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
+from d3pm_jax.training import checkpoints, state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Reverse steps (diffusion; per block with --blocks).")

@@ -14,9 +14,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from d3pm_jax.cli import common
+from d3pm_jax.config import base_config
 from d3pm_jax.runtime import multihost
 from d3pm_jax.training import train
-from d3pm_jax.config import base_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
                                           lock_config=True)

@@ -19,10 +19,10 @@ import grain
 import jax
 import numpy as np
 
-from d3pm_jax.runtime import multihost
 from d3pm_jax.config import DataConfig
 from d3pm_jax.data import prepared, stdlib, tokenizers
 from d3pm_jax.data.synthetic import MarkovSource
+from d3pm_jax.runtime import multihost
 
 # Epochs of the training stream: far more than any run takes.
 _EPOCHS = 10_000

@@ -25,9 +25,9 @@ import numpy as np
 
 from d3pm_jax import sampling
 from d3pm_jax.evaluation import evaluate, plots
-from d3pm_jax.training import checkpoints, metrics, state, train
 from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer, count_params
+from d3pm_jax.training import checkpoints, metrics, state, train
 
 PLOTS = ("val_loss_vs_tokens.png", "gen_ppl_vs_steps.png", "loss_vs_t.png")
 FRONTIER_PLOT = "frontier.png"  # when the runs were evaluated with frontier=True

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3pm_jax import losses, sampling
-from d3pm_jax.evaluation import evaluate, plots
-from d3pm_jax.training import checkpoints, state
 from d3pm_jax.data import pipeline
+from d3pm_jax.evaluation import evaluate, plots
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.processes import AbsorbingProcess
+from d3pm_jax.training import checkpoints, state
 
 
 def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, max_windows: int = 0,

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from d3pm_jax import _checks
-from pallas_kernels import attention as attention_kernels
-from pallas_kernels import fused_ce
+from pallas_kernels import attention as attention_kernels, fused_ce
 
 NORMS = ("rms", "layer")
 # Fields that choose how the network is computed, never what it computes: a checkpoint resumes under any of them.

@@ -11,7 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from d3pm_jax.config import ExperimentConfig, ProcessConfig, experiment_from_dict
-from d3pm_jax.models.transformer import EXECUTION_FIELDS, REGULARISATION_FIELDS, ModelConfig, Transformer
+from d3pm_jax.models.transformer import EXECUTION_FIELDS, ModelConfig, REGULARISATION_FIELDS, Transformer
 from d3pm_jax.training.state import TrainState, init_state, make_optimizer
 
 

@@ -24,12 +24,11 @@ import numpy as np
 import optax
 
 from d3pm_jax import losses, sampling
-from d3pm_jax.runtime import files, multihost, sharding
-from d3pm_jax.training import checkpoints, faults, preemption
-from d3pm_jax.training import metrics as metrics_lib
 from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
+from d3pm_jax.runtime import files, multihost, sharding
+from d3pm_jax.training import checkpoints, faults, metrics as metrics_lib, preemption
 from d3pm_jax.training.state import TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for
 
 
