@@ -90,7 +90,7 @@ def test_two_processes_train_like_one(tmp_path):
   multi = launch()
   single = subprocess.run([*command, f"--workdir={tmp_path / 'single'}"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                          env=dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                                    JAX_PLATFORMS="cpu"))
   assert single.returncode == 0, single.stderr[-4000:]
 
@@ -180,7 +180,7 @@ exit $status
 """)
   env = dict(os.environ, PATH=f"{tmp_path}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
              SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   flags = [a.replace("steps=3", "steps=2") for a in ARGS] + [f"--workdir={tmp_path / 'work'}"]
   out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *flags], capture_output=True, text=True,
                        timeout=600, cwd=ROOT, env=env)

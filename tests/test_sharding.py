@@ -53,7 +53,7 @@ PRELUDE = textwrap.dedent("""
 
 
 def run_script(body: str, devices: int = 8) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT, env=env)
   assert out.returncode == 0, out.stderr[-4000:]
