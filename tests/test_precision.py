@@ -11,6 +11,9 @@ from d3pm_jax.sampling import SamplerConfig, reverse_step
 
 GPT2_VOCAB = 50257
 CHUNKS, CHUNK = 4, 2560  # 10,240 positions, drawn in chunks so [positions, V] float32 arrays stay ~0.5 GB
+# These programs run long on big arrays: compiled with XLA's full optimisation, whatever the suite's default
+# (tests/conftest.py turns it off for the many tiny programs); measured 2.8x faster at level 3 than at 0.
+OPTIMIZED = {"xla_backend_optimization_level": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -34,12 +37,14 @@ def test_first_absorbing_step_at_gpt2_vocabulary_unmasks_the_expected_number():
   proc = make_process("absorbing", GPT2_VOCAB + 1, get_schedule("linear"))
   t, s = 1.0, 0.999
   step = jax.jit(lambda key, logits: reverse_step(proc, key, proc.x0_log_probs(logits, x_t), x_t,
-                                                  jnp.full((CHUNK,), s), jnp.full((CHUNK,), t), SamplerConfig()))
+                                                  jnp.full((CHUNK,), s), jnp.full((CHUNK,), t), SamplerConfig()),
+                 compiler_options=OPTIMIZED)
   x_t = jnp.full((CHUNK, 1), proc.mask_id, jnp.int32)
   unmasked = 0
   for c in range(CHUNKS):
     # An untrained network: nearly flat over 50,257 tokens, each ~2e-8 of the posterior against ~0.999 for mask.
-    logits = 0.1 * jax.random.normal(jax.random.PRNGKey(100 + c), (CHUNK, 1, GPT2_VOCAB + 1))
+    logits = jax.jit(lambda key: 0.1 * jax.random.normal(key, (CHUNK, 1, GPT2_VOCAB + 1)),
+                     compiler_options=OPTIMIZED)(jax.random.PRNGKey(100 + c))
     x_s = np.asarray(step(jax.random.PRNGKey(c), logits))
     unmasked += int((x_s != proc.mask_id).sum())
     assert x_s.max() <= proc.mask_id
@@ -60,7 +65,7 @@ def test_uniform_step_at_gpt2_vocabulary_moves_the_expected_number():
   t, s = 0.5, 0.49975
   x_t = jax.random.randint(jax.random.PRNGKey(0), (CHUNK, 1), 0, vocab)
   step = jax.jit(lambda key, log_p: reverse_step(proc, key, log_p, x_t, jnp.full((CHUNK,), s),
-                                                 jnp.full((CHUNK,), t), SamplerConfig()))
+                                                 jnp.full((CHUNK,), t), SamplerConfig()), compiler_options=OPTIMIZED)
   log_p = jnp.full((CHUNK, 1, vocab), -np.log(vocab), jnp.float32)
   moved = sum(int((np.asarray(step(jax.random.PRNGKey(c), log_p)) != np.asarray(x_t)).sum()) for c in range(CHUNKS))
   # Exact posterior in float64 with a uniform prediction p(h) = 1/V: by symmetry every y != x_t has the same
@@ -174,7 +179,7 @@ def test_fine_uniform_is_uniform_and_resolves_below_float32_grid():
 def test_gumbel_upper_tail_is_not_cut_at_float32_resolution():
   """P(G > 16) = 1 - exp(-e^-16) = 1.1e-7: about 15 of 2^27 draws, where jax.random.gumbel's float32 draws never
   exceed 15.9 (its uniforms stop 2^-23 below 1)."""
-  g = draws.gumbel(jax.random.PRNGKey(1), (2 ** 27,))
+  g = jax.jit(lambda key: draws.gumbel(key, (2 ** 27,)), compiler_options=OPTIMIZED)(jax.random.PRNGKey(1))
   beyond = int(jnp.sum(g > 16.0))
   expected = 2 ** 27 * -np.expm1(-np.exp(-16.0))
   lo, hi = binomial_interval(2 ** 27, expected / 2 ** 27)
