@@ -82,7 +82,7 @@ def violations(sources: dict[str, str]) -> list[str]:
       target_layer = layer_of(target)
       if target_layer is not None and target_layer > layer:
         problems.append(f"{module}:{line} (layer {layer}) imports {target} (layer {target_layer}), a higher layer")
-    if module in MATH or layer_of(module) == LAYERS["d3pm_jax.models"]:
+    if layer in (LAYERS["d3pm_jax"], LAYERS["d3pm_jax.models"]):  # the math (processes/ too) and the models
       for node in ast.walk(ast.parse(source)):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                  [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
