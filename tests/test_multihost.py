@@ -71,23 +71,54 @@ ARGS = ["--config=configs/test.py", "--config.data.name=markov", "--config.train
         "--config.mesh.data=2", "--config.mesh.fsdp=2"]
 
 
+def _slurm_job(tmp_path, flags):
+  """``launch/slurm_gpu.sbatch`` under a stand-in srun that starts 2 tasks with SLURM's variables (and 2 CPU devices
+  each), as a cluster would: JAX must find the coordinator, process count and ids from them alone. Returns the
+  script's completed process and the two tasks' logs."""
+  import socket
+  for job_id in range(1000, 1000 + 4096):  # JAX derives the coordinator port from the job id
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", job_id % 4096 + 61440))
+        break
+      except OSError:
+        continue
+  logs = tmp_path / "slurm_logs"
+  logs.mkdir()
+  _fake_tool(tmp_path, "srun", f"""
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for i in 0 1; do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > {logs}/task_$i.log 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
+exit $status
+""")
+  env = dict(os.environ, PATH=f"{tmp_path}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+             SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *flags], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT, env=env)
+  task = [(logs / f"task_{i}.log").read_text() for i in range(2)]
+  assert out.returncode == 0, out.stderr[-2000:] + task[0][-2000:] + task[1][-2000:]
+  return out, task
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """2 processes x 2 CPU devices (gloo collectives over 127.0.0.1) train 3 steps on a (data=2, fsdp=2) mesh and
   end with the parameters of 1 process x 4 devices (atol 1e-5: the same mesh, reductions crossing processes) and
   the same validation bits; each process feeds its own half of every batch, and only process 0 prints results.
-  Then the step-3 checkpoint is removed and the 2 processes resume from the one both saved at step 2: they end
-  with the same parameters again."""
+  Then the step-3 checkpoint is removed and the job resumes through the SLURM script (``_slurm_job``) from the
+  checkpoint both processes saved at step 2: it ends with the same parameters again."""
   command = [sys.executable, "-m", "d3pm_jax.cli.train", *ARGS, "--config.train.checkpoint_every=2"]
   env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
-
-  def launch():
-    out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *command,
+  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "--", *command,
                           f"--workdir={tmp_path / 'multi'}"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out
-  multi = launch()
+  assert multi.returncode == 0, multi.stderr[-4000:]
   single = subprocess.run([*command, f"--workdir={tmp_path / 'single'}"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT,
                           env=dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
@@ -118,8 +149,9 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(records[0]) == len(records[1]) > 0
 
   shutil.rmtree(tmp_path / "multi" / "checkpoints" / "3")
-  resumed = launch()
-  assert "resumed from step 2" in resumed.stdout
+  _, task = _slurm_job(tmp_path, [*ARGS, "--config.train.checkpoint_every=2", f"--workdir={tmp_path / 'multi'}"])
+  assert "process 0 of 2" in task[0] and "resumed from step 2" in task[0] and "validation:" in task[0]
+  assert "process 1 of 2" in task[1] and "validation:" not in task[1]
   again, step = checkpoints.restore_params(str(tmp_path / "multi"), config)
   assert step == 3
   diff = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
@@ -151,44 +183,6 @@ def test_tpu_pod_launcher_runs_the_same_command_on_every_worker(tmp_path):
                          capture_output=True, text=True).stdout.splitlines()
   assert remote.startswith("cd /opt/d3pm && pip install") and "&& d3pm-train " in remote
   assert words == ["--distributed=on", *flags]
-
-
-@pytest.mark.slow
-def test_slurm_script_joins_through_slurm_variables(tmp_path):
-  """The sbatch script run under a stand-in srun that starts 2 tasks with SLURM's variables (and 2 CPU devices
-  each): JAX finds the coordinator, process count and ids from them alone, and the job trains and checkpoints."""
-  import socket
-  for job_id in range(1000, 1000 + 4096):  # JAX derives the coordinator port from the job id
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", job_id % 4096 + 61440))
-        break
-      except OSError:
-        continue
-  logs = tmp_path / "logs"
-  logs.mkdir()
-  _fake_tool(tmp_path, "srun", f"""
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for i in 0 1; do
-  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > {logs}/task_$i.log 2>&1 &
-  pids+=($!)
-done
-status=0
-for pid in "${{pids[@]}}"; do wait "$pid" || status=$?; done
-exit $status
-""")
-  env = dict(os.environ, PATH=f"{tmp_path}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-             SLURM_JOB_ID=str(job_id), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
-             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  flags = [a.replace("steps=3", "steps=2") for a in ARGS] + [f"--workdir={tmp_path / 'work'}"]
-  out = subprocess.run(["bash", "launch/slurm_gpu.sbatch", *flags], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env=env)
-  task = [(logs / f"task_{i}.log").read_text() for i in range(2)]
-  assert out.returncode == 0, out.stderr[-2000:] + task[0][-2000:] + task[1][-2000:]
-  assert "process 0 of 2" in task[0] and "validation:" in task[0]
-  assert "process 1 of 2" in task[1] and "validation:" not in task[1]
-  assert (tmp_path / "work" / "checkpoints" / "2").is_dir()
 
 
 BARRIER = """

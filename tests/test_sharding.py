@@ -62,12 +62,13 @@ def run_script(body: str, devices: int = 8) -> dict:
 
 @pytest.mark.slow
 def test_sharded_train_step_equals_single_device():
-  """Same parameters after 3 steps on meshes (8,1,1), (2,4,1), (2,2,2), (1,4,2) as on one device, and for the
-  scanned-layers model on (1,4,2); tolerance atol 1e-5 (reductions are summed in a different order)."""
+  """Same parameters after 3 steps on meshes (8,1,1), (2,2,2), (1,4,2) as on one device - data alone, all three
+  axes, FSDP with tensor - and for the scanned-layers model on (1,4,2); tolerance atol 1e-5 (reductions are summed
+  in a different order)."""
   result = run_script("""
       reference = run((1, 1, 1), jax.devices()[:1])
       errors = {}
-      for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]:
+      for mesh in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
         state = run(mesh, jax.devices())
         diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                                        (state.params, state.ema_params), (reference.params, reference.ema_params))

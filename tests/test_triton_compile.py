@@ -92,8 +92,9 @@ def test_every_triton_kernel_compiles_for_sm90_within_shared_memory_and_without_
 
 
 def test_the_check_finds_a_kernel_over_shared_memory():
-  """The check itself: a kernel staging a 256 x 1024 float32 block twice (2 MiB) compiles but is reported over
-  the limit (a check that passed everything would pass this)."""
+  """The check itself: a kernel staging a 64 x 1024 and a 1024 x 64 float32 block (512 KiB) compiles but is
+  reported over the limit (a check that passed everything would pass this). Small products: ptxas takes 4 s on
+  them, a minute on 256-row ones."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltriton
 
@@ -101,9 +102,9 @@ def test_the_check_finds_a_kernel_over_shared_memory():
     o_ref[...] = jnp.dot(x_ref[...], y_ref[...], preferred_element_type=jnp.float32)
 
   def call(x, y):
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((256, 256), jnp.float32),
-                          compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1))(x, y)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                          compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1))(x, y)
 
-  [big] = triton_check.triton_kernels(call, _struct((256, 1024)), _struct((1024, 256)))
+  [big] = triton_check.triton_kernels(call, _struct((64, 1024)), _struct((1024, 64)))
   report = triton_check.compile_sm90(big)
   assert report["ok"] and not report["fits"], report
