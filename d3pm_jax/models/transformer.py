@@ -237,11 +237,17 @@ def residual_init_scale(cfg: ModelConfig) -> float:
 
 
 class Attention(nn.Module):
-  """Self-attention. With ``decode=True`` (causal models) each call takes the next token(s) and attends to a
-  KV cache in the ``cache`` collection; initialising with ``decode=True`` sizes the cache from the input length."""
+  """Self-attention. With ``decode=True`` each call takes the next token(s) and attends to a KV cache in the
+  ``cache`` collection; initialising with ``decode=True`` sizes the cache from the input length.
+
+  A causal model (the AR baseline) writes every call's keys and values and attends causally. The bidirectional
+  denoiser decodes block diffusion: a call takes one block, which attends to the cached blocks and to itself, and
+  only a ``commit`` call (the block's clean tokens, once it is sampled) writes its keys and values. Its cache is a
+  ring of as many slots as the init's length: past that, the oldest block's slots are reused, a sliding window."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
+  commit: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
@@ -252,13 +258,15 @@ class Attention(nn.Module):
                           ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
                for n in ("query", "key", "value"))
     if self.decode:
-      if not cfg.causal:
-        raise ValueError("KV-cache decoding needs a causal model (model.causal=True)")
       ready = self.has_variable("cache", "cached_key")
       cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
       index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if ready:  # a decoding step: write the new keys at `index` and attend to everything written so far
+      if not cfg.causal:
+        slot_positions = self.variable("cache", "slot_positions", lambda: jnp.full((k.shape[1],), -1, jnp.int32))
+        if ready:
+          return self._out(self._block_step(q, k, v, cached_k, cached_v, slot_positions, index))
+      elif ready:  # a decoding step: write the new keys at `index` and attend to everything written so far
         start = index.value
         positions = start + jnp.arange(q.shape[1])
         k_new = rotary(k, cfg.rope_base, positions)
@@ -296,6 +304,29 @@ class Attention(nn.Module):
       out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal, **extra).astype(v.dtype)
     return self._out(out_BxLxHxK)
 
+  def _block_step(self, q, k, v, cached_k, cached_v, slot_positions, index):
+    """One block of block diffusion against the cache: the block's queries see every filled slot and the block's
+    own keys; a ``commit`` call then writes the block's keys and values into the next slots, modulo the ring."""
+    cfg = self.config
+    start, width = index.value, q.shape[1]
+    capacity = cached_k.value.shape[1]
+    if self.commit and capacity % width:
+      raise ValueError(f"the block-diffusion cache holds {capacity} positions, not a whole number of blocks of "
+                       f"{width}: size it as a multiple of the block size")
+    positions = start + jnp.arange(width)
+    q, k = rotary(q, cfg.rope_base, positions), rotary(k, cfg.rope_base, positions)
+    keys = jnp.concatenate([cached_k.value, k], axis=1)
+    values = jnp.concatenate([cached_v.value, v], axis=1)
+    seen_M = jnp.concatenate([slot_positions.value >= 0, jnp.ones((width,), bool)])
+    out_BxLxHxK = attention(q, keys, values, causal=False, kv_valid_M=seen_M)
+    if self.commit:
+      slots = positions % capacity
+      cached_k.value = cached_k.value.at[:, slots].set(k)
+      cached_v.value = cached_v.value.at[:, slots].set(v)
+      slot_positions.value = slot_positions.value.at[slots].set(positions.astype(jnp.int32))
+      index.value = start + width
+    return out_BxLxHxK
+
   def _out(self, out_BxLxHxK):
     cfg = self.config
     return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2,
@@ -324,6 +355,7 @@ class Block(nn.Module):
   decode: bool = False
   scanned: bool = False
   deterministic: bool = True
+  commit: bool = False
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
@@ -346,8 +378,8 @@ class Block(nn.Module):
       y = Dropout(cfg.dropout, self.deterministic)(y)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, self.deterministic, name="attention"), "attention_norm",
-                     *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL)
+    attend = Attention(cfg, self.decode, self.deterministic, self.commit, name="attention")
+    x_BxLxD = branch(x_BxLxD, attend, "attention_norm", *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
@@ -378,7 +410,9 @@ def timestep_embedding(t_B, dim: int):
 
 class Transformer(nn.Module):
   """``__call__(tokens_BxL, t_B=None, decode=False, segments_BxL=None) -> logits_BxLxV`` in float32.
-  ``decode=True`` runs the causal model incrementally against a KV cache (``mutable=['cache']``).
+  ``decode=True`` runs the model incrementally against a KV cache (``mutable=['cache']``): the causal model
+  token by token, the bidirectional one block by block for block diffusion, where ``commit=True`` appends the
+  block's (clean) keys and values to the cache (``Attention``).
   ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding.
   ``head_inputs=True`` returns what the output head would read instead of the logits: ``(h_BxLxD, W_DxV)`` in
   float32, ``W`` the head's kernel with its padded columns (``padded_vocab_size``), for a fused head.
@@ -394,7 +428,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False,
-               deterministic: bool = True, clean_BxL=None, blocks_BxL=None, mask_BxLxL=None):
+               deterministic: bool = True, clean_BxL=None, blocks_BxL=None, mask_BxLxL=None,
+               commit: bool = False):
     cfg = self.config
     deterministic = deterministic or decode
     if segments_BxL is not None and decode:
@@ -432,14 +467,13 @@ class Transformer(nn.Module):
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, name="blocks")(
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, commit=commit, name="blocks")(
           x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
-        x_BxLxD = block(cfg, decode, deterministic=deterministic, name=f"block_{layer}")(x_BxLxD, cond_BxC,
-                                                                                        segments_BxL, blocks_BxL,
-                                                                                        mask_BxLxL)
+        layer_block = block(cfg, decode, deterministic=deterministic, commit=commit, name=f"block_{layer}")
+        x_BxLxD = layer_block(x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
     x_BxLxD = x_BxLxD[:, :length]  # a block-diffusion pass scores its x_t half only
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
