@@ -102,10 +102,10 @@ def test_xla_attention_under_the_mask_equals_the_reference(packed):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
 
 
-def _model(arg=None, **process):
+def _model(arg=None, scan_layers=False, **process):
   """The tests' tiny model, bidirectional and without time conditioning (BD3-LM's), over 12 byte positions."""
   cfg = load_config("test", arg)
-  cfg.model.time_conditioning = False
+  cfg.model.update(time_conditioning=False, scan_layers=scan_layers)
   cfg.data.seq_len = 12
   cfg.process.update(**process)
   exp = from_config(cfg, vocab_size=256)
@@ -251,13 +251,13 @@ def test_the_clipped_window_trains_inside_it_and_evaluation_integrates_over_all_
   assert not np.allclose(np.asarray(train_full["loss"]), np.asarray(train_clipped["loss"]), rtol=1e-3)
 
 
-@pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
-def test_cached_sampling_draws_the_same_tokens_as_uncached(strategy):
+@pytest.mark.parametrize("strategy,scan_layers", [("ancestral", False), ("confidence", False), ("ancestral", True)])
+def test_cached_sampling_draws_the_same_tokens_as_uncached(strategy, scan_layers):
   """The KV-cached block sampler and the one that recomputes the whole prefix at every step draw the same tokens
-  for the same key, with a prompt of one whole block and half of the next."""
+  for the same key, with a prompt of one whole block and half of the next (layers looped or scanned)."""
   from d3pm_jax.models import block_decoding
   from d3pm_jax.sampling import SamplerConfig, block_sample
-  exp, model, params = _model(block_size=4)
+  exp, model, params = _model(block_size=4, scan_layers=scan_layers)
   process = state.build_process(exp.process, exp.model)
   batch, length, block_size = 3, 12, 4
   cfg = SamplerConfig(num_steps=5, strategy=strategy)
