@@ -10,6 +10,7 @@ PROCESSES = {
     "uniform": ("uniform", "ctmc"),
     "nearest_neighbor": ("nearest_neighbor", "ctmc"),
     "autoregressive": ("autoregressive", "ar"),
+    "bd3lm": ("absorbing", "masked"),  # block diffusion: blocks of 4, no time conditioning
 }
 
 
@@ -23,6 +24,9 @@ def get_config(arg=None):
   cfg.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, cond_dim=16, max_len=16,
                    time_conditioning=True)
   cfg.data.seq_len = 16
+  if arg == "bd3lm":
+    cfg.process.block_size = 4
+    cfg.model.time_conditioning = False
   cfg.train.update(steps=4, batch_size=4, warmup_steps=1, log_every=1, eval_every=4, eval_batches=1,
                    checkpoint_every=2, num_samples=2, sample_steps=4)
   return cfg

@@ -3,8 +3,8 @@
 The package is layered; a module imports only from its own layer and the layers above it in this list
 (``tests/test_layering.py`` enforces it):
 
-1. the math, at the top of the package: ``schedules``, ``processes/``, ``losses``, ``sampling``, ``draws``
-   (pure functions, no I/O) and ``_checks`` (argument checks every layer uses);
+1. the math, at the top of the package: ``schedules``, ``processes/``, ``blocks``, ``losses``, ``sampling``,
+   ``draws`` (pure functions, no I/O) and ``_checks`` (argument checks every layer uses);
 2. ``models/``: the networks;
 3. ``runtime/``: meshes, hosts and crash-safe files;
 4. ``config``: the one config boundary (ConfigDict in, frozen dataclasses out);

@@ -35,6 +35,13 @@ class ProcessConfig:
   nn_rate_scale: float = 4.0
   nn_uniform_rate: float = 0.0
   nn_embeddings: str = ""        # .npy path; empty: hand-built byte features (bytes tokenizer only)
+  # Block diffusion (BD3-LM, absorbing + masked): masked diffusion inside blocks of this many tokens, autoregressive
+  # across blocks (d3pm_jax/blocks.py). 0: one block of the whole sequence (MD4/MDLM).
+  block_size: int = 0
+  # Training draws t from U[clip_low, clip_high] (BD3-LM's clipped schedule; masked loss only). Evaluation always
+  # integrates over the whole [0, 1], so reported figures stay bounds.
+  clip_low: float = 0.0
+  clip_high: float = 1.0
 
   def __post_init__(self):
     _checks.check_choice("process", self.name, PROCESS_NAMES)
@@ -43,6 +50,20 @@ class ProcessConfig:
              "nearest_neighbor": ("ctmc", "d3pm"), "autoregressive": ("ar",)}[self.name]
     if self.loss not in valid:
       raise ValueError(f"process {self.name!r} cannot train with loss {self.loss!r}; valid: {sorted(valid)}")
+    if self.block_size < 0:
+      raise ValueError(f"process.block_size must be >= 0 (0: one block, plain masked diffusion); got "
+                       f"{self.block_size}")
+    if not 0.0 <= self.clip_low < self.clip_high <= 1.0:
+      raise ValueError(f"the clipped schedule needs 0 <= process.clip_low < process.clip_high <= 1; got "
+                       f"({self.clip_low}, {self.clip_high})")
+    if (self.block_size or self.window != (0.0, 1.0)) and (self.name, self.loss) != ("absorbing", "masked"):
+      raise ValueError(f"process.block_size and process.clip_low/clip_high belong to masked diffusion (process "
+                       f"'absorbing', loss 'masked'); got process {self.name!r} with loss {self.loss!r}")
+
+  @property
+  def window(self) -> tuple[float, float]:
+    """Training's time window (clip_low, clip_high)."""
+    return (self.clip_low, self.clip_high)
 
   @property
   def is_autoregressive(self) -> bool:
@@ -193,6 +214,13 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
   data = DataConfig(**_typed(DataConfig, raw.get("data", {}), "data"))
   if data.seq_len > model.max_len:
     raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}")
+  if process.block_size:
+    if data.seq_len % process.block_size:
+      raise ValueError(f"process.block_size={process.block_size} must divide data.seq_len={data.seq_len}; valid: "
+                       f"{[d for d in range(1, data.seq_len + 1) if data.seq_len % d == 0]}")
+    if model.time_conditioning:
+      raise ValueError("block diffusion draws one t per block, and the network conditions on one t per row: set "
+                       "model.time_conditioning=False (BD3-LM trains without it)")
   mesh_values = _typed(MeshConfig, raw.get("mesh", {}), "mesh")
   if "rules" in mesh_values:  # ConfigDicts and JSON turn the rules into lists; they are pairs
     mesh_values["rules"] = tuple((name, tuple(axes) if isinstance(axes, list) else axes)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3pm_jax import _checks
+from d3pm_jax import _checks, blocks as block_layout
 from d3pm_jax.processes.absorbing import AbsorbingProcess
 from d3pm_jax.processes.base import NEG_INF, Process, safe_log
 
@@ -78,11 +78,14 @@ def antithetic_times(key, batch: int, dtype=jnp.float32):
   return jnp.mod(offset + jnp.arange(batch, dtype=dtype) / batch, 1.0)
 
 
-def sample_times(key, batch: int, antithetic: bool = True, dtype=jnp.float32):
-  """``t_B`` uniform on [0, 1), antithetic by default."""
-  if antithetic:
-    return antithetic_times(key, batch, dtype)
-  return jax.random.uniform(key, (batch,), dtype=dtype)
+def sample_times(key, batch: int, antithetic: bool = True, dtype=jnp.float32, window=(0.0, 1.0)):
+  """``t_B`` uniform on [0, 1), antithetic by default; with ``window`` = (low, high), mapped onto [low, high)
+  (BD3-LM's clipped schedule: a lower-variance training objective that is no longer the bound)."""
+  low, high = window
+  if not 0.0 <= low < high <= 1.0:
+    raise ValueError(f"the time window (low, high) must satisfy 0 <= low < high <= 1; got ({low}, {high})")
+  u_B = antithetic_times(key, batch, dtype) if antithetic else jax.random.uniform(key, (batch,), dtype=dtype)
+  return u_B if (low, high) == (0.0, 1.0) else low + (high - low) * u_B
 
 
 def per_token(nats_B, x0_BxL, weights_BxL=None):
@@ -159,14 +162,15 @@ def prior(process: Process, x0_BxL, weights_BxL=None):
 
 def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind: str = "ctmc",
                     antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
-                    weights_BxL=None, head: FusedHead | None = None) -> dict:
+                    weights_BxL=None, head: FusedHead | None = None, window=(0.0, 1.0)) -> dict:
   """Monte-Carlo continuous-time NELBO per sequence: a dict of ``[B]`` arrays in nats.
 
   Keys: ``diffusion`` (mean over ``num_time_samples`` antithetic draws of t per sequence), ``recon``, ``prior``
   and ``nelbo`` (their sum). ``with_recon=False`` skips the reconstruction term's extra network call (a training
   loss where alpha(0) = 1 - eps makes it negligible); ``recon`` is then absent and ``nelbo`` excludes it.
   ``kind``: ``ctmc`` (any process) or ``masked`` (MD4/MDLM, absorbing only). A fused ``head`` serves the masked
-  diffusion term (the reconstruction, an evaluation term, still reads ``logits_fn``).
+  diffusion term (the reconstruction, an evaluation term, still reads ``logits_fn``). ``window`` draws t from
+  U[low, high] (``sample_times``): for training only, since the result is then not the bound.
   """
   _checks.check_choice("continuous ELBO kind", kind, CONTINUOUS_KINDS)
   if head is not None and kind != "masked":
@@ -179,7 +183,7 @@ def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind:
 
   def one_draw(draw_key):
     time_key, noise_key = jax.random.split(draw_key)
-    t_B = sample_times(time_key, batch, antithetic, _float_dtype())
+    t_B = sample_times(time_key, batch, antithetic, _float_dtype(), window)
     if head is not None:
       return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL, head=head)
     return term(process, logits_fn, noise_key, x0_BxL, t_B, weights_BxL)
@@ -191,6 +195,73 @@ def continuous_elbo(process: Process, logits_fn: LogitsFn, key, x0_BxL, *, kind:
   out = {"diffusion": diffusion_B, "prior": prior(process, x0_BxL, weights_BxL)}
   if with_recon:
     out["recon"] = reconstruction(process, logits_fn, recon_key, x0_BxL, weights_BxL)
+  out["nelbo"] = sum(out.values())
+  return out
+
+
+# ---------------------------------------------------------------- block diffusion (BD3-LM)
+
+BlockLogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def block_times(key, batch: int, slots: int, window=(0.0, 1.0), antithetic: bool = True):
+  """One time per block, ``[B, slots]``: ``sample_times`` over the batch's B * slots blocks in row-major order,
+  so one block per row draws the masked ELBO's ``t_B`` exactly."""
+  return sample_times(key, batch * slots, antithetic, _float_dtype(), window).reshape(batch, slots)
+
+
+def block_masked_diffusion(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, t_BxL, blocks_BxL,
+                           weights_BxL=None, head: FusedHead | None = None):
+  """BD3-LM's integrand: every position masked at its own block's time ``t_BxL``, each masked position's
+  cross-entropy weighted by its block's -alpha'/(1-alpha), nats ``[B]``. ``logits_fn(x_t_BxL, x0_BxL, blocks_BxL)``
+  is the denoiser's one pass over x_t and x_0 under the block-diffusion mask (``Transformer(clean_BxL=...)``):
+  block b's prediction sees x_t of block b and x_0 of the blocks before it. A fused ``head`` (its ``hidden_fn``
+  taking ``(x_t_BxL, x0_BxL, blocks_BxL)``) replaces ``logits_fn``, as in ``masked_diffusion``."""
+  if not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"block diffusion masks tokens: it needs the absorbing process; got {type(process).__name__}")
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
+  masked_BxL = x_t_BxL == process.mask_id
+  weight_BxL = -process.schedule.dalpha_dt(t_BxL) / (1.0 - process.schedule.alpha(t_BxL))
+  if head is not None:
+    bound = dataclasses.replace(head, hidden_fn=lambda x_BxL, _: head.hidden_fn(x_BxL, x0_BxL, blocks_BxL))
+    position_BxL = weight_BxL * masked_BxL if weights_BxL is None else weight_BxL * masked_BxL * weights_BxL
+    return bound.sequence_ce(x_t_BxL, None, x0_BxL, position_BxL, process.num_states, process.mask_id)
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
+  ce_BxL = jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
+  return _sum_positions(weight_BxL * ce_BxL, weights_BxL)
+
+
+def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, block_size: int, *,
+               segments_BxL=None, antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
+               window=(0.0, 1.0), weights_BxL=None, head: FusedHead | None = None) -> dict:
+  """Block diffusion's NELBO per sequence (BD3-LM): a dict of ``[B]`` arrays in nats, as ``continuous_elbo``
+  (``diffusion``, ``prior``, ``recon`` unless ``with_recon=False``, and their sum ``nelbo``).
+
+  The row is cut into blocks of ``block_size`` (``d3pm_jax.blocks``; restarting at each document of a packed row
+  when ``segments_BxL`` is given); each block draws its own t (``block_times``) and the diffusion term is
+  ``block_masked_diffusion``. With one block per row it is ``continuous_elbo(kind='masked')`` draw for draw.
+  ``window`` = (low, high) draws t from U[low, high] instead of U[0, 1]: a lower-variance training objective that
+  is no longer the bound; evaluation keeps (0, 1). The reconstruction term scores x_t at t = 0."""
+  process._check_data("x0", x0_BxL)
+  batch, length = x0_BxL.shape
+  blocks_BxL = block_layout.block_ids(batch, length, block_size, segments_BxL)
+  slots = block_layout.num_slots(length, block_size, segments_BxL is not None)
+  recon_key, key = jax.random.split(key)
+
+  def one_draw(draw_key):
+    time_key, noise_key = jax.random.split(draw_key)
+    t_BxL = block_layout.position_times(block_times(time_key, batch, slots, window, antithetic), blocks_BxL)
+    return block_masked_diffusion(process, logits_fn, noise_key, x0_BxL, t_BxL, blocks_BxL, weights_BxL, head)
+
+  draw_keys = jax.random.split(key, num_time_samples)
+  diffusion_B = (one_draw(draw_keys[0]) if num_time_samples == 1 else
+                 jnp.mean(jax.lax.map(one_draw, draw_keys), axis=0))
+  out = {"diffusion": diffusion_B, "prior": prior(process, x0_BxL, weights_BxL)}
+  if with_recon:
+    t_BxL = jnp.zeros((batch, length), _float_dtype())
+    x_t_BxL = process.sample_marginal(recon_key, x0_BxL, t_BxL)
+    log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
+    out["recon"] = _sum_positions(-_gather(log_p_BxLxV, x0_BxL), weights_BxL)
   out["nelbo"] = sum(out.values())
   return out
 

@@ -314,6 +314,50 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
   return x0_BxL, trajectory
 
 
+def block_sample(process: Process, denoise_fn, commit_fn, state, key, batch: int, length: int, block_size: int,
+                 cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None, eos_id: int | None = None,
+                 pad_id: int = 0):
+  """Block diffusion sampling (BD3-LM): one ``lax.scan`` over the ``length / block_size`` blocks, left to right;
+  each block is denoised from all-mask by ``cfg``'s strategy (``cfg.num_steps`` steps of ``_sample_scan``, a scan
+  of its own), conditioned on the finished blocks before it, and is then committed.
+
+  ``denoise_fn(state, x_t_BxLb, b) -> logits_BxLbxV`` is the denoiser on block b's noisy tokens, given what
+  ``state`` holds of the finished blocks; ``commit_fn(state, x_BxLb, b) -> state`` adds finished block b. With a KV
+  cache as ``state`` (``models.block_decoding.cached``) each block costs its own tokens; with the tokens so far
+  (``models.block_decoding.uncached``) every step recomputes the whole prefix: the same draws, slower. Positions
+  ``given_BxL`` take ``prompt_BxL``'s tokens (a prompt of whole or partial blocks) and never change. With
+  ``eos_id``, each sample stops at its first end-of-document token: every position after it is ``pad_id``.
+  The compiled program's size does not depend on the number of blocks or steps. Returns int32 ``[B, L]``."""
+  if not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"block diffusion samples the absorbing process; got {type(process).__name__}")
+  if length % block_size:
+    raise ValueError(f"length {length} must be a whole number of blocks of {block_size}")
+  if cfg.num_blocks != 1 or cfg.return_trajectory:
+    raise ValueError("block diffusion is already blockwise: leave SamplerConfig.num_blocks at 1 and "
+                     "return_trajectory off")
+  given_BxL, prompt_BxL = _conditioning(given_BxL, prompt_BxL, batch, length, process.num_data_states)
+  _ = cfg.dtype
+  num_blocks = length // block_size
+
+  def by_block(x_BxL):
+    return jnp.swapaxes(x_BxL.reshape(batch, num_blocks, block_size), 0, 1)
+
+  def one_block(state, inputs):
+    b, block_key, given_BxLb, prompt_BxLb = inputs
+    start = jnp.full((batch, block_size), process.mask_id, jnp.int32)
+    x_BxLb, _ = _sample_scan(process, lambda x_t, t_B: denoise_fn(state, x_t, b), block_key, start, given_BxLb,
+                             prompt_BxLb, cfg)
+    return commit_fn(state, x_BxLb, b), x_BxLb
+
+  _, blocks_NxBxLb = jax.lax.scan(one_block, state, (jnp.arange(num_blocks), jax.random.split(key, num_blocks),
+                                                    by_block(given_BxL), by_block(prompt_BxL)))
+  tokens_BxL = jnp.swapaxes(blocks_NxBxLb, 0, 1).reshape(batch, length)
+  if eos_id is None:
+    return tokens_BxL
+  after_eos = jnp.cumsum(tokens_BxL == eos_id, axis=1) - (tokens_BxL == eos_id) > 0
+  return jnp.where(after_eos, pad_id, tokens_BxL)
+
+
 def autoregressive_sample(model, params, key, batch: int, length: int, bos: int,
                           cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None):
   """Left-to-right decoding of the causal baseline with a KV cache, one token per ``lax.scan`` step.

@@ -30,22 +30,37 @@ IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
 
 
-def visible(segments_BxL, length: int, batch: int, causal: bool):
-  """``[B, L, L]`` bool: which keys each query sees (the segment rule, and j <= i when ``causal``)."""
+def visible(segments_BxL, length: int, batch: int, causal: bool, blocks_BxL=None):
+  """``[B, L, L]`` bool: which keys each query sees (the segment rule, and j <= i when ``causal``).
+
+  ``blocks_BxL`` (block diffusion, BD3-LM) makes the row x_t followed by x_0, L = 2N, and gives each position's
+  block number (the same numbers in both halves). Besides the segment rule, an x_t query of block b sees the x_t
+  keys of block b and the x_0 keys of blocks < b; an x_0 query of block b sees the x_0 keys of blocks <= b; no x_0
+  query sees x_t."""
   seg = jnp.ones((batch, length), jnp.int32) if segments_BxL is None else segments_BxL
   mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  if causal and blocks_BxL is not None:
+    raise ValueError("the block-diffusion mask replaces the causal one: pass causal=False with blocks_BxL")
   if causal:
     mask &= jnp.tril(jnp.ones((length, length), bool))[None]
+  if blocks_BxL is not None:
+    if length % 2:
+      raise ValueError(f"a block-diffusion row is x_t followed by x_0: its length must be even; got {length}")
+    clean = jnp.arange(length) >= length // 2
+    q_clean, k_clean = clean[None, :, None], clean[None, None, :]
+    q_block, k_block = blocks_BxL[:, :, None], blocks_BxL[:, None, :]
+    mask &= ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
+             | (q_clean & k_clean & (k_block <= q_block)))
   return mask
 
 
-def attention_reference(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False):
-  """The definition, in float32 from the full ``[B, H, L, L]`` scores: softmax over the visible keys, zeros
-  for a query that sees none."""
+def attention_reference(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, blocks_BxL=None):
+  """The definition, in float32 from the full ``[B, H, L, L]`` scores: softmax over the visible keys
+  (``visible``), zeros for a query that sees none."""
   batch, length, _, width = q_BxLxHxK.shape
   q, k, v = (x.astype(jnp.float32) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
   scores = jnp.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(width)
-  mask = visible(segments_BxL, length, batch, causal)[:, None]
+  mask = visible(segments_BxL, length, batch, causal, blocks_BxL)[:, None]
   scores = jnp.where(mask, scores, NEG)  # before exp: no inf (and no NaN gradient) where a row sees nothing
   weights = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
   total = jnp.sum(weights, axis=-1, keepdims=True)

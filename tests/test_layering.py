@@ -27,7 +27,7 @@ LAYERS = {
     "d3pm_jax.cli": 8,
 }
 MATH = {"d3pm_jax", "d3pm_jax._checks", "d3pm_jax.schedules", "d3pm_jax.losses", "d3pm_jax.sampling",
-        "d3pm_jax.draws", "d3pm_jax.processes"}
+        "d3pm_jax.draws", "d3pm_jax.processes", "d3pm_jax.blocks"}
 # Packages of the I/O layers that the math and the models must never need.
 IO_PACKAGES = ("orbax", "grain", "absl", "tensorboardX", "matplotlib", "tensorflow_datasets", "sentencepiece",
                "ml_collections", "tokenizers")

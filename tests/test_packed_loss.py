@@ -47,7 +47,7 @@ def test_ar_scores_a_packed_row_as_its_documents_apart():
   assert abs(nll(row(A, B)[0], None) - apart) > 0.1
 
 
-@pytest.mark.parametrize("arg", [None, "absorbing_d3pm"])
+@pytest.mark.parametrize("arg", [None, "absorbing_d3pm", "bd3lm"])
 def test_diffusion_loss_of_one_document_ignores_the_other(arg):
   config, model, process, params = setup(arg)
   key = jax.random.PRNGKey(3)
@@ -60,7 +60,8 @@ def test_diffusion_loss_of_one_document_ignores_the_other(arg):
                                       weights_BxL=only_a, segments_BxL=segments)["nelbo"][0]) for k in range(8))
 
   assert loss(tokens, segments) == pytest.approx(loss(other_b, segments), rel=1e-6)
-  assert loss(tokens, None) != pytest.approx(loss(other_b, None), rel=1e-4)
+  # Without segment ids B does reach A (under block diffusion only through the block they share: 5e-6 of it).
+  assert loss(tokens, None) != pytest.approx(loss(other_b, None), rel=1e-6)
   # The default weights are the segments' real positions.
   default = state.loss_terms(config, model, process, params, key, tokens, evaluate=True, segments_BxL=segments)
   explicit = state.loss_terms(config, model, process, params, key, tokens, evaluate=True,

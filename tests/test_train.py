@@ -125,7 +125,7 @@ def test_resuming_with_an_incompatible_model_is_refused(tmp_path, data):
     train.train_and_evaluate(from_config(cfg, 256), str(tmp_path), data, quiet=True)
 
 
-@pytest.mark.parametrize("arg", [None, "absorbing_d3pm", "uniform", "nearest_neighbor", "autoregressive"])
+@pytest.mark.parametrize("arg", [None, "absorbing_d3pm", "uniform", "nearest_neighbor", "autoregressive", "bd3lm"])
 def test_every_process_trains_with_finite_loss(tmp_path, data, arg):
   exp = experiment(arg, steps=3, eval_every=3, checkpoint_every=3)
   result = train.train_and_evaluate(exp, str(tmp_path), data, quiet=True)

@@ -237,14 +237,20 @@ def residual_init_scale(cfg: ModelConfig) -> float:
 
 
 class Attention(nn.Module):
-  """Self-attention. With ``decode=True`` (causal models) each call takes the next token(s) and attends to a
-  KV cache in the ``cache`` collection; initialising with ``decode=True`` sizes the cache from the input length."""
+  """Self-attention. With ``decode=True`` each call takes the next token(s) and attends to a KV cache in the
+  ``cache`` collection; initialising with ``decode=True`` sizes the cache from the input length.
+
+  A causal model (the AR baseline) writes every call's keys and values and attends causally. The bidirectional
+  denoiser decodes block diffusion: a call takes one block, which attends to the cached blocks and to itself, and
+  only a ``commit`` call (the block's clean tokens, once it is sampled) writes its keys and values. Its cache is a
+  ring of as many slots as the init's length: past that, the oldest block's slots are reused, a sliding window."""
   config: ModelConfig
   decode: bool = False
   deterministic: bool = True
+  commit: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segments_BxL=None):
+  def __call__(self, x_BxLxD, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     heads = (cfg.num_heads, head_dim)
@@ -252,13 +258,15 @@ class Attention(nn.Module):
                           ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
                for n in ("query", "key", "value"))
     if self.decode:
-      if not cfg.causal:
-        raise ValueError("KV-cache decoding needs a causal model (model.causal=True)")
       ready = self.has_variable("cache", "cached_key")
       cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
       cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
       index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if ready:  # a decoding step: write the new keys at `index` and attend to everything written so far
+      if not cfg.causal:
+        slot_positions = self.variable("cache", "slot_positions", lambda: jnp.full((k.shape[1],), -1, jnp.int32))
+        if ready:
+          return self._out(self._block_step(q, k, v, cached_k, cached_v, slot_positions, index))
+      elif ready:  # a decoding step: write the new keys at `index` and attend to everything written so far
         start = index.value
         positions = start + jnp.arange(q.shape[1])
         k_new = rotary(k, cfg.rope_base, positions)
@@ -272,17 +280,52 @@ class Attention(nn.Module):
                                 causal=False, kv_valid_M=visible)
         return self._out(out_BxLxHxK)
     # Rotary scores depend only on the offset between positions, so row positions serve documents packed in a row.
-    q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
+    # A block-diffusion row (x_t then x_0) gives both halves the positions 0..N-1.
+    length = q.shape[1]
+    positions = None if blocks_BxL is None else jnp.tile(jnp.arange(length // 2), 2)
+    q, k = rotary(q, cfg.rope_base, positions), rotary(k, cfg.rope_base, positions)
     if cfg.attention_impl == "xla":
       drop = not self.deterministic and cfg.attention_dropout > 0
-      out_BxLxHxK = attention(q, k, v, causal=cfg.causal,
-                              kv_valid_M=None if segments_BxL is None else segment_mask(segments_BxL),
+      if mask_BxLxL is not None:
+        valid = mask_BxLxL[:, None]
+      elif blocks_BxL is not None:
+        valid = attention_kernels.visible(segments_BxL, length, q.shape[0], False, blocks_BxL)[:, None]
+      else:
+        valid = None if segments_BxL is None else segment_mask(segments_BxL)
+      out_BxLxHxK = attention(q, k, v, causal=cfg.causal and blocks_BxL is None and mask_BxLxL is None,
+                              kv_valid_M=valid,
                               dropout_rate=cfg.attention_dropout,
                               dropout_key=self.make_rng("dropout") if drop else None)
     else:
+      if mask_BxLxL is not None:
+        raise ValueError(f"an explicit attention mask needs model.attention_impl='xla'; got {cfg.attention_impl!r}")
       attend = attention_kernels.select(cfg.attention_impl, interpret=cfg.kernel_interpret)
-      out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal).astype(v.dtype)
+      extra = {} if blocks_BxL is None else {"blocks_BxL": blocks_BxL}
+      out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal, **extra).astype(v.dtype)
     return self._out(out_BxLxHxK)
+
+  def _block_step(self, q, k, v, cached_k, cached_v, slot_positions, index):
+    """One block of block diffusion against the cache: the block's queries see every filled slot and the block's
+    own keys; a ``commit`` call then writes the block's keys and values into the next slots, modulo the ring."""
+    cfg = self.config
+    start, width = index.value, q.shape[1]
+    capacity = cached_k.value.shape[1]
+    if self.commit and capacity % width:
+      raise ValueError(f"the block-diffusion cache holds {capacity} positions, not a whole number of blocks of "
+                       f"{width}: size it as a multiple of the block size")
+    positions = start + jnp.arange(width)
+    q, k = rotary(q, cfg.rope_base, positions), rotary(k, cfg.rope_base, positions)
+    keys = jnp.concatenate([cached_k.value, k], axis=1)
+    values = jnp.concatenate([cached_v.value, v], axis=1)
+    seen_M = jnp.concatenate([slot_positions.value >= 0, jnp.ones((width,), bool)])
+    out_BxLxHxK = attention(q, keys, values, causal=False, kv_valid_M=seen_M)
+    if self.commit:
+      slots = positions % capacity
+      cached_k.value = cached_k.value.at[:, slots].set(k)
+      cached_v.value = cached_v.value.at[:, slots].set(v)
+      slot_positions.value = slot_positions.value.at[slots].set(positions.astype(jnp.int32))
+      index.value = start + width
+    return out_BxLxHxK
 
   def _out(self, out_BxLxHxK):
     cfg = self.config
@@ -312,9 +355,10 @@ class Block(nn.Module):
   decode: bool = False
   scanned: bool = False
   deterministic: bool = True
+  commit: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None):
+  def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
     cfg = self.config
     if cond_BxC is None:
       mods = [None] * 6
@@ -334,9 +378,8 @@ class Block(nn.Module):
       y = Dropout(cfg.dropout, self.deterministic)(y)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    x_BxLxD = branch(x_BxLxD, Attention(cfg, self.decode, self.deterministic, name="attention"), "attention_norm",
-                     *mods[:3],
-                     segments_BxL)
+    attend = Attention(cfg, self.decode, self.deterministic, self.commit, name="attention")
+    x_BxLxD = branch(x_BxLxD, attend, "attention_norm", *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
@@ -367,23 +410,45 @@ def timestep_embedding(t_B, dim: int):
 
 class Transformer(nn.Module):
   """``__call__(tokens_BxL, t_B=None, decode=False, segments_BxL=None) -> logits_BxLxV`` in float32.
-  ``decode=True`` runs the causal model incrementally against a KV cache (``mutable=['cache']``).
+  ``decode=True`` runs the model incrementally against a KV cache (``mutable=['cache']``): the causal model
+  token by token, the bidirectional one block by block for block diffusion, where ``commit=True`` appends the
+  block's (clean) keys and values to the cache (``Attention``).
   ``segments_BxL`` (packed rows, ``data/prepared.py``) keeps attention within each document; 0 marks padding.
   ``head_inputs=True`` returns what the output head would read instead of the logits: ``(h_BxLxD, W_DxV)`` in
   float32, ``W`` the head's kernel with its padded columns (``padded_vocab_size``), for a fused head.
   ``deterministic=False`` turns dropout on (``model.dropout``, ``model.attention_dropout``; training only): pass
-  ``rngs={'dropout': key}`` to ``apply``."""
+  ``rngs={'dropout': key}`` to ``apply``.
+  ``clean_BxL`` with ``blocks_BxL`` (block diffusion, BD3-LM): one pass over x_t (``tokens_BxL``) followed by x_0
+  (``clean_BxL``), both at positions 0..L-1, under the block-diffusion mask (``pallas_kernels.attention.visible``)
+  given each position's block number ``blocks_BxL`` (``d3pm_jax.blocks.block_ids``); the result is the x_t half's
+  (logits of p(x_0 | x_t of the block, x_0 of the blocks before it)). The parameters are the same network's.
+  ``mask_BxLxL`` (bool, query by key; XLA attention only) replaces every other attention rule: any mask, for
+  research and for tests that build one from its definition."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, clean_BxL=None, blocks_BxL=None, mask_BxLxL=None,
+               commit: bool = False):
     cfg = self.config
     deterministic = deterministic or decode
     if segments_BxL is not None and decode:
       raise ValueError("segment ids are for training and scoring packed rows, not for KV-cache decoding")
     if tokens_BxL.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {tokens_BxL.shape[1]} exceeds model.max_len={cfg.max_len}")
+    if (clean_BxL is None) != (blocks_BxL is None):
+      raise ValueError("a block-diffusion pass needs both clean_BxL (x_0) and blocks_BxL (each position's block)")
+    length = tokens_BxL.shape[1]
+    if clean_BxL is not None:
+      if decode or cfg.causal:
+        raise ValueError("a block-diffusion pass runs the bidirectional denoiser (model.causal=False, no decode)")
+      if clean_BxL.shape != tokens_BxL.shape or blocks_BxL.shape != tokens_BxL.shape:
+        raise ValueError(f"x_t {tokens_BxL.shape}, x_0 {clean_BxL.shape} and blocks {blocks_BxL.shape} must have "
+                         "one shape")
+      tokens_BxL = jnp.concatenate([tokens_BxL, clean_BxL], axis=1)
+      blocks_BxL = jnp.tile(blocks_BxL, (1, 2))
+      if segments_BxL is not None:
+        segments_BxL = jnp.tile(segments_BxL, (1, 2))
     x_BxLxD = _constrain(Dropout(cfg.dropout, deterministic)(Embed(cfg, name="embed")(tokens_BxL)), _RESIDUAL)
     cond_BxC = None
     if cfg.time_conditioning:
@@ -400,15 +465,16 @@ class Transformer(nn.Module):
       # Parameters (and KV caches) gain a leading 'layers' axis of size num_layers: params["blocks"][...].
       block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, name="blocks")(
-          x_BxLxD, cond_BxC, segments_BxL)
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, commit=commit, name="blocks")(
+          x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
-        x_BxLxD = block(cfg, decode, deterministic=deterministic, name=f"block_{layer}")(x_BxLxD, cond_BxC,
-                                                                                        segments_BxL)
+        layer_block = block(cfg, decode, deterministic=deterministic, commit=commit, name=f"block_{layer}")
+        x_BxLxD = layer_block(x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
+    x_BxLxD = x_BxLxD[:, :length]  # a block-diffusion pass scores its x_t half only
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
       shift, scale = jnp.split(nn.Dense(2 * cfg.d_model, name="final_adaln",

@@ -178,6 +178,19 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   def logits_fn(x_t_BxL, t_B):
     return apply(x_t_BxL, t_B, segments_BxL=segments_BxL)
 
+  if pcfg.block_size:
+    def block_logits_fn(x_t_BxL, x0_BxL, blocks_BxL):
+      return apply(x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0_BxL, blocks_BxL=blocks_BxL)
+
+    block_head = None if head is None else losses.FusedHead(
+        hidden_fn=lambda x_t_BxL, x0_BxL, blocks_BxL: apply(x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0_BxL,
+                                                            blocks_BxL=blocks_BxL, head_inputs=True),
+        weighted_ce=head.weighted_ce)
+    # As below, the reconstruction term (eps x the masked cross-entropy) is left out of training.
+    out = losses.block_elbo(process, block_logits_fn, key, x0_BxL, pcfg.block_size, segments_BxL=segments_BxL,
+                            with_recon=evaluate, window=(0.0, 1.0) if evaluate else pcfg.window,
+                            weights_BxL=weights_BxL, head=block_head)
+    return {"loss": out["nelbo"], **out}
   if pcfg.loss == "d3pm":
     out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
     return {"loss": out["loss"], "nelbo": out["vlb"], "ce": out["ce"]}
@@ -187,7 +200,7 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   # Uniform and nearest-neighbour runs never trained on it were charged ~0.08 and ~0.23 bits/byte at evaluation.
   with_recon = evaluate or not isinstance(process, AbsorbingProcess)
   out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=with_recon,
-                               weights_BxL=weights_BxL, head=head)
+                               weights_BxL=weights_BxL, head=head, window=(0.0, 1.0) if evaluate else pcfg.window)
   return {"loss": out["nelbo"], **out}
 
 

@@ -1,0 +1,315 @@
+"""Block diffusion (BD3-LM): the block layout and the attention mask against brute-force definitions; the one
+vectorized pass over x_t and x_0 against a per-block computation; L' = L against the MD4 loss and L' = 1 at t = 1
+against the next-token NLL of a causal pass, with the same parameters and the same draws."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d3pm_jax import blocks, losses
+from d3pm_jax.config import from_config
+from d3pm_jax.models.transformer import Transformer, attention
+from d3pm_jax.training import state
+from pallas_kernels import attention as kernels
+
+from test_train import load_config
+
+LAYOUTS = [(8, 1), (8, 2), (8, 8), (12, 4), (12, 3)]  # (L, L')
+
+
+def _segments(seed, batch, length):
+  """Rows of two or three documents and some padding, and one stream-like row (a single document)."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((batch, length), np.int32)
+  out[0] = 1
+  for b in range(1, batch):
+    cuts = np.sort(rng.choice(np.arange(1, length - 1), 2, replace=False))
+    out[b, :cuts[0]], out[b, cuts[0]:cuts[1]] = 1, 2
+    out[b, cuts[1]:length - b % 2] = 3
+  return out
+
+
+def _brute_block_ids(segments, block_size):
+  """Per row: walk left to right, open a new block at a document's first token or after block_size tokens."""
+  ids = np.zeros_like(segments)
+  for b, row in enumerate(segments):
+    block, offset = -1, 0
+    for n, s in enumerate(row):
+      offset = 0 if n == 0 or s != row[n - 1] else offset + 1
+      if offset % block_size == 0:
+        block += 1
+      ids[b, n] = block
+  return ids
+
+
+@pytest.mark.parametrize("length,block_size", LAYOUTS)
+def test_block_ids_follow_their_definition(length, block_size):
+  segments = _segments(length * 10 + block_size, 4, length)
+  np.testing.assert_array_equal(blocks.block_ids(4, length, block_size, jnp.asarray(segments)),
+                                _brute_block_ids(segments, block_size))
+  stream = np.asarray(blocks.block_ids(2, length, block_size))
+  np.testing.assert_array_equal(stream, _brute_block_ids(np.ones((2, length), np.int32), block_size))
+  assert stream.max() + 1 == length // block_size == blocks.num_slots(length, block_size, False)
+
+
+def _brute_mask(segments, ids):
+  """The BD3-LM mask over x_t (n < L) then x_0 (n >= L), one pair of positions at a time."""
+  batch, length = segments.shape
+  out = np.zeros((batch, 2 * length, 2 * length), bool)
+  for b in range(batch):
+    for i in range(2 * length):
+      for j in range(2 * length):
+        qi, kj = i % length, j % length
+        if segments[b, qi] != segments[b, kj] or segments[b, kj] == 0:
+          continue
+        q_block, k_block = ids[b, qi], ids[b, kj]
+        if i < length and j < length:      # x_t sees x_t of its own block
+          out[b, i, j] = q_block == k_block
+        elif i < length:                   # x_t sees x_0 of the earlier blocks
+          out[b, i, j] = k_block < q_block
+        elif j >= length:                  # x_0 sees x_0 of its block and the earlier ones
+          out[b, i, j] = k_block <= q_block
+  return out
+
+
+@pytest.mark.parametrize("length,block_size", LAYOUTS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_mask_equals_its_definition(length, block_size, packed):
+  segments = _segments(length + block_size, 3, length) if packed else np.ones((3, length), np.int32)
+  ids = _brute_block_ids(segments, block_size)
+  got = kernels.visible(jnp.tile(jnp.asarray(segments), (1, 2)) if packed else None, 2 * length, 3, False,
+                        jnp.tile(jnp.asarray(ids), (1, 2)))
+  np.testing.assert_array_equal(np.asarray(got), _brute_mask(segments, ids))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_xla_attention_under_the_mask_equals_the_reference(packed):
+  """The model's attention (the XLA implementation) under the block-diffusion mask equals the float32 reference's
+  softmax over the visible keys, outputs and gradients."""
+  length, block_size, batch = 12, 4, 3
+  segments = _segments(5, batch, length) if packed else np.ones((batch, length), np.int32)
+  seg2 = jnp.tile(jnp.asarray(segments), (1, 2))
+  ids2 = jnp.tile(blocks.block_ids(batch, length, block_size, jnp.asarray(segments) if packed else None), (1, 2))
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(batch, 2 * length, 2, 8)), jnp.float32) for _ in range(3))
+  mask = kernels.visible(seg2, 2 * length, batch, False, ids2)[:, None]
+  want, want_vjp = jax.vjp(lambda *a: kernels.attention_reference(*a, seg2, False, ids2), q, k, v)
+  got, got_vjp = jax.vjp(lambda *a: attention(*a, False, mask), q, k, v)
+  cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  for a, b in [(got, want)] + list(zip(got_vjp(cotangent), want_vjp(cotangent))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def _model(arg=None, scan_layers=False, **process):
+  """The tests' tiny model, bidirectional and without time conditioning (BD3-LM's), over 12 byte positions."""
+  cfg = load_config("test", arg)
+  cfg.model.update(time_conditioning=False, scan_layers=scan_layers)
+  cfg.data.seq_len = 12
+  cfg.process.update(**process)
+  exp = from_config(cfg, vocab_size=256)
+  model = Transformer(exp.model)
+  params = state.init_state(exp, model, state.make_optimizer(exp.train)).params
+  # A few steps' worth of movement away from the init, so no two positions' logits coincide by symmetry.
+  params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
+                                  params)
+  return exp, model, params
+
+
+def _tokens(seed, batch, length, mask_rate, mask_id):
+  rng = np.random.default_rng(seed)
+  x0 = rng.integers(0, 256, (batch, length)).astype(np.int32)
+  x_t = np.where(rng.random((batch, length)) < mask_rate, mask_id, x0).astype(np.int32)
+  return jnp.asarray(x0), jnp.asarray(x_t)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 12])
+def test_the_vectorized_pass_equals_a_per_block_computation(block_size):
+  """For each block b, the network run on [x_0 of the blocks before b, x_t of block b] alone, with attention
+  causal by block (a mask built here from that definition: a query sees the keys of its block and earlier ones),
+  gives block b's logits of the one 2L pass. (Each such row is padded to L with x_0's later blocks, which causal
+  attention keeps out of block b, so all of them run as one batch.)"""
+  exp, model, params = _model()
+  length, batch = 12, 2
+  num_blocks = length // block_size
+  x0, x_t = _tokens(block_size, batch, length, 0.5, 256)
+  ids = blocks.block_ids(batch, length, block_size)
+  vectorized = jax.jit(model.apply)({"params": params}, x_t, clean_BxL=x0, blocks_BxL=ids)
+  block_of = np.arange(length) // block_size
+  rows = jnp.concatenate([jnp.where(block_of == b, x_t, x0) for b in range(num_blocks)])  # [num_blocks * B, L]
+  causal_by_block = jnp.asarray(block_of[:, None] >= block_of[None, :])[None].repeat(rows.shape[0], 0)
+  alone = jax.jit(model.apply)({"params": params}, rows, mask_BxLxL=causal_by_block)
+  for b in range(num_blocks):
+    span = slice(b * block_size, (b + 1) * block_size)
+    np.testing.assert_allclose(np.asarray(vectorized[:, span]), np.asarray(alone[b * batch:(b + 1) * batch, span]),
+                               rtol=0, atol=2e-5)
+
+
+def test_block_size_l_is_the_md4_loss_for_the_same_draws():
+  """One block of the whole row: block_elbo's terms equal continuous_elbo(kind='masked')'s for the same key
+  (same times, same masks, the x_0 half invisible to x_t), training form and evaluation form."""
+  exp, model, params = _model()
+  process = state.build_process(exp.process, exp.model)
+  x0, _ = _tokens(3, 6, 12, 0.0, 256)
+
+  apply = jax.jit(model.apply)
+
+  def md4_logits(x_t, t_B):
+    return apply({"params": params}, x_t)
+
+  def block_logits(x_t, clean, ids):
+    return apply({"params": params}, x_t, clean_BxL=clean, blocks_BxL=ids)
+
+  for key in jax.random.split(jax.random.PRNGKey(4), 3):
+    for recon in (False, True):
+      want = losses.continuous_elbo(process, md4_logits, key, x0, kind="masked", with_recon=recon)
+      got = losses.block_elbo(process, block_logits, key, x0, 12, with_recon=recon)
+      assert set(got) == set(want)
+      for name in want:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=2e-6, err_msg=name)
+      assert float(jnp.min(want["diffusion"])) > 0
+
+
+def test_block_size_one_at_t_one_is_the_next_token_nll_of_a_causal_pass():
+  """L' = 1, every block at t = 1 (all of x_t masked): the loss divided by the weight -alpha'(1)/(1 - alpha(1))
+  is sum_n -log p(x_0^n | x_0^{<n}), where p is read from the same parameters run as the causal (AR) network on
+  [x_0^{<n}, mask] at its last position, one prefix at a time."""
+  exp, model, params = _model()
+  process = state.build_process(exp.process, exp.model)
+  causal = Transformer(dataclasses.replace(exp.model, causal=True))
+  batch, length, mask = 3, 12, process.mask_id
+  x0, _ = _tokens(9, batch, length, 0.0, mask)
+  ids = blocks.block_ids(batch, length, 1)
+  t = jnp.ones((batch, length))
+  key = jax.random.PRNGKey(1)
+  assert bool(jnp.all(process.sample_marginal(key, x0, t) == mask))  # alpha(1) = eps: this key masks everything
+  apply = jax.jit(model.apply)
+  loss = losses.block_masked_diffusion(
+      process, lambda x_t, clean, i: apply({"params": params}, x_t, clean_BxL=clean, blocks_BxL=i), key, x0, t, ids)
+  weight = -process.schedule.dalpha_dt(t[0, 0]) / (1.0 - process.schedule.alpha(t[0, 0]))
+  # Row (n, b): x_0^{<n}, then the mask at position n, then anything (causal attention keeps it out of n).
+  prefixes = jnp.concatenate([jnp.where(jnp.arange(length) == n, mask, x0) for n in range(length)])
+  logits = jax.jit(causal.apply)({"params": params}, prefixes).reshape(length, batch, length, -1)
+  logits_BxLxV = jnp.stack([logits[n, :, n] for n in range(length)], axis=1)
+  log_p = jax.nn.log_softmax(logits_BxLxV.at[..., mask].set(-jnp.inf))
+  nll = -np.asarray(jnp.take_along_axis(log_p, x0[..., None], axis=-1)[..., 0]).sum(axis=1)
+  np.testing.assert_allclose(np.asarray(loss) / float(weight), nll, rtol=2e-6)
+
+
+def test_packed_rows_keep_documents_apart():
+  """In a packed row the blocks restart at each document, and a document's logits under block diffusion equal
+  those of the document run alone (rotary scores depend only on offsets, so its place in the row does not
+  matter): nothing crosses a document boundary."""
+  exp, model, params = _model()
+  process = state.build_process(exp.process, exp.model)
+  segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32)
+  x0, x_t = _tokens(2, 2, 12, 0.5, process.mask_id)
+  ids = blocks.block_ids(2, 12, 4, segments)
+  apply = jax.jit(model.apply)
+  packed = apply({"params": params}, x_t, clean_BxL=x0, blocks_BxL=ids, segments_BxL=segments)
+  for row, start, end in [(0, 0, 5), (0, 5, 12), (1, 0, 9)]:
+    alone_ids = jnp.asarray(np.arange(end - start) // 4)[None]
+    alone = apply({"params": params}, x_t[row:row + 1, start:end], clean_BxL=x0[row:row + 1, start:end],
+                        blocks_BxL=alone_ids)
+    np.testing.assert_allclose(np.asarray(packed[row, start:end]), np.asarray(alone[0]), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("process,model,match", [
+    ({"block_size": 5}, {}, r"process.block_size=5 must divide data.seq_len=12; valid: \[1, 2, 3, 4, 6, 12\]"),
+    ({"block_size": 4}, {"time_conditioning": True}, "set model.time_conditioning=False"),
+    ({"block_size": 4, "name": "uniform", "loss": "ctmc"}, {}, "belong to masked diffusion"),
+    ({"clip_low": 0.5, "clip_high": 0.4}, {}, r"0 <= process.clip_low < process.clip_high <= 1; got \(0.5, 0.4\)"),
+    ({"block_size": -1}, {}, "process.block_size must be >= 0"),
+])
+def test_bad_block_settings_name_the_value_and_the_valid_choices(process, model, match):
+  cfg = load_config("test")
+  cfg.model.time_conditioning = False
+  cfg.data.seq_len = 12
+  cfg.process.update(**process)
+  cfg.model.update(**model)
+  with pytest.raises(ValueError, match=match):
+    from_config(cfg, vocab_size=256)
+
+
+def test_the_clipped_window_trains_inside_it_and_evaluation_integrates_over_all_of_it():
+  """Times drawn on the window (0.3, 0.8) lie in it and are the unit draws mapped onto it; the training loss uses
+  them, while evaluation's (evaluate=True) ignores the window: it equals the unclipped run's."""
+  u = losses.block_times(jax.random.PRNGKey(0), 4, 3)
+  t = losses.block_times(jax.random.PRNGKey(0), 4, 3, window=(0.3, 0.8))
+  np.testing.assert_allclose(np.asarray(t), 0.3 + 0.5 * np.asarray(u), rtol=1e-6)
+  assert float(u.min()) >= 0 and float(u.max()) < 1 and np.ptp(np.asarray(u)) > 0.8
+  runs = {}
+  for window in ((0.0, 1.0), (0.3, 0.8)):
+    exp, model, params = _model(block_size=4, clip_low=window[0], clip_high=window[1])
+    process = state.build_process(exp.process, exp.model)
+    x0, _ = _tokens(1, 4, 12, 0.0, 256)
+    runs[window] = [state.loss_terms(exp, model, process, params, jax.random.PRNGKey(2), x0, evaluate=e)
+                    for e in (False, True)]
+  (train_full, eval_full), (train_clipped, eval_clipped) = runs[(0.0, 1.0)], runs[(0.3, 0.8)]
+  np.testing.assert_array_equal(np.asarray(eval_full["nelbo"]), np.asarray(eval_clipped["nelbo"]))
+  assert not np.allclose(np.asarray(train_full["loss"]), np.asarray(train_clipped["loss"]), rtol=1e-3)
+
+
+@pytest.mark.parametrize("strategy,scan_layers", [("ancestral", False), ("confidence", False), ("ancestral", True)])
+def test_cached_sampling_draws_the_same_tokens_as_uncached(strategy, scan_layers):
+  """The KV-cached block sampler and the one that recomputes the whole prefix at every step draw the same tokens
+  for the same key, with a prompt of one whole block and half of the next (layers looped or scanned)."""
+  from d3pm_jax.models import block_decoding
+  from d3pm_jax.sampling import SamplerConfig, block_sample
+  exp, model, params = _model(block_size=4, scan_layers=scan_layers)
+  process = state.build_process(exp.process, exp.model)
+  batch, length, block_size = 3, 12, 4
+  cfg = SamplerConfig(num_steps=5, strategy=strategy)
+  given = jnp.zeros((batch, length), bool).at[:, :6].set(True)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, length)), jnp.int32)
+  runs = {}
+  for name in ("cached", "uncached"):
+    if name == "cached":
+      fns = block_decoding.cached(model, params, batch, block_size, block_decoding.window_for(model, length, 4))
+    else:
+      fns = block_decoding.uncached(model, params, batch, length, block_size, process.mask_id)
+    runs[name] = np.asarray(jax.jit(lambda key: block_sample(process, *fns, key, batch, length, block_size, cfg,
+                                                               given, prompt))(jax.random.PRNGKey(3)))
+  np.testing.assert_array_equal(runs["cached"], runs["uncached"])
+  assert (runs["cached"][:, :6] == np.asarray(prompt)[:, :6]).all()
+  assert (runs["cached"] < 256).all() and len(np.unique(runs["cached"][:, 6:])) > 4
+
+
+@pytest.mark.usefixtures("x64")
+def test_the_block_sampler_with_the_exact_denoiser_draws_the_data_distribution():
+  """Enumerable toy: 3 tokens + mask, L = 4, blocks of L' = 2, a random joint over the 81 sequences. The exact
+  block denoiser p(x_0^n | x_t of the block, x_0 of the blocks before) is enumerated, and with 100 steps per block
+  (one position unmasks at a time, almost always) the sampler's 4000 draws fit the joint (chi-square p > 1e-4) and
+  reject the product of the two blocks' marginals (p < 1e-6): a sampler that lost the clean prefix fails."""
+  from d3pm_jax import get_schedule, make_process
+  from d3pm_jax.sampling import SamplerConfig, block_sample
+  from test_sampler_knobs import chi_square_pvalue
+  k, length, block_size, num = 3, 4, 2, 4000
+  process = make_process("absorbing", k + 1, get_schedule("linear"))
+  seqs = np.array(np.meshgrid(*[np.arange(k)] * length, indexing="ij")).reshape(length, -1).T  # [81, 4]
+  joint = np.random.default_rng(0).dirichlet(np.full(len(seqs), 0.3))
+  seqs_j, joint_j = jnp.asarray(seqs), jnp.asarray(joint)
+
+  def denoise(prefix_BxL, x_t_BxLb, b):
+    before = jnp.arange(length) < b * block_size
+    match = jnp.all((seqs_j[None] == prefix_BxL[:, None]) | ~before, axis=-1)              # [B, 81]
+    block = jax.lax.dynamic_slice_in_dim(seqs_j, b * block_size, block_size, axis=1)      # [81, L']
+    fits = jnp.all((x_t_BxLb[:, None] == process.mask_id) | (x_t_BxLb[:, None] == block[None]), axis=-1)
+    weight = joint_j[None] * match * fits
+    marginal = jnp.einsum("bs,snk->bnk", weight, jax.nn.one_hot(block, k, dtype=weight.dtype))
+    marginal = marginal / jnp.sum(marginal, axis=-1, keepdims=True)
+    return jnp.log(jnp.concatenate([marginal, jnp.zeros(marginal.shape[:-1] + (1,))], axis=-1))
+
+  def commit(prefix_BxL, x_BxLb, b):
+    return jax.lax.dynamic_update_slice(prefix_BxL, x_BxLb, (0, b * block_size))
+
+  cfg = SamplerConfig(num_steps=100, precision="float64")
+  draws = jax.jit(lambda key: block_sample(process, denoise, commit, jnp.zeros((num, length), jnp.int32), key, num,
+                                           length, block_size, cfg))(jax.random.PRNGKey(0))
+  index = np.ravel_multi_index(np.asarray(draws).T, (k,) * length)
+  counts = np.bincount(index, minlength=len(seqs)).astype(float)
+  assert chi_square_pvalue(counts, joint) > 1e-4
+  by_block = joint.reshape(k ** block_size, k ** block_size)
+  independent = np.outer(by_block.sum(1), by_block.sum(0)).ravel()
+  assert chi_square_pvalue(counts, independent) < 1e-6
