@@ -142,3 +142,20 @@ def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
   # Both outcomes are exercised several times (the draw is derandomised from the property's source: with most
   # flag values invalid, about one example in ten runs to exit 0).
   assert outcomes.get("0", 0) >= 3 and outcomes.get("2", 0) >= 10, outcomes
+
+
+def test_a_block_diffusion_run_samples_past_its_training_length_keeping_the_prompt(tmp_path):
+  """A block-diffusion workdir (configs/test.py:bd3lm, 16 positions, blocks of 4) samples 40 positions (a sliding
+  window of cached context past 16) that start with the prompt; flags of the other samplers are refused."""
+  workdir = _trained(tmp_path / "bd3", "test.py:bd3lm")
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.sample", f"--workdir={workdir}", "--num_samples=2", "--steps=3"]
+  out = subprocess.run(cmd + ["--length=40", "--prompt=import os"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  samples = out.stdout.split("-" * 40 + "\n")[1:]
+  assert len(samples) == 2
+  for sample in samples:
+    assert sample.startswith("import os") and len(sample.rstrip("\n").encode("utf-8", "surrogateescape")) >= 30
+  for flag, match in (("--length=30", "positive multiple of the block size 4; got 30"), ("--blocks=2", "drop --blocks")):
+    bad = subprocess.run(cmd + [flag], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and match in bad.stderr, bad.stderr[-2000:]

@@ -34,6 +34,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass of the denoiser's predic
 _GREEDY = flags.DEFINE_bool("greedy", False, "Take the argmax of p(x_0 | x_t); which positions unmask stays random.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A prefix to continue.")
 _INFILL = flags.DEFINE_string("infill", None, "A template with [MASK] or [MASK]*N holes.")
+_LENGTH = flags.DEFINE_integer("length", 0, "Tokens to generate (block diffusion only; any multiple of the block "
+                               "size, past the training length with a sliding window). Default: the training length.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=-2**63, upper_bound=2**63 - 1)
 _EMA = flags.DEFINE_bool("ema", False, "Sample with the EMA parameters.")
 _PRECISION = flags.DEFINE_enum("precision", "float64", ["float32", "float64"],
@@ -118,7 +120,24 @@ def main(argv):
                            f"(--temperature, --top_p, --greedy, --prompt and --seed apply)")
     tokens = sampling.autoregressive_sample(model, params, key, batch, length, config.model.vocab_size - 1, cfg,
                                             given, prompt)
+  elif config.process.block_size:
+    if _BLOCKS.present:
+      raise app.UsageError(f"{workdir} holds a block-diffusion model (process.block_size="
+                           f"{config.process.block_size}), which samples block by block already; drop --blocks")
+    if _LENGTH.present and (_LENGTH.value < 1 or _LENGTH.value % config.process.block_size):
+      raise app.UsageError(f"--length must be a positive multiple of the block size {config.process.block_size}; "
+                           f"got {_LENGTH.value}")
+    length = _LENGTH.value if _LENGTH.present else length
+    if given is not None and given.shape[1] < length:
+      pad = length - given.shape[1]
+      given, prompt = np.pad(given, ((0, 0), (0, pad))), np.pad(prompt, ((0, 0), (0, pad)))
+    eos = getattr(tokenizer, "eos_id", None)
+    tokens = jax.jit(lambda key: state.block_sample(config, model, params, process, key, batch, length, cfg,
+                                                    given, prompt, eos_id=eos))(key)
   else:
+    if _LENGTH.present:
+      raise app.UsageError("--length sets how much a block-diffusion model generates; this model's length is its "
+                           f"training length, {length}")
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     progress = Progress(cfg.num_steps * cfg.num_blocks)
     tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress,

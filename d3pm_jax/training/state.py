@@ -16,6 +16,7 @@ import optax
 from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
+from d3pm_jax.models import block_decoding
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import AbsorbingProcess, Process, make_process
 from d3pm_jax.schedules import DISCRETE, get_schedule, mutual_information_grid
@@ -204,13 +205,34 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   return {"loss": out["nelbo"], **out}
 
 
+def block_sample(config: ExperimentConfig, model, params, process, key, batch: int, length: int,
+                 sampler_cfg: sampling.SamplerConfig, given_BxL=None, prompt_BxL=None, cached: bool = True,
+                 eos_id: int | None = None):
+  """Block diffusion samples of a ``process.block_size`` run (``sampling.block_sample``): ``length`` tokens (any
+  number of blocks; past the model's ``max_len`` with a sliding window of context) with the exact KV cache, or
+  with ``cached=False`` recomputing the whole prefix at every step (up to ``max_len``). With ``eos_id``, each
+  sample ends at its first end-of-document token, padded after it with ``eos_id``."""
+  block_size = config.process.block_size
+  if cached:
+    fns = block_decoding.cached(model, params, batch, block_size,
+                                block_decoding.window_for(model, length, block_size))
+  else:
+    fns = block_decoding.uncached(model, params, batch, length, block_size, process.mask_id)
+  return sampling.block_sample(process, *fns, key, batch, length, block_size, sampler_cfg, given_BxL, prompt_BxL,
+                               eos_id=eos_id, pad_id=0 if eos_id is None else eos_id)
+
+
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None,
                  temperature: float = 1.0, top_p: float = 1.0):
-  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling, or KV-cache decoding for the
-  autoregressive baseline (``sampling``), at ``temperature`` and nucleus ``top_p``. With parameters spread over
-  several processes, pass a replicated ``out_sharding`` so every process can read the tokens."""
+  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling (block by block with a KV cache for block
+  diffusion), or KV-cache decoding for the autoregressive baseline (``sampling``), at ``temperature`` and nucleus
+  ``top_p``. With parameters spread over several processes, pass a replicated ``out_sharding`` so every process
+  can read the tokens."""
   length = config.data.seq_len
   sampler_cfg = sampling.SamplerConfig(num_steps=num_steps, temperature=temperature, top_p=top_p)
+  if config.process.block_size:
+    return jax.jit(lambda params, key: block_sample(config, model, params, process, key, batch, length,
+                                                    sampler_cfg), out_shardings=out_sharding)
   if process is None:
     bos = model.config.vocab_size - 1
     return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos,
