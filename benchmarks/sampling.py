@@ -1,12 +1,16 @@
 """Sampler throughput against the network's own cost, and against autoregressive KV-cache decoding.
 
     python benchmarks/sampling.py [--batch 4] [--quick] [--lengths 128,512,1024] [--steps 16,64,256]
+                                  [--bd3-length 1024] [--bd3-blocks 4,16]
 
 A random (untrained) stdlib_tiny-shaped model (4 layers, d=256, absorbing process): speed does not depend on
 the weights. Prints tokens/s for lengths 128 / 512 / 1024 with 16 / 64 / 256 steps beside AR decoding of the
 same lengths and width; the sampler's overhead as the time of a K-step sample over K bare forward passes
 (target <= 1.10); and the speedup of skipping the network on unchanged steps when steps >= length (a model
-without time conditioning, where skipping is exact).
+without time conditioning, where skipping is exact). Block diffusion (BD3-LM) at --bd3-length (1024): tokens/s
+of the block sampler with its exact KV cache and without it (every step recomputing the whole prefix in one
+2L pass), L' steps per block (one token a step on average), beside AR decoding of the same length (target:
+cache >= 3x).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from d3pm_jax import sampling
+from d3pm_jax.models import block_decoding
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import make_process
 from d3pm_jax.training.metrics import median_seconds
@@ -37,6 +42,9 @@ def main():
   parser.add_argument("--quick", action="store_true", help="one repetition (and lengths 128 and 512 by default)")
   parser.add_argument("--lengths", default="", help="comma-separated sequence lengths (default 128,512,1024)")
   parser.add_argument("--steps", default="16,64,256", help="comma-separated reverse-step counts")
+  parser.add_argument("--bd3-length", type=int, default=0, help="block diffusion's length (default 1024; 128 "
+                                                                 "with --quick)")
+  parser.add_argument("--bd3-blocks", default="4,16", help="comma-separated block sizes")
   args = parser.parse_args()
   batch, reps = args.batch, (1 if args.quick else 3)
   lengths = tuple(int(n) for n in (args.lengths or ("128,512" if args.quick else "128,512,1024")).split(","))
@@ -74,6 +82,33 @@ def main():
   print(f"skip unchanged steps (length {length}, {steps} steps, no time conditioning): "
         f"{results[False]:.2f} s -> {results[True]:.2f} s, speedup {results[False] / results[True]:.2f}x")
   print("target: overhead <= 1.10")
+  bd3_length = args.bd3_length or (128 if args.quick else 1024)
+  block_diffusion(process, batch, bd3_length, [int(b) for b in args.bd3_blocks.split(",")], reps)
+
+
+def block_diffusion(process, batch: int, length: int, block_sizes, reps: int):
+  """Tokens/s of the block sampler with and without its KV cache, and of AR decoding, at ``length``."""
+  model, params = model_and_params(time_conditioning=False, max_len=length)
+  ar_model, ar_params = model_and_params(time_conditioning=False, causal=True, max_len=length)
+  ar = jax.jit(lambda p, k: sampling.autoregressive_sample(ar_model, p, k, batch, length, 256))
+  ar_tok_s = batch * length / median_seconds(ar, (ar_params, jax.random.PRNGKey(0)), reps)
+  print(f"block diffusion at length {length} (L' steps per block): AR KV-cache decoding {ar_tok_s:.1f} tok/s")
+  print(f"{'L_prime':>7s} {'cached tok/s':>12s} {'uncached tok/s':>14s} {'cache speedup':>13s} {'vs AR':>6s}")
+  for block_size in block_sizes:
+    cfg = sampling.SamplerConfig(num_steps=block_size)
+    speeds = {}
+    for cached in (True, False):
+      if cached:
+        fns = block_decoding.cached(model, params, batch, block_size,
+                                    block_decoding.window_for(model, length, block_size))
+      else:
+        fns = block_decoding.uncached(model, params, batch, length, block_size, process.mask_id)
+      run = jax.jit(lambda k, fns=fns: sampling.block_sample(process, *fns, k, batch, length, block_size, cfg))
+      # The uncached sampler runs L / L' x L' passes over 2L positions: one repetition is enough to time it.
+      speeds[cached] = batch * length / median_seconds(run, (jax.random.PRNGKey(3),), reps if cached else 1)
+    print(f"{block_size:7d} {speeds[True]:12.1f} {speeds[False]:14.1f} {speeds[True] / speeds[False]:12.2f}x "
+          f"{speeds[True] / ar_tok_s:5.2f}x")
+  print("target: cache speedup >= 3x at length 1024")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ DATASETS = ("stdlib", "markov", "text8", "openwebtext", "lm1b")
 LR_SCHEDULES = ("cosine", "inverse_sqrt")
 
 
+# Process fields that change what the loss trains, never the network a checkpoint holds: a run may resume with
+# other values, so an MD4/MDLM checkpoint (no time conditioning) fine-tunes into block diffusion, as BD3-LM does.
+OBJECTIVE_FIELDS = ("block_size", "clip_low", "clip_high", "clip_search")
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessConfig:
   """Which corruption process and which loss. ``autoregressive`` trains the causal baseline with the same loop."""
@@ -42,6 +47,9 @@ class ProcessConfig:
   # integrates over the whole [0, 1], so reported figures stay bounds.
   clip_low: float = 0.0
   clip_high: float = 1.0
+  # At each validation, pick the window of losses.CLIP_WINDOWS whose per-block loss estimate varies least on a
+  # validation batch (BD3-LM's data-driven schedule), log it, and train with it until the next (block diffusion).
+  clip_search: bool = False
 
   def __post_init__(self):
     _checks.check_choice("process", self.name, PROCESS_NAMES)
@@ -56,6 +64,9 @@ class ProcessConfig:
     if not 0.0 <= self.clip_low < self.clip_high <= 1.0:
       raise ValueError(f"the clipped schedule needs 0 <= process.clip_low < process.clip_high <= 1; got "
                        f"({self.clip_low}, {self.clip_high})")
+    if self.clip_search and not self.block_size:
+      raise ValueError("process.clip_search searches block diffusion's time window: set process.block_size (for "
+                       "MD4, block_size = data.seq_len with model.time_conditioning=False)")
     if (self.block_size or self.window != (0.0, 1.0)) and (self.name, self.loss) != ("absorbing", "masked"):
       raise ValueError(f"process.block_size and process.clip_low/clip_high belong to masked diffusion (process "
                        f"'absorbing', loss 'masked'); got process {self.name!r} with loss {self.loss!r}")

@@ -80,12 +80,17 @@ def antithetic_times(key, batch: int, dtype=jnp.float32):
 
 def sample_times(key, batch: int, antithetic: bool = True, dtype=jnp.float32, window=(0.0, 1.0)):
   """``t_B`` uniform on [0, 1), antithetic by default; with ``window`` = (low, high), mapped onto [low, high)
-  (BD3-LM's clipped schedule: a lower-variance training objective that is no longer the bound)."""
-  low, high = window
-  if not 0.0 <= low < high <= 1.0:
-    raise ValueError(f"the time window (low, high) must satisfy 0 <= low < high <= 1; got ({low}, {high})")
+  (BD3-LM's clipped schedule: a lower-variance training objective that is no longer the bound). The window may
+  be an array ``[2]`` (one the train loop searched), which is not checked."""
   u_B = antithetic_times(key, batch, dtype) if antithetic else jax.random.uniform(key, (batch,), dtype=dtype)
-  return u_B if (low, high) == (0.0, 1.0) else low + (high - low) * u_B
+  if isinstance(window, tuple):
+    low, high = window
+    if not 0.0 <= low < high <= 1.0:
+      raise ValueError(f"the time window (low, high) must satisfy 0 <= low < high <= 1; got ({low}, {high})")
+    if (low, high) == (0.0, 1.0):
+      return u_B
+  low, high = window[0], window[1]
+  return (low + (high - low) * u_B).astype(u_B.dtype)
 
 
 def per_token(nats_B, x0_BxL, weights_BxL=None):
@@ -219,17 +224,61 @@ def block_masked_diffusion(process: AbsorbingProcess, logits_fn: BlockLogitsFn, 
   taking ``(x_t_BxL, x0_BxL, blocks_BxL)``) replaces ``logits_fn``, as in ``masked_diffusion``."""
   if not isinstance(process, AbsorbingProcess):
     raise ValueError(f"block diffusion masks tokens: it needs the absorbing process; got {type(process).__name__}")
+  if head is None:
+    return _sum_positions(_block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL), weights_BxL)
   x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
   masked_BxL = x_t_BxL == process.mask_id
   weight_BxL = -process.schedule.dalpha_dt(t_BxL) / (1.0 - process.schedule.alpha(t_BxL))
-  if head is not None:
-    bound = dataclasses.replace(head, hidden_fn=lambda x_BxL, _: head.hidden_fn(x_BxL, x0_BxL, blocks_BxL))
-    position_BxL = weight_BxL * masked_BxL if weights_BxL is None else weight_BxL * masked_BxL * weights_BxL
-    return bound.sequence_ce(x_t_BxL, None, x0_BxL, position_BxL, process.num_states, process.mask_id)
-  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
-  ce_BxL = jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
-  return _sum_positions(weight_BxL * ce_BxL, weights_BxL)
+  bound = dataclasses.replace(head, hidden_fn=lambda x_BxL, _: head.hidden_fn(x_BxL, x0_BxL, blocks_BxL))
+  position_BxL = weight_BxL * masked_BxL if weights_BxL is None else weight_BxL * masked_BxL * weights_BxL
+  return bound.sequence_ce(x_t_BxL, None, x0_BxL, position_BxL, process.num_states, process.mask_id)
 
+
+def _block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL):
+  """Each position's term of ``block_masked_diffusion``, ``[B, L]``: its block's weight times its cross-entropy
+  where it is masked, 0 elsewhere."""
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
+  masked_BxL = x_t_BxL == process.mask_id
+  weight_BxL = -process.schedule.dalpha_dt(t_BxL) / (1.0 - process.schedule.alpha(t_BxL))
+  log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
+  return weight_BxL * jnp.where(masked_BxL, -_gather(log_p_BxLxV, x0_BxL), 0.0)
+
+
+# BD3-LM's clipped schedules: candidate windows [low, high] for t, searched by ``window_variances``.
+CLIP_WINDOWS = ((0.0, 1.0), (0.15, 0.65), (0.3, 0.8), (0.45, 0.95), (0.15, 0.9), (0.3, 1.0), (0.5, 1.0))
+
+
+def window_variances(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, block_size: int,
+                     windows=CLIP_WINDOWS, num_draws: int = 8, segments_BxL=None, weights_BxL=None):
+  """For each window of ``windows``, the variance of the per-block estimate of the block-diffusion loss with t
+  drawn on that window (``block_masked_diffusion``'s terms summed over each block): over ``num_draws``
+  independent draws of t and x_t for the same data, averaged over every block of the batch. ``[len(windows)]``.
+  BD3-LM trains with the window whose estimate varies least (``search_window``)."""
+  batch, length = x0_BxL.shape
+  blocks_BxL = block_layout.block_ids(batch, length, block_size, segments_BxL)
+  slots = block_layout.num_slots(length, block_size, segments_BxL is not None)
+  in_slot_BxLxS = jax.nn.one_hot(blocks_BxL, slots, dtype=_float_dtype())
+  if weights_BxL is not None:
+    in_slot_BxLxS = in_slot_BxLxS * weights_BxL[..., None]
+  used_BxS = jnp.sum(in_slot_BxLxS, axis=1) > 0
+  out = []
+  for window in windows:
+    def per_block(draw_key):
+      time_key, noise_key = jax.random.split(draw_key)
+      t_BxL = block_layout.position_times(block_times(time_key, batch, slots, window), blocks_BxL)
+      values_BxL = _block_position_terms(process, logits_fn, noise_key, x0_BxL, t_BxL, blocks_BxL)
+      return jnp.einsum("bl,bls->bs", values_BxL, in_slot_BxLxS)
+
+    draws_DxBxS = jax.lax.map(per_block, jax.random.split(key, num_draws))
+    out.append(jnp.sum(jnp.where(used_BxS, jnp.var(draws_DxBxS, axis=0), 0.0)) / jnp.sum(used_BxS))
+  return jnp.stack(out)
+
+
+def search_window(variances_W, windows=CLIP_WINDOWS) -> tuple[float, float]:
+  """The window of least variance (``window_variances``), as floats."""
+  return tuple(float(x) for x in windows[int(np.argmin(np.asarray(variances_W)))])
+
+  
 
 def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, block_size: int, *,
                segments_BxL=None, antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,

@@ -78,6 +78,8 @@ class _Plan:
   block_k: int
   causal: bool
   interpret: bool
+  half: int = 0          # block diffusion: x_t is rows [0, half), x_0 rows [half, 2 half); 0 otherwise
+  block_size: int = 0    # block diffusion: the most tokens a block holds (it bounds which key blocks are visited)
 
   @property
   def padded_length(self):
@@ -99,36 +101,87 @@ def _dot(a, b, contract, precision):
                              preferred_element_type=jnp.float32)
 
 
-def _key_blocks(i, block_q, block_k, num_k, causal):
-  """How many key blocks query block ``i`` visits: all, or (causal) those up to its diagonal."""
-  if not causal:
-    return num_k
-  return jnp.minimum(num_k, ((i + 1) * block_q + block_k - 1) // block_k)
+def _ceil_div(a, b):
+  return (a + b - 1) // b
 
 
-def _scores(q, k, seg_q, seg_k, rows, cols, scale, causal):
-  """Scaled scores of a query block against a key block, and which of them are visible."""
+def _key_ranges(i, plan: _Plan):
+  """The key blocks query block ``i`` visits, as ranges ``(lo, hi)`` of key-block indices (two for block
+  diffusion, the second starting where the first ends): all; (causal) those up to its diagonal; (block diffusion) for its x_t
+  rows, the x_t keys within a block's reach and the x_0 keys before them, and for its x_0 rows the x_0 keys up
+  to a block past them. The mask decides visibility inside the visited blocks; the ranges only skip blocks that
+  hold no visible key."""
+  num_k = plan.padded_length // plan.block_k
+  r0, r1 = i * plan.block_q, (i + 1) * plan.block_q
+  if plan.half:
+    half, reach, bk = plan.half, plan.block_size - 1, plan.block_k
+    noisy_end = jnp.minimum(r1, half)                    # x_t rows [r0, noisy_end), if r0 < half
+    a_lo = jnp.where(r0 < half, jnp.maximum(r0 - reach, 0) // bk, 0)
+    a_hi = jnp.where(r0 < half, _ceil_div(jnp.minimum(noisy_end + reach, half), bk), 0)
+    # x_0 keys: an x_t row sees those of earlier positions; an x_0 row those up to the end of its block.
+    b_end = jnp.maximum(jnp.where(r0 < half, half + noisy_end - 1, 0),
+                        jnp.where(r1 > half, jnp.minimum(r1 + reach, 2 * half), 0))
+    b_lo = jnp.maximum(half // bk, a_hi)
+    return (a_lo, a_hi), (b_lo, jnp.maximum(b_lo, jnp.minimum(_ceil_div(b_end, bk), num_k)))
+  if plan.causal:
+    return ((0, jnp.minimum(num_k, _ceil_div(r1, plan.block_k))),)
+  return ((0, num_k),)
+
+
+def _query_ranges(j, plan: _Plan):
+  """The query blocks that see a key of key block ``j``, as ranges (``_key_ranges`` turned around)."""
+  num_q = plan.padded_length // plan.block_q
+  c0, c1 = j * plan.block_k, (j + 1) * plan.block_k
+  if plan.half:
+    half, reach, bq = plan.half, plan.block_size - 1, plan.block_q
+    clean_first = jnp.maximum(c0, half) - half           # first x_0 key's position, if c1 > half
+    # x_t rows: within a block's reach of the x_t keys, and after the first x_0 key's position.
+    a_lo = jnp.minimum(jnp.where(c0 < half, jnp.maximum(c0 - reach, 0), half),
+                       jnp.where(c1 > half, clean_first + 1, half)) // bq
+    a_hi = jnp.where(c1 > half, _ceil_div(half, bq), _ceil_div(jnp.minimum(c1 + reach, half), bq))
+    # x_0 rows: from a block before the first x_0 key's position on.
+    b_lo = jnp.maximum(jnp.maximum(half + clean_first - reach, half) // bq, a_hi)
+    return (a_lo, a_hi), (b_lo, jnp.where(c1 > half, num_q, b_lo))
+  if plan.causal:  # query blocks above this key block's diagonal see none of its keys
+    return ((c0 // plan.block_q, num_q),)
+  return ((0, num_q),)
+
+
+def _visit(ranges, body, carry):
+  """``body(index, carry)`` over each range of block indices (disjoint, in order)."""
+  for lo, hi in ranges:
+    carry = jax.lax.fori_loop(lo, hi, body, carry)
+  return carry
+
+
+def _scores(q, k, seg_q, seg_k, blk_q, blk_k, rows, cols, scale, plan: _Plan):
+  """Scaled scores of a query block against a key block, and which of them are visible (``visible``'s rules)."""
   s = _dot(q, k, (1, 1), precision_of(q.dtype)) * scale
   valid = (seg_q[:, None] == seg_k[None, :]) & (seg_k[None, :] > 0)
-  if causal:
+  if plan.causal:
     valid &= cols[None, :] <= rows[:, None]
+  if plan.half:
+    q_clean, k_clean = rows[:, None] >= plan.half, cols[None, :] >= plan.half
+    q_block, k_block = blk_q[:, None], blk_k[None, :]
+    valid &= jnp.where(q_clean, k_clean & (k_block <= q_block), jnp.where(k_clean, k_block < q_block,
+                                                                          k_block == q_block))
   return jnp.where(valid, s, NEG), valid
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, block_k, num_k, scale, causal):
+def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, blkq_ref, blkk_ref, o_ref, lse_ref, *, plan, scale):
   i = pl.program_id(2)
-  block_q = q_ref.shape[0]
+  block_q, block_k = q_ref.shape[0], plan.block_k
   q = q_ref[...]
   precision = precision_of(q.dtype)
-  seg_q = segq_ref[...]
+  seg_q, blk_q = segq_ref[...], blkq_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
   def body(j, carry):
     m, l, acc = carry
-    k = k_ref[pl.ds(j * block_k, block_k), :]
-    v = v_ref[pl.ds(j * block_k, block_k), :]
+    keys = pl.ds(j * block_k, block_k)
+    k, v = k_ref[keys, :], v_ref[keys, :]
     cols = j * block_k + jnp.arange(block_k)
-    s, valid = _scores(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], rows, cols, scale, causal)
+    s, valid = _scores(q, k, seg_q, segk_ref[keys], blk_q, blkk_ref[keys], rows, cols, scale, plan)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
     correction = jnp.exp(m - m_new)
@@ -138,63 +191,62 @@ def _fwd_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, lse_ref, *, bloc
 
   init = (jnp.full((block_q,), NEG, jnp.float32), jnp.zeros((block_q,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, block_q, block_k, num_k, causal), body, init)
+  m, l, acc = _visit(_key_ranges(i, plan), body, init)
   seen = l > 0
   o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -NEG)  # +1e30: exp(s - lse) = 0
 
 
-def _probabilities(q, k, seg_q, seg_k, lse, rows, cols, scale, causal):
-  s, valid = _scores(q, k, seg_q, seg_k, rows, cols, scale, causal)
+def _probabilities(q, k, seg_q, seg_k, blk_q, blk_k, lse, rows, cols, scale, plan):
+  s, valid = _scores(q, k, seg_q, seg_k, blk_q, blk_k, rows, cols, scale, plan)
   return jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block_k, num_k,
-               scale, causal):
+def _dq_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, blkq_ref, blkk_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               plan, scale):
   i = pl.program_id(2)
-  block_q = q_ref.shape[0]
+  block_q, block_k = q_ref.shape[0], plan.block_k
   q, do = q_ref[...], do_ref[...].astype(q_ref.dtype)
   precision = precision_of(q.dtype)
-  seg_q, lse, delta = segq_ref[...], lse_ref[...], delta_ref[...]
+  seg_q, blk_q, lse, delta = segq_ref[...], blkq_ref[...], lse_ref[...], delta_ref[...]
   rows = i * block_q + jnp.arange(block_q)
 
   def body(j, dq):
-    k = k_ref[pl.ds(j * block_k, block_k), :]
-    v = v_ref[pl.ds(j * block_k, block_k), :]
+    keys = pl.ds(j * block_k, block_k)
+    k, v = k_ref[keys, :], v_ref[keys, :]
     cols = j * block_k + jnp.arange(block_k)
-    p = _probabilities(q, k, seg_q, segk_ref[pl.ds(j * block_k, block_k)], lse, rows, cols, scale, causal)
+    p = _probabilities(q, k, seg_q, segk_ref[keys], blk_q, blkk_ref[keys], lse, rows, cols, scale, plan)
     dp = _dot(do, v, (1, 1), precision)
     return dq + _dot((p * (dp - delta[:, None])).astype(k.dtype), k, (1, 0), precision)
 
-  dq = jax.lax.fori_loop(0, _key_blocks(i, block_q, block_k, num_k, causal), body, jnp.zeros(q.shape, jnp.float32))
+  dq = _visit(_key_ranges(i, plan), body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, block_q,
-                num_q, scale, causal):
+def _dkv_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, blkq_ref, blkk_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, plan, scale):
   j = pl.program_id(2)
-  block_k = k_ref.shape[0]
+  block_q, block_k = plan.block_q, k_ref.shape[0]
   k, v = k_ref[...], v_ref[...]
   precision = precision_of(k.dtype)
-  seg_k = segk_ref[...]
+  seg_k, blk_k = segk_ref[...], blkk_ref[...]
   cols = j * block_k + jnp.arange(block_k)
 
   def body(i, carry):
     dk, dv = carry
-    q = q_ref[pl.ds(i * block_q, block_q), :]
-    do = do_ref[pl.ds(i * block_q, block_q), :].astype(k.dtype)
-    lse, delta = lse_ref[pl.ds(i * block_q, block_q)], delta_ref[pl.ds(i * block_q, block_q)]
+    queries = pl.ds(i * block_q, block_q)
+    q = q_ref[queries, :]
+    do = do_ref[queries, :].astype(k.dtype)
+    lse, delta = lse_ref[queries], delta_ref[queries]
     rows = i * block_q + jnp.arange(block_q)
-    p = _probabilities(q, k, segq_ref[pl.ds(i * block_q, block_q)], seg_k, lse, rows, cols, scale, causal)
+    p = _probabilities(q, k, segq_ref[queries], seg_k, blkq_ref[queries], blk_k, lse, rows, cols, scale, plan)
     dv = dv + _dot(p.astype(do.dtype), do, (0, 0), precision)
     dp = _dot(do, v, (1, 1), precision)
     ds = p * (dp - delta[:, None])
     dk = dk + _dot(ds.astype(q.dtype), q, (0, 0), precision)
     return dk, dv
 
-  # Causal: query blocks above this key block's diagonal see none of its keys.
-  first = (j * block_k) // block_q if causal else 0
-  dk, dv = jax.lax.fori_loop(first, num_q, body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
+  dk, dv = _visit(_query_ranges(j, plan), body, (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -222,123 +274,167 @@ def _specs(plan: _Plan, by_query: bool):
   return rows, whole, seg_rows, seg_whole, vec_rows, vec_whole
 
 
-def _flash_forward(plan: _Plan, q, k, v, seg):
+def _flash_forward(plan: _Plan, q, k, v, seg, blk):
   batch, heads = q.shape[:2]
   lp = plan.padded_length
   rows, whole, seg_rows, seg_whole, vec_rows, _ = _specs(plan, by_query=True)
-  kernel = functools.partial(_fwd_kernel, block_k=plan.block_k, num_k=lp // plan.block_k,
-                             scale=1.0 / math.sqrt(plan.width), causal=plan.causal)
+  kernel = functools.partial(_fwd_kernel, plan=plan, scale=1.0 / math.sqrt(plan.width))
   return pl.pallas_call(
       kernel, grid=(batch, heads, lp // plan.block_q),
-      in_specs=[rows, whole, whole, seg_rows, seg_whole], out_specs=(rows, vec_rows),
+      in_specs=[rows, whole, whole, seg_rows, seg_whole, seg_rows, seg_whole], out_specs=(rows, vec_rows),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, lp), jnp.float32)),
-      interpret=plan.interpret, compiler_params=plan.params())(q, k, v, seg, seg)
+      interpret=plan.interpret, compiler_params=plan.params())(q, k, v, seg, seg, blk, blk)
 
 
-def _flash_backward(plan: _Plan, q, k, v, seg, out, lse, do):
+def _flash_backward(plan: _Plan, q, k, v, seg, blk, out, lse, do):
   batch, heads = q.shape[:2]
   lp = plan.padded_length
   scale = 1.0 / math.sqrt(plan.width)
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, H, L]: rowsum(dO * O)
   rows, whole, seg_rows, seg_whole, vec_rows, vec_whole = _specs(plan, by_query=True)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_k=plan.block_k, num_k=lp // plan.block_k, scale=scale, causal=plan.causal),
+      functools.partial(_dq_kernel, plan=plan, scale=scale),
       grid=(batch, heads, lp // plan.block_q),
-      in_specs=[rows, whole, whole, seg_rows, seg_whole, rows, vec_rows, vec_rows], out_specs=rows,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=plan.interpret, compiler_params=plan.params(),
-  )(q, k, v, seg, seg, do, lse, delta)
+      in_specs=[rows, whole, whole, seg_rows, seg_whole, seg_rows, seg_whole, rows, vec_rows, vec_rows],
+      out_specs=rows, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=plan.interpret,
+      compiler_params=plan.params(),
+  )(q, k, v, seg, seg, blk, blk, do, lse, delta)
   rows, whole, seg_rows, seg_whole, vec_rows, vec_whole = _specs(plan, by_query=False)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=plan.block_q, num_q=lp // plan.block_q, scale=scale,
-                        causal=plan.causal),
+      functools.partial(_dkv_kernel, plan=plan, scale=scale),
       grid=(batch, heads, lp // plan.block_k),
-      in_specs=[whole, rows, rows, seg_whole, seg_rows, whole, vec_whole, vec_whole], out_specs=(rows, rows),
+      in_specs=[whole, rows, rows, seg_whole, seg_rows, seg_whole, seg_rows, whole, vec_whole, vec_whole],
+      out_specs=(rows, rows),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       interpret=plan.interpret, compiler_params=plan.params(),
-  )(q, k, v, seg, seg, do, lse, delta)
+  )(q, k, v, seg, seg, blk, blk, do, lse, delta)
   return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(plan, q, k, v, seg):
-  return _flash_forward(plan, q, k, v, seg)[0]
+def _flash(plan, q, k, v, seg, blk):
+  return _flash_forward(plan, q, k, v, seg, blk)[0]
 
 
-def _flash_fwd(plan, q, k, v, seg):
-  out, lse = _flash_forward(plan, q, k, v, seg)
-  return out, (q, k, v, seg, out, lse)
+def _flash_fwd(plan, q, k, v, seg, blk):
+  out, lse = _flash_forward(plan, q, k, v, seg, blk)
+  return out, (q, k, v, seg, blk, out, lse)
 
 
 def _flash_bwd(plan, residuals, do):
-  q, k, v, seg, out, lse = residuals
-  dq, dk, dv = _flash_backward(plan, q, k, v, seg, out, lse, do)
-  return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+  q, k, v, seg, blk, out, lse = residuals
+  dq, dk, dv = _flash_backward(plan, q, k, v, seg, blk, out, lse, do)
+  return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0), np.zeros(blk.shape, jax.dtypes.float0)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def per_shard(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL):
-  """``attend(q, k, v, segments)`` on one device, or per shard of the mesh in scope (``jax.shard_map``): the batch
-  over (data, fsdp), the heads over tensor. A kernel is a custom call XLA cannot partition: without this it would
-  gather q, k and v and run whole on every device."""
+def per_shard(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, blocks_BxL=None):
+  """``attend(q, k, v, segments)`` (``attend(q, k, v, segments, blocks)`` with block-diffusion ``blocks_BxL``) on
+  one device, or per shard of the mesh in scope (``jax.shard_map``): the batch over (data, fsdp), the heads over
+  tensor. A kernel is a custom call XLA cannot partition: without this it would gather q, k and v and run whole
+  on every device."""
   batch, length, heads, _ = q_BxLxHxK.shape
   if segments_BxL is None:
     segments_BxL = jnp.ones((batch, length), jnp.int32)
+  rows_in = (segments_BxL,) if blocks_BxL is None else (segments_BxL, blocks_BxL)
   mesh = jax.sharding.get_abstract_mesh()
   shape = {} if mesh.empty else dict(mesh.shape)
   rows = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
   head_axis = "tensor" if shape.get("tensor", 1) > 1 else None
   if not rows and head_axis is None:
-    return attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+    return attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *rows_in)
   row_size = math.prod(shape[a] for a in rows)
   if batch % row_size or (head_axis and heads % shape[head_axis]):
     raise ValueError(f"attention with batch {batch} and {heads} heads does not divide over the mesh "
                      f"{shape} (batch over {rows}, heads over 'tensor'); change the batch or model.num_heads")
   spec = P(rows or None, None, head_axis, None)
-  return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(rows or None, None)), out_specs=spec,
-                       check_vma=False)(
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec) + (P(rows or None, None),) * len(rows_in),
+                       out_specs=spec, check_vma=False)(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *rows_in)
+
+
+def _check_block_diffusion(length: int, blocks_BxL, block_size: int, causal: bool):
+  """A block-diffusion call (``blocks_BxL`` given) needs an x_t-then-x_0 row (even length), a positive
+  ``block_size`` (the most tokens a block holds) and no causal mask."""
+  if blocks_BxL is None:
+    return
+  if causal:
+    raise ValueError("the block-diffusion mask replaces the causal one: pass causal=False with blocks_BxL")
+  if length % 2 or block_size < 1:
+    raise ValueError(f"a block-diffusion row is x_t then x_0 (an even length; got {length}) in blocks of at most "
+                     f"block_size tokens (got {block_size}); pass both")
 
 
 def flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
-                    block_q: int = 64, block_k: int = 64, interpret: bool = False):
+                    blocks_BxL=None, block_size: int = 0, block_q: int = 64, block_k: int = 64,
+                    interpret: bool = False):
   """This project's Pallas flash attention; ``block_q`` and ``block_k`` are powers of two (Triton), the length
   padded to whole blocks (as padding) and the head width to a power of two (with zeros). Per shard under a
-  mesh."""
+  mesh. With ``blocks_BxL`` and ``block_size``, the block-diffusion mask (``visible``), visiting only the key
+  blocks it can reach: about a quarter of the full 2L x 2L scores when the blocks are short."""
   for name, value in (("block_q", block_q), ("block_k", block_k)):
     if value < 1 or value & (value - 1):
       raise ValueError(f"{name} must be a power of two (Triton's blocks are); got {value}")
-  local = functools.partial(_flash_attention, causal=causal, block_q=block_q, block_k=block_k, interpret=interpret)
-  return per_shard(local, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
+  _check_block_diffusion(q_BxLxHxK.shape[1], blocks_BxL, block_size, causal)
+  local = functools.partial(_flash_attention, causal=causal, block_q=block_q, block_k=block_k, interpret=interpret,
+                            block_size=block_size)
+  return per_shard(local, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, blocks_BxL)
 
 
-def _flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block_q, block_k, interpret):
+def _flash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, blocks_BxL=None, *, causal, block_q, block_k,
+                     interpret, block_size):
   batch, length, _, width = q_BxLxHxK.shape
-  plan = _Plan(length=length, width=width, block_q=block_q, block_k=block_k, causal=causal, interpret=interpret)
-  seg = jnp.pad(segments_BxL.astype(jnp.int32), ((0, 0), (0, plan.padded_length - length)))
-  out = _flash(plan, *(_to_heads(x, plan) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), seg)
+  diffusion = blocks_BxL is not None
+  plan = _Plan(length=length, width=width, block_q=block_q, block_k=block_k, causal=causal, interpret=interpret,
+               half=length // 2 if diffusion else 0, block_size=block_size if diffusion else 0)
+  pad = ((0, 0), (0, plan.padded_length - length))
+  seg = jnp.pad(segments_BxL.astype(jnp.int32), pad)
+  blk = jnp.pad(blocks_BxL.astype(jnp.int32), pad) if diffusion else jnp.zeros_like(seg)
+  out = _flash(plan, *(_to_heads(x, plan) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)), seg, blk)
   return _from_heads(out, plan)
 
 
 # ---------------------------------------------------------------- the kept kernels
 
 def splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
-                     block: int = 128, interpret: bool = False):
+                     blocks_BxL=None, block_size: int = 0, block: int = 128, interpret: bool = False):
   """Splash attention (TPU), one kernel per batch element; the length must be a multiple of ``block``, itself a
-  multiple of 128 (the TPU's lanes). Per shard under a mesh."""
-  local = functools.partial(_splash_attention, causal=causal, block=block, interpret=interpret)
+  multiple of 128 (the TPU's lanes). Per shard under a mesh. Block diffusion (``blocks_BxL``, ``block_size``)
+  on a stream: the mask is static (splash's ``NumpyMask``, blocks of ``block_size`` from position 0), so that
+  splash skips the blocks it rules out; packed rows, whose blocks restart at each document, are refused."""
+  _check_block_diffusion(q_BxLxHxK.shape[1], blocks_BxL, block_size, causal)
+  if blocks_BxL is not None and segments_BxL is not None:
+    raise ValueError("splash attention's masks are static, and a packed row's blocks restart at each document: "
+                     "for block diffusion on packed rows use model.attention_impl='pallas' or 'xla'")
+  local = functools.partial(_splash_attention, causal=causal, block=block, interpret=interpret,
+                            block_size=block_size if blocks_BxL is not None else 0)
   return per_shard(local, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL)
 
 
-def _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block, interpret):
+def stream_block_mask(length: int, block_size: int) -> np.ndarray:
+  """``[2N, 2N]`` bool: ``visible``'s block-diffusion rule for one stream row of N = ``length / 2`` positions in
+  blocks of ``block_size`` from position 0 (static, for masks that must be known when the kernel is built)."""
+  half = length // 2
+  block = np.tile(np.arange(half) // block_size, 2)
+  clean = np.arange(length) >= half
+  q_clean, k_clean, q_block, k_block = clean[:, None], clean[None, :], block[:, None], block[None, :]
+  return np.where(q_clean, k_clean & (k_block <= q_block), np.where(k_clean, k_block < q_block,
+                                                                    k_block == q_block))
+
+
+def _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block, interpret, block_size):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   batch, length, heads, width = q_BxLxHxK.shape
   if block % 128 or length % block:
     raise ValueError(f"splash attention needs the length ({length}) to be a multiple of its block ({block}); "
                      f"use model.attention_impl='xla' for this length")
   shape = (length, length)
-  mask = splash.MultiHeadMask([splash.CausalMask(shape) if causal else splash.FullMask(shape)] * heads)
+  if block_size:
+    head_mask = splash.NumpyMask(stream_block_mask(length, block_size))
+  else:
+    head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  mask = splash.MultiHeadMask([head_mask] * heads)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
@@ -350,10 +446,15 @@ def _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, 
   return jnp.where((seg > 0)[:, :, None, None], jnp.swapaxes(out, 1, 2), 0).astype(v_BxLxHxK.dtype)
 
 
-def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False):
-  """cuDNN's fused attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs)."""
+def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: bool = False, *,
+                    blocks_BxL=None, block_size: int = 0):
+  """cuDNN's fused attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs). Segment ids and block
+  diffusion's mask (``blocks_BxL``) reach it as a dense ``[B, 1, L, L]`` mask, which cuDNN applies as a bias:
+  correct, with no skipping of masked blocks."""
+  _check_block_diffusion(q_BxLxHxK.shape[1], blocks_BxL, block_size, causal)
   batch, length = q_BxLxHxK.shape[:2]
-  mask = None if segments_BxL is None else visible(segments_BxL, length, batch, False)[:, None]
+  dense = segments_BxL is not None or blocks_BxL is not None
+  mask = visible(segments_BxL, length, batch, False, blocks_BxL)[:, None] if dense else None
   out = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=mask, is_causal=causal,
                                      implementation="cudnn")
   if segments_BxL is None:
@@ -362,8 +463,8 @@ def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: 
 
 
 def select(impl: str, *, interpret: bool = False):
-  """``attend(q, k, v, segments_BxL, causal)`` of a kernel implementation (not ``xla``, which is the model's
-  own), checked against the backend: ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
+  """``attend(q, k, v, segments_BxL, causal, blocks_BxL=None, block_size=0)`` of a kernel implementation (not
+  ``xla``, which is the model's own), checked against the backend: ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
   if impl not in IMPLS[1:]:
     raise ValueError(f"unknown attention kernel {impl!r}; valid: {list(IMPLS[1:])} ('xla' is the model's own)")
   backend = jax.default_backend()

@@ -313,3 +313,192 @@ def test_the_block_sampler_with_the_exact_denoiser_draws_the_data_distribution()
   by_block = joint.reshape(k ** block_size, k ** block_size)
   independent = np.outer(by_block.sum(1), by_block.sum(0)).ravel()
   assert chi_square_pvalue(counts, independent) < 1e-6
+
+
+KERNEL_CASES = [(12, 4, False), (21, 3, True), (16, 1, True), (24, 8, False), (9, 9, True)]  # (N, L', packed)
+
+
+def _qkv_blocks(n, block_size, packed, dtype=jnp.float32, seed=0):
+  batch = 2
+  segments = _segments(seed + n, batch, n) if packed else np.ones((batch, n), np.int32)
+  ids = blocks.block_ids(batch, n, block_size, jnp.asarray(segments) if packed else None)
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(batch, 2 * n, 2, 16)), dtype) for _ in range(3))
+  seg2 = jnp.tile(jnp.asarray(segments), (1, 2)) if packed else None
+  return q, k, v, seg2, jnp.tile(ids, (1, 2))
+
+
+@pytest.mark.parametrize("n,block_size,packed", KERNEL_CASES)
+def test_pallas_attention_under_the_mask_equals_the_reference(n, block_size, packed):
+  """The project's flash kernel (interpreted) under the block-diffusion mask, with tiles of 8 queries and 16 keys
+  that straddle the x_t / x_0 boundary and the blocks: outputs and gradients equal the reference's."""
+  q, k, v, seg2, ids2 = _qkv_blocks(n, block_size, packed)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  want, want_vjp = jax.vjp(lambda *a: kernels.attention_reference(*a, seg2, False, ids2), q, k, v)
+  got, got_vjp = jax.vjp(lambda *a: kernels.flash_attention(*a, seg2, False, blocks_BxL=ids2, block_size=block_size,
+                                                            block_q=8, block_k=16, interpret=True), q, k, v)
+  for a, b in [(got, want)] + list(zip(got_vjp(cotangent), want_vjp(cotangent))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def _tiles_with_visible_pairs(mask, tile_q, tile_k):
+  rows, cols = mask.shape
+  return {(i, j) for i in range(-(-rows // tile_q)) for j in range(-(-cols // tile_k))
+          if mask[i * tile_q:(i + 1) * tile_q, j * tile_k:(j + 1) * tile_k].any()}
+
+
+@pytest.mark.parametrize("n,block_size", [(64, 4), (48, 16), (39, 3), (64, 1)])
+@pytest.mark.parametrize("tiles", [(16, 16), (16, 32), (32, 8)])
+def test_the_kernels_visit_every_tile_with_a_visible_pair_and_little_else(n, block_size, tiles):
+  """The key tiles each query tile visits (forward and dq) and the query tiles each key tile visits (dk, dv)
+  cover every tile holding a visible pair of the mask wherever the blocks start (a stream, and packed rows whose
+  blocks restart at a document), and visit at most one tile per row of tiles more than those (for short blocks about a quarter of
+  all 2L x 2L tiles: the structure's N^2, not 4 N^2)."""
+  from pallas_kernels.attention import _Plan, _key_ranges, _query_ranges
+  tile_q, tile_k = tiles
+  plan = _Plan(length=2 * n, width=16, block_q=tile_q, block_k=tile_k, causal=False, interpret=True, half=n,
+               block_size=block_size)
+  # Every place a block can start: a stream, and a first document of s < L' tokens before the rest of the row.
+  segments = np.array([[1] * s + [2] * (n - s) for s in range(block_size)], np.int32)
+  masks = list(_brute_mask(segments, _brute_block_ids(segments, block_size)))
+  needed = set().union(*(_tiles_with_visible_pairs(mask, tile_q, tile_k) for mask in masks))
+  num_q, num_k = plan.padded_length // tile_q, plan.padded_length // tile_k
+  by_query = {(i, j) for i in range(num_q) for lo, hi in _key_ranges(i, plan) for j in range(int(lo), int(hi))}
+  by_key = {(i, j) for j in range(num_k) for lo, hi in _query_ranges(j, plan) for i in range(int(lo), int(hi))}
+  for visited, lines in ((by_query, num_q), (by_key, num_k)):
+    assert needed <= visited
+    assert len(visited) <= len(needed) + lines
+
+
+def test_splash_attention_under_the_stream_mask_equals_the_reference():
+  """Splash (interpreted) with the static block-diffusion mask of a stream (2N = 256, its smallest block of 128,
+  L' = 16): outputs and gradients equal the reference's; packed rows, whose blocks splash's static masks cannot
+  follow, are refused."""
+  q, k, v, _, ids2 = _qkv_blocks(128, 16, False)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+  want, want_vjp = jax.vjp(lambda *a: kernels.attention_reference(*a, None, False, ids2), q, k, v)
+  got, got_vjp = jax.vjp(lambda *a: kernels.splash_attention(*a, None, False, blocks_BxL=ids2, block_size=16,
+                                                             interpret=True), q, k, v)
+  for a, b in [(got, want)] + list(zip(got_vjp(cotangent), want_vjp(cotangent))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+  with pytest.raises(ValueError, match="static, and a packed row's blocks restart at each document"):
+    kernels.splash_attention(q, k, v, jnp.ones(ids2.shape, jnp.int32), blocks_BxL=ids2, block_size=16,
+                             interpret=True)
+
+
+def test_the_model_gives_the_same_block_diffusion_logits_on_the_pallas_kernel():
+  """The 2L pass through the model with model.attention_impl='pallas' (interpreted; block_size reaches the kernel)
+  equals the XLA attention's, on packed rows."""
+  exp, model, params = _model()
+  kernel_model = Transformer(dataclasses.replace(exp.model, attention_impl="pallas", kernel_interpret=True))
+  segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32)
+  x0, x_t = _tokens(4, 2, 12, 0.5, 256)
+  ids = blocks.block_ids(2, 12, 4, segments)
+  want = model.apply({"params": params}, x_t, clean_BxL=x0, blocks_BxL=ids, segments_BxL=segments)
+  got = kernel_model.apply({"params": params}, x_t, clean_BxL=x0, blocks_BxL=ids, segments_BxL=segments,
+                           block_size=4)
+  real = np.asarray(segments > 0)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.usefixtures("x64")
+def test_the_variance_search_on_the_markov_oracle_picks_a_window_of_lower_variance():
+  """With the exact block denoiser of a Markov chain (forward-backward on [x_0 of the earlier blocks, x_t of the
+  block, masks after]), the window the search picks has a per-block loss variance below U[0, 1]'s (t near 0
+  weighs the rare masked token by 1/t), and every window's variance is positive."""
+  from d3pm_jax import get_schedule, make_process
+  from d3pm_jax.data.synthetic import MarkovSource
+  k, length, block_size, batch = 4, 8, 2, 64
+  source = MarkovSource.random(seed=1, num_states=k, concentration=1.0)
+  process = make_process("absorbing", k + 1, get_schedule("linear"))
+  oracle = source.oracle_logits_fn(process)
+  position = jnp.arange(length)
+
+  def block_oracle(x_t, x0, ids):
+    out = jnp.zeros(x_t.shape + (k + 1,))
+    for b in range(length // block_size):
+      seen = jnp.where(ids < b, x0, jnp.where(ids == b, x_t, process.mask_id))
+      out = jnp.where((position // block_size == b)[None, :, None], oracle(seen, jnp.full((x_t.shape[0],), 0.5)),
+                      out)
+    return out
+
+  x0 = source.sample(jax.random.PRNGKey(0), batch, length)
+  variances = np.asarray(jax.jit(lambda key: losses.window_variances(process, block_oracle, key, x0, block_size,
+                                                                     num_draws=16))(jax.random.PRNGKey(2)))
+  chosen = losses.search_window(variances)
+  assert losses.CLIP_WINDOWS[0] == (0.0, 1.0) and (variances > 0).all()
+  assert chosen != (0.0, 1.0) and variances.min() < 0.8 * variances[0], variances
+
+
+def test_a_clip_search_run_logs_its_window_trains_on_it_and_resumes_with_it(tmp_path):
+  """configs/test.py:bd3lm with process.clip_search: each validation logs the chosen window (one of
+  losses.CLIP_WINDOWS) to metrics.jsonl, and the checkpoint carries it, so a resumed run trains on it."""
+  import json
+  from d3pm_jax.training import checkpoints, train
+  cfg = load_config("test", "bd3lm")
+  cfg.process.clip_search = True
+  cfg.train.update(steps=4, eval_every=2, checkpoint_every=2)
+  exp = from_config(cfg, vocab_size=256)
+  train.train_and_evaluate(exp, str(tmp_path), stop_after=2, quiet=True)
+  train.train_and_evaluate(exp, str(tmp_path), quiet=True)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  windows = [(r["clip_low"], r["clip_high"]) for r in records if "clip_low" in r]
+  assert len(windows) == 2 and all(w in losses.CLIP_WINDOWS for w in windows)
+  progress = checkpoints.read_progress(str(tmp_path))
+  assert tuple(progress["clip_window"]) == windows[-1]
+
+
+def test_an_mdlm_checkpoint_fine_tunes_into_block_diffusion(tmp_path):
+  """As BD3-LM does on OpenWebText: a masked-diffusion run without time conditioning (block_size 0) trained 2
+  steps resumes with process.block_size=4 and a clipped window (the objective's fields, not the network's) and
+  trains on to step 4; a change of the network (model.num_layers) is still refused."""
+  from d3pm_jax.training import checkpoints, train
+  cfg = load_config("test")
+  cfg.model.time_conditioning = False
+  cfg.train.update(steps=4, eval_every=4, checkpoint_every=2)
+  train.train_and_evaluate(from_config(cfg, 256), str(tmp_path), stop_after=2, quiet=True)
+  cfg.process.update(block_size=4, clip_low=0.3, clip_high=0.8)
+  result = train.train_and_evaluate(from_config(cfg, 256), str(tmp_path), quiet=True)
+  assert checkpoints.read_progress(str(tmp_path))["step"] == 4 and np.isfinite(result["validation"]["bits_per_token"])
+  cfg.model.num_layers = 3
+  with pytest.raises(ValueError, match="model.num_layers: checkpoint 2 vs config 3"):
+    train.train_and_evaluate(from_config(cfg, 256), str(tmp_path), quiet=True)
+
+
+def test_d3pm_eval_scores_a_block_diffusion_workdir_with_its_own_bound_and_prefix_completions(tmp_path):
+  """evaluate_workdir on a configs/test.py:bd3lm run: the bound is block diffusion's (its label names L'), every
+  window's bits are finite and positive, and prefix completion keeps the prompt's whole blocks and reports each
+  strategy; the table prints both."""
+  from d3pm_jax.evaluation import eval_workdir
+  from d3pm_jax.training import train
+  exp = from_config(load_config("test", "bd3lm"), vocab_size=256)
+  train.train_and_evaluate(exp, str(tmp_path), quiet=True)
+  result = eval_workdir.evaluate_workdir(str(tmp_path), time_samples=2, batch=8, max_windows=16, infill_windows=4,
+                                         infill_steps=2)
+  assert result["bound"] == "block NELBO (L' = 4, K = 2)"
+  nats = np.load(tmp_path / "eval_windows.npz")["nats"]
+  assert len(nats) == 16 and np.isfinite(nats).all() and (nats > 0).all()
+  completion = result["prefix_completion"]
+  assert completion["prompt_tokens"] == 8 and set(completion["by_strategy"]) == {"ancestral", "confidence"}
+  assert all(0 <= e["accuracy"] <= 1 and e["unigram_entropy"] > 0 for e in completion["by_strategy"].values())
+  assert "infilling" not in result
+  table = eval_workdir.format_table(result)
+  assert "block NELBO (L' = 4, K = 2)" in table and "prefix completion of 4 windows after 8 prompt tokens" in table
+
+
+def test_the_block_samplers_program_does_not_grow_with_blocks_or_steps():
+  """The cached block sampler's lowered program (StableHLO text) is about the same size for 8 blocks of 3 steps
+  and for 16 blocks of 64 steps (within 5%; unrolling either loop would multiply it): both loops are scans."""
+  from d3pm_jax.models import block_decoding
+  from d3pm_jax.sampling import SamplerConfig, block_sample
+  exp, model, params = _model(block_size=4)
+  process = state.build_process(exp.process, exp.model)
+
+  def size(length, steps):
+    fns = block_decoding.cached(model, params, 1, 4, block_decoding.window_for(model, length, 4))
+    fn = lambda key: block_sample(process, *fns, key, 1, length, 4, SamplerConfig(num_steps=steps))
+    return len(jax.jit(fn).lower(jax.random.PRNGKey(0)).as_text())
+
+  small, large = size(32, 3), size(64, 64)  # both past max_len = 16: the same cache window of 12 positions
+  # What grows is data, not code: the time grid (steps + 1 floats) and the blocks' keys, inlined as constants.
+  assert abs(large - small) < 0.05 * small, (small, large)

@@ -27,6 +27,8 @@ TARGETS = {
     "lm1b_mdlm": "<= 27.04 after 33B tokens",
     "owt_md4_small": "<= 22.13",
     "text8_md4": "<= 1.37 bits per",
+    "lm1b_bd3lm": "<= 28.23",
+    "owt_bd3lm": "<= 20.73",
 }
 
 
@@ -65,6 +67,8 @@ def test_the_data_its_prepare_command_makes_is_what_the_config_reads(tmp_path, s
   if flags["dataset"] == "lm1b":
     root, _, vocab = fake_lm1b
     extra = {"tokenizer_path": vocab} if "tokenizer_path" in flags else {"vocab_size": 320}
+    if "packing" in flags:
+      extra["packing"] = flags["packing"]
     prepare.prepare_lm1b(out, flags["setup"], manual_dir=str(root / "extracted"), seq_len=seq_len, **extra)
   elif flags["dataset"] == "text8":
     prepare.prepare_text8(text8_zip[0], out, seq_len=seq_len, split_chars=SPLITS)

@@ -156,6 +156,7 @@ def test_a_block_diffusion_run_samples_past_its_training_length_keeping_the_prom
   assert len(samples) == 2
   for sample in samples:
     assert sample.startswith("import os") and len(sample.rstrip("\n").encode("utf-8", "surrogateescape")) >= 30
-  for flag, match in (("--length=30", "positive multiple of the block size 4; got 30"), ("--blocks=2", "drop --blocks")):
+  for flag, match in (("--length=30", "positive multiple of the block size 4; got 30"),
+                      ("--blocks=2", "drop --blocks")):
     bad = subprocess.run(cmd + [flag], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and match in bad.stderr, bad.stderr[-2000:]

@@ -76,7 +76,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
             "loss": pcfg.loss, "settings": settings, "windows": len(rows),
             "split_windows": int(data.val_windows.shape[0]), "seq_len": config.data.seq_len,
             "bound": {"ar": "exact NLL", "d3pm": f"exact discrete-time VLB (T = {pcfg.num_steps})"}.get(
-                pcfg.loss, f"continuous NELBO ({pcfg.loss}, K = {time_samples})")}
+                pcfg.loss, f"block NELBO (L' = {pcfg.block_size}, K = {time_samples})" if pcfg.block_size else
+                f"continuous NELBO ({pcfg.loss}, K = {time_samples})")}
   if pcfg.loss == "d3pm":
     result["continuous_bound"] = evaluate.summarize(nats, tokens, byte_counts, documents, words)
     subset = pipeline.spread_rows(len(rows), exact_windows)
@@ -114,7 +115,10 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
         evaluator_workdir=evaluator)
     plots.frontier(os.path.join(workdir, "frontier.png"),
                    {os.path.basename(workdir.rstrip("/")) or workdir: result["frontier"]})
-  if process is not None and infill_windows > 0:
+  if pcfg.block_size and infill_windows > 0:  # blocks condition on the left only: continue prefixes instead
+    result["prefix_completion"] = prefix_completion(config, model, params, process, data, num_steps=infill_steps,
+                                                    num_windows=infill_windows, evaluator=scorer, seed=seed)
+  elif process is not None and infill_windows > 0:
     span_length = infill_length or max(1, config.data.seq_len // 8)
     span_start = (config.data.seq_len - span_length) // 2 if infill_start < 0 else infill_start
     result["infilling"] = infilling_quality(
@@ -129,7 +133,7 @@ def window_bounds(config, model, process, time_samples: int):
   """The per-window bounds ``evaluate_workdir`` reports, as ``(first, exact)`` functions ``fn(params, key,
   x0_BxL, weights_BxL, segments_BxL or None) -> {'nelbo': nats [B], ...}``: ``first`` is the AR baseline's exact
   NLL or the continuous-time NELBO (``evaluate.continuous_nelbo``, K = ``time_samples``; the CTMC form for a
-  D3PM run), ``exact`` the discrete-time D3PM bound at the config's T (None for other losses). Packed rows'
+  D3PM run; block diffusion's, ``losses.block_elbo``, for a ``process.block_size`` run), ``exact`` the discrete-time D3PM bound at the config's T (None for other losses). Packed rows'
   segment ids reach the network, so a row scores as its documents apart."""
   pcfg = config.process
   logits_fn = lambda params, segments, x_t, t_B: model.apply({"params": params}, x_t, t_B, segments_BxL=segments)
@@ -145,11 +149,20 @@ def window_bounds(config, model, process, time_samples: int):
     return {"nelbo": out["nelbo"], "recon": out["recon"], "times_KxB": out["times_KxB"],
             "integrand_KxB": out["integrand_KxB"]}
 
+  def block(params, key, x0_BxL, weights_BxL, segments_BxL):
+    """Block diffusion's NELBO over the whole [0, 1] (K = ``time_samples`` draws of every block's t)."""
+    fn = lambda x_t, clean, blocks: model.apply({"params": params}, x_t, segments_BxL=segments_BxL, clean_BxL=clean,
+                                                blocks_BxL=blocks, block_size=pcfg.block_size)
+    out = losses.block_elbo(process, fn, key, x0_BxL, pcfg.block_size, segments_BxL=segments_BxL,
+                            num_time_samples=time_samples, weights_BxL=weights_BxL)
+    return {"nelbo": out["nelbo"], "recon": out["recon"]}
+
   def exact(params, key, x0_BxL, weights_BxL, segments_BxL):
     return {"nelbo": losses.d3pm_vlb_exact(process, functools.partial(logits_fn, params, segments_BxL), key, x0_BxL,
                                            pcfg.num_steps, weights_BxL)}
 
-  return (ar_nll if pcfg.is_autoregressive else continuous), (exact if pcfg.loss == "d3pm" else None)
+  first = ar_nll if pcfg.is_autoregressive else block if pcfg.block_size else continuous
+  return first, (exact if pcfg.loss == "d3pm" else None)
 
 
 def _per_window(fn, params, key, windows_NxL, weights_NxL, segments_NxL, batch: int, progress, label: str) -> dict:
@@ -277,6 +290,37 @@ def infilling_quality(config, model, process, params, data, *, span_start: int, 
   return out
 
 
+def prefix_completion(config, model, params, process, data, *, num_steps: int, num_windows: int, evaluator=None,
+                      seed: int = 0) -> dict:
+  """Block diffusion's conditional generation: the first half (whole blocks) of ``num_windows`` unpadded
+  validation windows as the prompt, the rest sampled block by block (``state.block_sample``) with each strategy;
+  the token accuracy of the continuation against the text, its unigram entropy, and with ``evaluator`` the
+  evaluator's perplexity of the completed windows."""
+  whole = data.val_weights.min(axis=1) > 0
+  if data.val_segments is not None:
+    whole &= (data.val_segments == 1).all(axis=1)
+  full = np.flatnonzero(whole)
+  windows = data.val_windows[full[pipeline.spread_rows(len(full), num_windows)]]
+  num, length = windows.shape
+  block_size = config.process.block_size
+  prompt_length = max(block_size, length // 2 // block_size * block_size)
+  given = np.zeros((num, length), bool)
+  given[:, :prompt_length] = True
+  out = {"windows": int(num), "steps": num_steps, "prompt_tokens": int(prompt_length), "by_strategy": {}}
+  for strategy in ("ancestral", "confidence"):
+    cfg = sampling.SamplerConfig(num_steps=num_steps, strategy=strategy)
+    tokens = np.asarray(jax.jit(lambda key: state.block_sample(config, model, params, process, key, num, length, cfg,
+                                                               jnp.asarray(given), jnp.asarray(windows, jnp.int32)))(
+        jax.random.PRNGKey(seed)))
+    entry = {"accuracy": float(np.mean(tokens[:, prompt_length:] == windows[:, prompt_length:])),
+             "unigram_entropy": sampling.unigram_entropy(tokens[:, prompt_length:], config.model.vocab_size)}
+    if evaluator is not None:
+      quality = evaluate.generative_perplexity(tokens, evaluator[0], evaluator[1])
+      entry.update(evaluator_ppl=quality["gen_ppl"], evaluator_ppl_95=quality["gen_ppl_95"])
+    out["by_strategy"][strategy] = entry
+  return out
+
+
 def format_table(result: dict) -> str:
   def row(name, s):
     per_byte = f"{s['bits_per_byte']:.4f} ± {s['bits_per_byte_95']:.4f}" if "bits_per_byte" in s else "-"
@@ -330,6 +374,13 @@ def format_table(result: dict) -> str:
       ppl = f", evaluator perplexity {entry['evaluator_ppl']:.3f}" if "evaluator_ppl" in entry else ""
       lines.append(f"infilling span {entry['span']} of {inf['windows']} windows, {inf['steps']} steps, {strategy}: "
                    f"token accuracy {entry['accuracy']:.4f}{ppl}")
+  if "prefix_completion" in result:
+    pc = result["prefix_completion"]
+    for strategy, entry in pc["by_strategy"].items():
+      ppl = f", evaluator perplexity {entry['evaluator_ppl']:.3f}" if "evaluator_ppl" in entry else ""
+      lines.append(f"prefix completion of {pc['windows']} windows after {pc['prompt_tokens']} prompt tokens, "
+                   f"{pc['steps']} steps a block, {strategy}: token accuracy {entry['accuracy']:.4f}, unigram "
+                   f"entropy {entry['unigram_entropy']:.3f} bits{ppl}")
   if "loss_by_time" in result:
     bins = result["loss_by_time"]
     lines.append("bits per token by t: " + " ".join(

@@ -53,7 +53,7 @@ def uncached(model: Transformer, params, batch: int, length: int, block_size: in
   def denoise(tokens, x_t_BxLb, b):
     start = (0, b * block_size)
     noisy = jax.lax.dynamic_update_slice(tokens, x_t_BxLb, start)
-    logits = model.apply({"params": params}, noisy, clean_BxL=tokens, blocks_BxL=ids)
+    logits = model.apply({"params": params}, noisy, clean_BxL=tokens, blocks_BxL=ids, block_size=block_size)
     return jax.lax.dynamic_slice_in_dim(logits, b * block_size, block_size, axis=1)
 
   def commit(tokens, x_BxLb, b):

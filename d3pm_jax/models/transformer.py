@@ -248,6 +248,7 @@ class Attention(nn.Module):
   decode: bool = False
   deterministic: bool = True
   commit: bool = False
+  block_size: int = 0   # block diffusion: the most tokens a block holds (the kernels skip key blocks by it)
 
   @nn.compact
   def __call__(self, x_BxLxD, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
@@ -300,7 +301,7 @@ class Attention(nn.Module):
       if mask_BxLxL is not None:
         raise ValueError(f"an explicit attention mask needs model.attention_impl='xla'; got {cfg.attention_impl!r}")
       attend = attention_kernels.select(cfg.attention_impl, interpret=cfg.kernel_interpret)
-      extra = {} if blocks_BxL is None else {"blocks_BxL": blocks_BxL}
+      extra = {} if blocks_BxL is None else {"blocks_BxL": blocks_BxL, "block_size": self.block_size}
       out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal, **extra).astype(v.dtype)
     return self._out(out_BxLxHxK)
 
@@ -356,6 +357,7 @@ class Block(nn.Module):
   scanned: bool = False
   deterministic: bool = True
   commit: bool = False
+  block_size: int = 0
 
   @nn.compact
   def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
@@ -378,7 +380,7 @@ class Block(nn.Module):
       y = Dropout(cfg.dropout, self.deterministic)(y)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    attend = Attention(cfg, self.decode, self.deterministic, self.commit, name="attention")
+    attend = Attention(cfg, self.decode, self.deterministic, self.commit, self.block_size, name="attention")
     x_BxLxD = branch(x_BxLxD, attend, "attention_norm", *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
@@ -422,6 +424,8 @@ class Transformer(nn.Module):
   (``clean_BxL``), both at positions 0..L-1, under the block-diffusion mask (``pallas_kernels.attention.visible``)
   given each position's block number ``blocks_BxL`` (``d3pm_jax.blocks.block_ids``); the result is the x_t half's
   (logits of p(x_0 | x_t of the block, x_0 of the blocks before it)). The parameters are the same network's.
+  ``block_size`` (the most tokens a block holds) lets the attention kernels skip the key blocks the mask rules
+  out; the XLA attention does not need it.
   ``mask_BxLxL`` (bool, query by key; XLA attention only) replaces every other attention rule: any mask, for
   research and for tests that build one from its definition."""
   config: ModelConfig
@@ -429,7 +433,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False,
                deterministic: bool = True, clean_BxL=None, blocks_BxL=None, mask_BxLxL=None,
-               commit: bool = False):
+               commit: bool = False, block_size: int = 0):
     cfg = self.config
     deterministic = deterministic or decode
     if segments_BxL is not None and decode:
@@ -467,12 +471,14 @@ class Transformer(nn.Module):
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, commit=commit, name="blocks")(
+      x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, commit=commit,
+                          block_size=block_size, name="blocks")(
           x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
-        layer_block = block(cfg, decode, deterministic=deterministic, commit=commit, name=f"block_{layer}")
+        layer_block = block(cfg, decode, deterministic=deterministic, commit=commit, block_size=block_size,
+                            name=f"block_{layer}")
         x_BxLxD = layer_block(x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
     x_BxLxD = x_BxLxD[:, :length]  # a block-diffusion pass scores its x_t half only
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)

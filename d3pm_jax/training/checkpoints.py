@@ -10,7 +10,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from d3pm_jax.config import ExperimentConfig, ProcessConfig, experiment_from_dict
+from d3pm_jax.config import OBJECTIVE_FIELDS, ExperimentConfig, ProcessConfig, experiment_from_dict
 from d3pm_jax.models.transformer import EXECUTION_FIELDS, ModelConfig, REGULARISATION_FIELDS, Transformer
 from d3pm_jax.training.state import TrainState, init_state, make_optimizer
 
@@ -18,10 +18,11 @@ from d3pm_jax.training.state import TrainState, init_state, make_optimizer
 def fingerprint(config: ExperimentConfig) -> dict:
   """What a checkpoint must agree with to be resumed: the model and the process (training knobs may change,
   dropout among them, and so may how the model is computed: ``EXECUTION_FIELDS``, such as which output-head
-  kernel)."""
+  kernel, and the objective's block size and time window: ``OBJECTIVE_FIELDS``)."""
   model = {k: v for k, v in dataclasses.asdict(config.model).items()
            if k not in EXECUTION_FIELDS + REGULARISATION_FIELDS}
-  return {"model": model, "process": dataclasses.asdict(config.process),
+  process = {k: v for k, v in dataclasses.asdict(config.process).items() if k not in OBJECTIVE_FIELDS}
+  return {"model": model, "process": process,
           "seq_len": config.data.seq_len, "data": config.data.name, "tokenizer": config.data.tokenizer}
 
 

@@ -147,13 +147,15 @@ def sample_head(model: Transformer, params, process, sampler_cfg) -> sampling.Sa
 
 
 def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | None, params, key, x0_BxL,
-               evaluate: bool = False, weights_BxL=None, segments_BxL=None) -> dict:
+               evaluate: bool = False, weights_BxL=None, segments_BxL=None, window=None) -> dict:
   """Per-sequence nats ``[B]``: 'loss' (what is minimised) and 'nelbo' (the bound reported as bits).
   ``weights_BxL`` (1 real, 0 padding; default: ``segments_BxL > 0``, else all 1) removes padded positions from
   every sum. ``segments_BxL`` (packed rows) keeps the network's attention within each document, and the AR
   baseline starts every document from the start token, so a packed row scores as its documents apart.
   Training (``evaluate=False``) runs the model's dropout, if any, with masks from a key folded out of ``key``;
-  evaluation never does."""
+  evaluation never does. Training draws t on ``window`` (an array ``[2]``, a searched window; default the
+  config's ``process.clip_low/clip_high``); evaluation on the whole [0, 1]."""
+  train_window = config.process.window if window is None else window
   pcfg = config.process
   if weights_BxL is None and segments_BxL is not None:
     weights_BxL = (segments_BxL > 0).astype(jnp.float32)
@@ -181,15 +183,17 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
 
   if pcfg.block_size:
     def block_logits_fn(x_t_BxL, x0_BxL, blocks_BxL):
-      return apply(x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0_BxL, blocks_BxL=blocks_BxL)
+      return apply(x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0_BxL, blocks_BxL=blocks_BxL,
+                   block_size=pcfg.block_size)
 
     block_head = None if head is None else losses.FusedHead(
         hidden_fn=lambda x_t_BxL, x0_BxL, blocks_BxL: apply(x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0_BxL,
-                                                            blocks_BxL=blocks_BxL, head_inputs=True),
+                                                            blocks_BxL=blocks_BxL, head_inputs=True,
+                                                            block_size=pcfg.block_size),
         weighted_ce=head.weighted_ce)
     # As below, the reconstruction term (eps x the masked cross-entropy) is left out of training.
     out = losses.block_elbo(process, block_logits_fn, key, x0_BxL, pcfg.block_size, segments_BxL=segments_BxL,
-                            with_recon=evaluate, window=(0.0, 1.0) if evaluate else pcfg.window,
+                            with_recon=evaluate, window=(0.0, 1.0) if evaluate else train_window,
                             weights_BxL=weights_BxL, head=block_head)
     return {"loss": out["nelbo"], **out}
   if pcfg.loss == "d3pm":
@@ -201,7 +205,7 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
   # Uniform and nearest-neighbour runs never trained on it were charged ~0.08 and ~0.23 bits/byte at evaluation.
   with_recon = evaluate or not isinstance(process, AbsorbingProcess)
   out = losses.continuous_elbo(process, logits_fn, key, x0_BxL, kind=pcfg.loss, with_recon=with_recon,
-                               weights_BxL=weights_BxL, head=head, window=(0.0, 1.0) if evaluate else pcfg.window)
+                               weights_BxL=weights_BxL, head=head, window=(0.0, 1.0) if evaluate else train_window)
   return {"loss": out["nelbo"], **out}
 
 
@@ -220,6 +224,21 @@ def block_sample(config: ExperimentConfig, model, params, process, key, batch: i
     fns = block_decoding.uncached(model, params, batch, length, block_size, process.mask_id)
   return sampling.block_sample(process, *fns, key, batch, length, block_size, sampler_cfg, given_BxL, prompt_BxL,
                                eos_id=eos_id, pad_id=0 if eos_id is None else eos_id)
+
+
+def window_variances(config: ExperimentConfig, model: Transformer, process, params, key, x0_BxL,
+                     segments_BxL=None):
+  """``losses.window_variances`` of a block-diffusion run's network on a batch: the per-block loss variance of
+  each window of ``losses.CLIP_WINDOWS`` (``process.clip_search``)."""
+  block_size = config.process.block_size
+
+  def block_logits_fn(x_t_BxL, x0, blocks_BxL):
+    return model.apply({"params": params}, x_t_BxL, segments_BxL=segments_BxL, clean_BxL=x0, blocks_BxL=blocks_BxL,
+                       block_size=block_size)
+
+  weights_BxL = None if segments_BxL is None else (segments_BxL > 0).astype(jnp.float32)
+  return losses.window_variances(process, block_logits_fn, key, x0_BxL, block_size, segments_BxL=segments_BxL,
+                                 weights_BxL=weights_BxL)
 
 
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None,

@@ -29,7 +29,8 @@ from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
 from d3pm_jax.runtime import files, multihost, sharding
 from d3pm_jax.training import checkpoints, faults, metrics as metrics_lib, preemption
-from d3pm_jax.training.state import TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for
+from d3pm_jax.training.state import (TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for,
+                                     window_variances)
 
 
 # ---------------------------------------------------------------- placement
@@ -94,32 +95,33 @@ def _mean_per_token(values_B, x0_BxL, segments_BxL=None):
 
 
 def make_train_step(config: ExperimentConfig, model, process, optimizer):
-  """A pure step ``(state, batch) -> (state, metrics)``; ``batch`` is the tokens ``[B, L]``, or for packed rows
-  the pair (tokens, segment ids). It is split into ``grad_accum`` micro-batches whose gradients are averaged
-  before one update."""
+  """A pure step ``(state, batch[, window]) -> (state, metrics)``; ``batch`` is the tokens ``[B, L]``, or for
+  packed rows the pair (tokens, segment ids); ``window`` (float ``[2]``) is the time window a
+  ``process.clip_search`` run trains on. The batch is split into ``grad_accum`` micro-batches whose gradients
+  are averaged before one update."""
   accum = config.train.grad_accum
 
-  def micro_loss(params, key, x0_BxL, segments_BxL):
-    terms = loss_terms(config, model, process, params, key, x0_BxL, segments_BxL=segments_BxL)
+  def micro_loss(params, key, x0_BxL, segments_BxL, window):
+    terms = loss_terms(config, model, process, params, key, x0_BxL, segments_BxL=segments_BxL, window=window)
     return (_mean_per_token(terms["loss"], x0_BxL, segments_BxL),
             _mean_per_token(terms["nelbo"], x0_BxL, segments_BxL))
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, window=None):
     rng, step_rng = jax.random.split(state.rng)
     batch_BxL, segments_BxL = batch if isinstance(batch, tuple) else (batch, None)
     micro = lambda a: None if a is None else a.reshape((accum, -1) + a.shape[1:])
 
     def accumulate(carry, inputs):
       key, x0, segments = inputs
-      (loss, nelbo), grads = grad_fn(state.params, key, x0, segments)
+      (loss, nelbo), grads = grad_fn(state.params, key, x0, segments, window)
       total_grads, total_loss, total_nelbo = carry
       return (jax.tree_util.tree_map(jnp.add, total_grads, grads), total_loss + loss, total_nelbo + nelbo), None
 
     keys = jax.random.split(step_rng, accum)
     if accum == 1:  # no accumulator buffers: they cost a full pass over the parameters
-      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL, segments_BxL)
+      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL, segments_BxL, window)
     else:
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
       (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
@@ -151,13 +153,14 @@ def make_eval_step(config, model, process):
 
 
 def compile_steps(config: ExperimentConfig, model, process, optimizer, placement: Placement):
-  """The jitted train step ``(state, batch) -> (state, metrics)`` (state donated, laid out by ``placement``) and
+  """The jitted train step ``(state, batch) -> (state, metrics)`` (``(state, batch, window)`` for a
+  ``process.clip_search`` run; state donated, laid out by ``placement``) and
   eval step ``(params, key, x0, weights) -> nats_B``; both trace under the mesh rules, and return replicated
   metrics, so every process can read them."""
   mesh, rules = placement.mesh, config.mesh.rules
+  inputs = (placement.state, placement.batch) + ((placement.replicated,) if config.process.clip_search else ())
   train_step = jax.jit(under_mesh_rules(make_train_step(config, model, process, optimizer), mesh, rules),
-                       donate_argnums=(0,), in_shardings=(placement.state, placement.batch),
-                       out_shardings=(placement.state, placement.replicated))
+                       donate_argnums=(0,), in_shardings=inputs, out_shardings=(placement.state, placement.replicated))
   eval_step = jax.jit(under_mesh_rules(make_eval_step(config, model, process), mesh, rules),
                       in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch,
                                     placement.batch),
@@ -187,6 +190,28 @@ def evaluate(config, eval_step, params, data: pipeline.Data, key, placement: Pla
     faults.hit("eval_batch", i, jax.process_index())
     acc.add(np.asarray(nats_B), weights.sum(axis=1))
   return acc.result()
+
+
+def compile_window_search(config: ExperimentConfig, model, process, placement: Placement):
+  """The jitted ``(params, key, x0, segments) -> variances`` of ``state.window_variances`` (a
+  ``process.clip_search`` run), under the mesh rules, with replicated output."""
+  search = lambda params, key, x0, segments: window_variances(config, model, process, params, key, x0, segments)
+  return jax.jit(under_mesh_rules(search, placement.mesh, config.mesh.rules),
+                 in_shardings=(placement.state.params, placement.replicated, placement.batch, placement.batch),
+                 out_shardings=placement.replicated)
+
+
+def search_clip_window(config, search_step, params, data: pipeline.Data, key, placement: Placement):
+  """BD3-LM's data-driven clipped schedule: the window of ``losses.CLIP_WINDOWS`` whose per-block loss estimate
+  varies least on the first validation batch (``evaluate``'s first rows), and every window's variance."""
+  batch = config.train.batch_size
+  rows = pipeline.spread_rows(data.val_windows.shape[0], min(config.train.eval_batches * batch,
+                                                              data.val_windows.shape[0] // batch * batch))[:batch]
+  mine = pipeline.process_rows(batch)
+  x0 = global_batch(placement.batch, data.val_windows[rows][mine])
+  segments = None if data.val_segments is None else global_batch(placement.batch, data.val_segments[rows][mine])
+  variances = np.asarray(jax.device_get(search_step(params, np.asarray(key), x0, segments)))
+  return losses.search_window(variances), variances
 
 
 # ---------------------------------------------------------------- the loop
@@ -273,6 +298,10 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
              f"{config.data.seq_len} tokens")
 
   train_step, eval_step = compile_steps(config, model, process, optimizer, placement)
+  searching = config.process.clip_search
+  # The time window training draws t on: the config's, or the last one a process.clip_search run chose.
+  window = tuple(restored[1].get("clip_window", config.process.window) if restored else config.process.window)
+  search_step = compile_window_search(config, model, process, placement) if searching else None
   eval_key = jax.random.PRNGKey(tcfg.seed + 1)
   step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
   last_step = tcfg.steps if stop_after is None else min(tcfg.steps, step + stop_after)
@@ -284,9 +313,11 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
   me = jax.process_index()
 
   def save(at_step):
-    checkpoints.save_checkpoint(manager, state, at_step, {"next_batch": next_batch,
-                                                          "train_seconds": seconds_before + time.time() - started,
-                                                          "skipped_steps": skips.total}, fingerprint)
+    progress = {"next_batch": next_batch, "train_seconds": seconds_before + time.time() - started,
+                "skipped_steps": skips.total}
+    if searching:  # a resumed run trains on the window the last search chose
+      progress["clip_window"] = list(window)
+    checkpoints.save_checkpoint(manager, state, at_step, progress, fingerprint)
     faults.hit("save_started", at_step, me)
 
   guard = preemption.Preemption(tcfg.preemption_grace_s,
@@ -298,7 +329,7 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
     while step < last_step:
       batch = place_batch(placement, data.train_batches[next_batch])
       next_batch += 1
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, *((np.asarray(window, np.float32),) if searching else ()))
       step += 1
       faults.hit("step_dispatched", step, me)
       stop = agree(guard.requested)
@@ -324,6 +355,13 @@ def train_and_evaluate(config: ExperimentConfig, workdir: str, data: pipeline.Da
         writer.write(step, {**{f"val_{k}": v for k, v in results.items()},
                             "train_seconds": seconds_before + time.time() - started})
         writer.log(f"step {step}: validation {results['bits_per_token']:.4f} bits per token")
+        if searching:
+          chosen, variances = search_clip_window(config, search_step, state.params, data,
+                                                 jax.random.fold_in(eval_key, step), placement)
+          window = chosen
+          writer.write(step, {"clip_low": chosen[0], "clip_high": chosen[1]})
+          writer.log(f"step {step}: training on t in [{chosen[0]}, {chosen[1]}], the window of least per-block loss "
+                     f"variance ({variances.min():.4g}; the whole [0, 1]: {variances[0]:.4g})")
       if step % tcfg.checkpoint_every == 0 or step == last_step:
         skips.record(step, metrics, writer)  # the saved count includes this step
         save(step)
