@@ -261,17 +261,18 @@ def window_variances(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x
   if weights_BxL is not None:
     in_slot_BxLxS = in_slot_BxLxS * weights_BxL[..., None]
   used_BxS = jnp.sum(in_slot_BxLxS, axis=1) > 0
-  out = []
-  for window in windows:
+
+  def variance(window_2):  # one compiled body for every window: a map over them, not a Python loop
     def per_block(draw_key):
       time_key, noise_key = jax.random.split(draw_key)
-      t_BxL = block_layout.position_times(block_times(time_key, batch, slots, window), blocks_BxL)
+      t_BxL = block_layout.position_times(block_times(time_key, batch, slots, window_2), blocks_BxL)
       values_BxL = _block_position_terms(process, logits_fn, noise_key, x0_BxL, t_BxL, blocks_BxL)
       return jnp.einsum("bl,bls->bs", values_BxL, in_slot_BxLxS)
 
     draws_DxBxS = jax.lax.map(per_block, jax.random.split(key, num_draws))
-    out.append(jnp.sum(jnp.where(used_BxS, jnp.var(draws_DxBxS, axis=0), 0.0)) / jnp.sum(used_BxS))
-  return jnp.stack(out)
+    return jnp.sum(jnp.where(used_BxS, jnp.var(draws_DxBxS, axis=0), 0.0)) / jnp.sum(used_BxS)
+
+  return jax.lax.map(variance, jnp.asarray(windows, _float_dtype()))
 
 
 def search_window(variances_W, windows=CLIP_WINDOWS) -> tuple[float, float]:

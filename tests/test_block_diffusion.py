@@ -244,8 +244,9 @@ def test_the_clipped_window_trains_inside_it_and_evaluation_integrates_over_all_
     exp, model, params = _model(block_size=4, clip_low=window[0], clip_high=window[1])
     process = state.build_process(exp.process, exp.model)
     x0, _ = _tokens(1, 4, 12, 0.0, 256)
-    runs[window] = [state.loss_terms(exp, model, process, params, jax.random.PRNGKey(2), x0, evaluate=e)
-                    for e in (False, True)]
+    terms = jax.jit(lambda p, x, e: state.loss_terms(exp, model, process, p, jax.random.PRNGKey(2), x, evaluate=e),
+                    static_argnums=2)
+    runs[window] = [terms(params, x0, e) for e in (False, True)]
   (train_full, eval_full), (train_clipped, eval_clipped) = runs[(0.0, 1.0)], runs[(0.3, 0.8)]
   np.testing.assert_array_equal(np.asarray(eval_full["nelbo"]), np.asarray(eval_clipped["nelbo"]))
   assert not np.allclose(np.asarray(train_full["loss"]), np.asarray(train_clipped["loss"]), rtol=1e-3)
