@@ -46,12 +46,15 @@ def _sample_kernels(d, v, dot_dtype):
   return triton_check.triton_kernels(draw, _struct((N, d)), _struct((d, v)))
 
 
-def _attention_kernels(shape, causal):
-  def loss(q, k, v, segments):
-    return attention.flash_attention(q, k, v, segments, causal).astype(jnp.float32).sum()
+def _attention_kernels(shape, causal, block_size=0):
+  """Forward, dq and dk/dv kernels; with ``block_size``, under block diffusion's mask (x_t then x_0: 2N rows)."""
+  def loss(q, k, v, segments, blocks):
+    extra = dict(blocks_BxL=blocks, block_size=block_size) if block_size else {}
+    return attention.flash_attention(q, k, v, segments, causal, **extra).astype(jnp.float32).sum()
 
   q = _struct(shape, jnp.bfloat16)
-  return triton_check.triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, _struct(shape[:2], jnp.int32))
+  ids = _struct(shape[:2], jnp.int32)
+  return triton_check.triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, ids, ids)
 
 
 def _cases():
@@ -63,6 +66,9 @@ def _cases():
   for shape in ATTENTION_SHAPES:
     for causal in (False, True):
       cases.append((f"attention {shape} causal={causal}", functools.partial(_attention_kernels, shape, causal)))
+  # Block diffusion's 2L pass at L = 1024, blocks of 16 (the OWT config's length).
+  bd_shape = (4, 2048, 12, 64)
+  cases.append((f"attention {bd_shape} BD3 L'=16", functools.partial(_attention_kernels, bd_shape, False, 16)))
   return cases
 
 
