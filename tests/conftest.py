@@ -86,7 +86,8 @@ os.environ["D3PM_CACHE"] = os.path.join(_SESSION, "data")
 # Compiled programs are shared by the whole session through JAX's persistent compilation cache: the many tests,
 # workers and subprocesses that train the same tiny models compile each program once. Every program is written,
 # however quick its compile: with a 0.5 s threshold the tests that start commands ran 30-40% longer (the commands
-# recompiled the small programs they had found in the cache).
+# recompiled the small programs they had found in the cache; measured in a run that also shared the CPU with a
+# training at nice 19, which took about 15% of one core).
 _COMPILED = os.path.join(_SESSION, "xla")
 for _name, _value in (("jax_compilation_cache_dir", _COMPILED), ("jax_persistent_cache_min_compile_time_secs", 0),
                       ("jax_persistent_cache_min_entry_size_bytes", 0)):
