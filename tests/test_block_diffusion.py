@@ -503,3 +503,19 @@ def test_the_block_samplers_program_does_not_grow_with_blocks_or_steps():
   small, large = size(32, 3), size(64, 64)  # both past max_len = 16: the same cache window of 12 positions
   # What grows is data, not code: the time grid (steps + 1 floats) and the blocks' keys, inlined as constants.
   assert abs(large - small) < 0.05 * small, (small, large)
+
+
+def test_a_sample_stops_at_its_first_end_of_document_token():
+  """With eos_id, every position after a sample's first end-of-document token is padding, whichever block it falls
+  in; a sample without one is left whole. (A denoiser certain of a fixed text per row, so the draws are known.)"""
+  from d3pm_jax import get_schedule, make_process
+  from d3pm_jax.sampling import SamplerConfig, block_sample
+  process = make_process("absorbing", 11, get_schedule("linear"))
+  text = jnp.asarray([[1, 2, 3, 9, 4, 5, 9, 6], [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)  # 9 is the EOS
+
+  def denoise(state, x_t, b):
+    return 50.0 * jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(text, b * 2, 2, axis=1), 11)
+
+  tokens = block_sample(process, denoise, lambda s, x, b: s, 0, jax.random.PRNGKey(0), 2, 8, 2,
+                        SamplerConfig(num_steps=2), eos_id=9, pad_id=0)
+  np.testing.assert_array_equal(np.asarray(tokens), [[1, 2, 3, 9, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
