@@ -30,6 +30,13 @@ IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
 
 
+def block_diffusion_rule(q_clean, k_clean, q_block, k_block):
+  """Block diffusion's rule for broadcast boolean (``*_clean``: the position is in the x_0 half) and block-number
+  arrays, numpy or jax: x_t sees x_t of its own block and x_0 of earlier blocks, x_0 sees x_0 up to its block."""
+  return ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
+          | (q_clean & k_clean & (k_block <= q_block)))
+
+
 def visible(segments_BxL, length: int, batch: int, causal: bool, blocks_BxL=None):
   """``[B, L, L]`` bool: which keys each query sees (the segment rule, and j <= i when ``causal``).
 
@@ -47,10 +54,8 @@ def visible(segments_BxL, length: int, batch: int, causal: bool, blocks_BxL=None
     if length % 2:
       raise ValueError(f"a block-diffusion row is x_t followed by x_0: its length must be even; got {length}")
     clean = jnp.arange(length) >= length // 2
-    q_clean, k_clean = clean[None, :, None], clean[None, None, :]
-    q_block, k_block = blocks_BxL[:, :, None], blocks_BxL[:, None, :]
-    mask &= ((~q_clean & ~k_clean & (k_block == q_block)) | (~q_clean & k_clean & (k_block < q_block))
-             | (q_clean & k_clean & (k_block <= q_block)))
+    mask &= block_diffusion_rule(clean[None, :, None], clean[None, None, :], blocks_BxL[:, :, None],
+                                 blocks_BxL[:, None, :])
   return mask
 
 
@@ -107,9 +112,9 @@ def _ceil_div(a, b):
 
 def _key_ranges(i, plan: _Plan):
   """The key blocks query block ``i`` visits, as ranges ``(lo, hi)`` of key-block indices (two for block
-  diffusion, the second starting where the first ends): all; (causal) those up to its diagonal; (block diffusion) for its x_t
-  rows, the x_t keys within a block's reach and the x_0 keys before them, and for its x_0 rows the x_0 keys up
-  to a block past them. The mask decides visibility inside the visited blocks; the ranges only skip blocks that
+  diffusion, the second starting where the first ends): all; (causal) those up to its diagonal; (block diffusion)
+  for its x_t rows, the x_t keys within a block's reach and the x_0 keys before them, and for its x_0 rows the x_0
+  keys up to a block past them. The mask decides visibility inside the visited blocks; the ranges only skip blocks that
   hold no visible key."""
   num_k = plan.padded_length // plan.block_k
   r0, r1 = i * plan.block_q, (i + 1) * plan.block_q
@@ -161,10 +166,8 @@ def _scores(q, k, seg_q, seg_k, blk_q, blk_k, rows, cols, scale, plan: _Plan):
   if plan.causal:
     valid &= cols[None, :] <= rows[:, None]
   if plan.half:
-    q_clean, k_clean = rows[:, None] >= plan.half, cols[None, :] >= plan.half
-    q_block, k_block = blk_q[:, None], blk_k[None, :]
-    valid &= jnp.where(q_clean, k_clean & (k_block <= q_block), jnp.where(k_clean, k_block < q_block,
-                                                                          k_block == q_block))
+    valid &= block_diffusion_rule(rows[:, None] >= plan.half, cols[None, :] >= plan.half, blk_q[:, None],
+                                  blk_k[None, :])
   return jnp.where(valid, s, NEG), valid
 
 
@@ -418,9 +421,7 @@ def stream_block_mask(length: int, block_size: int) -> np.ndarray:
   half = length // 2
   block = np.tile(np.arange(half) // block_size, 2)
   clean = np.arange(length) >= half
-  q_clean, k_clean, q_block, k_block = clean[:, None], clean[None, :], block[:, None], block[None, :]
-  return np.where(q_clean, k_clean & (k_block <= q_block), np.where(k_clean, k_block < q_block,
-                                                                    k_block == q_block))
+  return block_diffusion_rule(clean[:, None], clean[None, :], block[:, None], block[None, :])
 
 
 def _splash_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, *, causal, block, interpret, block_size):
