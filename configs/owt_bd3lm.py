@@ -27,20 +27,12 @@ Deviations from the paper:
     configs/lm1b_bd3lm.py). Expected effect: a higher-variance objective, a worse bound.
   - The network is this library's transformer (LayerNorm, rotary positions, GLU MLP). Expected effect: small.
 """
-from d3pm_jax.config import base_config, parse_arg, prepared_path
-
-BLOCK_SIZES = {"4": 4, "8": 8, "16": 16}
+from d3pm_jax.config import prepared_path, sibling_config
 
 
 def get_config(arg=None):
-  block_size = BLOCK_SIZES[parse_arg(arg, tuple(BLOCK_SIZES)) or "4"]
-  cfg = base_config()
-  cfg.process.update(name="absorbing", loss="masked", schedule="loglinear", eps=1e-3, block_size=block_size)
-  cfg.model.update(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, cond_dim=128, max_len=1024,
-                   time_conditioning=False, norm="layer", dtype="bfloat16", vocab_pad_multiple=128, dropout=0.1)
+  """configs/lm1b_bd3lm.py's model, process and optimiser (the same MDLM recipe), on OpenWebText at 1024."""
+  cfg = sibling_config(__file__, "lm1b_bd3lm").get_config(arg)
+  cfg.model.max_len = 1024
   cfg.data.update(name="openwebtext", tokenizer="gpt2", seq_len=1024, prepared_dir=prepared_path("owt_gpt2"))
-  cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=3e-4, warmup_steps=2500, min_lr_ratio=1.0,
-                   weight_decay=0.0, b2=0.999, grad_clip=1.0, ema_decay=0.9999, log_every=100,
-                   eval_every=10_000, eval_batches=32, checkpoint_every=5000, keep_checkpoints=3, sample_steps=1000)
-  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   return cfg

@@ -28,23 +28,12 @@ Deviations from the paper:
   - The network is this library's transformer (RMSNorm, rotary positions), sized like MD4-S's. Expected effect:
     small; a different architecture at equal size.
 """
-import importlib.util
-import os
-
-from d3pm_jax.config import parse_arg, prepared_path
-
-
-def _md4_small():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "md4_small.py")
-  spec = importlib.util.spec_from_file_location("md4_small_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from d3pm_jax.config import parse_arg, prepared_path, sibling_config
 
 
 def get_config(arg=None):
   parse_arg(arg, ())
-  cfg = _md4_small().get_config()
+  cfg = sibling_config(__file__, "md4_small").get_config()
   cfg.data.update(name="openwebtext", tokenizer="gpt2", seq_len=1024, tokenizer_path="",
                   prepared_dir=prepared_path("owt_gpt2_chunks"))
   cfg.model.update(dropout=0.02, mlp_activation="sigmoid", depth_scaled_init=True)

@@ -272,6 +272,17 @@ def prepared_path(name: str) -> str:
   return os.path.join(os.environ.get("D3PM_DATA", "data"), name)
 
 
+def sibling_config(config_file: str, name: str):
+  """The module of ``configs/<name>.py`` beside ``config_file`` (a config's ``__file__``), for a config that
+  starts from another's ``get_config``."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"{name}_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def parse_arg(arg: str | None, valid: tuple[str, ...]) -> str | None:
   """For ``get_config(arg)``: ``arg`` must be None or one of ``valid``."""
   if arg is not None and arg not in valid:
