@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton", reason="the 'triton' package (Linux x86-6
 pytestmark = pytest.mark.slow
 
 N = 1024  # rows of the head's kernels: the program does not depend on it beyond the grid
-HEAD_SHAPES = [(256, 50257), (768, 50257), (2048, 50257), (768, 131072)]  # (D, V); 128k for the record
+HEAD_SHAPES = [(256, 50257), (768, 50257), (1024, 50257), (2048, 50257), (768, 131072)]  # (D, V); 128k for the record
 ATTENTION_SHAPES = [(8, 1024, 12, 64), (4, 1024, 16, 128)]  # (B, L, H, K)
 MAX_SPILL_BYTES = 256
 
