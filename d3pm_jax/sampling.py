@@ -16,6 +16,24 @@ Strategies:
                proposals the model is most sure of (its own probability p_theta(proposal | x_t), before the knobs)
                are kept so that the number still masked follows 1 - alpha(s), the others stay masked. The last
                step unmasks everything.
+  first_hitting  absorbing only (Zheng et al. 2024): exact for masked diffusion with one network call per decoded
+               token. With n positions still masked at time t, the next time one unmasks is drawn from the
+               schedule (1 - alpha(s) = (1 - alpha(t)) u^(1/n), u ~ U(0, 1), the latest of n masking times), one
+               masked position, uniform among them, unmasks, and its token comes from p~. A ``lax.scan`` of L
+               steps; once a sample has no masked position left its steps call nothing (``lax.cond``).
+  threshold    absorbing only (Fast-dLLM's parallel decoding): a ``lax.while_loop`` that at every step
+               unmasks each masked position whose proposal (drawn from p~) has p_theta(proposal | x_t) >=
+               ``threshold``, and at least the most confident one, until none is masked. tau > 1 is one token a
+               step in confidence order; tau = 0 decodes everything in one call.
+Predictor-corrector (``remask``, ancestral only; the Psi-samplers of the DUO line, ReMDM for masking): each step
+draws x_s from kappa q(x_s | x_t, x^_0) + (1 - kappa) q_s(x_s | x^_0), the ancestral posterior mixed with the
+prediction pushed forward to time s, so decoded tokens can be noised again and corrected later. 'psi' takes a
+constant ``kappa`` (every process; kappa = 1 is ancestral). For absorbing the step is ReMDM's: a decoded token is
+remasked with probability sigma = (1 - kappa)(1 - alpha(s)) and a masked one unmasks with probability
+(alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), which keeps the marginals of the forward process; 'cap' sets
+sigma = min(``eta``, sigma_max) and 'rescale' sigma = ``eta`` sigma_max, sigma_max = min(1, (1 - alpha(s)) /
+alpha(t)) the largest that keeps them. The corrector acts only while t lies in [``remask_off``, ``remask_on``]
+(ReMDM's switch window); outside it the step is ancestral.
 Semi-autoregressive blocks (``num_blocks``, absorbing): blocks are generated left to right, each conditioned on
 the finished blocks before it (clean) and the blocks after it (masked). Each block reruns t from 1 to 0 for its
 own unmasking schedule, but the whole sequence is never masked at the rate that t implies; a time-conditioned
@@ -42,9 +60,10 @@ import numpy as np
 
 from d3pm_jax import _checks, draws
 from d3pm_jax.processes import AbsorbingProcess, NEG_INF, Process
-from d3pm_jax.processes.base import expand_time
+from d3pm_jax.processes.base import expand_time, safe_log
 
-STRATEGIES = ("ancestral", "confidence")
+STRATEGIES = ("ancestral", "confidence", "first_hitting", "threshold")
+REMASKS = ("none", "psi", "cap", "rescale")
 TIME_GRIDS = ("uniform", "cosine", "md4_cosine")
 PRECISIONS = ("auto", "float32", "float64")
 
@@ -63,6 +82,12 @@ class SamplerConfig:
   greedy: bool = False           # the argmax of p_theta(x_0 | x_t); the unmasking schedule stays random
   num_blocks: int = 1            # semi-autoregressive blocks (absorbing), num_steps each; the network is told
                                  # the time that matches the masked fraction (see the module docstring)
+  threshold: float = 0.9         # strategy 'threshold': unmask every proposal with p_theta >= threshold
+  remask: str = "none"           # predictor-corrector: 'psi' (kappa), 'cap' or 'rescale' (eta; absorbing)
+  kappa: float = 1.0             # remask='psi': the weight of the ancestral posterior (1: ancestral)
+  eta: float = 0.0               # remask='cap'/'rescale': ReMDM's eta
+  remask_on: float = 1.0         # the corrector acts while remask_off <= t <= remask_on
+  remask_off: float = 0.0
 
   def __post_init__(self):
     _checks.check_choice("sampling strategy", self.strategy, STRATEGIES)
@@ -76,6 +101,23 @@ class SamplerConfig:
       raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must lie in (0, 1]; got {self.top_p}")
+    _checks.check_choice("remasking", self.remask, REMASKS)
+    if not self.threshold >= 0:
+      raise ValueError(f"threshold must be >= 0 (0 decodes everything at once; above 1, one token a step); got "
+                       f"{self.threshold}")
+    if not 0 <= self.kappa <= 1:
+      raise ValueError(f"kappa must lie in [0, 1] (1: ancestral); got {self.kappa}")
+    if not 0 <= self.eta <= 1:
+      raise ValueError(f"eta must lie in [0, 1]; got {self.eta}")
+    if not 0 <= self.remask_off < self.remask_on <= 1:
+      raise ValueError(f"the remasking window needs 0 <= remask_off < remask_on <= 1; got "
+                       f"({self.remask_off}, {self.remask_on})")
+    if self.remask != "none" and self.strategy != "ancestral":
+      raise ValueError(f"remask={self.remask!r} corrects ancestral steps; got strategy={self.strategy!r}. Use "
+                       "strategy='ancestral' or remask='none'")
+    if self.strategy in ("first_hitting", "threshold") and (self.return_trajectory or self.skip_unchanged):
+      raise ValueError(f"strategy {self.strategy!r} has no fixed grid of steps: it keeps no trajectory and has "
+                       "nothing to skip (every step changes x); turn off return_trajectory and skip_unchanged")
 
   @property
   def dtype(self):
@@ -157,10 +199,10 @@ class SampleHead:
 
 def fused_head_supports(process: Process, cfg: SamplerConfig) -> bool:
   """Whether a ``SampleHead`` can serve this sampling: the absorbing process (its tokens come straight from
-  p_theta(x_0 | x_t)), temperature only (no nucleus or greedy, which need the whole distribution), and no
-  ``skip_unchanged`` (which caches the distribution)."""
+  p_theta(x_0 | x_t)), temperature only (no nucleus or greedy, which need the whole distribution), no
+  ``skip_unchanged`` (which caches the distribution), the ancestral or confidence strategy and no remasking."""
   return (isinstance(process, AbsorbingProcess) and cfg.top_p == 1.0 and not cfg.greedy
-          and not cfg.skip_unchanged)
+          and not cfg.skip_unchanged and cfg.strategy in ("ancestral", "confidence") and cfg.remask == "none")
 
 
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
@@ -172,14 +214,42 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   ``logits_fn(x_t_BxL, t_B)`` is the denoiser; ``time_conditioned=False`` declares that it ignores ``t_B``, which
   makes ``cfg.skip_unchanged`` exact (it is refused otherwise unless ``cfg.approximate_skip``). A fused ``head``
   draws the tokens instead of ``logits_fn`` where ``fused_head_supports`` allows (an error otherwise).
+  ``sample_with_nfe`` also counts the network calls.
   """
+  x0_BxL, trajectory, _ = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step,
+                                  time_conditioned, head)
+  return x0_BxL, trajectory
+
+
+def sample_with_nfe(process: Process, logits_fn, key, batch: int, length: int,
+                    cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None,
+                    time_conditioned: bool = True, head: SampleHead | None = None):
+  """``sample``'s tokens and each sample's number of network calls (NFE), int32 ``[B]``: the steps that called
+  the denoiser while the sample still had a position to decode (a batched call serves every sample at once; a
+  finished sample is not charged for calls its batch makes for others)."""
+  x0_BxL, _, nfe_B = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, None,
+                             time_conditioned, head)
+  return x0_BxL, nfe_B
+
+
+ABSORBING_ONLY = {"confidence": "strategy", "first_hitting": "strategy", "threshold": "strategy", "cap": "remask",
+                  "rescale": "remask"}
+
+
+def _check_absorbing(process: Process, cfg: SamplerConfig):
+  for value in (cfg.strategy, cfg.remask):
+    if value in ABSORBING_ONLY and not isinstance(process, AbsorbingProcess):
+      raise ValueError(f"{ABSORBING_ONLY[value]} {value!r} needs the absorbing process; got "
+                       f"{type(process).__name__}. Use strategy='ancestral' (with remask='psi' for a corrector)")
+
+
+def _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step, time_conditioned, head):
   if head is not None and not fused_head_supports(process, cfg):
-    raise ValueError(f"a fused sampling head draws tokens of the absorbing process at a temperature; it cannot "
-                     f"serve {type(process).__name__} with top_p={cfg.top_p}, greedy={cfg.greedy}, "
-                     f"skip_unchanged={cfg.skip_unchanged}: sample from the logits (head=None)")
-  if cfg.strategy == "confidence" and not isinstance(process, AbsorbingProcess):
-    raise ValueError(f"strategy 'confidence' needs the absorbing process; got {type(process).__name__}. "
-                     "Use strategy='ancestral'")
+    raise ValueError(f"a fused sampling head draws tokens of the absorbing process at a temperature, ancestrally or "
+                     f"by confidence; it cannot serve {type(process).__name__} with top_p={cfg.top_p}, "
+                     f"greedy={cfg.greedy}, skip_unchanged={cfg.skip_unchanged}, strategy={cfg.strategy!r}, "
+                     f"remask={cfg.remask!r}: sample from the logits (head=None)")
+  _check_absorbing(process, cfg)
   if cfg.skip_unchanged and time_conditioned and not cfg.approximate_skip:
     raise ValueError("skip_unchanged reuses the network's output when x_t did not change, which is exact only for "
                      "a denoiser that does not see t, and this one is time-conditioned (time_conditioned=True; every "
@@ -198,46 +268,181 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
   # block fixed to its initial (masked) state; one block is the plain sampler.
   block = length // cfg.num_blocks
   position = jnp.arange(length)
-  trajectories = []
+  trajectories, nfe_B = [], jnp.zeros((batch,), jnp.int32)
   for b in range(cfg.num_blocks):
     outside = (position < b * block) | (position >= (b + 1) * block)
-    x_BxL, trajectory = _sample_scan(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
-                                     given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg, on_step,
-                                     match_time_to_masking=cfg.num_blocks > 1, head=head)
+    x_BxL, trajectory, calls_B = _denoise(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
+                                          given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg,
+                                          on_step, match_time_to_masking=cfg.num_blocks > 1, head=head,
+                                          region=block)
     trajectories.append(trajectory)
-  return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None)
+    nfe_B = nfe_B + calls_B
+  return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None), nfe_B
 
 
-def _unmasks(process: AbsorbingProcess, key, x_t, s, t, cfg: SamplerConfig):
+def _denoise(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, on_step=None,
+             match_time_to_masking=False, head=None, region=None):
+  """Every free position of ``x_BxL`` denoised by ``cfg.strategy``: ``(x0_BxL, trajectory, nfe_B)``. ``region``
+  (default L) bounds how many positions are free: the steps of first-hitting and threshold decoding."""
+  region = region or x_BxL.shape[1]
+  if cfg.strategy == "first_hitting":
+    return _first_hitting(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, region, on_step,
+                          match_time_to_masking)
+  if cfg.strategy == "threshold":
+    return _threshold(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, region, on_step)
+  return _sample_scan(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, on_step, match_time_to_masking,
+                      head)
+
+
+def _unmasks(process: AbsorbingProcess, key, x_t, s, t, cfg: SamplerConfig, sigma=0.0):
   """Which masked positions of ``x_t`` unmask on the step from t to s: each with probability
-  (alpha(s) - alpha(t)) / (1 - alpha(t)), all at the end of the grid (s = 0)."""
+  (alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), all at the end of the grid (s = 0). ``sigma`` is the
+  probability that a decoded token is remasked on the same step (0: ancestral, (alpha(s) - alpha(t)) /
+  (1 - alpha(t)))."""
   at_end = expand_time(s, jnp.ndim(x_t)) == 0
   alpha_s = process.keep_probability(s, jnp.ndim(x_t))
   alpha_t = process.keep_probability(t, jnp.ndim(x_t))
-  unmask_p = jnp.where(at_end, 1.0, (alpha_s - alpha_t) / (1.0 - alpha_t))
+  unmask_p = jnp.where(at_end, 1.0, (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t))
   return (x_t == process.mask_id) & draws.bernoulli(key, unmask_p, jnp.shape(x_t), cfg.dtype)
+
+
+def _corrector_active(s, t, cfg: SamplerConfig, ndim: int):
+  """Whether the step from t to s corrects (t inside the remasking window and s > 0), shaped like the times."""
+  t = expand_time(t, ndim)
+  return (t >= cfg.remask_off) & (t <= cfg.remask_on) & (expand_time(s, ndim) > 0)
+
+
+def remask_probability(process: AbsorbingProcess, s, t, cfg: SamplerConfig, ndim: int):
+  """ReMDM's sigma for the step from t to s: the probability that a decoded token is masked again, 0 outside
+  the window ``[cfg.remask_off, cfg.remask_on]`` and on the last step. 'psi': (1 - kappa)(1 - alpha(s)); 'cap':
+  min(eta, sigma_max); 'rescale': eta sigma_max; sigma_max = min(1, (1 - alpha(s)) / alpha(t))."""
+  alpha_s, alpha_t = process.keep_probability(s, ndim), process.keep_probability(t, ndim)
+  sigma_max = jnp.where(alpha_t > 0, jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-30)), 1.0)
+  if cfg.remask == "psi":
+    sigma = (1.0 - cfg.kappa) * (1.0 - alpha_s)
+  elif cfg.remask == "cap":
+    sigma = jnp.minimum(cfg.eta, sigma_max)
+  else:
+    sigma = cfg.eta * sigma_max
+  return jnp.where(_corrector_active(s, t, cfg, ndim), sigma, 0.0)
 
 
 def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig):
   """One ancestral step x_t -> x_s from the denoiser's prediction ``log_p0_xV`` = log p_theta(x_0 | x_t)
   ``[..., V]``: the knobs shape the prediction, and x_s is drawn from the exact reverse step it implies. Where
   ``s == 0`` (the end of the grid) x_0 is drawn from the shaped prediction itself. ``s`` and ``t`` broadcast
-  against the leading dims of ``x_t`` (``t_B`` against ``x_BxL``). Returns int32 like ``x_t``."""
+  against the leading dims of ``x_t`` (``t_B`` against ``x_BxL``). With ``cfg.remask`` the step is the
+  predictor-corrector's mixture (the module docstring). Returns int32 like ``x_t``."""
   log_p = shape_prediction(log_p0_xV, cfg)
   token_key, move_key = jax.random.split(key)
   at_end = expand_time(s, jnp.ndim(x_t)) == 0
   if isinstance(process, AbsorbingProcess):
     # Two stages: whether a masked position unmasks (the schedule alone decides), then its token from p~.
-    unmask = _unmasks(process, move_key, x_t, s, t, cfg)
-    return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_t).astype(jnp.int32)
+    if cfg.remask == "none":
+      unmask = _unmasks(process, move_key, x_t, s, t, cfg)
+      return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_t).astype(jnp.int32)
+    sigma = remask_probability(process, s, t, cfg, jnp.ndim(x_t))
+    unmask = _unmasks(process, move_key, x_t, s, t, cfg, sigma)
+    remask = (x_t != process.mask_id) & draws.bernoulli(jax.random.fold_in(key, 1), sigma, jnp.shape(x_t),
+                                                         cfg.dtype)
+    x_s = jnp.where(remask, process.mask_id, x_t)
+    return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_s).astype(jnp.int32)
   posterior = process.posterior_logits(jnp.exp(log_p), x_t, s, t)
+  if cfg.remask != "none":  # 'psi' (the others are refused for this process): the mixture, in log space
+    kappa = jnp.where(_corrector_active(s, t, cfg, jnp.ndim(x_t)), cfg.kappa, 1.0)[..., None]
+    pushed = safe_log(process.marginal(jnp.exp(log_p), s))
+    posterior = jnp.logaddexp(jnp.log(kappa) + posterior, jnp.log1p(-kappa) + pushed)
   return draws.categorical(token_key, jnp.where(at_end[..., None], log_p, posterior), cfg.dtype)
+
+
+def confidence_rank(key, confidence_BxL, masked_BxL):
+  """Each masked position's rank by ``confidence_BxL`` among its row's masked positions, 0 the least confident
+  (ties broken by noise of 1e-6 from ``key``, then by position); unmasked positions rank after them all."""
+  score = jnp.where(masked_BxL, confidence_BxL + 1e-6 * jax.random.uniform(key, confidence_BxL.shape), jnp.inf)
+  return jnp.argsort(jnp.argsort(score, axis=1), axis=1)
+
+
+def _first_hitting(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
+                   region: int, on_step=None, match_time_to_masking: bool = False):
+  """The first-hitting sampler (module docstring): ``(x0_BxL, None, nfe_B)``, ``region`` steps (at most one
+  network call each) for at most ``region`` free positions. The network sees the time at which the step's position unmasks, or with
+  ``match_time_to_masking`` the time whose alpha matches the unmasked fraction of x_t."""
+  batch, length = x_BxL.shape
+  schedule, dtype = process.schedule, cfg.dtype
+  x_BxL = jnp.where(given_BxL, prompt_BxL, x_BxL)
+
+  def step(carry, step_key):
+    x_t, alpha_B, nfe_B = carry
+    if on_step is not None:
+      jax.debug.callback(on_step)
+    masked = (x_t == process.mask_id) & ~given_BxL
+    n_B = jnp.sum(masked, axis=1)
+    time_key, where_key, token_key = jax.random.split(step_key, 3)
+    # The latest of n independent masking times, each distributed as (1 - alpha(tau)) / (1 - alpha(t)) on [0, t].
+    u_B = draws.fine_uniform(time_key, (batch,), dtype)
+    alpha_s_B = 1.0 - (1.0 - alpha_B) * u_B ** (1.0 / jnp.maximum(n_B, 1).astype(dtype))
+    alpha_s_B = jnp.where(n_B > 0, alpha_s_B, alpha_B)
+    if match_time_to_masking:
+      t_B = schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
+    else:
+      t_B = schedule.time_at_alpha(alpha_s_B)
+
+    def decode(x_t):
+      log_p = process.x0_log_probs(logits_fn(x_t, t_B), x_t)
+      token = categorical(token_key, log_p, cfg)
+      # One masked position, uniform among them: the largest of i.i.d. uniform scores.
+      score = jnp.where(masked, draws.fine_uniform(where_key, masked.shape, dtype), -1.0)
+      chosen = (jnp.arange(length) == jnp.argmax(score, axis=1)[:, None]) & masked
+      return jnp.where(chosen, token, x_t).astype(jnp.int32)
+
+    x_s = jax.lax.cond(jnp.any(n_B > 0), decode, lambda x_t: x_t, x_t)
+    return (x_s, alpha_s_B, nfe_B + (n_B > 0)), None
+
+  alpha0 = jnp.broadcast_to(schedule.alpha(jnp.ones((), dtype)).astype(dtype), (batch,))
+  (x0_BxL, _, nfe_B), _ = jax.lax.scan(step, (x_BxL, alpha0, jnp.zeros((batch,), jnp.int32)),
+                                       jax.random.split(key, region))
+  return x0_BxL, None, nfe_B
+
+
+def _threshold(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
+               region: int, on_step=None):
+  """Threshold parallel decoding (module docstring) of at most ``region`` free positions: ``(x0_BxL, None,
+  nfe_B)``. Step k uses the k-th of ``split(key, region)``, the confidence strategy's key at step k of
+  ``region`` steps, so tau > 1 reproduces it at one token a step. The network sees the time whose alpha matches
+  the unmasked fraction of x_t (the time of a schedule that unmasks at this pace)."""
+  batch, length = x_BxL.shape
+  schedule = process.schedule
+  x_BxL = jnp.where(given_BxL, prompt_BxL, x_BxL)
+  keys = jax.random.split(key, region)
+  log_tau = jnp.log(jnp.asarray(cfg.threshold, jnp.float32))
+
+  def free_masked(x):
+    return (x == process.mask_id) & ~given_BxL
+
+  def body(carry):
+    x_t, k, nfe_B = carry
+    if on_step is not None:
+      jax.debug.callback(on_step)
+    masked = free_masked(x_t)
+    t_B = schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
+    log_p0 = process.x0_log_probs(logits_fn(x_t, t_B), x_t)
+    draw_key, rank_key = jax.random.split(keys[k])
+    proposal = categorical(draw_key, log_p0, cfg)
+    confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
+    best = confidence_rank(rank_key, confidence, masked) == jnp.sum(masked, axis=1, keepdims=True) - 1
+    unmask = masked & ((confidence >= log_tau) | best)
+    return jnp.where(unmask, proposal, x_t), k + 1, nfe_B + jnp.any(masked, axis=1)
+
+  x0_BxL, _, nfe_B = jax.lax.while_loop(lambda carry: jnp.any(free_masked(carry[0])), body,
+                                        (x_BxL, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)))
+  return x0_BxL, None, nfe_B
 
 
 def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
                  on_step=None, match_time_to_masking: bool = False, head: SampleHead | None = None):
-  """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped.
-  ``match_time_to_masking`` gives the network the time whose alpha matches the unmasked fraction of x_t."""
+  """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped;
+  ``(x0_BxL, trajectory, nfe_B)``. ``match_time_to_masking`` gives the network the time whose alpha matches the
+  unmasked fraction of x_t."""
   batch, length = x_BxL.shape
 
   def clamp(x_BxL):
@@ -266,19 +471,21 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     return ids.reshape(batch, length), prob.reshape(batch, length)
 
   def denoise(x_t, t_B, cache):
+    """The prediction, and whether the network was called for it."""
     if cache is None:
-      return network(x_t, t_B)
+      return network(x_t, t_B), True
     prev_x, prev_log_p = cache
-    return jax.lax.cond(jnp.all(x_t == prev_x), lambda: prev_log_p, lambda: network(x_t, t_B))
+    unchanged = jnp.all(x_t == prev_x)
+    return jax.lax.cond(unchanged, lambda: prev_log_p, lambda: network(x_t, t_B)), ~unchanged
 
   def step(carry, inputs):
-    x_t, cache = carry
+    (x_t, cache), nfe_B = carry
     i, step_key = inputs
     if on_step is not None:  # a host callback per step, e.g. a progress bar
       jax.debug.callback(on_step)
     t_B = jnp.full((batch,), times[i])
     s_B = jnp.full((batch,), times[i - 1])
-    log_p0 = None if head is not None else denoise(x_t, t_B, cache)
+    log_p0, called = (None, True) if head is not None else denoise(x_t, t_B, cache)
     if cfg.strategy == "ancestral" and head is not None:
       token_key, move_key = jax.random.split(step_key)
       proposal, _ = fused_draw(token_key, x_t, t_B)
@@ -293,33 +500,34 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       else:
         proposal = categorical(draw_key, log_p0, cfg)
         confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
-      masked = x_t == process.mask_id
+      masked = (x_t == process.mask_id) & ~given_BxL  # not the later blocks, clamped masked
       # How many free positions stay masked at time s: (1 - alpha(s)) / (1 - alpha(1)) of them, none at the end.
       frac = (1.0 - schedule.alpha(s_B)) / (1.0 - schedule.alpha(jnp.ones_like(s_B)))
       keep_masked_B = jnp.where(i == 1, 0, jnp.floor(frac * num_free_B).astype(jnp.int32))
-      # Rank masked positions by confidence (ties broken by tiny noise); unmask all but the least confident.
-      score = jnp.where(masked, confidence + 1e-6 * jax.random.uniform(rank_key, confidence.shape), jnp.inf)
-      rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1)  # 0 = least confident masked position
-      stays_masked = masked & (rank < keep_masked_B[:, None])
+      # Unmask all but the least confident masked positions.
+      stays_masked = masked & (confidence_rank(rank_key, confidence, masked) < keep_masked_B[:, None])
       x_s = jnp.where(masked & ~stays_masked, proposal, x_t)
     x_s = clamp(x_s)
-    return (x_s, None if cache is None else (x_t, log_p0)), (x_s if cfg.return_trajectory else None)
+    nfe_B = nfe_B + jnp.asarray(called, jnp.int32)
+    return ((x_s, None if cache is None else (x_t, log_p0)), nfe_B), (x_s if cfg.return_trajectory else None)
 
   cache0 = None
   if cfg.skip_unchanged:  # the previous input and output; -1 never equals a token, so step one always runs
     out = jax.eval_shape(network, x_BxL, jnp.zeros((batch,)))
     cache0 = (jnp.full_like(x_BxL, -1), jnp.zeros(out.shape, out.dtype))
   steps = jnp.arange(cfg.num_steps, 0, -1)
-  (x0_BxL, _), trajectory = jax.lax.scan(step, (x_BxL, cache0), (steps, jax.random.split(key, cfg.num_steps)))
-  return x0_BxL, trajectory
+  ((x0_BxL, _), nfe_B), trajectory = jax.lax.scan(step, ((x_BxL, cache0), jnp.zeros((batch,), jnp.int32)),
+                                                  (steps, jax.random.split(key, cfg.num_steps)))
+  return x0_BxL, trajectory, nfe_B
 
 
 def block_sample(process: Process, denoise_fn, commit_fn, state, key, batch: int, length: int, block_size: int,
                  cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None, eos_id: int | None = None,
                  pad_id: int = 0):
   """Block diffusion sampling (BD3-LM): one ``lax.scan`` over the ``length / block_size`` blocks, left to right;
-  each block is denoised from all-mask by ``cfg``'s strategy (``cfg.num_steps`` steps of ``_sample_scan``, a scan
-  of its own), conditioned on the finished blocks before it, and is then committed.
+  each block is denoised from all-mask by ``cfg``'s strategy (a scan or loop of its own: ``cfg.num_steps`` steps,
+  first-hitting's one per position, or threshold decoding's), conditioned on the finished blocks before it, and
+  is then committed.
 
   ``denoise_fn(state, x_t_BxLb, b) -> logits_BxLbxV`` is the denoiser on block b's noisy tokens, given what
   ``state`` holds of the finished blocks; ``commit_fn(state, x_BxLb, b) -> state`` adds finished block b. With a KV
@@ -345,8 +553,8 @@ def block_sample(process: Process, denoise_fn, commit_fn, state, key, batch: int
   def one_block(state, inputs):
     b, block_key, given_BxLb, prompt_BxLb = inputs
     start = jnp.full((batch, block_size), process.mask_id, jnp.int32)
-    x_BxLb, _ = _sample_scan(process, lambda x_t, t_B: denoise_fn(state, x_t, b), block_key, start, given_BxLb,
-                             prompt_BxLb, cfg)
+    x_BxLb, _, _ = _denoise(process, lambda x_t, t_B: denoise_fn(state, x_t, b), block_key, start, given_BxLb,
+                            prompt_BxLb, cfg)
     return commit_fn(state, x_BxLb, b), x_BxLb
 
   _, blocks_NxBxLb = jax.lax.scan(one_block, state, (jnp.arange(num_blocks), jax.random.split(key, num_blocks),
