@@ -222,12 +222,12 @@ def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: Sampl
 
 
 def sample_with_nfe(process: Process, logits_fn, key, batch: int, length: int,
-                    cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None,
+                    cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None, on_step=None,
                     time_conditioned: bool = True, head: SampleHead | None = None):
   """``sample``'s tokens and each sample's number of network calls (NFE), int32 ``[B]``: the steps that called
   the denoiser while the sample still had a position to decode (a batched call serves every sample at once; a
   finished sample is not charged for calls its batch makes for others)."""
-  x0_BxL, _, nfe_B = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, None,
+  x0_BxL, _, nfe_B = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step,
                              time_conditioned, head)
   return x0_BxL, nfe_B
 

@@ -112,7 +112,11 @@ def fuzz_sample(diffusion: str, autoregressive: str) -> None:
                                                                     "[MASK]*0", "[mask]"])), max_size=4).map("".join)
   options = st.fixed_dictionaries({}, optional={
       "steps": st.sampled_from(["1", "3", "0", "-2", "x"]),
-      "strategy": st.sampled_from(["ancestral", "confidence", "bogus"]),
+      "strategy": st.sampled_from(["ancestral", "confidence", "first_hitting", "threshold", "bogus"]),
+      "threshold": st.sampled_from(["0", "0.7", "-1"]),
+      "remask": st.sampled_from(["none", "psi", "cap", "bogus"]),
+      "kappa": st.sampled_from(["0.5", "2"]),
+      "eta": st.sampled_from(["0.1", "-1"]),
       "blocks": st.sampled_from(["1", "2", "4", "0", "3"]),
       "time_grid": st.sampled_from(["uniform", "cosine", "log"]),
       "num_samples": st.sampled_from(["1", "2", "0"]),

@@ -77,7 +77,8 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   """One subprocess runs d3pm-sample's entry point for each command line below; each flag must change what it
   should: the default (ancestral) strategy keeps the prompt and repeats itself for the same --seed but not for
   another; --ema samples other parameters; --top_p near 0 keeps only the top token, so it equals --greedy;
-  --temperature 0.05 gives lower-entropy samples than 20; --blocks runs steps x blocks reverse steps; an AR
+  --temperature 0.05 gives lower-entropy samples than 20; --blocks runs steps x blocks reverse steps; first-hitting
+  makes one network call per free position and threshold 0 one per block, and remasking keeps the prompt; an AR
   workdir continues a prompt; and the usage errors are named."""
   from test_cli_errors import run_batch
   no_checkpoint, foreign = tmp_path / "no_checkpoint", tmp_path / "foreign"
@@ -98,8 +99,13 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
       "blocks": [w, "--steps=2", "--blocks=4", "--num_samples=2", "--prompt=x = "],
       "float32": [w, "--steps=4", "--num_samples=2", "--precision=float32", "--time_grid=cosine"],
       "ar": [ar, "--num_samples=2", "--prompt=def "],
+      "first_hitting": [w, "--strategy=first_hitting", "--num_samples=2", "--prompt=def "],
+      "threshold": [w, "--strategy=threshold", "--threshold=0", "--num_samples=2", "--blocks=2"],
+      "remask": [w, "--steps=4", "--num_samples=2", "--remask=cap", "--eta=0.5", "--prompt=def "],
       "ar_infill": [ar, "--infill=a[MASK]b"],
       "ar_steps": [ar, "--steps=3"],
+      "bad_kappa": [w, "--remask=psi", "--kappa=2"],
+      "ar_remask": [ar, "--remask=psi"],
       "bad_blocks": [w, "--blocks=3"],
       "long_prompt": [w, "--prompt=" + "x" * 17],
       "long_infill": [w, "--infill=ab[MASK]*15"],
@@ -110,7 +116,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   for name, result in results.items():
     assert result["exception"] is None and "Traceback" not in result["err"], (name, result["err"][-2000:])
   ok = {name: r for name, r in results.items() if r["code"] == 0}
-  assert set(ok) == set(list(calls)[:11]), {n: r["err"][-500:] for n, r in results.items() if n not in ok}
+  assert set(ok) == set(list(calls)[:14]), {n: r["err"][-500:] for n, r in results.items() if n not in ok}
   for name in ("default", "seed", "ema", "ar"):
     assert all(s.startswith("def ") for s in _samples(ok[name])) and len(_samples(ok[name])) in (2, 4), name
   assert ok["again"]["out"] == ok["default"]["out"]
@@ -119,9 +125,17 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   assert _entropy(ok["cold"]) < _entropy(ok["hot"]) - 1.0
   assert "sampling: step 8/8" in ok["blocks"]["err"] and all(s.startswith("x = ") for s in _samples(ok["blocks"]))
   assert len(_samples(ok["float32"])) == 2
+  # First-hitting: one call per free position (16 - 4 prompt bytes); threshold 0: one call per block.
+  assert "sampling: step 16/16" in ok["first_hitting"]["err"]
+  assert "network calls per sample: 12.0 (min 12, max 12)" in ok["first_hitting"]["err"]
+  assert "network calls per sample: 2.0 (min 2, max 2)" in ok["threshold"]["err"]
+  for name in ("first_hitting", "remask"):
+    assert all(s.startswith("def ") for s in _samples(ok[name])) and len(_samples(ok[name])) == 2, name
   errors = {
       "ar_infill": "the autoregressive baseline continues prompts; it cannot infill",
       "ar_steps": "--steps set the diffusion sampler",
+      "bad_kappa": "kappa must lie in [0, 1] (1: ancestral); got 2.0",
+      "ar_remask": "--remask set the diffusion sampler",
       "bad_blocks": "length 16 must be divisible by num_blocks=3",
       "long_prompt": "the template needs 17 tokens but the model's sequence length is 16",
       "long_infill": "the template needs 17 tokens but the model's sequence length is 16",

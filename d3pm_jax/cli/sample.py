@@ -1,5 +1,9 @@
 """``d3pm-sample --workdir=DIR [--steps N] [--strategy S] [--prompt TEXT | --infill TEMPLATE]``.
 
+Example: d3pm-sample --workdir=/tmp/stdlib_tiny --strategy=threshold --threshold=0.7 --prompt="def "
+Strategies: ancestral (with --remask for predictor-corrector), confidence, first_hitting (one network call per
+token, exact for masked diffusion) and threshold (parallel decoding; prints the network calls per sample).
+
 Loads the latest checkpoint of a ``d3pm-train`` workdir and prints decoded samples. ``--prompt`` fixes a prefix;
 ``--infill`` fixes a template in which ``[MASK]`` marks one free token and ``[MASK]*20`` twenty (backslash
 escapes ``\\n`` and ``\\t`` are understood). Given tokens never change; positions after the prompt or template are
@@ -16,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from d3pm_jax import sampling
-from d3pm_jax.cli import common
+from d3pm_jax.cli import common, sampler_flags
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.training import checkpoints, state
@@ -41,6 +45,7 @@ _EMA = flags.DEFINE_bool("ema", False, "Sample with the EMA parameters.")
 _PRECISION = flags.DEFINE_enum("precision", "float64", ["float32", "float64"],
                                "Precision of the categorical draws (float64 turns on 64-bit JAX).")
 flags.mark_flag_as_required("workdir")
+flags.adopt_module_key_flags(sampler_flags)  # --help lists the frontier samplers' flags too
 
 MASK_PATTERN = re.compile(r"\[MASK\](?:\*(\d+))?")
 
@@ -67,12 +72,16 @@ def parse_template(template: str, tokenizer, length: int):
 
 
 class Progress:
-  def __init__(self, total: int):
+  """A progress line on stderr; ``total`` None (threshold decoding: as many steps as it takes) counts only."""
+
+  def __init__(self, total: int | None):
     self.total, self.done = total, 0
 
   def __call__(self):
     self.done += 1
-    if self.done % max(1, self.total // 20) == 0 or self.done == self.total:
+    if self.total is None:
+      print(f"\rsampling: step {self.done}", end="", file=sys.stderr, flush=True)
+    elif self.done % max(1, self.total // 20) == 0 or self.done == self.total:
       print(f"\rsampling: step {self.done}/{self.total}", end="\n" if self.done == self.total else "",
             file=sys.stderr, flush=True)
 
@@ -107,13 +116,13 @@ def main(argv):
   process = state.process_for(config, workdir)
   cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
                                temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value,
-                               greedy=_GREEDY.value, time_grid=_GRID.value)
+                               greedy=_GREEDY.value, time_grid=_GRID.value, **sampler_flags.sampler_kwargs())
   key = jax.random.PRNGKey(_SEED.value)
   print(f"checkpoint step {step} of {workdir}", file=sys.stderr)
   if process is None:
     if _INFILL.value is not None:
       raise app.UsageError("the autoregressive baseline continues prompts; it cannot infill")
-    diffusion_only = [f"--{f.name}" for f in (_STEPS, _STRATEGY, _BLOCKS, _GRID) if f.present]
+    diffusion_only = [f"--{f.name}" for f in (_STEPS, _STRATEGY, _BLOCKS, _GRID, *sampler_flags.ALL) if f.present]
     if diffusion_only:
       raise app.UsageError(f"{', '.join(diffusion_only)} set the diffusion sampler, but {workdir} holds the "
                            f"autoregressive baseline, which decodes one token per position left to right; drop them "
@@ -139,10 +148,14 @@ def main(argv):
       raise app.UsageError("--length sets how much a block-diffusion model generates; this model's length is its "
                            f"training length, {length}")
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
-    progress = Progress(cfg.num_steps * cfg.num_blocks)
-    tokens, _ = sampling.sample(process, logits_fn, key, batch, length, cfg, given, prompt, on_step=progress,
-                                time_conditioned=config.model.time_conditioning,
-                                head=state.sample_head(model, params, process, cfg))
+    steps = {"first_hitting": length, "threshold": None}.get(cfg.strategy, cfg.num_steps * cfg.num_blocks)
+    progress = Progress(steps)
+    tokens, nfe = sampling.sample_with_nfe(process, logits_fn, key, batch, length, cfg, given, prompt,
+                                           on_step=progress, time_conditioned=config.model.time_conditioning,
+                                           head=state.sample_head(model, params, process, cfg))
+    nfe = np.asarray(nfe)
+    print(("\n" if steps is None else "") + f"network calls per sample: {nfe.mean():.1f} (min {nfe.min()}, "
+          f"max {nfe.max()})", file=sys.stderr)
   print(f"unigram entropy of the samples: {sampling.unigram_entropy(tokens, config.model.vocab_size):.3f} bits",
         file=sys.stderr)
   for row in np.asarray(tokens):

@@ -1,0 +1,22 @@
+"""The frontier samplers' flags, shared by ``d3pm-sample`` (and adopted into its ``--help``): threshold decoding
+and predictor-corrector remasking (``sampling.SamplerConfig``; the module docstring of ``d3pm_jax.sampling``)."""
+from absl import flags
+
+from d3pm_jax import sampling
+
+THRESHOLD = flags.DEFINE_float("threshold", 0.9, "--strategy=threshold: unmask every masked position whose proposal "
+                               "has p(x_0 | x_t) >= this, and at least the most confident (0: all in one call).")
+REMASK = flags.DEFINE_enum("remask", "none", list(sampling.REMASKS),
+                           "Predictor-corrector remasking of ancestral steps: 'psi' mixes in the prediction pushed "
+                           "to time s with weight 1 - kappa (every process); 'cap' and 'rescale' are ReMDM's sigma "
+                           "(absorbing).")
+KAPPA = flags.DEFINE_float("kappa", 1.0, "--remask=psi: the ancestral posterior's weight (1: ancestral).")
+ETA = flags.DEFINE_float("eta", 0.0, "--remask=cap|rescale: ReMDM's eta.")
+REMASK_ON = flags.DEFINE_float("remask_on", 1.0, "The corrector acts while remask_off <= t <= remask_on.")
+REMASK_OFF = flags.DEFINE_float("remask_off", 0.0, "See --remask_on.")
+ALL = (THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF)
+
+
+def sampler_kwargs() -> dict:
+  """These flags' values as ``SamplerConfig`` fields."""
+  return {f.name: f.value for f in ALL}
