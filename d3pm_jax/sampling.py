@@ -64,6 +64,7 @@ from d3pm_jax.processes.base import expand_time, safe_log
 
 STRATEGIES = ("ancestral", "confidence", "first_hitting", "threshold")
 REMASKS = ("none", "psi", "cap", "rescale")
+CACHES = ("none", "prefix", "dual")
 TIME_GRIDS = ("uniform", "cosine", "md4_cosine")
 PRECISIONS = ("auto", "float32", "float64")
 
@@ -88,6 +89,8 @@ class SamplerConfig:
   eta: float = 0.0               # remask='cap'/'rescale': ReMDM's eta
   remask_on: float = 1.0         # the corrector acts while remask_off <= t <= remask_on
   remask_off: float = 0.0
+  cache: str = "none"            # approximate KV cache of semi-AR blocks: 'prefix' or 'dual' (kv_cache=)
+  cache_refresh: int = 0         # refresh it every this many steps of a block (0: only at the block's start)
 
   def __post_init__(self):
     _checks.check_choice("sampling strategy", self.strategy, STRATEGIES)
@@ -115,6 +118,13 @@ class SamplerConfig:
     if self.remask != "none" and self.strategy != "ancestral":
       raise ValueError(f"remask={self.remask!r} corrects ancestral steps; got strategy={self.strategy!r}. Use "
                        "strategy='ancestral' or remask='none'")
+    _checks.check_choice("KV cache", self.cache, CACHES)
+    if self.cache_refresh < 0:
+      raise ValueError(f"cache_refresh must be >= 0 (0: once per block); got {self.cache_refresh}")
+    if self.cache != "none" and (self.strategy == "first_hitting" or self.skip_unchanged):
+      raise ValueError(f"an approximate KV cache (cache={self.cache!r}) serves the ancestral, confidence and "
+                       f"threshold strategies without skip_unchanged; got strategy={self.strategy!r}, "
+                       f"skip_unchanged={self.skip_unchanged}")
     if self.strategy in ("first_hitting", "threshold") and (self.return_trajectory or self.skip_unchanged):
       raise ValueError(f"strategy {self.strategy!r} has no fixed grid of steps: it keeps no trajectory and has "
                        "nothing to skip (every step changes x); turn off return_trajectory and skip_unchanged")
@@ -200,35 +210,71 @@ class SampleHead:
 def fused_head_supports(process: Process, cfg: SamplerConfig) -> bool:
   """Whether a ``SampleHead`` can serve this sampling: the absorbing process (its tokens come straight from
   p_theta(x_0 | x_t)), temperature only (no nucleus or greedy, which need the whole distribution), no
-  ``skip_unchanged`` (which caches the distribution), the ancestral or confidence strategy and no remasking."""
+  ``skip_unchanged`` (which caches the distribution), the ancestral or confidence strategy, no remasking and no
+  approximate KV cache."""
   return (isinstance(process, AbsorbingProcess) and cfg.top_p == 1.0 and not cfg.greedy
-          and not cfg.skip_unchanged and cfg.strategy in ("ancestral", "confidence") and cfg.remask == "none")
+          and not cfg.skip_unchanged and cfg.strategy in ("ancestral", "confidence") and cfg.remask == "none"
+          and cfg.cache == "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """A denoiser's approximate KV cache (``models/approximate_cache.py``): ``refresh(x_BxL, t_B) -> (logits_BxLxV,
+  state)`` is the full pass that also stores every position's keys and values, ``window(state, x_BxW, start, t_B)
+  -> logits_BxWxV`` runs positions start..start+W-1 against the stored rest."""
+  refresh: Callable
+  window: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockCache:
+  """One semi-AR block's use of a ``KVCache``: refresh on step 0 (and every ``every``-th), else the window of
+  ``width`` positions from ``start`` (the block, or the block and the suffix)."""
+  kv: KVCache
+  start: int
+  width: int
+  every: int
+
+  def initial(self, x_BxL):
+    shapes = jax.eval_shape(self.kv.refresh, x_BxL, jnp.zeros(x_BxL.shape[:1]))[1]
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+  def logits(self, x_BxL, t_B, state, k):
+    """``(logits_BxLxV, state)`` at step ``k`` of the block; outside the window the logits are 0 (those
+    positions are clamped: they never use them)."""
+    def stale(state):
+      window = self.kv.window(state, x_BxL[:, self.start:self.start + self.width], self.start, t_B)
+      full = jnp.zeros(x_BxL.shape + window.shape[-1:], window.dtype)
+      return full.at[:, self.start:self.start + self.width].set(window), state
+    return jax.lax.cond(k % self.every == 0, lambda state: self.kv.refresh(x_BxL, t_B), stale, state)
 
 
 def sample(process: Process, logits_fn, key, batch: int, length: int, cfg: SamplerConfig = SamplerConfig(),
            given_BxL=None, prompt_BxL=None, on_step=None, time_conditioned: bool = True,
-           head: SampleHead | None = None):
+           head: SampleHead | None = None, kv_cache: KVCache | None = None):
   """Draws ``[batch, length]`` tokens from the reverse process; returns ``(x0_BxL, trajectory)`` where the
   trajectory ``[num_blocks * num_steps, B, L]`` (x after each step) is None unless ``cfg.return_trajectory``.
 
   ``logits_fn(x_t_BxL, t_B)`` is the denoiser; ``time_conditioned=False`` declares that it ignores ``t_B``, which
   makes ``cfg.skip_unchanged`` exact (it is refused otherwise unless ``cfg.approximate_skip``). A fused ``head``
   draws the tokens instead of ``logits_fn`` where ``fused_head_supports`` allows (an error otherwise).
-  ``sample_with_nfe`` also counts the network calls.
+  ``sample_with_nfe`` also counts the network calls. ``cfg.cache`` ('prefix', 'dual') samples the semi-AR
+  blocks with ``kv_cache``, the denoiser's approximate KV cache, instead of ``logits_fn``.
   """
   x0_BxL, trajectory, _ = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step,
-                                  time_conditioned, head)
+                                  time_conditioned, head, kv_cache)
   return x0_BxL, trajectory
 
 
 def sample_with_nfe(process: Process, logits_fn, key, batch: int, length: int,
                     cfg: SamplerConfig = SamplerConfig(), given_BxL=None, prompt_BxL=None, on_step=None,
-                    time_conditioned: bool = True, head: SampleHead | None = None):
+                    time_conditioned: bool = True, head: SampleHead | None = None,
+                    kv_cache: KVCache | None = None):
   """``sample``'s tokens and each sample's number of network calls (NFE), int32 ``[B]``: the steps that called
   the denoiser while the sample still had a position to decode (a batched call serves every sample at once; a
   finished sample is not charged for calls its batch makes for others)."""
   x0_BxL, _, nfe_B = _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step,
-                             time_conditioned, head)
+                             time_conditioned, head, kv_cache)
   return x0_BxL, nfe_B
 
 
@@ -243,13 +289,17 @@ def _check_absorbing(process: Process, cfg: SamplerConfig):
                        f"{type(process).__name__}. Use strategy='ancestral' (with remask='psi' for a corrector)")
 
 
-def _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step, time_conditioned, head):
+def _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, on_step, time_conditioned, head,
+            kv_cache=None):
   if head is not None and not fused_head_supports(process, cfg):
     raise ValueError(f"a fused sampling head draws tokens of the absorbing process at a temperature, ancestrally or "
                      f"by confidence; it cannot serve {type(process).__name__} with top_p={cfg.top_p}, "
                      f"greedy={cfg.greedy}, skip_unchanged={cfg.skip_unchanged}, strategy={cfg.strategy!r}, "
                      f"remask={cfg.remask!r}: sample from the logits (head=None)")
   _check_absorbing(process, cfg)
+  if cfg.cache != "none" and kv_cache is None:
+    raise ValueError(f"cache={cfg.cache!r} samples with the denoiser's approximate KV cache: pass kv_cache= "
+                     "(models.approximate_cache.kv_cache(model, params)), or cache='none'")
   if cfg.skip_unchanged and time_conditioned and not cfg.approximate_skip:
     raise ValueError("skip_unchanged reuses the network's output when x_t did not change, which is exact only for "
                      "a denoiser that does not see t, and this one is time-conditioned (time_conditioned=True; every "
@@ -271,27 +321,32 @@ def _sample(process, logits_fn, key, batch, length, cfg, given_BxL, prompt_BxL, 
   trajectories, nfe_B = [], jnp.zeros((batch,), jnp.int32)
   for b in range(cfg.num_blocks):
     outside = (position < b * block) | (position >= (b + 1) * block)
+    window = None
+    if cfg.cache != "none":
+      width = block if cfg.cache == "dual" else length - b * block
+      window = _BlockCache(kv_cache, b * block, width, cfg.cache_refresh or length + 1)
     x_BxL, trajectory, calls_B = _denoise(process, logits_fn, jax.random.fold_in(key, b), x_BxL,
                                           given_BxL | outside, jnp.where(given_BxL, prompt_BxL, x_BxL), cfg,
                                           on_step, match_time_to_masking=cfg.num_blocks > 1, head=head,
-                                          region=block)
+                                          region=block, window=window)
     trajectories.append(trajectory)
     nfe_B = nfe_B + calls_B
   return x_BxL, (jnp.concatenate(trajectories) if cfg.return_trajectory else None), nfe_B
 
 
 def _denoise(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, on_step=None,
-             match_time_to_masking=False, head=None, region=None):
+             match_time_to_masking=False, head=None, region=None, window=None):
   """Every free position of ``x_BxL`` denoised by ``cfg.strategy``: ``(x0_BxL, trajectory, nfe_B)``. ``region``
-  (default L) bounds how many positions are free: the steps of first-hitting and threshold decoding."""
+  (default L) bounds how many positions are free: the steps of first-hitting and threshold decoding. ``window``
+  (a ``_BlockCache``) replaces ``logits_fn`` by the approximate KV cache."""
   region = region or x_BxL.shape[1]
   if cfg.strategy == "first_hitting":
     return _first_hitting(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, region, on_step,
                           match_time_to_masking)
   if cfg.strategy == "threshold":
-    return _threshold(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, region, on_step)
+    return _threshold(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, region, on_step, window)
   return _sample_scan(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, on_step, match_time_to_masking,
-                      head)
+                      head, window)
 
 
 def _unmasks(process: AbsorbingProcess, key, x_t, s, t, cfg: SamplerConfig, sigma=0.0):
@@ -405,9 +460,9 @@ def _first_hitting(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, 
 
 
 def _threshold(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
-               region: int, on_step=None):
+               region: int, on_step=None, window: _BlockCache | None = None):
   """Threshold parallel decoding (module docstring) of at most ``region`` free positions: ``(x0_BxL, None,
-  nfe_B)``. Step k uses the k-th of ``split(key, region)``, the confidence strategy's key at step k of
+  nfe_B)``; with ``window``, through the approximate KV cache. Step k uses the k-th of ``split(key, region)``, the confidence strategy's key at step k of
   ``region`` steps, so tau > 1 reproduces it at one token a step. The network sees the time whose alpha matches
   the unmasked fraction of x_t (the time of a schedule that unmasks at this pace)."""
   batch, length = x_BxL.shape
@@ -420,29 +475,35 @@ def _threshold(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prom
     return (x == process.mask_id) & ~given_BxL
 
   def body(carry):
-    x_t, k, nfe_B = carry
+    x_t, k, nfe_B, kv_state = carry
     if on_step is not None:
       jax.debug.callback(on_step)
     masked = free_masked(x_t)
     t_B = schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
-    log_p0 = process.x0_log_probs(logits_fn(x_t, t_B), x_t)
+    if window is None:
+      logits = logits_fn(x_t, t_B)
+    else:
+      logits, kv_state = window.logits(x_t, t_B, kv_state, k)
+    log_p0 = process.x0_log_probs(logits, x_t)
     draw_key, rank_key = jax.random.split(keys[k])
     proposal = categorical(draw_key, log_p0, cfg)
     confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
     best = confidence_rank(rank_key, confidence, masked) == jnp.sum(masked, axis=1, keepdims=True) - 1
     unmask = masked & ((confidence >= log_tau) | best)
-    return jnp.where(unmask, proposal, x_t), k + 1, nfe_B + jnp.any(masked, axis=1)
+    return jnp.where(unmask, proposal, x_t), k + 1, nfe_B + jnp.any(masked, axis=1), kv_state
 
-  x0_BxL, _, nfe_B = jax.lax.while_loop(lambda carry: jnp.any(free_masked(carry[0])), body,
-                                        (x_BxL, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)))
+  kv0 = None if window is None else window.initial(x_BxL)
+  x0_BxL, _, nfe_B, _ = jax.lax.while_loop(lambda carry: jnp.any(free_masked(carry[0])), body,
+                                           (x_BxL, jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32), kv0))
   return x0_BxL, None, nfe_B
 
 
 def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
-                 on_step=None, match_time_to_masking: bool = False, head: SampleHead | None = None):
+                 on_step=None, match_time_to_masking: bool = False, head: SampleHead | None = None,
+                 window: _BlockCache | None = None):
   """The plain sampler: ``cfg.num_steps`` reverse steps from ``x_BxL`` in one scan, ``given`` positions clamped;
   ``(x0_BxL, trajectory, nfe_B)``. ``match_time_to_masking`` gives the network the time whose alpha matches the
-  unmasked fraction of x_t."""
+  unmasked fraction of x_t; ``window`` replaces ``logits_fn`` by the approximate KV cache."""
   batch, length = x_BxL.shape
 
   def clamp(x_BxL):
@@ -479,13 +540,17 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     return jax.lax.cond(unchanged, lambda: prev_log_p, lambda: network(x_t, t_B)), ~unchanged
 
   def step(carry, inputs):
-    (x_t, cache), nfe_B = carry
+    (x_t, cache), nfe_B, kv_state = carry
     i, step_key = inputs
     if on_step is not None:  # a host callback per step, e.g. a progress bar
       jax.debug.callback(on_step)
     t_B = jnp.full((batch,), times[i])
     s_B = jnp.full((batch,), times[i - 1])
-    log_p0, called = (None, True) if head is not None else denoise(x_t, t_B, cache)
+    if window is not None:
+      logits, kv_state = window.logits(x_t, network_time(x_t, t_B), kv_state, cfg.num_steps - i)
+      log_p0, called = process.x0_log_probs(logits, x_t), True
+    else:
+      log_p0, called = (None, True) if head is not None else denoise(x_t, t_B, cache)
     if cfg.strategy == "ancestral" and head is not None:
       token_key, move_key = jax.random.split(step_key)
       proposal, _ = fused_draw(token_key, x_t, t_B)
@@ -509,15 +574,17 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       x_s = jnp.where(masked & ~stays_masked, proposal, x_t)
     x_s = clamp(x_s)
     nfe_B = nfe_B + jnp.asarray(called, jnp.int32)
-    return ((x_s, None if cache is None else (x_t, log_p0)), nfe_B), (x_s if cfg.return_trajectory else None)
+    return (((x_s, None if cache is None else (x_t, log_p0)), nfe_B, kv_state),
+            (x_s if cfg.return_trajectory else None))
 
   cache0 = None
   if cfg.skip_unchanged:  # the previous input and output; -1 never equals a token, so step one always runs
     out = jax.eval_shape(network, x_BxL, jnp.zeros((batch,)))
     cache0 = (jnp.full_like(x_BxL, -1), jnp.zeros(out.shape, out.dtype))
   steps = jnp.arange(cfg.num_steps, 0, -1)
-  ((x0_BxL, _), nfe_B), trajectory = jax.lax.scan(step, ((x_BxL, cache0), jnp.zeros((batch,), jnp.int32)),
-                                                  (steps, jax.random.split(key, cfg.num_steps)))
+  kv0 = None if window is None else window.initial(x_BxL)
+  ((x0_BxL, _), nfe_B, _), trajectory = jax.lax.scan(
+      step, ((x_BxL, cache0), jnp.zeros((batch,), jnp.int32), kv0), (steps, jax.random.split(key, cfg.num_steps)))
   return x0_BxL, trajectory, nfe_B
 
 
@@ -540,6 +607,9 @@ def block_sample(process: Process, denoise_fn, commit_fn, state, key, batch: int
     raise ValueError(f"block diffusion samples the absorbing process; got {type(process).__name__}")
   if length % block_size:
     raise ValueError(f"length {length} must be a whole number of blocks of {block_size}")
+  if cfg.cache != "none":
+    raise ValueError(f"block diffusion samples with its own exact KV cache; leave SamplerConfig.cache at 'none' "
+                     f"(got {cfg.cache!r}: the approximate caches are for masked models' semi-AR blocks)")
   if cfg.num_blocks != 1 or cfg.return_trajectory:
     raise ValueError("block diffusion is already blockwise: leave SamplerConfig.num_blocks at 1 and "
                      "return_trajectory off")

@@ -117,6 +117,7 @@ def fuzz_sample(diffusion: str, autoregressive: str) -> None:
       "remask": st.sampled_from(["none", "psi", "cap", "bogus"]),
       "kappa": st.sampled_from(["0.5", "2"]),
       "eta": st.sampled_from(["0.1", "-1"]),
+      "cache": st.sampled_from(["none", "dual", "bogus"]),
       "blocks": st.sampled_from(["1", "2", "4", "0", "3"]),
       "time_grid": st.sampled_from(["uniform", "cosine", "log"]),
       "num_samples": st.sampled_from(["1", "2", "0"]),

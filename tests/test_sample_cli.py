@@ -78,8 +78,8 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   should: the default (ancestral) strategy keeps the prompt and repeats itself for the same --seed but not for
   another; --ema samples other parameters; --top_p near 0 keeps only the top token, so it equals --greedy;
   --temperature 0.05 gives lower-entropy samples than 20; --blocks runs steps x blocks reverse steps; first-hitting
-  makes one network call per free position and threshold 0 one per block, and remasking keeps the prompt; an AR
-  workdir continues a prompt; and the usage errors are named."""
+  makes one network call per free position and threshold 0 one per block, and remasking and the approximate KV
+  cache keep the prompt; an AR workdir continues a prompt; and the usage errors are named."""
   from test_cli_errors import run_batch
   no_checkpoint, foreign = tmp_path / "no_checkpoint", tmp_path / "foreign"
   for path in (no_checkpoint, foreign):
@@ -102,6 +102,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
       "first_hitting": [w, "--strategy=first_hitting", "--num_samples=2", "--prompt=def "],
       "threshold": [w, "--strategy=threshold", "--threshold=0", "--num_samples=2", "--blocks=2"],
       "remask": [w, "--steps=4", "--num_samples=2", "--remask=cap", "--eta=0.5", "--prompt=def "],
+      "cache": [w, "--steps=2", "--blocks=2", "--num_samples=2", "--cache=dual", "--prompt=def "],
       "ar_infill": [ar, "--infill=a[MASK]b"],
       "ar_steps": [ar, "--steps=3"],
       "bad_kappa": [w, "--remask=psi", "--kappa=2"],
@@ -116,7 +117,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   for name, result in results.items():
     assert result["exception"] is None and "Traceback" not in result["err"], (name, result["err"][-2000:])
   ok = {name: r for name, r in results.items() if r["code"] == 0}
-  assert set(ok) == set(list(calls)[:14]), {n: r["err"][-500:] for n, r in results.items() if n not in ok}
+  assert set(ok) == set(list(calls)[:15]), {n: r["err"][-500:] for n, r in results.items() if n not in ok}
   for name in ("default", "seed", "ema", "ar"):
     assert all(s.startswith("def ") for s in _samples(ok[name])) and len(_samples(ok[name])) in (2, 4), name
   assert ok["again"]["out"] == ok["default"]["out"]
@@ -129,7 +130,7 @@ def test_every_sampling_flag_does_what_it_says(workdir, ar_workdir, tmp_path):
   assert "sampling: step 16/16" in ok["first_hitting"]["err"]
   assert "network calls per sample: 12.0 (min 12, max 12)" in ok["first_hitting"]["err"]
   assert "network calls per sample: 2.0 (min 2, max 2)" in ok["threshold"]["err"]
-  for name in ("first_hitting", "remask"):
+  for name in ("first_hitting", "remask", "cache"):
     assert all(s.startswith("def ") for s in _samples(ok[name])) and len(_samples(ok[name])) == 2, name
   errors = {
       "ar_infill": "the autoregressive baseline continues prompts; it cannot infill",

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from d3pm_jax import sampling
 from d3pm_jax.cli import common, sampler_flags
 from d3pm_jax.data import pipeline
+from d3pm_jax.models import approximate_cache
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.training import checkpoints, state
 
@@ -152,7 +153,8 @@ def main(argv):
     progress = Progress(steps)
     tokens, nfe = sampling.sample_with_nfe(process, logits_fn, key, batch, length, cfg, given, prompt,
                                            on_step=progress, time_conditioned=config.model.time_conditioning,
-                                           head=state.sample_head(model, params, process, cfg))
+                                           head=state.sample_head(model, params, process, cfg),
+                                           kv_cache=approximate_cache.kv_cache(model, params))
     nfe = np.asarray(nfe)
     print(("\n" if steps is None else "") + f"network calls per sample: {nfe.mean():.1f} (min {nfe.min()}, "
           f"max {nfe.max()})", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The frontier samplers' flags, shared by ``d3pm-sample`` (and adopted into its ``--help``): threshold decoding
-and predictor-corrector remasking (``sampling.SamplerConfig``; the module docstring of ``d3pm_jax.sampling``)."""
+"""The frontier samplers' flags, shared by ``d3pm-sample`` (and adopted into its ``--help``): threshold decoding,
+predictor-corrector remasking and approximate KV caches (``sampling.SamplerConfig``; ``d3pm_jax.sampling``)."""
 from absl import flags
 
 from d3pm_jax import sampling
@@ -14,7 +14,12 @@ KAPPA = flags.DEFINE_float("kappa", 1.0, "--remask=psi: the ancestral posterior'
 ETA = flags.DEFINE_float("eta", 0.0, "--remask=cap|rescale: ReMDM's eta.")
 REMASK_ON = flags.DEFINE_float("remask_on", 1.0, "The corrector acts while remask_off <= t <= remask_on.")
 REMASK_OFF = flags.DEFINE_float("remask_off", 0.0, "See --remask_on.")
-ALL = (THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF)
+CACHE = flags.DEFINE_enum("cache", "none", list(sampling.CACHES),
+                          "Approximate KV cache of --blocks (Fast-dLLM): 'prefix' reuses the finished blocks' keys "
+                          "and values within a block, 'dual' the masked suffix's too.")
+CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every this many steps of a block "
+                                     "(0: only at the block's start; 1: every step, exact).")
+ALL = (THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, CACHE, CACHE_REFRESH)
 
 
 def sampler_kwargs() -> dict:

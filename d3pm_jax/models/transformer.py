@@ -249,15 +249,18 @@ class Attention(nn.Module):
   deterministic: bool = True
   commit: bool = False
   block_size: int = 0   # block diffusion: the most tokens a block holds (the kernels skip key blocks by it)
+  write_stale: bool = False  # also store this full pass's keys and values (an approximate cache's refresh)
 
   @nn.compact
-  def __call__(self, x_BxLxD, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
+  def __call__(self, x_BxLxD, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None, window_start=None):
     cfg = self.config
     head_dim = cfg.d_model // cfg.num_heads
     heads = (cfg.num_heads, head_dim)
     q, k, v = (_constrain(Linear(heads, ("embed", "heads", "kv"), cfg.compute_dtype, name=n)(x_BxLxD),
                           ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
                for n in ("query", "key", "value"))
+    if window_start is not None or self.write_stale:
+      return self._out(self._stale_step(q, k, v, window_start))
     if self.decode:
       ready = self.has_variable("cache", "cached_key")
       cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
@@ -328,6 +331,28 @@ class Attention(nn.Module):
       index.value = start + width
     return out_BxLxHxK
 
+  def _stale_step(self, q, k, v, window_start):
+    """The approximate KV cache of a masked model (Fast-dLLM's, ``models/approximate_cache.py``). A refresh
+    (``write_stale``) is the plain bidirectional pass over all L positions, which also stores every position's
+    keys and values. A window call (``window_start``) takes the tokens of positions start..start+W-1: its keys
+    and values replace the stored ones there, and its queries attend to all L, the rest as stored (stale)."""
+    cfg = self.config
+    width = q.shape[1]
+    start = jnp.asarray(0 if window_start is None else window_start, jnp.int32)
+    positions = start + jnp.arange(width)
+    q, k = rotary(q, cfg.rope_base, positions), rotary(k, cfg.rope_base, positions)
+    if self.write_stale:
+      self.put_variable("cache", "stale_key", k)
+      self.put_variable("cache", "stale_value", v)
+      return attention(q, k, v, causal=False)
+    if not self.has_variable("cache", "stale_key"):
+      raise ValueError("a window call reads the keys and values a refresh stored: run the full pass with "
+                       "write_stale=True first and pass its 'cache' collection")
+    at = (jnp.zeros((), jnp.int32), start, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    keys = jax.lax.dynamic_update_slice(self.get_variable("cache", "stale_key"), k.astype(cfg.compute_dtype), at)
+    values = jax.lax.dynamic_update_slice(self.get_variable("cache", "stale_value"), v, at)
+    return attention(q, keys, values, causal=False)
+
   def _out(self, out_BxLxHxK):
     cfg = self.config
     return Linear((cfg.d_model,), ("heads", "kv", "embed"), cfg.compute_dtype, in_axes=2,
@@ -358,9 +383,10 @@ class Block(nn.Module):
   deterministic: bool = True
   commit: bool = False
   block_size: int = 0
+  write_stale: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None):
+  def __call__(self, x_BxLxD, cond_BxC, segments_BxL=None, blocks_BxL=None, mask_BxLxL=None, window_start=None):
     cfg = self.config
     if cond_BxC is None:
       mods = [None] * 6
@@ -380,8 +406,10 @@ class Block(nn.Module):
       y = Dropout(cfg.dropout, self.deterministic)(y)
       return _constrain(h + (y if gate is None else y * gate).astype(h.dtype), _RESIDUAL)
 
-    attend = Attention(cfg, self.decode, self.deterministic, self.commit, self.block_size, name="attention")
-    x_BxLxD = branch(x_BxLxD, attend, "attention_norm", *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL)
+    attend = Attention(cfg, self.decode, self.deterministic, self.commit, self.block_size, self.write_stale,
+                       name="attention")
+    x_BxLxD = branch(x_BxLxD, attend, "attention_norm", *mods[:3], segments_BxL, blocks_BxL, mask_BxLxL,
+                     window_start)
     x_BxLxD = branch(x_BxLxD, GluMlp(cfg, name="mlp"), "mlp_norm", *mods[3:])
     return (x_BxLxD, None) if self.scanned else x_BxLxD
 
@@ -427,13 +455,16 @@ class Transformer(nn.Module):
   ``block_size`` (the most tokens a block holds) lets the attention kernels skip the key blocks the mask rules
   out; the XLA attention does not need it.
   ``mask_BxLxL`` (bool, query by key; XLA attention only) replaces every other attention rule: any mask, for
-  research and for tests that build one from its definition."""
+  research and for tests that build one from its definition.
+  ``write_stale=True`` (``mutable=['cache']``) also stores every layer's keys and values of this full pass;
+  ``window_start=s`` then runs ``tokens_BxL`` as positions s..s+W-1 against them (``Attention._stale_step``):
+  the approximate KV cache of masked-diffusion sampling (``models/approximate_cache.py``)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, t_B=None, decode: bool = False, segments_BxL=None, head_inputs: bool = False,
                deterministic: bool = True, clean_BxL=None, blocks_BxL=None, mask_BxLxL=None,
-               commit: bool = False, block_size: int = 0):
+               commit: bool = False, block_size: int = 0, write_stale: bool = False, window_start=None):
     cfg = self.config
     deterministic = deterministic or decode
     if segments_BxL is not None and decode:
@@ -443,6 +474,10 @@ class Transformer(nn.Module):
     if (clean_BxL is None) != (blocks_BxL is None):
       raise ValueError("a block-diffusion pass needs both clean_BxL (x_0) and blocks_BxL (each position's block)")
     length = tokens_BxL.shape[1]
+    if (write_stale or window_start is not None) and (decode or cfg.causal or clean_BxL is not None
+                                                      or segments_BxL is not None or mask_BxLxL is not None):
+      raise ValueError("an approximate KV cache (write_stale, window_start) serves the bidirectional denoiser's "
+                       "plain pass: no decode, causal model, block-diffusion pass, segments or mask")
     if clean_BxL is not None:
       if decode or cfg.causal:
         raise ValueError("a block-diffusion pass runs the bidirectional denoiser (model.causal=False, no decode)")
@@ -469,17 +504,17 @@ class Transformer(nn.Module):
       # Parameters (and KV caches) gain a leading 'layers' axis of size num_layers: params["blocks"][...].
       block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
       blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                       in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, _ = blocks(cfg, decode, scanned=True, deterministic=deterministic, commit=commit,
-                          block_size=block_size, name="blocks")(
-          x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
+                          block_size=block_size, write_stale=write_stale, name="blocks")(
+          x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL, window_start)
     else:
       block = nn.remat(Block) if cfg.remat else Block
       for layer in range(cfg.num_layers):
         layer_block = block(cfg, decode, deterministic=deterministic, commit=commit, block_size=block_size,
-                            name=f"block_{layer}")
-        x_BxLxD = layer_block(x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL)
+                            write_stale=write_stale, name=f"block_{layer}")
+        x_BxLxD = layer_block(x_BxLxD, cond_BxC, segments_BxL, blocks_BxL, mask_BxLxL, window_start)
     x_BxLxD = x_BxLxD[:, :length]  # a block-diffusion pass scores its x_t half only
     y = Norm(cfg.norm, learned_scale=cond_BxC is None, name="final_norm")(x_BxLxD)
     if cond_BxC is not None:
