@@ -158,3 +158,21 @@ def test_the_d3pm_figures_are_the_public_losses_at_the_runs_T(trained):
                                                    weights_BxL=weights[i:i + 8])["nelbo"].sum()) for i in (0, 8))
   assert result["continuous_bound"]["bits_per_token"] == pytest.approx(
       continuous / float(weights.sum()) / math.log(2.0), rel=1e-5)
+
+
+def test_generation_rows_sample_as_the_sampler_options_say(trained, monkeypatch):
+  """``sampler`` options reach the generation rows' sampler (threshold decoding in 2 blocks is traced for them)
+  and are recorded in the settings; an evaluation without them records no 'sampler' key, so evaluations made
+  before the option existed still match their settings."""
+  from d3pm_jax import sampling
+  traced = []
+  original = sampling._threshold
+  monkeypatch.setattr(sampling, "_threshold", lambda *a, **k: traced.append(a[6]) or original(*a, **k))
+  options = {"strategy": "threshold", "threshold": 0.0, "num_blocks": 2}
+  common = dict(batch=8, max_windows=8, exact_windows=8, time_samples=2, sample_steps=[4], num_samples=4,
+                infill_windows=0, evaluator=trained["autoregressive"])
+  result = evaluate_workdir(trained["absorbing_d3pm"], sampler=options, **common)
+  assert result["settings"]["sampler"] == dict(sorted(options.items())) and "4" in result["generation"]["by_steps"]
+  assert len(traced) == 2 and all(cfg.strategy == "threshold" for cfg in traced)  # one loop per block
+  plain = evaluate_workdir(trained["absorbing_d3pm"], **common)
+  assert "sampler" not in plain["settings"] and len(traced) == 2

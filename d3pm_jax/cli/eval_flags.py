@@ -1,11 +1,16 @@
 """The evaluation flags that ``d3pm-eval`` and ``d3pm-compare`` share (defined once: absl refuses a flag defined
-twice in one process), and the ``eval_workdir.evaluate_workdir`` keyword arguments they make."""
+twice in one process), and the ``eval_workdir.evaluate_workdir`` keyword arguments they make. The generation
+rows sample as the sampler flags say (``sampler_flags``: --strategy, --threshold, --remask, --cache...)."""
 from __future__ import annotations
 
 import sys
 import time
 
 from absl import flags
+
+from d3pm_jax.cli import sampler_flags
+
+flags.adopt_module_key_flags(sampler_flags)  # the commands that adopt these flags list the sampler's too
 
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", 16, "Stratified times per sequence (continuous bounds).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Windows per evaluation batch.")
@@ -55,7 +60,8 @@ def eval_kwargs() -> dict:
           "use_ema": _EMA.value, "seed": _SEED.value, "num_bins": _BINS.value, "sample_steps": steps,
           "num_samples": 4 if quick else _NUM_SAMPLES.value, "infill_windows": 8 if quick else _INFILL_WINDOWS.value,
           "infill_start": _INFILL_START.value, "infill_length": _INFILL_LENGTH.value,
-          "infill_steps": 8 if quick else _INFILL_STEPS.value, "split": _SPLIT.value, "progress": progress}
+          "infill_steps": 8 if quick else _INFILL_STEPS.value, "split": _SPLIT.value, "progress": progress,
+          "sampler": sampler_flags.sampler_kwargs(only_set=True)}
 
 
 _last_shown = [0.0]

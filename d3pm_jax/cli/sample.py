@@ -28,10 +28,6 @@ from d3pm_jax.training import checkpoints, state
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A d3pm-train workdir.")
 _STEPS = flags.DEFINE_integer("steps", 128, "Reverse steps (diffusion; per block with --blocks).")
-_STRATEGY = flags.DEFINE_enum("strategy", "ancestral", list(sampling.STRATEGIES), "Sampling strategy.")
-_BLOCKS = flags.DEFINE_integer(
-    "blocks", 1, "Semi-autoregressive blocks (absorbing), left to right; a time-conditioned model is given the time "
-    "that matches the fraction of the whole sequence still masked.")
 _GRID = flags.DEFINE_enum("time_grid", "uniform", list(sampling.TIME_GRIDS), "Reverse-step times.")
 _NUM = flags.DEFINE_integer("num_samples", 4, "How many samples.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of the denoiser's prediction p(x_0 | x_t).")
@@ -115,7 +111,7 @@ def main(argv):
     given, prompt = jnp.tile(given_L, (batch, 1)), jnp.tile(prompt_L, (batch, 1))
   model = Transformer(config.model)
   process = state.process_for(config, workdir)
-  cfg = sampling.SamplerConfig(num_steps=_STEPS.value, strategy=_STRATEGY.value, num_blocks=_BLOCKS.value,
+  cfg = sampling.SamplerConfig(num_steps=_STEPS.value,
                                temperature=_TEMPERATURE.value, top_p=_TOP_P.value, precision=_PRECISION.value,
                                greedy=_GREEDY.value, time_grid=_GRID.value, **sampler_flags.sampler_kwargs())
   key = jax.random.PRNGKey(_SEED.value)
@@ -123,7 +119,7 @@ def main(argv):
   if process is None:
     if _INFILL.value is not None:
       raise app.UsageError("the autoregressive baseline continues prompts; it cannot infill")
-    diffusion_only = [f"--{f.name}" for f in (_STEPS, _STRATEGY, _BLOCKS, _GRID, *sampler_flags.ALL) if f.present]
+    diffusion_only = [f"--{f.name}" for f in (_STEPS, _GRID, *sampler_flags.ALL) if f.present]
     if diffusion_only:
       raise app.UsageError(f"{', '.join(diffusion_only)} set the diffusion sampler, but {workdir} holds the "
                            f"autoregressive baseline, which decodes one token per position left to right; drop them "
@@ -131,7 +127,7 @@ def main(argv):
     tokens = sampling.autoregressive_sample(model, params, key, batch, length, config.model.vocab_size - 1, cfg,
                                             given, prompt)
   elif config.process.block_size:
-    if _BLOCKS.present:
+    if sampler_flags.BLOCKS.present:
       raise app.UsageError(f"{workdir} holds a block-diffusion model (process.block_size="
                            f"{config.process.block_size}), which samples block by block already; drop --blocks")
     if _LENGTH.present and (_LENGTH.value < 1 or _LENGTH.value % config.process.block_size):

@@ -1,9 +1,14 @@
-"""The frontier samplers' flags, shared by ``d3pm-sample`` (and adopted into its ``--help``): threshold decoding,
-predictor-corrector remasking and approximate KV caches (``sampling.SamplerConfig``; ``d3pm_jax.sampling``)."""
+"""The sampler's strategy flags, shared by ``d3pm-sample`` and ``d3pm-eval`` (and adopted into their ``--help``):
+the strategy, semi-AR blocks, threshold decoding, predictor-corrector remasking and approximate KV caches
+(``sampling.SamplerConfig``; ``d3pm_jax.sampling``)."""
 from absl import flags
 
 from d3pm_jax import sampling
 
+STRATEGY = flags.DEFINE_enum("strategy", "ancestral", list(sampling.STRATEGIES), "Sampling strategy.")
+BLOCKS = flags.DEFINE_integer(
+    "blocks", 1, "Semi-autoregressive blocks (absorbing), left to right; a time-conditioned model is given the time "
+    "that matches the fraction of the whole sequence still masked.")
 THRESHOLD = flags.DEFINE_float("threshold", 0.9, "--strategy=threshold: unmask every masked position whose proposal "
                                "has p(x_0 | x_t) >= this, and at least the most confident (0: all in one call).")
 REMASK = flags.DEFINE_enum("remask", "none", list(sampling.REMASKS),
@@ -19,9 +24,10 @@ CACHE = flags.DEFINE_enum("cache", "none", list(sampling.CACHES),
                           "and values within a block, 'dual' the masked suffix's too.")
 CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every this many steps of a block "
                                      "(0: only at the block's start; 1: every step, exact).")
-ALL = (THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, CACHE, CACHE_REFRESH)
+ALL = (STRATEGY, BLOCKS, THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, CACHE, CACHE_REFRESH)
+FIELDS = {"blocks": "num_blocks"}  # flag name -> SamplerConfig field, where they differ
 
 
-def sampler_kwargs() -> dict:
-  """These flags' values as ``SamplerConfig`` fields."""
-  return {f.name: f.value for f in ALL}
+def sampler_kwargs(only_set: bool = False) -> dict:
+  """These flags' values as ``SamplerConfig`` fields; ``only_set``: those given on the command line."""
+  return {FIELDS.get(f.name, f.name): f.value for f in ALL if f.present or not only_set}

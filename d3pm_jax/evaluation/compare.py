@@ -150,8 +150,12 @@ def ensure_evaluated(workdir: str, step: int, settings: dict, evaluator: str | N
 
 
 def _recorded(settings: dict) -> dict:
-  """The settings as ``eval.json`` records them: all but the progress callback."""
-  return {k: v for k, v in settings.items() if k != "progress"}
+  """The settings as ``eval.json`` records them: all but the progress callback, and the sampler's options only
+  when some are given (``evaluate_workdir``)."""
+  out = {k: v for k, v in settings.items() if k != "progress" and not (k == "sampler" and not v)}
+  if out.get("sampler"):
+    out["sampler"] = dict(sorted(out["sampler"].items()))
+  return out
 
 
 def paired_difference(workdir: str, reference: str, bound: str = "nats", reference_bound: str = "nats") -> dict | None:

@@ -27,7 +27,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
                      infill_windows: int = 64, infill_start: int = -1, infill_length: int = 0,
                      infill_steps: int = 64, split: str = "validation", frontier: bool = False,
                      frontier_temperatures=(0.7, 0.85, 1.0, 1.15, 1.3, 1.5), frontier_top_p=(0.8, 0.9, 0.95),
-                     frontier_steps: int = 64) -> dict:
+                     frontier_steps: int = 64, sampler: dict | None = None) -> dict:
   """Evaluates ``workdir``'s latest checkpoint on a held-out ``split`` of its data (``validation``; a prepared
   data set may also have ``test``), ``max_windows`` spread over it (0: all),
   its samples under ``evaluator`` (an AR baseline's workdir) when given, and infilling of a held-out span
@@ -40,7 +40,8 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   ``documents``: each window's document, ``nats``:
   NaN where the headline bound was not computed, ``continuous_nats``) so that runs can be compared window by
   window, and the loss by time is plotted to ``loss_vs_t.png``. Intervals are over documents
-  (``evaluate.summarize``)."""
+  (``evaluate.summarize``). ``sampler`` (``sampling.SamplerConfig`` fields: strategy, threshold, remasking, KV
+  cache...) sets how the generation and frontier rows sample; it is recorded in the settings when given."""
   if time_samples < 1 or batch < 1 or max_windows < 0 or exact_windows < 0:
     raise ValueError(f"time_samples and batch must be >= 1 and max_windows, exact_windows >= 0; got "
                      f"{time_samples}, {batch}, {max_windows}, {exact_windows}")
@@ -52,6 +53,9 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
               "infill_steps": infill_steps, "split": split, "frontier": frontier,
               "frontier_temperatures": [float(x) for x in frontier_temperatures],
               "frontier_top_p": [float(x) for x in frontier_top_p], "frontier_steps": frontier_steps}
+  if sampler:  # only when given, so that evaluations made before the option existed still match their settings
+    settings["sampler"] = dict(sorted(sampler.items()))
+    sampling.SamplerConfig(**sampler)  # refuses a bad value before any work
   if frontier and not evaluator:
     raise ValueError("--frontier scores samples: it needs --evaluator (an AR baseline's workdir on the same data)")
   config = checkpoints.load_experiment(workdir)
@@ -106,13 +110,13 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   scorer = load_evaluator(config, evaluator) if evaluator else None
   if scorer is not None:
     result["generation"], _ = generation_quality(config, model, process, params, scorer,
-                                                 [int(k) for k in sample_steps], num_samples, seed)
+                                                 [int(k) for k in sample_steps], num_samples, seed, sampler)
   if scorer is not None and frontier:
     result["frontier"] = generation_frontier(
         config, model, process, params, scorer, frontier_steps, frontier_temperatures, frontier_top_p,
         num_samples, seed, data_entropy=sampling.unigram_entropy(data.val_windows[data.val_weights > 0],
                                                                  config.model.vocab_size),
-        evaluator_workdir=evaluator)
+        evaluator_workdir=evaluator, sampler=sampler)
     plots.frontier(os.path.join(workdir, "frontier.png"),
                    {os.path.basename(workdir.rstrip("/")) or workdir: result["frontier"]})
   if pcfg.block_size and infill_windows > 0:  # blocks condition on the left only: continue prefixes instead
@@ -209,18 +213,18 @@ def load_evaluator(config, evaluator_workdir: str):
 
 
 def generation_quality(config, model, process, params, evaluator, step_counts, num_samples: int,
-                       seed: int = 0) -> tuple[dict, dict]:
+                       seed: int = 0, sampler: dict | None = None) -> tuple[dict, dict]:
   """Samples ``num_samples`` sequences at each step count and scores them with ``evaluator`` (``load_evaluator``'s
   triple): generative perplexity (interval over samples), unigram entropy, samples per second (compilation
   excluded). An AR model being evaluated decodes once, one step per token. Returns the figures and the samples
-  ``{steps: tokens [N, L]}``."""
+  ``{steps: tokens [N, L]}``. ``sampler``: more ``SamplerConfig`` fields (``state.make_sampler``)."""
   score, num_tokens, info = evaluator
   out = {"evaluator": info, "by_steps": {}}
   samples = {}
   for steps in ([config.data.seq_len] if process is None else step_counts):
-    sampler = state.make_sampler(config, model, process, steps, num_samples)
     key = jax.random.PRNGKey(seed + steps)
-    compiled = sampler.lower(params, key).compile()
+    compiled = state.make_sampler(config, model, process, steps, num_samples, options=sampler).lower(
+        params, key).compile()
     start = time.time()
     tokens = np.asarray(jax.block_until_ready(compiled(params, key)))
     seconds = time.time() - start
@@ -232,21 +236,21 @@ def generation_quality(config, model, process, params, evaluator, step_counts, n
 
 def generation_frontier(config, model, process, params, evaluator, steps: int, temperatures, top_ps,
                         num_samples: int, seed: int = 0, data_entropy: float | None = None,
-                        evaluator_workdir: str | None = None) -> dict:
+                        evaluator_workdir: str | None = None, sampler: dict | None = None) -> dict:
   """Generative perplexity against the samples' unigram entropy as temperature sweeps (at nucleus 1) and as the
   nucleus sweeps (at temperature 1): a lower temperature buys gen-ppl with diversity, so one point ranks samplers
   unfairly, and a frontier compares them at equal entropy. ``steps`` sampling steps (an AR model decodes one
   token per step). Returns the points, ``data_entropy`` (the validation text's unigram entropy), the gen-ppl
   interpolated along the temperature frontier at that entropy (``evaluate.frontier_at_entropy``; None outside
   the swept range), and with ``evaluator_workdir`` the AR evaluator's own samples at temperature 1, scored by
-  itself: the marks a sampler's frontier is read against."""
+  itself: the marks a sampler's frontier is read against. ``sampler``: more ``SamplerConfig`` fields."""
   score, num_tokens, info = evaluator
   length = config.data.seq_len
   sweeps = [(float(t), 1.0) for t in temperatures] + [(1.0, float(p)) for p in top_ps if p < 1.0]
   points = []
   for k, (temperature, top_p) in enumerate(sweeps):
     sampler = state.make_sampler(config, model, process, length if process is None else steps, num_samples,
-                                 temperature=temperature, top_p=top_p)
+                                 temperature=temperature, top_p=top_p, options=sampler)
     tokens = np.asarray(sampler(params, jax.random.PRNGKey(seed + 1000 + k)))
     points.append({"temperature": temperature, "top_p": top_p,
                    **evaluate.generative_perplexity(tokens, score, num_tokens)})

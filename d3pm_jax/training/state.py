@@ -16,7 +16,7 @@ import optax
 from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, ProcessConfig
 from d3pm_jax.data import pipeline
-from d3pm_jax.models import block_decoding
+from d3pm_jax.models import approximate_cache, block_decoding
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import AbsorbingProcess, Process, make_process
 from d3pm_jax.schedules import DISCRETE, get_schedule, mutual_information_grid
@@ -242,13 +242,15 @@ def window_variances(config: ExperimentConfig, model: Transformer, process, para
 
 
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None,
-                 temperature: float = 1.0, top_p: float = 1.0):
-  """A jitted ``(params, key) -> tokens``: ancestral diffusion sampling (block by block with a KV cache for block
-  diffusion), or KV-cache decoding for the autoregressive baseline (``sampling``), at ``temperature`` and nucleus
-  ``top_p``. With parameters spread over several processes, pass a replicated ``out_sharding`` so every process
-  can read the tokens."""
+                 temperature: float = 1.0, top_p: float = 1.0, options: dict | None = None):
+  """A jitted ``(params, key) -> tokens``: diffusion sampling (ancestral unless ``options``, more
+  ``sampling.SamplerConfig`` fields, say otherwise; block by block with a KV cache for block diffusion), or
+  KV-cache decoding for the autoregressive baseline (``sampling``; ``options`` do not apply), at ``temperature``
+  and nucleus ``top_p``. With parameters spread over several processes, pass a replicated ``out_sharding`` so
+  every process can read the tokens."""
   length = config.data.seq_len
-  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps, temperature=temperature, top_p=top_p)
+  sampler_cfg = sampling.SamplerConfig(num_steps=num_steps, temperature=temperature, top_p=top_p,
+                                       **({} if process is None else options or {}))
   if config.process.block_size:
     return jax.jit(lambda params, key: block_sample(config, model, params, process, key, batch, length,
                                                     sampler_cfg), out_shardings=out_sharding)
@@ -262,5 +264,6 @@ def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
     return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
                            time_conditioned=config.model.time_conditioning,
-                           head=sample_head(model, params, process, sampler_cfg))[0]
+                           head=sample_head(model, params, process, sampler_cfg),
+                           kv_cache=approximate_cache.kv_cache(model, params))[0]
   return jax.jit(sample, out_shardings=out_sharding)
