@@ -113,6 +113,30 @@ def pytest_collection_modifyitems(session, config, items):
   items.sort(key=lambda item: item.module.__name__ not in has_slow)  # stable: the order within each group stays
 
 
+def train_tiny(path, config="test.py", *overrides):
+  """``path`` after two d3pm-train steps of ``configs/CONFIG`` on the stdlib corpus (a subprocess)."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={os.path.join(root, 'configs', config)}",
+         f"--workdir={path}", "--config.train.steps=2", "--config.train.eval_every=2", *overrides]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """The tests' masked-diffusion config after two steps, shared by the modules that sample or score it. A large
+  learning rate takes the parameters far from their EMA (which stays near the initialisation)."""
+  return train_tiny(tmp_path_factory.mktemp("trained"), "test.py", "--config.train.learning_rate=0.05")
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_workdir(tmp_path_factory):
+  """The tests' AR baseline after two steps (an evaluator for the workdir above)."""
+  return train_tiny(tmp_path_factory.mktemp("trained_ar"), "test.py:autoregressive")
+
+
 @pytest.fixture
 def x64():
   with jax.enable_x64(True):

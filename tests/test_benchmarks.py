@@ -19,6 +19,9 @@ RUNS = {
     "scaling.py": (["--config", str(ROOT / "configs" / "test.py"), "--devices", "2", "--vocab", "63", "--batch", "4",
                     "--seq-len", "16"], "data"),
     "train_step.py": (["--steps", "1"], "MFU"),
+    # The session's tiny trained workdirs (tests/conftest.py) stand in for a trained model and its evaluator.
+    "samplers.py": (["--workdir", "{tiny_workdir}", "--evaluator", "{tiny_ar_workdir}", "--num-samples", "2",
+                     "--blocks", "2", "--quick"], "threshold 0.7, 2 blocks, cache dual"),
     "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
 }
 
@@ -30,9 +33,10 @@ def test_every_benchmark_script_has_a_smoke_run():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(RUNS))
-def test_benchmark_runs_at_a_tiny_size(script):
+def test_benchmark_runs_at_a_tiny_size(script, request):
   args, expected = RUNS[script]
-  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+  args = [request.getfixturevalue(a[1:-1]) if a.startswith("{") else a for a in args]
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True, text=True,
                        timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]
   assert expected in out.stdout, out.stdout[-2000:]

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import train_tiny
 from d3pm_jax.cli.sample import parse_template
 from d3pm_jax.data.tokenizers import ByteTokenizer
 
@@ -21,19 +22,9 @@ def test_parse_template():
     parse_template("[MASK]*12", ByteTokenizer(), 10)
 
 
-def _trained(path, config="test.py", *overrides):
-  """``path`` after two d3pm-train steps of ``configs/CONFIG`` on the stdlib corpus."""
-  cmd = [sys.executable, "-m", "d3pm_jax.cli.train", f"--config={ROOT / 'configs' / config}", f"--workdir={path}",
-         "--config.train.steps=2", "--config.train.eval_every=2", *overrides]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return path
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  # A large learning rate takes the parameters far from their EMA (which stays near the initialisation).
-  return _trained(tmp_path_factory.mktemp("trained"), "test.py", "--config.train.learning_rate=0.05")
+@pytest.fixture
+def workdir(tiny_workdir):
+  return tiny_workdir
 
 
 @pytest.mark.parametrize("flag,expected", [("--infill=x = [MASK]*3\\n#[MASK]*2!", ["x = ", "!"]),
@@ -59,9 +50,9 @@ def test_cli_refuses_a_workdir_without_training(tmp_path):
   assert out.returncode != 0 and "experiment.json does not exist" in out.stderr
 
 
-@pytest.fixture(scope="module")
-def ar_workdir(tmp_path_factory):
-  return _trained(tmp_path_factory.mktemp("trained_ar"), "test.py:autoregressive")
+@pytest.fixture
+def ar_workdir(tiny_ar_workdir):
+  return tiny_ar_workdir
 
 
 def _samples(result):
@@ -162,7 +153,7 @@ def test_random_sample_flags_succeed_or_fail_cleanly(workdir, ar_workdir):
 def test_a_block_diffusion_run_samples_past_its_training_length_keeping_the_prompt(tmp_path):
   """A block-diffusion workdir (configs/test.py:bd3lm, 16 positions, blocks of 4) samples 40 positions (a sliding
   window of cached context past 16) that start with the prompt; flags of the other samplers are refused."""
-  workdir = _trained(tmp_path / "bd3", "test.py:bd3lm")
+  workdir = train_tiny(tmp_path / "bd3", "test.py:bd3lm")
   cmd = [sys.executable, "-m", "d3pm_jax.cli.sample", f"--workdir={workdir}", "--num_samples=2", "--steps=3"]
   out = subprocess.run(cmd + ["--length=40", "--prompt=import os"], capture_output=True, text=True, timeout=300,
                        cwd=ROOT)
