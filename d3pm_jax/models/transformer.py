@@ -335,7 +335,8 @@ class Attention(nn.Module):
     """The approximate KV cache of a masked model (Fast-dLLM's, ``models/approximate_cache.py``). A refresh
     (``write_stale``) is the plain bidirectional pass over all L positions, which also stores every position's
     keys and values. A window call (``window_start``) takes the tokens of positions start..start+W-1: its keys
-    and values replace the stored ones there, and its queries attend to all L, the rest as stored (stale)."""
+    and values replace the stored ones there, and its queries attend to all L, the rest as stored (stale). Both
+    use the XLA attention, whatever ``model.attention_impl`` says."""
     cfg = self.config
     width = q.shape[1]
     start = jnp.asarray(0 if window_start is None else window_start, jnp.int32)
