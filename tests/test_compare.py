@@ -120,8 +120,9 @@ def test_report_has_the_tables_and_real_plots(compared):
   # The reconstruction term of each continuous bound is shown (absorbing: ~eps of the bits, so near 0).
   recon = json.load(open(os.path.join(workdir, "test", "eval.json")))["reconstruction_bits_per_byte"]
   assert 0 <= recon < 0.01 and f"`test` {recon:.4f}" in report
-  # The frontier section has a row per run, and its figures are the eval.json ones.
-  assert "## Generative frontiers" in report
+  # The frontier section has a row per run, and its figures are the eval.json ones; it names the diffusion runs'
+  # frontier steps (not the AR run's one step per token, 16, which it once printed).
+  assert "## Generative frontiers" in report and "4 steps for diffusion runs" in report
   for name in ("test", "test_autoregressive", "test_absorbing_d3pm"):
     fr = json.load(open(os.path.join(workdir, name, "eval.json")))["frontier"]
     assert [(p["temperature"], p["top_p"]) for p in fr["points"]] == [(0.8, 1.0), (1.2, 1.0), (1.0, 0.9)]
@@ -194,3 +195,19 @@ def test_paired_difference_uses_common_windows_and_the_chosen_bound(tmp_path):
   own_gap = compare.paired_difference(str(a), str(a), "nats", "continuous_nats")  # rows 0, 4, 6
   assert own_gap["bits_per_byte"] == pytest.approx(3.0 / 80 / np.log(2))
   assert compare.paired_difference(str(a), str(b), "nats", "continuous_nats") is None  # b has no continuous nats
+
+
+def test_a_block_diffusion_runs_prefix_completion_has_its_section(compared):
+  """A run with prefix completion (block diffusion's stand-in for infilling) gets a table row per strategy with
+  its figures; the other runs get none."""
+  workdir, summary, _ = compared
+  results = {n: json.load(open(os.path.join(workdir, n, "eval.json"))) for n in summary["runs"]}
+  results["test"]["prefix_completion"] = {"windows": 3, "steps": 5, "prompt_tokens": 8, "by_strategy": {
+      "ancestral": {"accuracy": 0.25, "unigram_entropy": 3.5, "evaluator_ppl": 12.5},
+      "confidence": {"accuracy": 0.5, "unigram_entropy": 2.25}}}
+  report = compare.format_report(summary, results)
+  section = report.split("## Prefix completion (block diffusion)")[1].split("## Plots")[0]
+  assert "first 8 tokens (whole blocks) of 3 validation windows" in section and "5 steps a block" in section
+  assert "| test | ancestral | 0.2500 | 3.500 | 12.50 |" in section
+  assert "| test | confidence | 0.5000 | 2.250 | - |" in section
+  assert "test_autoregressive" not in section

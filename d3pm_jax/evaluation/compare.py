@@ -380,7 +380,8 @@ def format_report(summary: dict, results: dict) -> str:
     lines += [f"Samples scored by {ev['model']} (`{os.path.basename(ev['workdir'])}`, step {ev['checkpoint_step']}). "
               "Generative perplexity (gen-ppl, with its 95% interval over samples) rewards repetitive text, so the "
               f"unigram entropy of the samples (bits) stands beside it; the validation text's own is "
-              f"{summary['validation_unigram_entropy']:.3f} bits. Samples/s exclude compilation.", "",
+              f"{summary['validation_unigram_entropy']:.3f} bits. Samples/s exclude compilation. A block-diffusion "
+              "run's steps are per block.", "",
               "| run | steps | gen-ppl | unigram entropy | samples/s |", "|---|---|---|---|---|"]
     for name, r in results.items():
       for steps, g in sorted(r.get("generation", {}).get("by_steps", {}).items(), key=lambda kv: int(kv[0])):
@@ -395,7 +396,8 @@ def format_report(summary: dict, results: dict) -> str:
               f"diversity. Each run sampled {first['samples']} sequences at every temperature of "
               f"{sorted({p['temperature'] for p in first['points']})} (nucleus 1) and every nucleus p of "
               f"{sorted({p['top_p'] for p in first['points'] if p['top_p'] < 1})} (temperature 1), "
-              f"{first['steps']} steps for diffusion runs; the table reads each run's temperature frontier at the "
+              f"{summary['eval_settings']['frontier_steps']} steps for diffusion runs (a block, for block diffusion); "
+              "the table reads each run's temperature frontier at the "
               f"validation text's own unigram entropy ({first['data_entropy']:.3f} bits), interpolating log gen-ppl "
               "between the two sweep points that bracket it (`frontier.png`)."]
     if "evaluator_own_samples" in first:
@@ -423,6 +425,19 @@ def format_report(summary: dict, results: dict) -> str:
       for strategy, e in inf["by_strategy"].items():
         ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
         lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {ppl} |")
+  prefix = {n: r["prefix_completion"] for n, r in results.items() if "prefix_completion" in r}
+  if prefix:
+    first = next(iter(prefix.values()))
+    lines += ["", "## Prefix completion (block diffusion)", "",
+              f"Block diffusion conditions on the left only, so it continues prompts instead of infilling: the first "
+              f"{first['prompt_tokens']} tokens (whole blocks) of {first['windows']} validation windows are the "
+              f"prompt and the rest is sampled in {first['steps']} steps a block; token accuracy and unigram "
+              "entropy of the continuation, and the evaluator's perplexity of the completed windows.", "",
+              "| run | strategy | token accuracy | unigram entropy | evaluator perplexity |", "|---|---|---|---|---|"]
+    for name, pc in prefix.items():
+      for strategy, e in pc["by_strategy"].items():
+        ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
+        lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {e['unigram_entropy']:.3f} | {ppl} |")
   shown = PLOTS + ((FRONTIER_PLOT,) if frontiers else ())
   lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in shown] + [""]
   return "\n".join(lines)

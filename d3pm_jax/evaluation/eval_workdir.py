@@ -249,9 +249,9 @@ def generation_frontier(config, model, process, params, evaluator, steps: int, t
   sweeps = [(float(t), 1.0) for t in temperatures] + [(1.0, float(p)) for p in top_ps if p < 1.0]
   points = []
   for k, (temperature, top_p) in enumerate(sweeps):
-    sampler = state.make_sampler(config, model, process, length if process is None else steps, num_samples,
-                                 temperature=temperature, top_p=top_p, options=sampler)
-    tokens = np.asarray(sampler(params, jax.random.PRNGKey(seed + 1000 + k)))
+    draw = state.make_sampler(config, model, process, length if process is None else steps, num_samples,
+                              temperature=temperature, top_p=top_p, options=sampler)
+    tokens = np.asarray(draw(params, jax.random.PRNGKey(seed + 1000 + k)))
     points.append({"temperature": temperature, "top_p": top_p,
                    **evaluate.generative_perplexity(tokens, score, num_tokens)})
   out = {"steps": length if process is None else steps, "samples": num_samples, "points": points,
