@@ -420,8 +420,8 @@ def confidence_rank(key, confidence_BxL, masked_BxL):
 def _first_hitting(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
                    region: int, on_step=None, match_time_to_masking: bool = False):
   """The first-hitting sampler (module docstring): ``(x0_BxL, None, nfe_B)``, ``region`` steps (at most one
-  network call each) for at most ``region`` free positions. The network sees the time at which the step's position unmasks, or with
-  ``match_time_to_masking`` the time whose alpha matches the unmasked fraction of x_t."""
+  network call each) for at most ``region`` free positions. The network sees the time at which the step's
+  position unmasks, or with ``match_time_to_masking`` the time whose alpha matches the unmasked fraction of x_t."""
   batch, length = x_BxL.shape
   schedule, dtype = process.schedule, cfg.dtype
   x_BxL = jnp.where(given_BxL, prompt_BxL, x_BxL)
@@ -462,9 +462,10 @@ def _first_hitting(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, 
 def _threshold(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg: SamplerConfig,
                region: int, on_step=None, window: _BlockCache | None = None):
   """Threshold parallel decoding (module docstring) of at most ``region`` free positions: ``(x0_BxL, None,
-  nfe_B)``; with ``window``, through the approximate KV cache. Step k uses the k-th of ``split(key, region)``, the confidence strategy's key at step k of
-  ``region`` steps, so tau > 1 reproduces it at one token a step. The network sees the time whose alpha matches
-  the unmasked fraction of x_t (the time of a schedule that unmasks at this pace)."""
+  nfe_B)``; with ``window``, through the approximate KV cache. Step k uses the k-th of ``split(key, region)``,
+  the confidence strategy's key at step k of ``region`` steps, so tau > 1 reproduces it at one token a step. The
+  network sees the time whose alpha matches the unmasked fraction of x_t (the time of a schedule that unmasks at
+  this pace)."""
   batch, length = x_BxL.shape
   schedule = process.schedule
   x_BxL = jnp.where(given_BxL, prompt_BxL, x_BxL)
