@@ -7,7 +7,8 @@ the AR evaluator (with its 95% interval over samples) and the samples' unigram e
 own length L:
   ancestral at 64, 256 and 512 steps (capped at 4L), first-hitting (one call per token), threshold decoding at
   tau 0.5 / 0.7 / 0.9 in --blocks semi-AR blocks without a cache and with the prefix and dual caches, and ReMDM
-  (remask='cap', eta 0.02) at L and 2L steps.
+  (remask='cap', eta 0.02) at L and 2L steps, with confidence weighting and as the loop (alpha_on 0.9 held for
+  t in [0.05, 0.55], ReMDM's setting) at 2L.
 Target (issue 24): threshold decoding with the DualCache at >= 4x the tokens/s of 512-step ancestral sampling
 at a gen-ppl within 10% of it. Read gen-ppl beside entropy: lower entropy buys lower gen-ppl.
 """
@@ -39,6 +40,11 @@ def settings(length: int, blocks: int, quick: bool):
                    sampling.SamplerConfig(strategy="threshold", threshold=tau, num_blocks=blocks, cache=cache)))
   for n in ((length,) if quick else (length, 2 * length)):
     rows.append((f"ReMDM cap 0.02, {n} steps", sampling.SamplerConfig(num_steps=n, remask="cap", eta=0.02)))
+  if not quick:
+    rows.append((f"ReMDM-conf cap 0.02, {2 * length} steps", sampling.SamplerConfig(
+        num_steps=2 * length, remask="cap", eta=0.02, remask_confidence=True)))
+    rows.append((f"ReMDM-loop cap 0.02, {2 * length} steps", sampling.SamplerConfig(
+        num_steps=2 * length, remask="cap", eta=0.02, alpha_on=0.9, remask_on=0.55, remask_off=0.05)))
   return rows
 
 

@@ -33,7 +33,13 @@ remasked with probability sigma = (1 - kappa)(1 - alpha(s)) and a masked one unm
 (alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), which keeps the marginals of the forward process; 'cap' sets
 sigma = min(``eta``, sigma_max) and 'rescale' sigma = ``eta`` sigma_max, sigma_max = min(1, (1 - alpha(s)) /
 alpha(t)) the largest that keeps them. The corrector acts only while t lies in [``remask_off``, ``remask_on``]
-(ReMDM's switch window); outside it the step is ancestral.
+(ReMDM's switch window); outside it the step is ancestral. ``remask_confidence`` (ReMDM-conf) gives each decoded
+token sigma times its share of softmax(-psi) over the row's decoded tokens, psi its p_theta when it was last
+unmasked: at most sigma tokens a row are remasked in expectation, the least confident first, while masked tokens
+unmask as under the plain sigma, so fewer stay masked than 1 - alpha(s) (a heuristic; it keeps no marginals).
+``alpha_on`` (ReMDM-loop) decodes to alpha = ``alpha_on`` by ``remask_on``, holds alpha there inside the window,
+where the corrector alone moves tokens (unmasking sigma alpha / (1 - alpha), remasking sigma: the marginals stay),
+and decodes the rest after ``remask_off`` (``schedule_time``; the network is told the held time).
 Semi-autoregressive blocks (``num_blocks``, absorbing): blocks are generated left to right, each conditioned on
 the finished blocks before it (clean) and the blocks after it (masked). Each block reruns t from 1 to 0 for its
 own unmasking schedule, but the whole sequence is never masked at the rate that t implies; a time-conditioned
@@ -89,6 +95,8 @@ class SamplerConfig:
   eta: float = 0.0               # remask='cap'/'rescale': ReMDM's eta
   remask_on: float = 1.0         # the corrector acts while remask_off <= t <= remask_on
   remask_off: float = 0.0
+  remask_confidence: bool = False  # ReMDM-conf: share sigma among decoded tokens by softmax(-confidence)
+  alpha_on: float = 0.0          # ReMDM-loop (absorbing): alpha held at this inside the window (0: off)
   cache: str = "none"            # approximate KV cache of semi-AR blocks: 'prefix' or 'dual' (kv_cache=)
   cache_refresh: int = 0         # refresh it every this many steps of a block (0: only at the block's start)
 
@@ -115,6 +123,14 @@ class SamplerConfig:
     if not 0 <= self.remask_off < self.remask_on <= 1:
       raise ValueError(f"the remasking window needs 0 <= remask_off < remask_on <= 1; got "
                        f"({self.remask_off}, {self.remask_on})")
+    if not 0 <= self.alpha_on < 1:
+      raise ValueError(f"alpha_on must lie in [0, 1) (0: no loop); got {self.alpha_on}")
+    if (self.remask_confidence or self.alpha_on) and self.remask == "none":
+      raise ValueError(f"remask_confidence={self.remask_confidence} and alpha_on={self.alpha_on} shape a "
+                       "corrector's remasking: choose remask='psi', 'cap' or 'rescale'")
+    if self.alpha_on and self.remask_on == 1:
+      raise ValueError(f"ReMDM's loop (alpha_on={self.alpha_on}) decodes down to alpha_on before remask_on and "
+                       "holds it inside the window, so it needs remask_on < 1 (ReMDM: 0.55, remask_off 0.05)")
     if self.remask != "none" and self.strategy != "ancestral":
       raise ValueError(f"remask={self.remask!r} corrects ancestral steps; got strategy={self.strategy!r}. Use "
                        "strategy='ancestral' or remask='none'")
@@ -283,6 +299,10 @@ ABSORBING_ONLY = {"confidence": "strategy", "first_hitting": "strategy", "thresh
 
 
 def _check_absorbing(process: Process, cfg: SamplerConfig):
+  if (cfg.remask_confidence or cfg.alpha_on) and not isinstance(process, AbsorbingProcess):
+    raise ValueError(f"remask_confidence={cfg.remask_confidence} and alpha_on={cfg.alpha_on} (ReMDM-conf and "
+                     f"-loop) remask decoded tokens of the absorbing process; got {type(process).__name__}. Use "
+                     "remask='psi' without them")
   for value in (cfg.strategy, cfg.remask):
     if value in ABSORBING_ONLY and not isinstance(process, AbsorbingProcess):
       raise ValueError(f"{ABSORBING_ONLY[value]} {value!r} needs the absorbing process; got "
@@ -349,14 +369,27 @@ def _denoise(process, logits_fn, key, x_BxL, given_BxL, prompt_BxL, cfg, on_step
                       head, window)
 
 
+def schedule_time(process: AbsorbingProcess, t, cfg: SamplerConfig):
+  """The time of the schedule whose masking rate the grid's time ``t`` stands for: ``t`` itself, except under
+  ReMDM's loop (``cfg.alpha_on``), which maps [remask_on, 1] onto [tau_on, 1] with alpha(tau_on) = alpha_on,
+  holds tau_on inside the window [remask_off, remask_on], and maps [0, remask_off] onto [0, tau_on]."""
+  if not cfg.alpha_on:
+    return t
+  t_on, t_off = cfg.remask_on, cfg.remask_off
+  tau_on = process.schedule.time_at_alpha(cfg.alpha_on)
+  above = tau_on + (t - t_on) / (1.0 - t_on) * (1.0 - tau_on)
+  below = tau_on * t / max(t_off, 1e-30)
+  return jnp.where(t >= t_on, above, jnp.where(t >= t_off, tau_on, below))
+
+
 def _unmasks(process: AbsorbingProcess, key, x_t, s, t, cfg: SamplerConfig, sigma=0.0):
   """Which masked positions of ``x_t`` unmask on the step from t to s: each with probability
   (alpha(s) - (1 - sigma) alpha(t)) / (1 - alpha(t)), all at the end of the grid (s = 0). ``sigma`` is the
   probability that a decoded token is remasked on the same step (0: ancestral, (alpha(s) - alpha(t)) /
   (1 - alpha(t)))."""
   at_end = expand_time(s, jnp.ndim(x_t)) == 0
-  alpha_s = process.keep_probability(s, jnp.ndim(x_t))
-  alpha_t = process.keep_probability(t, jnp.ndim(x_t))
+  alpha_s = process.keep_probability(schedule_time(process, s, cfg), jnp.ndim(x_t))
+  alpha_t = process.keep_probability(schedule_time(process, t, cfg), jnp.ndim(x_t))
   unmask_p = jnp.where(at_end, 1.0, (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t))
   return (x_t == process.mask_id) & draws.bernoulli(key, unmask_p, jnp.shape(x_t), cfg.dtype)
 
@@ -370,8 +403,10 @@ def _corrector_active(s, t, cfg: SamplerConfig, ndim: int):
 def remask_probability(process: AbsorbingProcess, s, t, cfg: SamplerConfig, ndim: int):
   """ReMDM's sigma for the step from t to s: the probability that a decoded token is masked again, 0 outside
   the window ``[cfg.remask_off, cfg.remask_on]`` and on the last step. 'psi': (1 - kappa)(1 - alpha(s)); 'cap':
-  min(eta, sigma_max); 'rescale': eta sigma_max; sigma_max = min(1, (1 - alpha(s)) / alpha(t))."""
-  alpha_s, alpha_t = process.keep_probability(s, ndim), process.keep_probability(t, ndim)
+  min(eta, sigma_max); 'rescale': eta sigma_max; sigma_max = min(1, (1 - alpha(s)) / alpha(t)), alpha at the
+  ``schedule_time`` of s and t (the window stays on the grid's times)."""
+  alpha_s = process.keep_probability(schedule_time(process, s, cfg), ndim)
+  alpha_t = process.keep_probability(schedule_time(process, t, cfg), ndim)
   sigma_max = jnp.where(alpha_t > 0, jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-30)), 1.0)
   if cfg.remask == "psi":
     sigma = (1.0 - cfg.kappa) * (1.0 - alpha_s)
@@ -382,12 +417,14 @@ def remask_probability(process: AbsorbingProcess, s, t, cfg: SamplerConfig, ndim
   return jnp.where(_corrector_active(s, t, cfg, ndim), sigma, 0.0)
 
 
-def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig):
+def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig, remask_weight=None):
   """One ancestral step x_t -> x_s from the denoiser's prediction ``log_p0_xV`` = log p_theta(x_0 | x_t)
   ``[..., V]``: the knobs shape the prediction, and x_s is drawn from the exact reverse step it implies. Where
   ``s == 0`` (the end of the grid) x_0 is drawn from the shaped prediction itself. ``s`` and ``t`` broadcast
   against the leading dims of ``x_t`` (``t_B`` against ``x_BxL``). With ``cfg.remask`` the step is the
-  predictor-corrector's mixture (the module docstring). Returns int32 like ``x_t``."""
+  predictor-corrector's mixture (the module docstring); ``remask_weight`` (absorbing, like ``x_t``) scales each
+  decoded token's remasking probability (ReMDM-conf's softmax of -confidence), not the unmasking. Returns int32
+  like ``x_t``."""
   log_p = shape_prediction(log_p0_xV, cfg)
   token_key, move_key = jax.random.split(key)
   at_end = expand_time(s, jnp.ndim(x_t)) == 0
@@ -398,7 +435,8 @@ def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig
       return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_t).astype(jnp.int32)
     sigma = remask_probability(process, s, t, cfg, jnp.ndim(x_t))
     unmask = _unmasks(process, move_key, x_t, s, t, cfg, sigma)
-    remask = (x_t != process.mask_id) & draws.bernoulli(jax.random.fold_in(key, 1), sigma, jnp.shape(x_t),
+    sigma_each = sigma if remask_weight is None else sigma * remask_weight
+    remask = (x_t != process.mask_id) & draws.bernoulli(jax.random.fold_in(key, 1), sigma_each, jnp.shape(x_t),
                                                          cfg.dtype)
     x_s = jnp.where(remask, process.mask_id, x_t)
     return jnp.where(unmask, draws.categorical(token_key, log_p, cfg.dtype), x_s).astype(jnp.int32)
@@ -518,7 +556,7 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
   def network_time(x_t, t_B):
     if match_time_to_masking:
       return schedule.time_at_alpha(1.0 - jnp.mean(x_t == process.mask_id, axis=1))
-    return t_B
+    return schedule_time(process, t_B, cfg)
 
   def network(x_t, t_B):
     return process.x0_log_probs(logits_fn(x_t, network_time(x_t, t_B)), x_t)
@@ -540,8 +578,14 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     unchanged = jnp.all(x_t == prev_x)
     return jax.lax.cond(unchanged, lambda: prev_log_p, lambda: network(x_t, t_B)), ~unchanged
 
+  def remask_weight(x_t, psi_BxL):
+    """ReMDM-conf's softmax of -confidence over each row's decoded free positions (0 elsewhere)."""
+    decoded = (x_t != process.mask_id) & ~given_BxL
+    weight = jnp.where(decoded, jnp.exp(-psi_BxL), 0.0)
+    return weight / jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1e-30)
+
   def step(carry, inputs):
-    (x_t, cache), nfe_B, kv_state = carry
+    (x_t, cache), nfe_B, kv_state, psi_BxL = carry
     i, step_key = inputs
     if on_step is not None:  # a host callback per step, e.g. a progress bar
       jax.debug.callback(on_step)
@@ -556,6 +600,11 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       token_key, move_key = jax.random.split(step_key)
       proposal, _ = fused_draw(token_key, x_t, t_B)
       x_s = jnp.where(_unmasks(process, move_key, x_t, s_B, t_B, cfg), proposal, x_t)
+    elif cfg.strategy == "ancestral" and psi_BxL is not None:
+      x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg, remask_weight(x_t, psi_BxL))
+      # A token's confidence: p_theta of it when it was last unmasked (the model's own, untempered).
+      decoded_p = jnp.exp(jnp.take_along_axis(log_p0, x_s[..., None], axis=-1)[..., 0])
+      psi_BxL = jnp.where((x_t == process.mask_id) & (x_s != process.mask_id), decoded_p, psi_BxL)
     elif cfg.strategy == "ancestral":
       x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg)
     else:
@@ -575,7 +624,7 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       x_s = jnp.where(masked & ~stays_masked, proposal, x_t)
     x_s = clamp(x_s)
     nfe_B = nfe_B + jnp.asarray(called, jnp.int32)
-    return (((x_s, None if cache is None else (x_t, log_p0)), nfe_B, kv_state),
+    return (((x_s, None if cache is None else (x_t, log_p0)), nfe_B, kv_state, psi_BxL),
             (x_s if cfg.return_trajectory else None))
 
   cache0 = None
@@ -584,8 +633,10 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
     cache0 = (jnp.full_like(x_BxL, -1), jnp.zeros(out.shape, out.dtype))
   steps = jnp.arange(cfg.num_steps, 0, -1)
   kv0 = None if window is None else window.initial(x_BxL)
-  ((x0_BxL, _), nfe_B, _), trajectory = jax.lax.scan(
-      step, ((x_BxL, cache0), jnp.zeros((batch,), jnp.int32), kv0), (steps, jax.random.split(key, cfg.num_steps)))
+  psi0 = jnp.zeros(x_BxL.shape, cfg.dtype) if cfg.remask_confidence else None
+  ((x0_BxL, _), nfe_B, _, _), trajectory = jax.lax.scan(
+      step, ((x_BxL, cache0), jnp.zeros((batch,), jnp.int32), kv0, psi0),
+      (steps, jax.random.split(key, cfg.num_steps)))
   return x0_BxL, trajectory, nfe_B
 
 

@@ -19,12 +19,18 @@ KAPPA = flags.DEFINE_float("kappa", 1.0, "--remask=psi: the ancestral posterior'
 ETA = flags.DEFINE_float("eta", 0.0, "--remask=cap|rescale: ReMDM's eta.")
 REMASK_ON = flags.DEFINE_float("remask_on", 1.0, "The corrector acts while remask_off <= t <= remask_on.")
 REMASK_OFF = flags.DEFINE_float("remask_off", 0.0, "See --remask_on.")
+REMASK_CONFIDENCE = flags.DEFINE_bool("remask_confidence", False, "ReMDM-conf (absorbing): remask the least "
+                                      "confident decoded tokens first (sigma shared by softmax(-confidence)).")
+ALPHA_ON = flags.DEFINE_float("alpha_on", 0.0, "ReMDM-loop (absorbing): decode to this alpha by --remask_on, hold it "
+                              "inside the window while the corrector runs, decode the rest after --remask_off "
+                              "(0: no loop).")
 CACHE = flags.DEFINE_enum("cache", "none", list(sampling.CACHES),
                           "Approximate KV cache of --blocks (Fast-dLLM): 'prefix' reuses the finished blocks' keys "
                           "and values within a block, 'dual' the masked suffix's too.")
 CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every this many steps of a block "
                                      "(0: only at the block's start; 1: every step, exact).")
-ALL = (STRATEGY, BLOCKS, THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, CACHE, CACHE_REFRESH)
+ALL = (STRATEGY, BLOCKS, THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, REMASK_CONFIDENCE, ALPHA_ON, CACHE,
+       CACHE_REFRESH)
 FIELDS = {"blocks": "num_blocks"}  # flag name -> SamplerConfig field, where they differ
 
 
