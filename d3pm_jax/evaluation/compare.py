@@ -314,6 +314,16 @@ def _versus(paired: dict | None) -> str:
           + f" ({_counts(paired['windows'], paired.get('documents'))})")
 
 
+def _evaluator_ppl(entry) -> str:
+  return f"{entry['evaluator_ppl']:.2f}" if "evaluator_ppl" in entry else "-"
+
+
+def _strategy_rows(by_run: dict, cells) -> list[str]:
+  """A table row per run and strategy of ``by_run[run]["by_strategy"]``: the two names, then ``cells(entry)``."""
+  return [f"| {name} | {strategy} | " + " | ".join(cells(entry)) + " |"
+          for name, section in by_run.items() for strategy, entry in section["by_strategy"].items()]
+
+
 def format_report(summary: dict, results: dict) -> str:
   """``report.md``: what was compared on what machine, the likelihood and generation tables, the plots."""
   runs, machine = summary["runs"], summary["machine"]
@@ -421,10 +431,7 @@ def format_report(summary: dict, results: dict) -> str:
               f"A held-out span {span} of {first['windows']} validation windows, filled in {first['steps']} steps; "
               "token accuracy of the span and the evaluator's perplexity of the filled windows.", "",
               "| run | strategy | token accuracy | evaluator perplexity |", "|---|---|---|---|"]
-    for name, inf in infill.items():
-      for strategy, e in inf["by_strategy"].items():
-        ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
-        lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {ppl} |")
+    lines += _strategy_rows(infill, lambda e: [f"{e['accuracy']:.4f}", _evaluator_ppl(e)])
   prefix = {n: r["prefix_completion"] for n, r in results.items() if "prefix_completion" in r}
   if prefix:
     first = next(iter(prefix.values()))
@@ -434,10 +441,8 @@ def format_report(summary: dict, results: dict) -> str:
               f"prompt and the rest is sampled in {first['steps']} steps a block; token accuracy and unigram "
               "entropy of the continuation, and the evaluator's perplexity of the completed windows.", "",
               "| run | strategy | token accuracy | unigram entropy | evaluator perplexity |", "|---|---|---|---|---|"]
-    for name, pc in prefix.items():
-      for strategy, e in pc["by_strategy"].items():
-        ppl = f"{e['evaluator_ppl']:.2f}" if "evaluator_ppl" in e else "-"
-        lines.append(f"| {name} | {strategy} | {e['accuracy']:.4f} | {e['unigram_entropy']:.3f} | {ppl} |")
+    lines += _strategy_rows(prefix, lambda e: [f"{e['accuracy']:.4f}", f"{e['unigram_entropy']:.3f}",
+                                               _evaluator_ppl(e)])
   shown = PLOTS + ((FRONTIER_PLOT,) if frontiers else ())
   lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in shown] + [""]
   return "\n".join(lines)
