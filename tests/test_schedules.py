@@ -169,6 +169,23 @@ def test_mutual_information_grid_makes_the_information_fall_linearly():
                              atol=1e-12)
 
 
+@pytest.mark.usefixtures("x64")
+def test_the_uniform_processs_mutual_information_schedule_is_the_written_out_grid():
+  """``state.build_process`` computes the grid from the library's uniform process; it equals the grid of the
+  transition written out here, q(y | x) = a [x = y] + (1 - a) / V, to 1e-9 (transitions at the wrong alpha, e.g.
+  a^2, move it far more)."""
+  from d3pm_jax.config import ProcessConfig
+  from d3pm_jax.models.transformer import ModelConfig
+  from d3pm_jax.training import state
+  counts, vocab, eps = np.array([50, 25, 15, 10]), 4, 1e-3
+  cfg = ProcessConfig(name="uniform", loss="d3pm", schedule="mutual_information", eps=eps, num_steps=8)
+  process = state.build_process(cfg, ModelConfig(vocab_size=vocab), unigram_V=counts)
+  uniform = lambda a_N: (a_N[:, None, None] * jnp.eye(vocab)[None] + (1.0 - a_N[:, None, None]) / vocab)
+  grid = np.array(schedules.mutual_information_grid(uniform, counts / counts.sum(), 8, eps))
+  t = jnp.arange(9) / 8
+  np.testing.assert_allclose(process.schedule.alpha(t), eps + (1 - 2 * eps) * grid, atol=1e-9)
+
+
 def test_mutual_information_schedule_is_jsd_for_absorbing():
   """For absorbing, I(x_0; x_t) = alpha H(x_0) whatever the unigram distribution, so the schedule is D3PM's
   1/(T - t + 1) (``jsd``) exactly, through the library's process and ``state.build_process``."""
