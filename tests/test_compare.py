@@ -64,6 +64,16 @@ def test_compare_resumes_trains_and_evaluates_every_run(compared):
   assert curve["tokens"] == [2 * 64, 4 * 64]
 
 
+def test_a_training_stopped_on_request_stops_the_comparison(tmp_path, monkeypatch):
+  """SIGTERM during a run's training (a cluster reclaiming the machine) saves that run's step and ends the
+  comparison: before, the next run started training and the signal was lost."""
+  monkeypatch.setenv("D3PM_FAULT", "TERM:step_dispatched:2")
+  with pytest.raises(compare.Preempted, match="test stopped at step 2 of 4 on request"):
+    compare.compare(CONFIGS[:2], str(tmp_path), overrides=OVERRIDES, eval_settings=SETTINGS, log=lambda _: None)
+  assert checkpoints.read_progress(str(tmp_path / "test"))["step"] == 2
+  assert not (tmp_path / "test_autoregressive").exists()
+
+
 def test_paired_difference_is_the_difference_on_common_windows(compared):
   workdir, summary, _ = compared
   a = np.load(os.path.join(workdir, "test", "eval_windows.npz"))

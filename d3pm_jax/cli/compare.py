@@ -38,6 +38,9 @@ def main(argv):
                               quiet=not _VERBOSE.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  except compare.Preempted as e:  # SIGTERM or Ctrl-C: the run in training saved its step; nothing else starts
+    print(f"stopped: {e}")
+    return
   for name, run in summary["runs"].items():
     print(f"{name}: {run['status']}, {'evaluated' if run['evaluated'] else 'evaluation reused'}")
   print(f"report: {_WORKDIR.value}/report.md")

@@ -95,10 +95,16 @@ def differences(configs: dict) -> dict:
 
 # ---------------------------------------------------------------- training
 
+class Preempted(Exception):
+  """A run's training stopped on request (SIGTERM or Ctrl-C) with its checkpoint saved: the comparison stops
+  too, and running it again resumes there."""
+
+
 def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=print):
   """Trains ``raw_config`` into ``workdir`` to its ``train.steps``: nothing when a checkpoint is already there,
   resumed from the latest checkpoint otherwise. Returns ``(config, status, data)`` with status 'reused', 'resumed'
-  or 'trained'. A workdir holding another experiment is refused."""
+  or 'trained'. A workdir holding another experiment is refused; a training stopped on request raises
+  ``Preempted`` (the next run does not start)."""
   config, data = train.build_experiment(raw_config, workdir)
   progress = checkpoints.read_progress(workdir)
   if progress is not None:
@@ -108,7 +114,10 @@ def ensure_trained(name: str, raw_config, workdir: str, quiet: bool = True, log=
       return config, "reused", data
   log(f"{name}: {'resuming from step ' + str(progress['step']) if progress else 'training'} to step "
       f"{config.train.steps} in {workdir}")
-  train.train_and_evaluate(config, workdir, data, quiet=quiet)
+  result = train.train_and_evaluate(config, workdir, data, quiet=quiet)
+  if result["preempted"] is not None:
+    raise Preempted(f"{name} stopped at step {result['preempted']} of {config.train.steps} on request; its "
+                    f"checkpoint is saved in {workdir}: run the same command to resume")
   return config, ("resumed" if progress else "trained"), data
 
 
