@@ -2,6 +2,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -43,10 +45,11 @@ def test_readme_comparison_comes_from_the_committed_report():
   assert_real_png(ROOT / plot)
 
 
-def test_the_published_report_is_the_code_rendering_of_its_published_json():
-  """``docs/comparison/report.md`` is byte for byte what ``compare.render_report`` makes of the committed
+@pytest.mark.parametrize("name", ["comparison", "block_diffusion"])
+def test_the_published_report_is_the_code_rendering_of_its_published_json(name):
+  """``docs/NAME/report.md`` is byte for byte what ``compare.render_report`` makes of the committed
   ``compare.json`` and ``*.eval.json`` (run order kept), so no published cell can drift from the code that
   formats it. Mutation: any change to the report's format or to one committed figure."""
   from d3pm_jax.evaluation import compare
-  directory = ROOT / "docs" / "comparison"
+  directory = ROOT / "docs" / name
   assert compare.render_report(str(directory)) == (directory / "report.md").read_text()
