@@ -1,6 +1,7 @@
 """The samplers' speed-quality trade on a trained masked-diffusion workdir, scored by an AR workdir.
 
     python benchmarks/samplers.py --workdir DIR --evaluator AR_DIR [--num-samples 32] [--blocks 4] [--quick]
+                                  [--only WORD,...]
 
 For each sampler: network calls per sample (NFE), tokens/s (compilation excluded), generative perplexity under
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
@@ -55,6 +56,8 @@ def main():
   parser.add_argument("--num-samples", type=int, default=32)
   parser.add_argument("--blocks", type=int, default=4, help="semi-AR blocks of threshold decoding")
   parser.add_argument("--quick", action="store_true", help="one setting of each kind, few steps")
+  parser.add_argument("--only", default="", help="run only the samplers whose label contains one of these "
+                      "comma-separated words (e.g. 'ancestral 256,ReMDM')")
   args = parser.parse_args()
   config = checkpoints.load_experiment(args.workdir)
   params, step = checkpoints.restore_params(args.workdir, config)
@@ -67,7 +70,14 @@ def main():
   print(f"{args.workdir} (step {step}), L = {length}, {batch} samples; evaluator {args.evaluator}")
   print(f"{'sampler':<40s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}")
   logits_fn = lambda p, x, t: model.apply({"params": p}, x, t)
-  for label, cfg in settings(length, args.blocks, args.quick):
+  rows = settings(length, args.blocks, args.quick)
+  wanted = [w for w in args.only.split(",") if w]
+  if wanted:
+    labels = [label for label, _ in rows]
+    rows = [(label, cfg) for label, cfg in rows if any(w in label for w in wanted)]
+    if not rows:
+      raise SystemExit(f"--only={args.only!r} matches none of the samplers {labels}")
+  for label, cfg in rows:
     run = jax.jit(lambda p, key, cfg=cfg: sampling.sample_with_nfe(
         process, lambda x, t: logits_fn(p, x, t), key, batch, length, cfg,
         time_conditioned=config.model.time_conditioning, kv_cache=kv_cache(model, p)))
