@@ -218,8 +218,12 @@ def block_sample(config: ExperimentConfig, model, params, process, key, batch: i
   """Block diffusion samples of a ``process.block_size`` run (``sampling.block_sample``): ``length`` tokens (any
   number of blocks; past the model's ``max_len`` with a sliding window of context) with the exact KV cache, or
   with ``cached=False`` recomputing the whole prefix at every step (up to ``max_len``). With ``eos_id``, each
-  sample ends at its first end-of-document token, padded after it with ``eos_id``."""
+  sample ends at its first end-of-document token, padded after it with ``eos_id``. The block denoiser never
+  sees t, so a step whose block did not change reuses the previous step's prediction (``skip_unchanged``, exact
+  here: the same tokens, fewer calls when a block has fewer tokens than steps)."""
   block_size = config.process.block_size
+  if sampler_cfg.strategy in ("ancestral", "confidence"):
+    sampler_cfg = dataclasses.replace(sampler_cfg, skip_unchanged=True)
   if cached:
     fns = block_decoding.cached(model, params, batch, block_size,
                                 block_decoding.window_for(model, length, block_size))
