@@ -604,7 +604,8 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg, remask_weight(x_t, psi_BxL))
       # A token's confidence: p_theta of it when it was last unmasked (the model's own, untempered).
       decoded_p = jnp.exp(jnp.take_along_axis(log_p0, x_s[..., None], axis=-1)[..., 0])
-      psi_BxL = jnp.where((x_t == process.mask_id) & (x_s != process.mask_id), decoded_p, psi_BxL)
+      psi_BxL = jnp.where((x_t == process.mask_id) & (x_s != process.mask_id), decoded_p.astype(psi_BxL.dtype),
+                          psi_BxL)
     elif cfg.strategy == "ancestral":
       x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg)
     else:
