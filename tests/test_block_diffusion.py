@@ -306,6 +306,10 @@ def test_skipping_unchanged_blocks_draws_the_same_tokens_with_fewer_calls():
     runs[skip, "calls"] = len(calls)
   np.testing.assert_array_equal(runs[True], runs[False])
   assert runs[False, "calls"] == 3 * 16 and runs[True, "calls"] < 3 * 16, runs
+  # Turning the skip on must not hide why an approximate cache is refused (it once named skip_unchanged instead).
+  with pytest.raises(ValueError, match="block diffusion samples with its own exact KV cache"):
+    state.block_sample(exp, model, params, process, jax.random.PRNGKey(0), batch, length,
+                       SamplerConfig(cache="dual"))
 
 
 @pytest.mark.usefixtures("x64")

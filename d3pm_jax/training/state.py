@@ -222,8 +222,8 @@ def block_sample(config: ExperimentConfig, model, params, process, key, batch: i
   sees t, so a step whose block did not change reuses the previous step's prediction (``skip_unchanged``, exact
   here: the same tokens, fewer calls when a block has fewer tokens than steps)."""
   block_size = config.process.block_size
-  if sampler_cfg.strategy in ("ancestral", "confidence"):
-    sampler_cfg = dataclasses.replace(sampler_cfg, skip_unchanged=True)
+  if sampler_cfg.strategy in ("ancestral", "confidence") and sampler_cfg.cache == "none":  # a cache is refused
+    sampler_cfg = dataclasses.replace(sampler_cfg, skip_unchanged=True)                 # below, by name
   if cached:
     fns = block_decoding.cached(model, params, batch, block_size,
                                 block_decoding.window_for(model, length, block_size))
