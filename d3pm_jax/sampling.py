@@ -600,14 +600,13 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       token_key, move_key = jax.random.split(step_key)
       proposal, _ = fused_draw(token_key, x_t, t_B)
       x_s = jnp.where(_unmasks(process, move_key, x_t, s_B, t_B, cfg), proposal, x_t)
-    elif cfg.strategy == "ancestral" and psi_BxL is not None:
-      x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg, remask_weight(x_t, psi_BxL))
-      # A token's confidence: p_theta of it when it was last unmasked (the model's own, untempered).
-      decoded_p = jnp.exp(jnp.take_along_axis(log_p0, x_s[..., None], axis=-1)[..., 0])
-      psi_BxL = jnp.where((x_t == process.mask_id) & (x_s != process.mask_id), decoded_p.astype(psi_BxL.dtype),
-                          psi_BxL)
     elif cfg.strategy == "ancestral":
-      x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg)
+      weight = None if psi_BxL is None else remask_weight(x_t, psi_BxL)
+      x_s = reverse_step(process, step_key, log_p0, x_t, s_B, t_B, cfg, weight)
+      if psi_BxL is not None:  # a token's confidence: its p_theta when last unmasked (the model's, untempered)
+        decoded_p = jnp.exp(jnp.take_along_axis(log_p0, x_s[..., None], axis=-1)[..., 0])
+        psi_BxL = jnp.where((x_t == process.mask_id) & (x_s != process.mask_id),
+                            decoded_p.astype(psi_BxL.dtype), psi_BxL)
     else:
       draw_key, rank_key = jax.random.split(step_key)
       if head is not None:
