@@ -505,8 +505,9 @@ def test_d3pm_eval_scores_a_block_diffusion_workdir_with_its_own_bound_and_prefi
   """evaluate_workdir on a configs/test.py:bd3lm run: the bound is block diffusion's (its label names L'), every
   window's bits are finite and positive, and prefix completion keeps the prompt's whole blocks and reports each
   strategy; the table prints both."""
+  from d3pm_jax.data import pipeline
   from d3pm_jax.evaluation import eval_workdir
-  from d3pm_jax.training import train
+  from d3pm_jax.training import checkpoints, train
   exp = from_config(load_config("test", "bd3lm"), vocab_size=256)
   train.train_and_evaluate(exp, str(tmp_path), quiet=True)
   result = eval_workdir.evaluate_workdir(str(tmp_path), time_samples=2, batch=8, max_windows=16, infill_windows=4,
@@ -520,6 +521,17 @@ def test_d3pm_eval_scores_a_block_diffusion_workdir_with_its_own_bound_and_prefi
   assert "infilling" not in result
   table = eval_workdir.format_table(result)
   assert "block NELBO (L' = 4, K = 2)" in table and "prefix completion of 4 windows after 8 prompt tokens" in table
+  # One block of the whole window (L' = L, MD4's objective): the prompt is the first half, a partial block, and
+  # the other half is completed (half a window rounded up to a whole block left nothing: NaN accuracy).
+  config = checkpoints.load_experiment(str(tmp_path))
+  whole = dataclasses.replace(config, process=dataclasses.replace(config.process, block_size=16))
+  params, _ = checkpoints.restore_params(str(tmp_path), config)
+  data = pipeline.build_data(config.data, 8, 0, str(tmp_path))
+  process = state.build_process(whole.process, whole.model)
+  one = eval_workdir.prefix_completion(whole, Transformer(config.model), params, process, data, num_steps=2,
+                                       num_windows=4)
+  assert one["prompt_tokens"] == 8
+  assert all(0 <= e["accuracy"] <= 1 and e["unigram_entropy"] > 0 for e in one["by_strategy"].values()), one
 
 
 def test_the_block_samplers_program_does_not_grow_with_blocks_or_steps():

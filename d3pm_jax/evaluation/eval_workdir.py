@@ -296,8 +296,10 @@ def infilling_quality(config, model, process, params, data, *, span_start: int, 
 
 def prefix_completion(config, model, params, process, data, *, num_steps: int, num_windows: int, evaluator=None,
                       seed: int = 0) -> dict:
-  """Block diffusion's conditional generation: the first half (whole blocks) of ``num_windows`` unpadded
-  validation windows as the prompt, the rest sampled block by block (``state.block_sample``) with each strategy;
+  """Block diffusion's conditional generation: the first half of ``num_windows`` unpadded validation windows as
+  the prompt (in whole blocks where half a window holds one, else a partial block: one block of the whole window,
+  L' = L, is prompted with its first half), the rest sampled block by block (``state.block_sample``) with each
+  strategy;
   the token accuracy of the continuation against the text, its unigram entropy, and with ``evaluator`` the
   evaluator's perplexity of the completed windows."""
   whole = data.val_weights.min(axis=1) > 0
@@ -307,7 +309,9 @@ def prefix_completion(config, model, params, process, data, *, num_steps: int, n
   windows = data.val_windows[full[pipeline.spread_rows(len(full), num_windows)]]
   num, length = windows.shape
   block_size = config.process.block_size
-  prompt_length = max(block_size, length // 2 // block_size * block_size)
+  # Rounding half a window up to a whole block left nothing to complete when L' = L (NaN accuracy, an empty
+  # continuation's entropy): a prompt that ends inside a block is the sampler's own case.
+  prompt_length = length // 2 // block_size * block_size or length // 2
   given = np.zeros((num, length), bool)
   given[:, :prompt_length] = True
   out = {"windows": int(num), "steps": num_steps, "prompt_tokens": int(prompt_length), "by_strategy": {}}
