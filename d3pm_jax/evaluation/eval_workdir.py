@@ -299,9 +299,8 @@ def prefix_completion(config, model, params, process, data, *, num_steps: int, n
   """Block diffusion's conditional generation: the first half of ``num_windows`` unpadded validation windows as
   the prompt (in whole blocks where half a window holds one, else a partial block: one block of the whole window,
   L' = L, is prompted with its first half), the rest sampled block by block (``state.block_sample``) with each
-  strategy;
-  the token accuracy of the continuation against the text, its unigram entropy, and with ``evaluator`` the
-  evaluator's perplexity of the completed windows."""
+  strategy; the token accuracy of the continuation against the text, its unigram entropy, and with ``evaluator``
+  the evaluator's perplexity of the completed windows."""
   whole = data.val_weights.min(axis=1) > 0
   if data.val_segments is not None:
     whole &= (data.val_segments == 1).all(axis=1)
