@@ -171,6 +171,24 @@ def test_block_size_l_is_the_md4_loss_for_the_same_draws():
       assert float(jnp.min(want["diffusion"])) > 0
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_block_per_row_runs_the_x_t_pass_alone_with_the_same_logits(packed):
+  """block_size >= L (MD4 as block diffusion): the model skips the x_0 half, which no x_t query sees, and its
+  logits equal those of the full 2L pass under the block-diffusion mask (block_size=0 runs it), also in packed
+  rows where each document is its own block; the compiled pass does about half the 2L pass's FLOPs."""
+  exp, model, params = _model()
+  batch, length = 2, 12
+  segments = jnp.asarray([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], jnp.int32) if packed else None
+  x0, x_t = _tokens(5, batch, length, 0.5, 256)
+  ids = blocks.block_ids(batch, length, length, segments)
+  run = {size: jax.jit(lambda x_t, x0, size=size: model.apply({"params": params}, x_t, clean_BxL=x0, blocks_BxL=ids,
+                                                              segments_BxL=segments, block_size=size))
+         for size in (0, length)}
+  np.testing.assert_allclose(np.asarray(run[length](x_t, x0)), np.asarray(run[0](x_t, x0)), rtol=0, atol=2e-5)
+  flops = {size: fn.lower(x_t, x0).compile().cost_analysis()["flops"] for size, fn in run.items()}
+  assert flops[length] < 0.6 * flops[0], flops
+
+
 def test_block_size_one_at_t_one_is_the_next_token_nll_of_a_causal_pass():
   """L' = 1, every block at t = 1 (all of x_t masked): the loss divided by the weight -alpha'(1)/(1 - alpha(1))
   is sum_n -log p(x_0^n | x_0^{<n}), where p is read from the same parameters run as the causal (AR) network on

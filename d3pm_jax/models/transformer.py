@@ -454,7 +454,9 @@ class Transformer(nn.Module):
   given each position's block number ``blocks_BxL`` (``d3pm_jax.blocks.block_ids``); the result is the x_t half's
   (logits of p(x_0 | x_t of the block, x_0 of the blocks before it)). The parameters are the same network's.
   ``block_size`` (the most tokens a block holds) lets the attention kernels skip the key blocks the mask rules
-  out; the XLA attention does not need it.
+  out; the XLA attention does not need it. A ``block_size`` of at least L (MD4 as block diffusion, L' = L) runs
+  the plain pass over x_t alone, which gives the same logits: ``blocks_BxL`` must then number one block per row
+  (per document with ``segments_BxL``), as ``d3pm_jax.blocks.block_ids`` does.
   ``mask_BxLxL`` (bool, query by key; XLA attention only) replaces every other attention rule: any mask, for
   research and for tests that build one from its definition.
   ``write_stale=True`` (``mutable=['cache']``) also stores every layer's keys and values of this full pass;
@@ -485,10 +487,15 @@ class Transformer(nn.Module):
       if clean_BxL.shape != tokens_BxL.shape or blocks_BxL.shape != tokens_BxL.shape:
         raise ValueError(f"x_t {tokens_BxL.shape}, x_0 {clean_BxL.shape} and blocks {blocks_BxL.shape} must have "
                          "one shape")
-      tokens_BxL = jnp.concatenate([tokens_BxL, clean_BxL], axis=1)
-      blocks_BxL = jnp.tile(blocks_BxL, (1, 2))
-      if segments_BxL is not None:
-        segments_BxL = jnp.tile(segments_BxL, (1, 2))
+      if block_size >= length:
+        # One block per row (per document with segment ids): x_t sees only its own block's x_t and the x_0 half
+        # is never seen, so the pass is the plain bidirectional one over x_t, at half the cost.
+        clean_BxL = blocks_BxL = None
+      else:
+        tokens_BxL = jnp.concatenate([tokens_BxL, clean_BxL], axis=1)
+        blocks_BxL = jnp.tile(blocks_BxL, (1, 2))
+        if segments_BxL is not None:
+          segments_BxL = jnp.tile(segments_BxL, (1, 2))
     x_BxLxD = _constrain(Dropout(cfg.dropout, deterministic)(Embed(cfg, name="embed")(tokens_BxL)), _RESIDUAL)
     cond_BxC = None
     if cfg.time_conditioning:
