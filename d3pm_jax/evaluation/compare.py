@@ -447,9 +447,9 @@ def format_report(summary: dict, results: dict) -> str:
     lines += ["", "## Prefix completion (block diffusion)", "",
               f"Block diffusion conditions on the left only, so it continues prompts instead of infilling: the first "
               f"{first['prompt_tokens']} tokens (whole blocks where half a window holds one) of {first['windows']} "
-              "validation windows are the "
-              f"prompt and the rest is sampled in {first['steps']} steps a block; token accuracy and unigram "
-              "entropy of the continuation, and the evaluator's perplexity of the completed windows.", "",
+              f"validation windows are the prompt and the rest is sampled in {first['steps']} steps a block; token "
+              "accuracy and unigram entropy of the continuation, and the evaluator's perplexity of the completed "
+              "windows.", "",
               "| run | strategy | token accuracy | unigram entropy | evaluator perplexity |", "|---|---|---|---|---|"]
     lines += _strategy_rows(prefix, lambda e: [f"{e['accuracy']:.4f}", f"{e['unigram_entropy']:.3f}",
                                                _evaluator_ppl(e)])
