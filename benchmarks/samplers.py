@@ -10,6 +10,10 @@ own length L:
   tau 0.5 / 0.7 / 0.9 in --blocks semi-AR blocks without a cache and with the prefix and dual caches, and ReMDM
   (remask='cap', eta 0.02) at L and 2L steps, with confidence weighting and as the loop (alpha_on 0.9 held for
   t in [0.05, 0.55], ReMDM's setting) at 2L.
+The issue's L = 512 needs workdirs trained at 512 (the stdlib runs' max_len is 128), e.g.
+    d3pm-train --config=configs/stdlib_tiny.py --workdir=/tmp/md4_512 --config.data.seq_len=512 \
+      --config.model.max_len=512 --config.train.batch_size=8
+and the same with configs/stdlib_ar.py into /tmp/ar_512 (about 12 and 10 minutes on 2 CPU cores).
 Target (issue 24): threshold decoding with the DualCache at >= 4x the tokens/s of 512-step ancestral sampling
 at a gen-ppl within 10% of it. Read gen-ppl beside entropy: lower entropy buys lower gen-ppl.
 """
