@@ -1,7 +1,7 @@
 """The samplers' speed-quality trade on a trained masked-diffusion workdir, scored by an AR workdir.
 
     python benchmarks/samplers.py --workdir DIR --evaluator AR_DIR [--num-samples 32] [--blocks 4] [--quick]
-                                  [--only WORD,...]
+                                  [--only WORD,...] [--temperatures T,...]
 
 For each sampler: network calls per sample (NFE), tokens/s (compilation excluded), generative perplexity under
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
@@ -16,15 +16,21 @@ The issue's L = 512 needs workdirs trained at 512 (the stdlib runs' max_len is 1
 and the same with configs/stdlib_ar.py into /tmp/ar_512 (about 12 and 10 minutes on 2 CPU cores).
 Target (issue 24): threshold decoding with the DualCache at >= 4x the tokens/s of 512-step ancestral sampling
 at a gen-ppl within 10% of it. Read gen-ppl beside entropy: lower entropy buys lower gen-ppl.
+--temperatures (e.g. 0.9,1.0) runs every chosen sampler at each temperature and then prints its gen-ppl at the
+validation text's unigram entropy, interpolated along that temperature frontier (``evaluate.frontier_at_entropy``,
+as d3pm-eval's --frontier reads it), or says that the sweep does not bracket that entropy: samplers compared
+there no longer trade diversity for gen-ppl.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
 from d3pm_jax import sampling
+from d3pm_jax.data import pipeline
 from d3pm_jax.evaluation import evaluate
 from d3pm_jax.evaluation.eval_workdir import load_evaluator
 from d3pm_jax.models.approximate_cache import kv_cache
@@ -62,7 +68,15 @@ def main():
   parser.add_argument("--quick", action="store_true", help="one setting of each kind, few steps")
   parser.add_argument("--only", default="", help="run only the samplers whose label contains one of these "
                       "comma-separated words (e.g. 'ancestral 256,ReMDM')")
+  parser.add_argument("--temperatures", default="", help="comma-separated temperatures: run each chosen sampler "
+                      "at each, and read its gen-ppl at the data's unigram entropy off that frontier")
   args = parser.parse_args()
+  try:
+    temperatures = [float(t) for t in args.temperatures.split(",") if t]
+  except ValueError:
+    raise SystemExit(f"--temperatures={args.temperatures!r}: give comma-separated positive numbers, e.g. 0.9,1.0")
+  if any(not 0 < t < float("inf") for t in temperatures):
+    raise SystemExit(f"--temperatures={args.temperatures!r}: every temperature must be positive and finite")
   config = checkpoints.load_experiment(args.workdir)
   params, step = checkpoints.restore_params(args.workdir, config)
   model, process = Transformer(config.model), state.process_for(config, args.workdir)
@@ -72,7 +86,6 @@ def main():
   length, batch = config.data.seq_len, args.num_samples
   harness.stated_peak()
   print(f"{args.workdir} (step {step}), L = {length}, {batch} samples; evaluator {args.evaluator}")
-  print(f"{'sampler':<40s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}")
   logits_fn = lambda p, x, t: model.apply({"params": p}, x, t)
   rows = settings(length, args.blocks, args.quick)
   wanted = [w for w in args.only.split(",") if w]
@@ -81,7 +94,19 @@ def main():
     rows = [(label, cfg) for label, cfg in rows if any(w in label for w in wanted)]
     if not rows:
       raise SystemExit(f"--only={args.only!r} matches none of the samplers {labels}")
-  for label, cfg in rows:
+  data_entropy = None
+  if temperatures:
+    data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, args.workdir)
+    data_entropy = sampling.unigram_entropy(data.val_windows[data.val_weights > 0], config.model.vocab_size)
+    print(f"validation text's unigram entropy: {data_entropy:.3f} bits")
+    rows = [(f"{label}, T {t:g}", dataclasses.replace(cfg, temperature=t), label)
+            for label, cfg in rows for t in temperatures]
+  else:
+    rows = [(label, cfg, label) for label, cfg in rows]
+  width = max(len(label) for label, _, _ in rows)
+  print(f"{'sampler':<{width}s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}")
+  frontier = {}
+  for label, cfg, sampler_label in rows:
     run = jax.jit(lambda p, key, cfg=cfg: sampling.sample_with_nfe(
         process, lambda x, t: logits_fn(p, x, t), key, batch, length, cfg,
         time_conditioned=config.model.time_conditioning, kv_cache=kv_cache(model, p)))
@@ -92,8 +117,16 @@ def main():
     seconds = time.perf_counter() - start
     quality = evaluate.generative_perplexity(np.asarray(tokens), score, num_tokens)
     ppl = f"{quality['gen_ppl']:.2f} [{quality['gen_ppl_95'][0]:.2f}, {quality['gen_ppl_95'][1]:.2f}]"
-    print(f"{label:<40s} {float(np.mean(nfe)):6.1f} {batch * length / seconds:9.1f} {ppl:>22s} "
+    print(f"{label:<{width}s} {float(np.mean(nfe)):6.1f} {batch * length / seconds:9.1f} {ppl:>22s} "
           f"{quality['unigram_entropy']:8.3f}", flush=True)
+    frontier.setdefault(sampler_label, []).append((quality["unigram_entropy"], quality["gen_ppl"]))
+  if data_entropy is not None:
+    print(f"gen-ppl at the data's entropy ({data_entropy:.3f} bits), along each sampler's temperature frontier:")
+    for sampler_label, points in frontier.items():
+      at = evaluate.frontier_at_entropy(points, data_entropy)
+      span = f"{min(h for h, _ in points):.3f}-{max(h for h, _ in points):.3f}"
+      print(f"  {sampler_label:<{width - 2}s} " + (f"{at:.2f}" if at is not None else
+                                          f"not bracketed (the sweep's entropies span {span} bits)"), flush=True)
 
 
 if __name__ == "__main__":
