@@ -23,7 +23,6 @@ import platform
 import jax
 import numpy as np
 
-from d3pm_jax import sampling
 from d3pm_jax.evaluation import evaluate, plots
 from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
 from d3pm_jax.models.transformer import Transformer, count_params
@@ -221,7 +220,7 @@ def compare(config_specs, workdir: str, *, overrides=(), evaluator: str | None =
     runs[name] = {"config": spec, "workdir": sub, "status": status}
   progress = {name: checkpoints.read_progress(run["workdir"]) for name, run in runs.items()}
   # The mark for the samples' unigram entropy: the validation text's own (the same data for every run).
-  val_entropy = sampling.unigram_entropy(data.val_windows[data.val_weights > 0], configs[name].model.vocab_size)
+  val_entropy = evaluate.validation_entropy(data, configs[name].model.vocab_size)
   machine = previous.get("machine")
   if machine is None or any(r["status"] != "reused" for r in runs.values()):
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,

@@ -114,8 +114,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   if scorer is not None and frontier:
     result["frontier"] = generation_frontier(
         config, model, process, params, scorer, frontier_steps, frontier_temperatures, frontier_top_p,
-        num_samples, seed, data_entropy=sampling.unigram_entropy(data.val_windows[data.val_weights > 0],
-                                                                 config.model.vocab_size),
+        num_samples, seed, data_entropy=evaluate.validation_entropy(data, config.model.vocab_size),
         evaluator_workdir=evaluator, sampler=sampler)
     plots.frontier(os.path.join(workdir, "frontier.png"),
                    {os.path.basename(workdir.rstrip("/")) or workdir: result["frontier"]})

@@ -158,6 +158,12 @@ def generative_perplexity(tokens_NxL, evaluator_nll_fn, vocab_size: int) -> dict
           "unigram_entropy": sampling.unigram_entropy(tokens, vocab_size), "samples": int(tokens.shape[0])}
 
 
+def validation_entropy(data, vocab_size: int) -> float:
+  """The unigram entropy (bits) of ``data``'s validation text, padding excluded: the mark at which samplers'
+  frontiers are read (``frontier_at_entropy``)."""
+  return sampling.unigram_entropy(data.val_windows[data.val_weights > 0], vocab_size)
+
+
 def frontier_at_entropy(points, entropy: float) -> float | None:
   """Generative perplexity at unigram ``entropy`` along a sampler's frontier: ``points`` are ``(entropy,
   gen_ppl)`` pairs from a sweep of temperature (or nucleus), sorted by entropy and interpolated linearly in
