@@ -75,10 +75,10 @@ def main():
   args = parser.parse_args()
   try:
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
-  except ValueError:
-    raise SystemExit(f"--temperatures={args.temperatures!r}: give comma-separated positive numbers, e.g. 0.9,1.0")
-  if any(not 0 < t < float("inf") for t in temperatures):
-    raise SystemExit(f"--temperatures={args.temperatures!r}: every temperature must be positive and finite")
+    for t in temperatures:
+      sampling.SamplerConfig(temperature=t)  # its own check: positive and finite
+  except ValueError as e:
+    raise SystemExit(f"--temperatures={args.temperatures!r}: give comma-separated temperatures, e.g. 0.9,1.0 ({e})")
   config = checkpoints.load_experiment(args.workdir)
   params, step = checkpoints.restore_params(args.workdir, config)
   model, process = Transformer(config.model), state.process_for(config, args.workdir)
@@ -99,7 +99,7 @@ def main():
   data_entropy = None
   if temperatures:
     data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, args.workdir)
-    data_entropy = sampling.unigram_entropy(data.val_windows[data.val_weights > 0], config.model.vocab_size)
+    data_entropy = evaluate.validation_entropy(data, config.model.vocab_size)
     print(f"validation text's unigram entropy: {data_entropy:.3f} bits")
     rows = [(f"{label}, T {t:g}", dataclasses.replace(cfg, temperature=t), label)
             for label, cfg in rows for t in temperatures]
