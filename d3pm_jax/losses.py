@@ -279,7 +279,6 @@ def search_window(variances_W, windows=CLIP_WINDOWS) -> tuple[float, float]:
   """The window of least variance (``window_variances``), as floats."""
   return tuple(float(x) for x in windows[int(np.argmin(np.asarray(variances_W)))])
 
-  
 
 def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, block_size: int, *,
                segments_BxL=None, antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
