@@ -1,7 +1,7 @@
 """The samplers' speed-quality trade on a trained masked-diffusion workdir, scored by an AR workdir.
 
     python benchmarks/samplers.py --workdir DIR --evaluator AR_DIR [--num-samples 32] [--blocks 4] [--quick]
-                                  [--only WORD,...] [--temperatures T,...]
+                                  [--only WORD,...] [--temperatures T,...] [--at-entropy H,...]
 
 For each sampler: network calls per sample (NFE), tokens/s (compilation excluded), generative perplexity under
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
@@ -26,6 +26,7 @@ by up to 7%. Every row draws with the same key, so a row prints the same figures
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -72,6 +73,8 @@ def main():
                       "comma-separated words (e.g. 'ancestral 256,ReMDM')")
   parser.add_argument("--temperatures", default="", help="comma-separated temperatures: run each chosen sampler "
                       "at each, and read its gen-ppl at the data's unigram entropy off that frontier")
+  parser.add_argument("--at-entropy", default="", help="with --temperatures: comma-separated entropies (bits) at "
+                      "which to read each frontier besides the data's, e.g. another sampler's, to match it")
   args = parser.parse_args()
   try:
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
@@ -79,11 +82,21 @@ def main():
       sampling.SamplerConfig(temperature=t)  # its own check: positive and finite
   except ValueError as e:
     raise SystemExit(f"--temperatures={args.temperatures!r}: give comma-separated temperatures, e.g. 0.9,1.0 ({e})")
+  try:
+    at_entropies = [float(h) for h in args.at_entropy.split(",") if h]
+  except ValueError as e:
+    raise SystemExit(f"--at-entropy={args.at_entropy!r}: give comma-separated entropies in bits, e.g. 1.7,2.0 ({e})")
+  if at_entropies and not temperatures:
+    raise SystemExit(f"--at-entropy={args.at_entropy!r} reads temperature frontiers: give --temperatures too")
   config = checkpoints.load_experiment(args.workdir)
   params, step = checkpoints.restore_params(args.workdir, config)
   model, process = Transformer(config.model), state.process_for(config, args.workdir)
   if process is None or config.process.name != "absorbing" or config.process.block_size:
     raise SystemExit(f"{args.workdir} is not a masked-diffusion run (absorbing, no block_size)")
+  most = math.log2(config.model.vocab_size)  # a unigram entropy lies in [0, log2 V]
+  if any(not 0 <= h <= most for h in at_entropies):
+    raise SystemExit(f"--at-entropy={args.at_entropy!r}: entropies are bits in [0, {most:.3f}] "
+                     f"(log2 of this model's vocabulary of {config.model.vocab_size})")
   score, num_tokens, _ = load_evaluator(config, args.evaluator)
   length, batch = config.data.seq_len, args.num_samples
   harness.stated_peak()
@@ -122,10 +135,12 @@ def main():
     print(f"{label:<{width}s} {float(np.mean(nfe)):6.1f} {batch * length / seconds:9.1f} {ppl:>22s} "
           f"{quality['unigram_entropy']:8.3f}", flush=True)
     frontier.setdefault(sampler_label, []).append((quality["unigram_entropy"], quality["gen_ppl"]))
-  if data_entropy is not None:
-    print(f"gen-ppl at the data's entropy ({data_entropy:.3f} bits), along each sampler's temperature frontier:")
+  if data_entropy is None:
+    return
+  for entropy, whose in [(data_entropy, "the data's entropy")] + [(h, "entropy") for h in at_entropies]:
+    print(f"gen-ppl at {whose} ({entropy:.3f} bits), along each sampler's temperature frontier:")
     for sampler_label, points in frontier.items():
-      at = evaluate.frontier_at_entropy(points, data_entropy)
+      at = evaluate.frontier_at_entropy(points, entropy)
       span = f"{min(h for h, _ in points):.3f}-{max(h for h, _ in points):.3f}"
       print(f"  {sampler_label:<{width - 2}s} " + (f"{at:.2f}" if at is not None else
                                           f"not bracketed (the sweep's entropies span {span} bits)"), flush=True)

@@ -21,8 +21,9 @@ RUNS = {
     "train_step.py": (["--steps", "1"], "MFU"),
     # The session's tiny trained workdirs (tests/conftest.py) stand in for a trained model and its evaluator.
     "samplers.py": (["--workdir", "{tiny_workdir}", "--evaluator", "{tiny_ar_workdir}", "--num-samples", "2",
-                     "--blocks", "2", "--quick", "--temperatures", "1"],
-                    ("threshold 0.7, 2 blocks, cache dual, T 1", "gen-ppl at the data's entropy")),
+                     "--blocks", "2", "--quick", "--temperatures", "1", "--at-entropy", "1.5"],
+                    ("threshold 0.7, 2 blocks, cache dual, T 1", "gen-ppl at the data's entropy",
+                     "gen-ppl at entropy (1.500 bits)")),
     "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
 }
 
@@ -42,3 +43,17 @@ def test_benchmark_runs_at_a_tiny_size(script, request):
   assert out.returncode == 0, out.stderr[-3000:]
   for line in (expected,) if isinstance(expected, str) else expected:
     assert line in out.stdout, out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperatures", "1", "--at-entropy", "two"], "give comma-separated entropies in bits"),
+    (["--at-entropy", "1.5"], "give --temperatures too"),
+    (["--temperatures", "1", "--at-entropy", "8.5"], "entropies are bits in [0, 8.006]"),
+])
+def test_samplers_at_entropy_is_checked(args, message, tiny_workdir, tiny_ar_workdir):
+  """A malformed, orphaned or impossible --at-entropy (a unigram entropy over the tiny model's 257 tokens, bytes
+  and the mask, is at most log2 257 = 8.006 bits) stops the script with a message naming the value, before any sampling."""
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samplers.py"), "--workdir", str(tiny_workdir),
+                        "--evaluator", str(tiny_ar_workdir), *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode != 0 and message in out.stderr and "--at-entropy=" in out.stderr, out.stderr[-2000:]
