@@ -52,7 +52,8 @@ def test_benchmark_runs_at_a_tiny_size(script, request):
 ])
 def test_samplers_at_entropy_is_checked(args, message, tiny_workdir, tiny_ar_workdir):
   """A malformed, orphaned or impossible --at-entropy (a unigram entropy over the tiny model's 257 tokens, bytes
-  and the mask, is at most log2 257 = 8.006 bits) stops the script with a message naming the value, before any sampling."""
+  and the mask, is at most log2 257 = 8.006 bits) stops the script with a message naming the value, before any
+  sampling."""
   out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samplers.py"), "--workdir", str(tiny_workdir),
                         "--evaluator", str(tiny_ar_workdir), *args], capture_output=True, text=True, timeout=300,
                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
