@@ -89,14 +89,14 @@ def main():
   if at_entropies and not temperatures:
     raise SystemExit(f"--at-entropy={args.at_entropy!r} reads temperature frontiers: give --temperatures too")
   config = checkpoints.load_experiment(args.workdir)
-  params, step = checkpoints.restore_params(args.workdir, config)
-  model, process = Transformer(config.model), state.process_for(config, args.workdir)
-  if process is None or config.process.name != "absorbing" or config.process.block_size:
-    raise SystemExit(f"{args.workdir} is not a masked-diffusion run (absorbing, no block_size)")
   most = math.log2(config.model.vocab_size)  # a unigram entropy lies in [0, log2 V]
   if any(not 0 <= h <= most for h in at_entropies):
     raise SystemExit(f"--at-entropy={args.at_entropy!r}: entropies are bits in [0, {most:.3f}] "
                      f"(log2 of this model's vocabulary of {config.model.vocab_size})")
+  params, step = checkpoints.restore_params(args.workdir, config)
+  model, process = Transformer(config.model), state.process_for(config, args.workdir)
+  if process is None or config.process.name != "absorbing" or config.process.block_size:
+    raise SystemExit(f"{args.workdir} is not a masked-diffusion run (absorbing, no block_size)")
   score, num_tokens, _ = load_evaluator(config, args.evaluator)
   length, batch = config.data.seq_len, args.num_samples
   harness.stated_peak()
