@@ -1,7 +1,7 @@
 """The samplers' speed-quality trade on a trained masked-diffusion workdir, scored by an AR workdir.
 
     python benchmarks/samplers.py --workdir DIR --evaluator AR_DIR [--num-samples 32] [--blocks 4] [--quick]
-                                  [--only WORD,...] [--temperatures T,...] [--at-entropy H,...]
+                                  [--only TEXT[=T,...] ...] [--temperatures T,...] [--at-entropy H,...]
 
 For each sampler: network calls per sample (NFE), tokens/s (compilation excluded), generative perplexity under
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
@@ -22,6 +22,10 @@ the validation text's unigram entropy, interpolated along that temperature front
 that entropy: samplers compared there no longer trade diversity for gen-ppl. Sweep three temperatures or more
 around 1: on the stdlib models 0.9 to 1.05 moves the entropy by about half a bit, and a two-point reading was off
 by up to 7%. Every row draws with the same key, so a row prints the same figures whichever others run beside it.
+--only TEXT keeps the samplers whose label contains TEXT; repeat it for several (labels hold commas, so one
+value is one piece of a label). --only TEXT=T,... also gives those samplers their own temperatures, in place of
+--temperatures, so that two samplers whose frontiers lie at different temperatures sweep in one process, e.g.
+    --only "ancestral 512=0.5,0.8,1" --only "threshold 0.9, 64 blocks, cache dual=1,1.5,2" --blocks 64
 """
 from __future__ import annotations
 
@@ -62,6 +66,39 @@ def settings(length: int, blocks: int, quick: bool):
   return rows
 
 
+def parse_temperatures(where: str, text: str) -> list[float]:
+  """A comma-separated list of sampling temperatures, each checked by SamplerConfig (positive and finite); a bad
+  one stops the script with a message that starts with ``where``, the flag as given."""
+  try:
+    temperatures = [float(t) for t in text.split(",") if t]
+    for t in temperatures:
+      sampling.SamplerConfig(temperature=t)
+  except ValueError as e:
+    raise SystemExit(f"{where}: give comma-separated temperatures, e.g. 0.9,1.0 ({e})")
+  return temperatures
+
+
+def select(rows, only, temperatures):
+  """(label, SamplerConfig, sampler label) for each run: the rows that the --only entries (text, temperatures,
+  flag value) pick, or all of them, one run per temperature where a row has temperatures (its label then ends
+  in ", T t" and the sampler label names its frontier)."""
+  labels = [label for label, _ in rows]
+  chosen = []
+  for label, cfg in rows:
+    hits = [entry for entry in only if entry[0] in label]
+    if len(hits) > 1:
+      raise SystemExit(f"--only {hits[0][2]!r} and --only {hits[1][2]!r} both pick {label!r}: give each sampler once")
+    temps = hits[0][1] if hits else temperatures
+    if hits or not only:
+      chosen += ([(f"{label}, T {t:g}", dataclasses.replace(cfg, temperature=t), label) for t in temps] if temps
+                 else [(label, cfg, label)])
+  for text, _, value in only:
+    if not any(text in label for label in labels):
+      hint = " (one piece of a label per --only: repeat the flag for several)" if "," in text else ""
+      raise SystemExit(f"--only {value!r} matches none of the samplers {labels}{hint}")
+  return chosen
+
+
 def main():
   parser = harness.parser(__doc__)
   parser.add_argument("--workdir", required=True, help="a trained masked-diffusion (absorbing) workdir")
@@ -69,25 +106,26 @@ def main():
   parser.add_argument("--num-samples", type=int, default=32)
   parser.add_argument("--blocks", type=int, default=4, help="semi-AR blocks of threshold decoding")
   parser.add_argument("--quick", action="store_true", help="one setting of each kind, few steps")
-  parser.add_argument("--only", default="", help="run only the samplers whose label contains one of these "
-                      "comma-separated words (e.g. 'ancestral 256,ReMDM')")
+  parser.add_argument("--only", action="append", default=[], metavar="TEXT[=T,...]",
+                      help="run only the samplers whose label contains TEXT, at temperatures T,... if given (else "
+                      "--temperatures'); repeat for several, e.g. --only 'ancestral 256' --only 'ReMDM=0.9,1'")
   parser.add_argument("--temperatures", default="", help="comma-separated temperatures: run each chosen sampler "
                       "at each, and read its gen-ppl at the data's unigram entropy off that frontier")
   parser.add_argument("--at-entropy", default="", help="with --temperatures: comma-separated entropies (bits) at "
                       "which to read each frontier besides the data's, e.g. another sampler's, to match it")
   args = parser.parse_args()
-  try:
-    temperatures = [float(t) for t in args.temperatures.split(",") if t]
-    for t in temperatures:
-      sampling.SamplerConfig(temperature=t)  # its own check: positive and finite
-  except ValueError as e:
-    raise SystemExit(f"--temperatures={args.temperatures!r}: give comma-separated temperatures, e.g. 0.9,1.0 ({e})")
+  temperatures = parse_temperatures(f"--temperatures={args.temperatures!r}", args.temperatures)
+  only = []
+  for value in args.only:
+    text, has_own, own = value.rpartition("=") if "=" in value else (value, "", "")
+    only.append((text, parse_temperatures(f"--only {value!r}", own) if has_own else temperatures, value))
   try:
     at_entropies = [float(h) for h in args.at_entropy.split(",") if h]
   except ValueError as e:
     raise SystemExit(f"--at-entropy={args.at_entropy!r}: give comma-separated entropies in bits, e.g. 1.7,2.0 ({e})")
-  if at_entropies and not temperatures:
-    raise SystemExit(f"--at-entropy={args.at_entropy!r} reads temperature frontiers: give --temperatures too")
+  if at_entropies and not (temperatures or any(temps for _, temps, _ in only)):
+    raise SystemExit(f"--at-entropy={args.at_entropy!r} reads temperature frontiers: give --temperatures "
+                     "(or --only TEXT=T,...) too")
   config = checkpoints.load_experiment(args.workdir)
   most = math.log2(config.model.vocab_size)  # a unigram entropy lies in [0, log2 V]
   if any(not 0 <= h <= most for h in at_entropies):
@@ -102,22 +140,12 @@ def main():
   harness.stated_peak()
   print(f"{args.workdir} (step {step}), L = {length}, {batch} samples; evaluator {args.evaluator}")
   logits_fn = lambda p, x, t: model.apply({"params": p}, x, t)
-  rows = settings(length, args.blocks, args.quick)
-  wanted = [w for w in args.only.split(",") if w]
-  if wanted:
-    labels = [label for label, _ in rows]
-    rows = [(label, cfg) for label, cfg in rows if any(w in label for w in wanted)]
-    if not rows:
-      raise SystemExit(f"--only={args.only!r} matches none of the samplers {labels}")
+  rows = select(settings(length, args.blocks, args.quick), only, temperatures)
   data_entropy = None
-  if temperatures:
+  if any(label != sampler_label for label, _, sampler_label in rows):  # a temperature sweep
     data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, args.workdir)
     data_entropy = evaluate.validation_entropy(data, config.model.vocab_size)
     print(f"validation text's unigram entropy: {data_entropy:.3f} bits")
-    rows = [(f"{label}, T {t:g}", dataclasses.replace(cfg, temperature=t), label)
-            for label, cfg in rows for t in temperatures]
-  else:
-    rows = [(label, cfg, label) for label, cfg in rows]
   width = max(len(label) for label, _, _ in rows)
   print(f"{'sampler':<{width}s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}")
   frontier = {}
@@ -134,7 +162,8 @@ def main():
     ppl = f"{quality['gen_ppl']:.2f} [{quality['gen_ppl_95'][0]:.2f}, {quality['gen_ppl_95'][1]:.2f}]"
     print(f"{label:<{width}s} {float(np.mean(nfe)):6.1f} {batch * length / seconds:9.1f} {ppl:>22s} "
           f"{quality['unigram_entropy']:8.3f}", flush=True)
-    frontier.setdefault(sampler_label, []).append((quality["unigram_entropy"], quality["gen_ppl"]))
+    if label != sampler_label:
+      frontier.setdefault(sampler_label, []).append((quality["unigram_entropy"], quality["gen_ppl"]))
   if data_entropy is None:
     return
   for entropy, whose in [(data_entropy, "the data's entropy")] + [(h, "entropy") for h in at_entropies]:
