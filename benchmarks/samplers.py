@@ -107,12 +107,12 @@ def main():
   parser.add_argument("--blocks", type=int, default=4, help="semi-AR blocks of threshold decoding")
   parser.add_argument("--quick", action="store_true", help="one setting of each kind, few steps")
   parser.add_argument("--only", action="append", default=[], metavar="TEXT[=T,...]",
-                      help="run only the samplers whose label contains TEXT, at temperatures T,... if given (else "
-                      "--temperatures'); repeat for several, e.g. --only 'ancestral 256' --only 'ReMDM=0.9,1'")
+                      help="run only the samplers whose label contains TEXT, at temperatures T,... if given (else at "
+                      "--temperatures); repeat for several, e.g. --only 'ancestral 256' --only 'ReMDM=0.9,1'")
   parser.add_argument("--temperatures", default="", help="comma-separated temperatures: run each chosen sampler "
                       "at each, and read its gen-ppl at the data's unigram entropy off that frontier")
-  parser.add_argument("--at-entropy", default="", help="with --temperatures: comma-separated entropies (bits) at "
-                      "which to read each frontier besides the data's, e.g. another sampler's, to match it")
+  parser.add_argument("--at-entropy", default="", help="with --temperatures or --only TEXT=T,...: comma-separated "
+                      "entropies (bits) at which to read each frontier besides the data's, e.g. another sampler's")
   args = parser.parse_args()
   temperatures = parse_temperatures(f"--temperatures={args.temperatures!r}", args.temperatures)
   only = []
