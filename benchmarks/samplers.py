@@ -79,16 +79,16 @@ def parse_temperatures(where: str, text: str) -> list[float]:
 
 
 def select(rows, only, temperatures):
-  """(label, SamplerConfig, sampler label) for each run: the rows that the --only entries (text, temperatures,
-  flag value) pick, or all of them, one run per temperature where a row has temperatures (its label then ends
-  in ", T t" and the sampler label names its frontier)."""
+  """(label, SamplerConfig, sampler label) for each run: the rows that the --only entries (text, own temperatures
+  or None to take --temperatures, flag value) pick, or all of them, one run per temperature where a row has
+  temperatures (its label then ends in ", T t" and the sampler label names its frontier)."""
   labels = [label for label, _ in rows]
   chosen = []
   for label, cfg in rows:
     hits = [entry for entry in only if entry[0] in label]
     if len(hits) > 1:
       raise SystemExit(f"--only {hits[0][2]!r} and --only {hits[1][2]!r} both pick {label!r}: give each sampler once")
-    temps = hits[0][1] if hits else temperatures
+    temps = hits[0][1] if hits and hits[0][1] is not None else temperatures
     if hits or not only:
       chosen += ([(f"{label}, T {t:g}", dataclasses.replace(cfg, temperature=t), label) for t in temps] if temps
                  else [(label, cfg, label)])
@@ -118,7 +118,7 @@ def main():
   only = []
   for value in args.only:
     text, has_own, own = value.rpartition("=") if "=" in value else (value, "", "")
-    only.append((text, parse_temperatures(f"--only {value!r}", own) if has_own else temperatures, value))
+    only.append((text, parse_temperatures(f"--only {value!r}", own) if has_own else None, value))
   try:
     at_entropies = [float(h) for h in args.at_entropy.split(",") if h]
   except ValueError as e:

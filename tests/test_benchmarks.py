@@ -85,7 +85,7 @@ def test_samplers_only_picks_one_label_piece_with_its_own_temperatures():
   script = _samplers_script()
   rows = script.settings(512, 64, quick=False)
   chosen = script.select(rows, [("threshold 0.9, 64 blocks, cache dual", [1.0, 2.0], "a"),
-                                ("ancestral 512", [0.8], "b"), ("first-hitting", [1.5, 2.5], "c")], [1.5, 2.5])
+                                ("ancestral 512", [0.8], "b"), ("first-hitting", None, "c")], [1.5, 2.5])
   assert [(label, cfg.temperature, sampler) for label, cfg, sampler in chosen] == [
       ("ancestral 512 steps, T 0.8", 0.8, "ancestral 512 steps"),
       ("first-hitting, T 1.5", 1.5, "first-hitting"),
