@@ -25,6 +25,11 @@ Strategies:
                unmasks each masked position whose proposal (drawn from p~) has p_theta(proposal | x_t) >=
                ``threshold``, and at least the most confident one, until none is masked. tau > 1 is one token a
                step in confidence order; tau = 0 decodes everything in one call.
+  ``rank_noise`` (confidence, threshold) adds Gumbel noise of that scale to the log-confidence that ranks the
+  proposals (MaskGIT's choice temperature), so the positions kept (confidence) or the one decoded beside those
+  above ``threshold`` (threshold; the threshold itself stays on the clean confidence) move toward a uniform random
+  order, as ancestral sampling's: pure confidence order commits early to the easiest tokens and collapses the
+  samples' entropy unless the proposals are drawn hot.
 Predictor-corrector (``remask``, ancestral only; the Psi-samplers of the DUO line, ReMDM for masking): each step
 draws x_s from kappa q(x_s | x_t, x^_0) + (1 - kappa) q_s(x_s | x^_0), the ancestral posterior mixed with the
 prediction pushed forward to time s, so decoded tokens can be noised again and corrected later. 'psi' takes a
@@ -90,6 +95,8 @@ class SamplerConfig:
   num_blocks: int = 1            # semi-autoregressive blocks (absorbing), num_steps each; the network is told
                                  # the time that matches the masked fraction (see the module docstring)
   threshold: float = 0.9         # strategy 'threshold': unmask every proposal with p_theta >= threshold
+  rank_noise: float = 0.0        # 'confidence'/'threshold': Gumbel noise of this scale on the log-confidence
+                                 # that ranks proposals (MaskGIT's choice temperature; 0: pure confidence)
   remask: str = "none"           # predictor-corrector: 'psi' (kappa), 'cap' or 'rescale' (eta; absorbing)
   kappa: float = 1.0             # remask='psi': the weight of the ancestral posterior (1: ancestral)
   eta: float = 0.0               # remask='cap'/'rescale': ReMDM's eta
@@ -116,6 +123,11 @@ class SamplerConfig:
     if not self.threshold >= 0:
       raise ValueError(f"threshold must be >= 0 (0 decodes everything at once; above 1, one token a step); got "
                        f"{self.threshold}")
+    if not 0 <= self.rank_noise < float("inf"):
+      raise ValueError(f"rank_noise must be >= 0 and finite (0 ranks by confidence alone); got {self.rank_noise}")
+    if self.rank_noise and self.strategy not in ("confidence", "threshold"):
+      raise ValueError(f"rank_noise={self.rank_noise} perturbs the confidence ranking of strategy 'confidence' or "
+                       f"'threshold'; got strategy={self.strategy!r}. Set rank_noise=0 or pick one of those")
     if not 0 <= self.kappa <= 1:
       raise ValueError(f"kappa must lie in [0, 1] (1: ancestral); got {self.kappa}")
     if not 0 <= self.eta <= 1:
@@ -448,10 +460,15 @@ def reverse_step(process: Process, key, log_p0_xV, x_t, s, t, cfg: SamplerConfig
   return draws.categorical(token_key, jnp.where(at_end[..., None], log_p, posterior), cfg.dtype)
 
 
-def confidence_rank(key, confidence_BxL, masked_BxL):
-  """Each masked position's rank by ``confidence_BxL`` among its row's masked positions, 0 the least confident
-  (ties broken by noise of 1e-6 from ``key``, then by position); unmasked positions rank after them all."""
-  score = jnp.where(masked_BxL, confidence_BxL + 1e-6 * jax.random.uniform(key, confidence_BxL.shape), jnp.inf)
+def confidence_rank(key, confidence_BxL, masked_BxL, noise: float = 0.0):
+  """Each masked position's rank by ``confidence_BxL`` (a log-probability) among its row's masked positions, 0 the
+  least confident (ties broken by noise of 1e-6 from ``key``, then by position); unmasked positions rank after
+  them all. ``noise`` > 0 ranks by confidence + noise * Gumbel instead (MaskGIT's choice temperature): large values
+  approach a uniform random order."""
+  score = confidence_BxL + 1e-6 * jax.random.uniform(key, confidence_BxL.shape)
+  if noise:
+    score = score + noise * jax.random.gumbel(jax.random.fold_in(key, 1), confidence_BxL.shape)
+  score = jnp.where(masked_BxL, score, jnp.inf)
   return jnp.argsort(jnp.argsort(score, axis=1), axis=1)
 
 
@@ -527,7 +544,8 @@ def _threshold(process: AbsorbingProcess, logits_fn, key, x_BxL, given_BxL, prom
     draw_key, rank_key = jax.random.split(keys[k])
     proposal = categorical(draw_key, log_p0, cfg)
     confidence = jnp.take_along_axis(log_p0, proposal[..., None], axis=-1)[..., 0]
-    best = confidence_rank(rank_key, confidence, masked) == jnp.sum(masked, axis=1, keepdims=True) - 1
+    best = (confidence_rank(rank_key, confidence, masked, cfg.rank_noise)
+            == jnp.sum(masked, axis=1, keepdims=True) - 1)
     unmask = masked & ((confidence >= log_tau) | best)
     return jnp.where(unmask, proposal, x_t), k + 1, nfe_B + jnp.any(masked, axis=1), kv_state
 
@@ -620,7 +638,8 @@ def _sample_scan(process: Process, logits_fn, key, x_BxL, given_BxL, prompt_BxL,
       frac = (1.0 - schedule.alpha(s_B)) / (1.0 - schedule.alpha(jnp.ones_like(s_B)))
       keep_masked_B = jnp.where(i == 1, 0, jnp.floor(frac * num_free_B).astype(jnp.int32))
       # Unmask all but the least confident masked positions.
-      stays_masked = masked & (confidence_rank(rank_key, confidence, masked) < keep_masked_B[:, None])
+      stays_masked = masked & (confidence_rank(rank_key, confidence, masked, cfg.rank_noise)
+                             < keep_masked_B[:, None])
       x_s = jnp.where(masked & ~stays_masked, proposal, x_t)
     x_s = clamp(x_s)
     nfe_B = nfe_B + jnp.asarray(called, jnp.int32)

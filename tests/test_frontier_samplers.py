@@ -2,6 +2,8 @@
 
 The enumerable toy: 3 tokens, L = 4, a random joint over the 81 sequences, and its exact denoiser (each position's
 posterior p(x_0^n | x_t), enumerated for any process)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,7 +251,59 @@ def test_threshold_zero_decodes_everything_in_one_call_and_a_middle_one_in_betwe
   assert int(x0.max()) < 6 and (np.asarray(x0)[:, :4] == 3).all()
 
 
+def count_logits_fn(x_t, t_B):
+  """Every position proposes the number of positions decoded so far (greedy), more surely the further right it
+  stands: the decoded tokens spell the order of decoding, and pure confidence order is right to left."""
+  length = x_t.shape[1]
+  decoded_B = jnp.sum(x_t != length + 1, axis=1)
+  one_hot = jax.nn.one_hot(decoded_B, length + 2)[:, None, :]
+  return one_hot * (1.0 + jnp.arange(length))[None, :, None]
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "threshold"])
+def test_rank_noise_moves_the_decoding_order_from_confidence_to_uniform(strategy):
+  """One token a step (tau above every confidence; the confidence strategy at one step per position) with greedy
+  proposals from ``count_logits_fn``: without rank noise the order is right to left in every sample; with noise
+  far above the log-confidence gaps, the first position decoded is uniform over the row (chi-square), and every
+  sample still decodes one position per step."""
+  length, batch = 8, 4000
+  proc = make_process("absorbing", length + 2, get_schedule("linear"))  # tokens 0..L, mask L + 1
+  cfg = SamplerConfig(strategy=strategy, threshold=1.5, num_steps=length, greedy=True)
+  x0, _ = sample(proc, count_logits_fn, jax.random.PRNGKey(0), 16, length, cfg)
+  np.testing.assert_array_equal(np.asarray(x0), np.broadcast_to(np.arange(length)[::-1], (16, length)))
+  noisy = dataclasses.replace(cfg, rank_noise=1e3)
+  x0 = np.asarray(sample(proc, count_logits_fn, jax.random.PRNGKey(1), batch, length, noisy)[0])
+  np.testing.assert_array_equal(np.sort(x0, axis=1), np.broadcast_to(np.arange(length), (batch, length)))
+  first = np.bincount(np.argmin(x0, axis=1), minlength=length).astype(float)
+  assert chi_square_pvalue(first, np.full(length, 1.0 / length)) > 1e-3, first
+
+
+def test_rank_noise_leaves_the_threshold_on_the_clean_confidence():
+  """Positions 0..k-1 are sure (p 0.99 > tau), the rest are not: the first step decodes all k and the one the
+  noisy ranking picks, then one a step, so NFE is L - k + 1 when the pick was a sure one and L - k otherwise. Noise
+  in the threshold test itself would leave sure positions masked and cost more calls."""
+  length, sure, batch = 12, 5, 256
+  proc = make_process("absorbing", 10, get_schedule("linear"))
+  peak = jnp.log(99.0 * 8)  # p = 0.99 on token 0 against 8 others sharing 0.01 (the mask is excluded)
+
+  def logits_fn(x_t, t_B):
+    logits = jnp.zeros((length, 10)).at[:sure, 0].set(peak)
+    return jnp.broadcast_to(logits, x_t.shape + (10,))
+
+  counts = {}
+  for noise in (0.0, 1e3):
+    _, nfe = sample_with_nfe(proc, logits_fn, jax.random.PRNGKey(3), batch, length,
+                             SamplerConfig(strategy="threshold", threshold=0.9, greedy=True, rank_noise=noise))
+    counts[noise] = np.bincount(np.asarray(nfe), minlength=length + 1)
+  assert counts[0.0][length - sure + 1] == batch, counts  # the surest is a sure one: it costs a step of its own
+  assert counts[1e3][length - sure:].sum() == batch, counts[1e3]
+  assert counts[1e3][length - sure] > batch // 3, counts[1e3]  # P(pick unsure) = 7/12
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(rank_noise=-1.0, strategy="threshold"), "rank_noise must be >= 0"),
+    (dict(rank_noise=float("inf"), strategy="confidence"), "rank_noise must be >= 0 and finite"),
+    (dict(rank_noise=0.5), "perturbs the confidence ranking.*strategy='ancestral'"),
     (dict(threshold=-0.1), "threshold must be >= 0"),
     (dict(kappa=1.5, remask="psi"), r"kappa must lie in \[0, 1\]"),
     (dict(eta=2.0, remask="cap"), r"eta must lie in \[0, 1\]"),

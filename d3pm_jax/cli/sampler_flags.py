@@ -11,6 +11,9 @@ BLOCKS = flags.DEFINE_integer(
     "that matches the fraction of the whole sequence still masked.")
 THRESHOLD = flags.DEFINE_float("threshold", 0.9, "--strategy=threshold: unmask every masked position whose proposal "
                                "has p(x_0 | x_t) >= this, and at least the most confident (0: all in one call).")
+RANK_NOISE = flags.DEFINE_float(
+    "rank_noise", 0.0, "--strategy=confidence|threshold: Gumbel noise of this scale on the log-confidence that "
+    "ranks proposals (MaskGIT's choice temperature; 0: pure confidence order, large: a uniform random order).")
 REMASK = flags.DEFINE_enum("remask", "none", list(sampling.REMASKS),
                            "Predictor-corrector remasking of ancestral steps: 'psi' mixes in the prediction pushed "
                            "to time s with weight 1 - kappa (every process); 'cap' and 'rescale' are ReMDM's sigma "
@@ -29,8 +32,8 @@ CACHE = flags.DEFINE_enum("cache", "none", list(sampling.CACHES),
                           "and values within a block, 'dual' the masked suffix's too.")
 CACHE_REFRESH = flags.DEFINE_integer("cache_refresh", 0, "Refresh the cache every this many steps of a block "
                                      "(0: only at the block's start; 1: every step, exact).")
-ALL = (STRATEGY, BLOCKS, THRESHOLD, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, REMASK_CONFIDENCE, ALPHA_ON, CACHE,
-       CACHE_REFRESH)
+ALL = (STRATEGY, BLOCKS, THRESHOLD, RANK_NOISE, REMASK, KAPPA, ETA, REMASK_ON, REMASK_OFF, REMASK_CONFIDENCE,
+       ALPHA_ON, CACHE, CACHE_REFRESH)
 FIELDS = {"blocks": "num_blocks"}  # flag name -> SamplerConfig field, where they differ
 
 
