@@ -7,7 +7,8 @@ For each sampler: network calls per sample (NFE), tokens/s (compilation excluded
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
 own length L:
   ancestral at 64, 256 and 512 steps (capped at 4L), first-hitting (one call per token), threshold decoding at
-  tau 0.5 / 0.7 / 0.9 in --blocks semi-AR blocks without a cache and with the prefix and dual caches, and ReMDM
+  tau 0.5 / 0.7 / 0.9 in --blocks semi-AR blocks without a cache and with the prefix and dual caches, and with
+  the dual cache at rank noise 1000 (the one position decoded beside those above tau in random order), and ReMDM
   (remask='cap', eta 0.02) at L and 2L steps, with confidence weighting and as the loop (alpha_on 0.9 held for
   t in [0.05, 0.55], ReMDM's setting) at 2L.
 The issue's L = 512 needs workdirs trained at 512 (the stdlib runs' max_len is 128), e.g.
@@ -47,6 +48,9 @@ from d3pm_jax.training import checkpoints, state
 import harness  # the sibling helper (this directory is the script's path)
 
 
+RANK_NOISES = (1000.0,)  # far above the log-confidence gaps: a uniform random order (0.5-2 collapsed at T 1)
+
+
 def settings(length: int, blocks: int, quick: bool):
   """(label, SamplerConfig) pairs."""
   steps = sorted({min(n, 4 * length) for n in ((16,) if quick else (64, 256, 512))})
@@ -56,6 +60,9 @@ def settings(length: int, blocks: int, quick: bool):
     for cache in ("none", "prefix", "dual"):
       rows.append((f"threshold {tau}, {blocks} blocks, cache {cache}",
                    sampling.SamplerConfig(strategy="threshold", threshold=tau, num_blocks=blocks, cache=cache)))
+    for noise in RANK_NOISES:
+      rows.append((f"threshold {tau} rank noise {noise:g}, {blocks} blocks, cache dual", sampling.SamplerConfig(
+          strategy="threshold", threshold=tau, num_blocks=blocks, cache="dual", rank_noise=noise)))
   for n in ((length,) if quick else (length, 2 * length)):
     rows.append((f"ReMDM cap 0.02, {n} steps", sampling.SamplerConfig(num_steps=n, remask="cap", eta=0.02)))
   if not quick:

@@ -25,9 +25,10 @@ RUNS = {
     # Every quick sampler, the dual cache's swept at two temperatures: only that one has a frontier to read.
     "samplers.py": (["--workdir", "{tiny_workdir}", "--evaluator", "{tiny_ar_workdir}", "--num-samples", "2",
                      "--blocks", "2", "--quick", "--only", "ancestral", "--only", "first-hitting", "--only",
-                     "cache none", "--only", "cache prefix", "--only", "cache dual=1,1.5", "--only", "ReMDM",
-                     "--at-entropy", "1.5"],
+                     "cache none", "--only", "cache prefix", "--only", "threshold 0.7, 2 blocks, cache dual=1,1.5",
+                     "--only", "rank noise", "--only", "ReMDM", "--at-entropy", "1.5"],
                     ("threshold 0.7, 2 blocks, cache dual, T 1.5", "\nfirst-hitting ", "ReMDM cap 0.02",
+                     "\nthreshold 0.7 rank noise 1000, 2 blocks, cache dual ",
                      "gen-ppl at entropy (1.500 bits), along each sampler's temperature frontier:\n"
                      "  threshold 0.7, 2 blocks, cache dual ")),
     "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
