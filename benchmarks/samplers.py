@@ -25,7 +25,8 @@ around 1: on the stdlib models 0.9 to 1.05 moves the entropy by about half a bit
 by up to 7%. Every row draws with the same key, so a row prints the same figures whichever others run beside it.
 --only TEXT keeps the samplers whose label contains TEXT; repeat it for several (labels hold commas, so one
 value is one piece of a label). --only TEXT=T,... also gives those samplers their own temperatures, in place of
---temperatures, so that two samplers whose frontiers lie at different temperatures sweep in one process, e.g.
+--temperatures (--only TEXT= runs them once, at T 1, outside the sweep), so that two samplers whose frontiers lie
+at different temperatures sweep in one process, e.g.
     --only "ancestral 512=0.95,1,1.05" --only "threshold 0.9 rank noise 1000=0.8,0.9,1" --blocks 16
 (the README's issue-24 reading: confidence order collapses these models' samples unless drawn hot, while rank
 noise 1000 decodes the forced position at random and reads below ancestral's frontier at 5.4x its tokens/s).

@@ -45,8 +45,8 @@ def test_every_benchmark_script_has_a_smoke_run():
 def test_benchmark_runs_at_a_tiny_size(script, request):
   args, expected = RUNS[script]
   args = [request.getfixturevalue(a[1:-1]) if a.startswith("{") else a for a in args]
-  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]
   for line in (expected,) if isinstance(expected, str) else expected:
     assert line in out.stdout, out.stdout[-2000:]
