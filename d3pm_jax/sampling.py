@@ -467,7 +467,7 @@ def confidence_rank(key, confidence_BxL, masked_BxL, noise: float = 0.0):
   approach a uniform random order."""
   score = confidence_BxL + 1e-6 * jax.random.uniform(key, confidence_BxL.shape)
   if noise:
-    score = score + noise * jax.random.gumbel(jax.random.fold_in(key, 1), confidence_BxL.shape)
+    score = score + noise * draws.gumbel(jax.random.fold_in(key, 1), confidence_BxL.shape, score.dtype)
   score = jnp.where(masked_BxL, score, jnp.inf)
   return jnp.argsort(jnp.argsort(score, axis=1), axis=1)
 
