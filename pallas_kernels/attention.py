@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.common import NEG, precision_of
+from pallas_kernels.common import NEG, precision_of, target_platform
 
 IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
@@ -465,10 +465,10 @@ def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: 
 
 def select(impl: str, *, interpret: bool = False):
   """``attend(q, k, v, segments_BxL, causal, blocks_BxL=None, block_size=0)`` of a kernel implementation (not
-  ``xla``, which is the model's own), checked against the backend: ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
+  ``xla``, which is the model's own), checked against the target platform (``common.target_platform``): ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
   if impl not in IMPLS[1:]:
     raise ValueError(f"unknown attention kernel {impl!r}; valid: {list(IMPLS[1:])} ('xla' is the model's own)")
-  backend = jax.default_backend()
+  backend = target_platform()
   runs_here = impl in PLATFORMS.get(backend, ("xla",)) or (interpret and impl in ("pallas", "splash"))
   if not runs_here:
     raise ValueError(f"model.attention_impl={impl!r} cannot run on this backend ({backend!r}), which supports "

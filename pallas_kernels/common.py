@@ -2,6 +2,7 @@
 of a vocabulary tile are classes, and the choice between the jnp twin and the backend's Pallas kernel."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -54,15 +55,37 @@ class HeadProblem:
   skips_zero_rows = True
 
 
+_TARGET: list[str] = []  # the platform a program is being compiled for, innermost last (``compiling_for``)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within this block the kernels are chosen for ``platform`` ('tpu', 'gpu' or 'cpu') instead of this process's
+  default backend: a program traced here for a TPU topology gets the Mosaic kernels on a machine whose own backend
+  is the CPU (``d3pm-compile``)."""
+  if platform not in ("cpu", "gpu", "tpu"):
+    raise ValueError(f"unknown platform {platform!r}; valid: ['cpu', 'gpu', 'tpu']")
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def target_platform() -> str:
+  """The platform kernels are chosen for: the innermost ``compiling_for``, else ``jax.default_backend()``."""
+  return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
 def by_backend(what: str, impl: str, valid, *, tiled, triton, mosaic, interpret: bool, hint: str = ""):
-  """The callable that implementation ``impl`` of ``what`` means on this backend: ``tiled`` (the jnp twin, any
+  """The callable that implementation ``impl`` of ``what`` means on the target platform (``target_platform``): ``tiled`` (the jnp twin, any
   backend), or for ``pallas`` the Triton kernel on GPUs, the Mosaic one on TPUs, and the Triton one interpreted
   elsewhere when ``interpret`` is set. ``hint`` follows the list of valid names in the error."""
   if impl not in valid:
     raise ValueError(f"unknown {what} implementation {impl!r}; valid: {list(valid)}{hint}")
   if impl == "tiled":
     return tiled
-  backend = jax.default_backend()
+  backend = target_platform()
   if backend == "tpu":
     return mosaic
   if backend != "gpu" and not interpret:
