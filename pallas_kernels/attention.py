@@ -110,43 +110,43 @@ def _ceil_div(a, b):
   return (a + b - 1) // b
 
 
-def _key_ranges(i, plan: _Plan):
+def _key_ranges(i, plan: _Plan, xp=jnp):
   """The key blocks query block ``i`` visits, as ranges ``(lo, hi)`` of key-block indices (two for block
   diffusion, the second starting where the first ends): all; (causal) those up to its diagonal; (block diffusion)
   for its x_t rows, the x_t keys within a block's reach and the x_0 keys before them, and for its x_0 rows the x_0
-  keys up to a block past them. The mask decides visibility inside the visited blocks; the ranges only skip blocks that
-  hold no visible key."""
+  keys up to a block past them. The mask decides visibility inside the visited blocks; the ranges only skip blocks
+  that hold no visible key. ``xp`` is ``jnp`` in a kernel, ``np`` to count the visits of a static block index."""
   num_k = plan.padded_length // plan.block_k
   r0, r1 = i * plan.block_q, (i + 1) * plan.block_q
   if plan.half:
     half, reach, bk = plan.half, plan.block_size - 1, plan.block_k
-    noisy_end = jnp.minimum(r1, half)                    # x_t rows [r0, noisy_end), if r0 < half
-    a_lo = jnp.where(r0 < half, jnp.maximum(r0 - reach, 0) // bk, 0)
-    a_hi = jnp.where(r0 < half, _ceil_div(jnp.minimum(noisy_end + reach, half), bk), 0)
+    noisy_end = xp.minimum(r1, half)                     # x_t rows [r0, noisy_end), if r0 < half
+    a_lo = xp.where(r0 < half, xp.maximum(r0 - reach, 0) // bk, 0)
+    a_hi = xp.where(r0 < half, _ceil_div(xp.minimum(noisy_end + reach, half), bk), 0)
     # x_0 keys: an x_t row sees those of earlier positions; an x_0 row those up to the end of its block.
-    b_end = jnp.maximum(jnp.where(r0 < half, half + noisy_end - 1, 0),
-                        jnp.where(r1 > half, jnp.minimum(r1 + reach, 2 * half), 0))
-    b_lo = jnp.maximum(half // bk, a_hi)
-    return (a_lo, a_hi), (b_lo, jnp.maximum(b_lo, jnp.minimum(_ceil_div(b_end, bk), num_k)))
+    b_end = xp.maximum(xp.where(r0 < half, half + noisy_end - 1, 0),
+                       xp.where(r1 > half, xp.minimum(r1 + reach, 2 * half), 0))
+    b_lo = xp.maximum(half // bk, a_hi)
+    return (a_lo, a_hi), (b_lo, xp.maximum(b_lo, xp.minimum(_ceil_div(b_end, bk), num_k)))
   if plan.causal:
-    return ((0, jnp.minimum(num_k, _ceil_div(r1, plan.block_k))),)
+    return ((0, xp.minimum(num_k, _ceil_div(r1, plan.block_k))),)
   return ((0, num_k),)
 
 
-def _query_ranges(j, plan: _Plan):
+def _query_ranges(j, plan: _Plan, xp=jnp):
   """The query blocks that see a key of key block ``j``, as ranges (``_key_ranges`` turned around)."""
   num_q = plan.padded_length // plan.block_q
   c0, c1 = j * plan.block_k, (j + 1) * plan.block_k
   if plan.half:
     half, reach, bq = plan.half, plan.block_size - 1, plan.block_q
-    clean_first = jnp.maximum(c0, half) - half           # first x_0 key's position, if c1 > half
+    clean_first = xp.maximum(c0, half) - half            # first x_0 key's position, if c1 > half
     # x_t rows: within a block's reach of the x_t keys, and after the first x_0 key's position.
-    a_lo = jnp.minimum(jnp.where(c0 < half, jnp.maximum(c0 - reach, 0), half),
-                       jnp.where(c1 > half, clean_first + 1, half)) // bq
-    a_hi = jnp.where(c1 > half, _ceil_div(half, bq), _ceil_div(jnp.minimum(c1 + reach, half), bq))
+    a_lo = xp.minimum(xp.where(c0 < half, xp.maximum(c0 - reach, 0), half),
+                      xp.where(c1 > half, clean_first + 1, half)) // bq
+    a_hi = xp.where(c1 > half, _ceil_div(half, bq), _ceil_div(xp.minimum(c1 + reach, half), bq))
     # x_0 rows: from a block before the first x_0 key's position on.
-    b_lo = jnp.maximum(jnp.maximum(half + clean_first - reach, half) // bq, a_hi)
-    return (a_lo, a_hi), (b_lo, jnp.where(c1 > half, num_q, b_lo))
+    b_lo = xp.maximum(xp.maximum(half + clean_first - reach, half) // bq, a_hi)
+    return (a_lo, a_hi), (b_lo, xp.where(c1 > half, num_q, b_lo))
   if plan.causal:  # query blocks above this key block's diagonal see none of its keys
     return ((c0 // plan.block_q, num_q),)
   return ((0, num_q),)
@@ -277,6 +277,30 @@ def _specs(plan: _Plan, by_query: bool):
   return rows, whole, seg_rows, seg_whole, vec_rows, vec_whole
 
 
+# Per kernel: [block_q, block_k] x width products per visited block pair; the width-K arrays and the row vectors
+# (int32 ids, float32 statistics) of a program's own block, then of the other side's block read at each visit.
+_WORK = {"forward": (2, 2, 3, 2, 2),  # scores, output; q o, segments blocks lse; k v, segments blocks
+         "dq": (3, 3, 4, 2, 2),       # scores, dp, dq; q do dq, segments blocks lse delta; k v, segments blocks
+         "dkv": (4, 4, 2, 2, 4)}      # scores, dv, dp, dk; k v dk dv, segments blocks; q do, segments blocks lse delta
+
+
+def _cost(plan: _Plan, kernel: str, batch: int, heads: int, itemsize: int) -> pl.CostEstimate:
+  """What the ``forward``, ``dq`` or ``dkv`` kernel does over ``batch`` x ``heads`` when every query is live: its
+  products (``_WORK``) over the padded width for each pair of query and key blocks it visits (``_key_ranges``;
+  ``_query_ranges`` for dk/dv), an exp per score, with the forward's rescale per row and visit and its log per
+  row; the bytes moved: each program's own block once, the other side's block at every visit."""
+  products, own_arrays, own_vectors, other_arrays, other_vectors = _WORK[kernel]
+  bq, bk, kp = plan.block_q, plan.block_k, plan.padded_width
+  own, other, ranges = (bk, bq, _query_ranges) if kernel == "dkv" else (bq, bk, _key_ranges)
+  count = plan.padded_length // own
+  visits = batch * heads * sum(max(0, int(hi) - int(lo)) for b in range(count) for lo, hi in ranges(b, plan, np))
+  programs = batch * heads * count
+  exps = visits * bq * bk + (visits * bq + programs * bq if kernel == "forward" else 0)
+  moved = (programs * own * (own_arrays * kp * itemsize + own_vectors * 4)
+           + visits * other * (other_arrays * kp * itemsize + other_vectors * 4))
+  return pl.CostEstimate(flops=2 * products * visits * bq * bk * kp, transcendentals=exps, bytes_accessed=moved)
+
+
 def _flash_forward(plan: _Plan, q, k, v, seg, blk):
   batch, heads = q.shape[:2]
   lp = plan.padded_length
@@ -286,7 +310,8 @@ def _flash_forward(plan: _Plan, q, k, v, seg, blk):
       kernel, grid=(batch, heads, lp // plan.block_q),
       in_specs=[rows, whole, whole, seg_rows, seg_whole, seg_rows, seg_whole], out_specs=(rows, vec_rows),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, lp), jnp.float32)),
-      interpret=plan.interpret, compiler_params=plan.params())(q, k, v, seg, seg, blk, blk)
+      interpret=plan.interpret, compiler_params=plan.params(),
+      cost_estimate=_cost(plan, "forward", batch, heads, q.dtype.itemsize))(q, k, v, seg, seg, blk, blk)
 
 
 def _flash_backward(plan: _Plan, q, k, v, seg, blk, out, lse, do):
@@ -300,7 +325,7 @@ def _flash_backward(plan: _Plan, q, k, v, seg, blk, out, lse, do):
       grid=(batch, heads, lp // plan.block_q),
       in_specs=[rows, whole, whole, seg_rows, seg_whole, seg_rows, seg_whole, rows, vec_rows, vec_rows],
       out_specs=rows, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=plan.interpret,
-      compiler_params=plan.params(),
+      compiler_params=plan.params(), cost_estimate=_cost(plan, "dq", batch, heads, q.dtype.itemsize),
   )(q, k, v, seg, seg, blk, blk, do, lse, delta)
   rows, whole, seg_rows, seg_whole, vec_rows, vec_whole = _specs(plan, by_query=False)
   dk, dv = pl.pallas_call(
@@ -310,6 +335,7 @@ def _flash_backward(plan: _Plan, q, k, v, seg, blk, out, lse, do):
       out_specs=(rows, rows),
       out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       interpret=plan.interpret, compiler_params=plan.params(),
+      cost_estimate=_cost(plan, "dkv", batch, heads, k.dtype.itemsize),
   )(q, k, v, seg, seg, blk, blk, do, lse, delta)
   return dq, dk, dv
 
@@ -465,7 +491,8 @@ def cudnn_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL=None, causal: 
 
 def select(impl: str, *, interpret: bool = False):
   """``attend(q, k, v, segments_BxL, causal, blocks_BxL=None, block_size=0)`` of a kernel implementation (not
-  ``xla``, which is the model's own), checked against the target platform (``common.target_platform``): ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
+  ``xla``, which is the model's own), checked against the target platform (``common.target_platform``):
+  ``interpret`` runs the Pallas ones (``pallas``, ``splash``) anywhere."""
   if impl not in IMPLS[1:]:
     raise ValueError(f"unknown attention kernel {impl!r}; valid: {list(IMPLS[1:])} ('xla' is the model's own)")
   backend = target_platform()

@@ -169,12 +169,31 @@ class MosaicPlan(HeadProblem):
   def backward(self, *args):
     return _backward(self, *args)
 
+  def cost(self, kernel) -> pl.CostEstimate:
+    """What one call of ``kernel`` does on the padded sizes when every row block is live, for XLA's cost model
+    (which counts nothing inside a ``pallas_call`` otherwise): the ``[n_pad, v_pad]`` logits' product over D,
+    twice for ``dh`` and ``dW`` (recomputed, then multiplied by ``W`` or ``h``); an exp per logit, and the
+    forward's rescale per row and tile; the bytes the pipeline moves, which fetches a block again only when its
+    index changes: the operand indexed by the grid's inner axis once per outer step."""
+    (bn, tv), n, v, d = self.blocks, self.n_pad, self.v_pad, self.d
+    itemsize, rows, tiles = jnp.dtype(self.dot_dtype).itemsize, n // bn, v // tv
+    logits = n * v
+    if kernel is _fwd_kernel:  # h once, W per row block; targets and weights in, (m, s, target) out
+      moved = (n * d + rows * d * v) * itemsize + 5 * n * 4
+      return pl.CostEstimate(flops=2 * logits * d, transcendentals=logits + n * tiles, bytes_accessed=moved)
+    if kernel is _dh_kernel:  # h once, W per row block; targets, lse, coef in, float32 dh out
+      moved = (n * d + rows * d * v) * itemsize + 3 * n * 4 + n * d * 4
+    else:  # dW: W once, h and the row columns per tile, float32 dW out
+      moved = (tiles * n * d + d * v) * itemsize + tiles * 3 * n * 4 + d * v * 4
+    return pl.CostEstimate(flops=4 * logits * d, transcendentals=logits, bytes_accessed=moved)
+
   def call(self, kernel, grid, in_specs, out_specs, out_shape, scratch):
     return pl.pallas_call(
         functools.partial(kernel, tile_v=self.blocks[1], v=self.v, num_classes=self.num_classes, exclude=self.exclude,
                           precision=xla_precision(self.dot_dtype)),
-        grid=grid, in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + in_specs, out_specs=out_specs, out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        grid=grid, in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)] + in_specs, out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch], cost_estimate=self.cost(kernel),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=self.vmem_limit_bytes))
 

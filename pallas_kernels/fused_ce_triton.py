@@ -129,6 +129,21 @@ class TritonPlan(HeadProblem):
   def params(self):
     return pltriton.CompilerParams(num_warps=self.warps, num_stages=self.stages)
 
+  def cost(self, rows: int, forward: bool) -> pl.CostEstimate:
+    """What one call over ``rows`` padded rows does when every row block is live: the ``[rows, v_pad]`` logits'
+    product over the padded width; an exp per logit, and the forward's rescale per row and tile; the bytes its
+    programs load and store: each row block's W columns once, its ``h`` again for every tile (the width loop
+    reloads it), the row columns once per program; out, the forward's three partials per split or the dlogits.
+    (JAX's Triton lowering does not pass it on to XLA today.)"""
+    itemsize, logits = jnp.dtype(self.dot_dtype).itemsize, rows * self.v_pad
+    loads = (self.num_tiles * rows * self.d_pad + rows // self.block_n * self.d_pad * self.v_pad) * itemsize
+    if forward:  # targets and weights per program (a row block and a split), (m, s, target) per split out
+      moved = loads + 5 * self.num_splits * rows * 4
+      return pl.CostEstimate(flops=2 * logits * self.d_pad, transcendentals=logits + rows * self.num_tiles,
+                             bytes_accessed=moved)
+    moved = loads + 3 * self.num_tiles * rows * 4 + logits * itemsize  # targets, lse, coef per program; dlogits
+    return pl.CostEstimate(flops=2 * logits * self.d_pad, transcendentals=logits, bytes_accessed=moved)
+
   def partials(self, *args):
     return _partials(self, *args)
 
@@ -226,8 +241,8 @@ def _partials(plan: TritonPlan, h_NxD, w_DxV, targets_N, weights_N, offset):
       in_specs=[_OFFSET, pl.BlockSpec((bn, plan.d_pad), lambda i, s: (i, 0)),
                 pl.BlockSpec((plan.d_pad, plan.v_pad), lambda i, s: (0, 0)), row, row],
       out_specs=(partial, partial, partial), out_shape=(shape, shape, shape),
-      interpret=plan.interpret, compiler_params=plan.params())(jnp.reshape(offset, (1,)).astype(jnp.int32), h, w,
-                                                               t, wt)
+      interpret=plan.interpret, compiler_params=plan.params(), cost_estimate=plan.cost(plan.n_pad, forward=True),
+  )(jnp.reshape(offset, (1,)).astype(jnp.int32), h, w, t, wt)
   return m[:, :plan.n], s[:, :plan.n], target[:, :plan.n]
 
 
@@ -265,7 +280,7 @@ def _backward(plan: TritonPlan, h_NxD, w_DxV, targets_N, lse_N, coef_N, offset):
                 pl.BlockSpec((plan.d_pad, plan.v_pad), lambda i, j: (0, 0)), row, row, row],
       out_specs=pl.BlockSpec((bn, tile_v), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((rows, plan.v_pad), h.dtype), interpret=plan.interpret,
-      compiler_params=plan.params())
+      compiler_params=plan.params(), cost_estimate=plan.cost(rows, forward=False))
   offset = jnp.reshape(offset, (1,)).astype(jnp.int32)
 
   def chunk(dw_DxV, inputs):

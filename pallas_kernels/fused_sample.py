@@ -170,6 +170,18 @@ def _mesh_draw(partials, h_NxD, w_DxV, seed):
                        out_specs=(P(row_spec), P(row_spec)), check_vma=False)(h_NxD, w_DxV, seed)
 
 
+def _cost(rows: int, d: int, v: int, block_n: int, tiles: int, splits: int, itemsize: int, out_itemsize: int,
+          h_per_tile: bool) -> pl.CostEstimate:
+  """What one sampling kernel does on its padded ``rows`` x ``v`` logits over width ``d``, in ``tiles`` tiles and
+  ``splits`` vocabulary splits: the logits' product; per logit the Gumbel noise's log1p and log and the
+  untempered sum's exp, and a rescale per row and tile; the bytes moved: each row block's W columns once, its
+  ``h`` once or (``h_per_tile``: the Triton kernel's width loop reloads it) again for every tile, and five
+  partial draws per split out."""
+  loads = ((tiles if h_per_tile else 1) * rows * d + rows // block_n * d * v) * itemsize
+  return pl.CostEstimate(flops=2 * rows * d * v, transcendentals=3 * rows * v + rows * tiles,
+                         bytes_accessed=loads + 5 * splits * rows * out_itemsize)
+
+
 # ---------------------------------------------------------------- pure JAX, tiled
 
 def _tiled_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, exclude, temperature, dtype,
@@ -287,6 +299,8 @@ def _pallas_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes,
                 pl.BlockSpec((bn, plan.d_pad), lambda i, s: (i, 0)),
                 pl.BlockSpec((plan.d_pad, plan.v_pad), lambda i, s: (0, 0))],
       out_specs=(partial,) * 5, interpret=interpret, compiler_params=plan.params(),
+      cost_estimate=_cost(plan.n_pad, plan.d_pad, plan.v_pad, bn, plan.num_tiles, splits, h.dtype.itemsize,
+                          jnp.dtype(dtype).itemsize, h_per_tile=True),
   )(seed.reshape(1), offsets, h, w)
   return tuple(x[:, :n] for x in out)
 
@@ -380,6 +394,7 @@ def _tpu_partials(h_NxD, w_DxV, seed, row_offset, col_offset, *, num_classes, ex
       scratch_shapes=[pltpu.VMEM((block_n, 1), t) for t in types],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=-(-vmem // (1 << 20)) << 20),
+      cost_estimate=_cost(n_pad, d, v_pad, block_n, v_pad // tile_v, 1, dot.itemsize, 4, h_per_tile=False),
   )(seed.reshape(1), jnp.stack([jnp.asarray(row_offset, jnp.int32), jnp.asarray(col_offset, jnp.int32)]), h, w)
   return tuple(x[:n, 0][None] for x in out)
 
