@@ -218,7 +218,7 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
   if process.is_autoregressive:  # the causal baseline sees no diffusion time
     model_values["time_conditioning"] = False
   model = ModelConfig(vocab_size=vocab_size + extra, causal=process.is_autoregressive, **model_values)
-  if model.head_impl != "xla" and process.loss not in ("masked", "ar"):
+  if model.head_impl not in ("xla", "auto") and process.loss not in ("masked", "ar"):
     raise ValueError(f"model.head_impl={model.head_impl!r} fuses the output head with a cross-entropy, which only "
                      f"the masked ELBO and the AR baseline use; process.loss={process.loss!r} needs the full "
                      f"distribution: use model.head_impl='xla'")

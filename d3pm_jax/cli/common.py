@@ -140,11 +140,16 @@ def guarded(main):
 class _NoLibraryTracebacks(logging.Filter):
   """Orbax logs the failure of a background write (e.g. a full disk) with its traceback, and asyncio may log the
   same error again for a future nobody read, while the train loop reports it once; these records keep their
-  one-line message."""
+  one-line message. On a machine without a GPU driver, JAX logs the CUDA plugin's failed start (``cuInit``) with a
+  traceback whenever the plugin is installed (d3pm-compile's extra): that record becomes one line saying so."""
 
   def filter(self, record):
     if record.exc_info and ("orbax" in record.pathname or record.name == "asyncio"):
       record.msg = f"{record.msg} (traceback omitted: reported below)"
+      record.exc_info = record.exc_text = None
+    elif record.exc_info and record.name == "jax._src.xla_bridge" and "cuInit" in str(record.exc_info[1]):
+      record.msg, record.args = ("the CUDA plugin is installed but no GPU driver answered (cuInit failed); running "
+                                 "on the other backends"), ()
       record.exc_info = record.exc_text = None
     return True
 

@@ -16,14 +16,18 @@ import jax.numpy as jnp
 
 from d3pm_jax import _checks
 from pallas_kernels import attention as attention_kernels, fused_ce
+from pallas_kernels.common import target_platform
 
 NORMS = ("rms", "layer")
 # Fields that choose how the network is computed, never what it computes: a checkpoint resumes under any of them.
 EXECUTION_FIELDS = ("attention_impl", "head_impl", "head_tile", "kernel_interpret")
 # Fields that change training, never the network a checkpoint holds: a run may resume with other rates.
 REGULARISATION_FIELDS = ("dropout", "attention_dropout")
-HEAD_IMPLS = fused_ce.IMPLS
-ATTENTION_IMPLS = attention_kernels.IMPLS
+HEAD_IMPLS = fused_ce.IMPLS + ("auto",)
+ATTENTION_IMPLS = attention_kernels.IMPLS + ("auto",)
+# What 'auto' means on each platform a program is compiled for (pallas_kernels.common.target_platform):
+# (attention, head). Elsewhere (the CPU) the XLA attention and the unfused head, which are fastest there.
+AUTO_KERNELS = {"tpu": ("splash", "pallas"), "gpu": ("cudnn", "pallas")}
 DTYPES = ("float32", "bfloat16")
 # The GLU's gate nonlinearity: SiLU (SwiGLU; MDLM-style and this library's default), sigmoid (the original GLU of
 # Dauphin et al.; MD4), GELU (GeGLU; tanh approximation).
@@ -48,8 +52,11 @@ class ModelConfig:
   scan_layers: bool = False      # one lax.scan over stacked blocks: compile time and live memory O(1) in depth
   rope_base: float = 10000.0
   vocab_pad_multiple: int = 1    # embedding and head rows rounded up to this, so 'vocab' divides a tensor axis
-  attention_impl: str = "xla"    # xla | cudnn (GPU) | splash (TPU) | pallas (GPU): pallas_kernels/attention.py
-  head_impl: str = "xla"         # the output head in the masked ELBO and the AR loss: xla | tiled | pallas
+  # xla | cudnn (GPU) | splash (TPU) | pallas (GPU): pallas_kernels/attention.py; auto: AUTO_KERNELS
+  attention_impl: str = "xla"
+  # The output head in the masked ELBO and the AR loss: xla | tiled | pallas; auto: AUTO_KERNELS, where the loss
+  # can use a fused head (the unfused one for the D3PM and CTMC losses, which need the whole distribution)
+  head_impl: str = "xla"
   head_tile: int = 2048          # vocabulary columns per tile of the tiled head
   kernel_interpret: bool = False  # run Pallas kernels in interpret mode (any backend; tests and debugging)
   mlp_activation: str = "silu"   # the GLU gate: silu | sigmoid | gelu (MLP_ACTIVATIONS)
@@ -68,7 +75,7 @@ class ModelConfig:
     for name in ("dropout", "attention_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"model.{name} is a rate in [0, 1); got {getattr(self, name)}")
-    if self.attention_dropout > 0 and self.attention_impl != "xla":
+    if self.attention_dropout > 0 and self.attention_impl not in ("xla", "auto"):
       raise ValueError(f"model.attention_dropout={self.attention_dropout} needs model.attention_impl='xla': the "
                        f"{self.attention_impl!r} kernel has no dropout (use 0, or the XLA attention)")
     _checks.check_choice("dtype", self.dtype, DTYPES)
@@ -81,6 +88,21 @@ class ModelConfig:
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(f"model.d_model={self.d_model} must split into num_heads={self.num_heads} heads of even "
                        "width (rotary embeddings rotate pairs)")
+
+  @property
+  def attention_kernel(self) -> str:
+    """``attention_impl`` with 'auto' resolved for the platform being compiled for (XLA under attention
+    dropout, which only the XLA attention has)."""
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    return "xla" if self.attention_dropout > 0 else AUTO_KERNELS.get(target_platform(), ("xla", "xla"))[0]
+
+  def head_kernel(self) -> str:
+    """``head_impl`` with 'auto' resolved for the platform being compiled for (the losses that need the whole
+    distribution never ask: ``state.loss_terms``)."""
+    if self.head_impl != "auto":
+      return self.head_impl
+    return AUTO_KERNELS.get(target_platform(), ("xla", "xla"))[1]
 
   @property
   def has_dropout(self) -> bool:
@@ -288,7 +310,8 @@ class Attention(nn.Module):
     length = q.shape[1]
     positions = None if blocks_BxL is None else jnp.tile(jnp.arange(length // 2), 2)
     q, k = rotary(q, cfg.rope_base, positions), rotary(k, cfg.rope_base, positions)
-    if cfg.attention_impl == "xla":
+    kernel = cfg.attention_kernel
+    if kernel == "xla":
       drop = not self.deterministic and cfg.attention_dropout > 0
       if mask_BxLxL is not None:
         valid = mask_BxLxL[:, None]
@@ -303,7 +326,7 @@ class Attention(nn.Module):
     else:
       if mask_BxLxL is not None:
         raise ValueError(f"an explicit attention mask needs model.attention_impl='xla'; got {cfg.attention_impl!r}")
-      attend = attention_kernels.select(cfg.attention_impl, interpret=cfg.kernel_interpret)
+      attend = attention_kernels.select(kernel, interpret=cfg.kernel_interpret)
       extra = {} if blocks_BxL is None else {"blocks_BxL": blocks_BxL, "block_size": self.block_size}
       out_BxLxHxK = attend(q, k, v, segments_BxL, cfg.causal, **extra).astype(v.dtype)
     return self._out(out_BxLxHxK)

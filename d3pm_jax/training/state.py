@@ -128,12 +128,13 @@ def fused_head(model: Transformer, params, segments_BxL=None, dropout_key=None) 
   """The model's output head fused with the loss's cross-entropy (``model.head_impl``), or None for the plain
   XLA head (``xla``)."""
   cfg = model.config
-  if cfg.head_impl == "xla":
+  impl = cfg.head_kernel()
+  if impl == "xla":
     return None
   apply = network(model, params, dropout_key)
   return losses.FusedHead(
       hidden_fn=lambda x_BxL, t_B: apply(x_BxL, t_B, segments_BxL=segments_BxL, head_inputs=True),
-      weighted_ce=fused_ce.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
+      weighted_ce=fused_ce.select(impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
                                   dot_dtype=cfg.compute_dtype))
 
 
@@ -141,11 +142,12 @@ def sample_head(model: Transformer, params, process, sampler_cfg) -> sampling.Sa
   """The output head fused with sampling (``model.head_impl``) where the sampler can use it
   (``sampling.fused_head_supports``), else None: the plain head's logits."""
   cfg = model.config
-  if cfg.head_impl == "xla" or not sampling.fused_head_supports(process, sampler_cfg):
+  impl = cfg.head_kernel()
+  if impl == "xla" or not sampling.fused_head_supports(process, sampler_cfg):
     return None
   return sampling.SampleHead(
       hidden_fn=lambda x_BxL, t_B: model.apply({"params": params}, x_BxL, t_B, head_inputs=True),
-      draw=fused_sample.select(cfg.head_impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
+      draw=fused_sample.select(impl, tile_v=cfg.head_tile, interpret=cfg.kernel_interpret,
                                dot_dtype=cfg.compute_dtype))
 
 
@@ -164,7 +166,7 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
     weights_BxL = (segments_BxL > 0).astype(jnp.float32)
   dropout_key = None if evaluate else jax.random.fold_in(key, 0xD120)
   apply = network(model, params, dropout_key)
-  head = fused_head(model, params, segments_BxL, dropout_key)
+  head = fused_head(model, params, segments_BxL, dropout_key) if pcfg.loss in ("masked", "ar") else None
   if pcfg.is_autoregressive:
     bos = model.config.vocab_size - 1
     inputs_BxL = shift_right(x0_BxL, bos)
