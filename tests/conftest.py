@@ -23,6 +23,13 @@ import jax
 import numpy as np
 import pytest
 
+from d3pm_jax.runtime import targets
+
+# Tests compile for TPU and GPU slices in-process (tests/test_compile.py and others), which needs the compilers'
+# environment set before JAX starts a backend, as d3pm-compile sets it for itself; the processes tests start
+# inherit it. tests/test_compile.py checks that a command without it still prints no traceback.
+targets.prepare_environment()
+
 
 class NetworkBlocked(RuntimeError):
   pass

@@ -122,3 +122,13 @@ def batch_sharding(mesh, rules, batch_size: int, seq_len: int) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
+  """``fn`` traced with the mesh and the logical-axis rules in scope, so the model's activation constraints
+  (``with_logical_constraint``) become sharding constraints and the kernels run per shard."""
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+

@@ -128,8 +128,10 @@ def _host_bounds(target: Target) -> tuple[int, int, int]:
 def prepare_environment() -> None:
   """What the compilers need to start without chips, set (where unset) in this process only and before JAX starts
   its backends: the CUDA plugin skips its driver check, libtpu is told its accelerator and host so it does not
-  warn. A process with a GPU or TPU keeps working: these only skip checks."""
+  warn, and several processes may load libtpu at once (each compiling; by default the first holds a lock file and
+  the others fail). A process with a GPU or TPU keeps working: these only skip checks."""
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 

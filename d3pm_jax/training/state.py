@@ -19,6 +19,7 @@ from d3pm_jax.data import pipeline
 from d3pm_jax.models import approximate_cache, block_decoding
 from d3pm_jax.models.transformer import ModelConfig, Transformer
 from d3pm_jax.processes import AbsorbingProcess, Process, make_process
+from d3pm_jax.runtime import sharding
 from d3pm_jax.schedules import DISCRETE, get_schedule, mutual_information_grid
 from pallas_kernels import fused_ce, fused_sample
 
@@ -251,28 +252,33 @@ def window_variances(config: ExperimentConfig, model: Transformer, process, para
 
 
 def make_sampler(config: ExperimentConfig, model, process, num_steps: int, batch: int, out_sharding=None,
-                 temperature: float = 1.0, top_p: float = 1.0, options: dict | None = None):
+                 temperature: float = 1.0, top_p: float = 1.0, options: dict | None = None, mesh=None):
   """A jitted ``(params, key) -> tokens``: diffusion sampling (ancestral unless ``options``, more
   ``sampling.SamplerConfig`` fields, say otherwise; block by block with a KV cache for block diffusion), or
   KV-cache decoding for the autoregressive baseline (``sampling``; ``options`` do not apply), at ``temperature``
   and nucleus ``top_p``. With parameters spread over several processes, pass a replicated ``out_sharding`` so
-  every process can read the tokens."""
+  every process can read the tokens. With the run's ``mesh``, the sampler runs on it as the train step does (a
+  TPU's Mosaic kernels run only per shard): its batch is drawn rounded up to a multiple of the (data, fsdp)
+  devices, and the first ``batch`` rows returned."""
   length = config.data.seq_len
   sampler_cfg = sampling.SamplerConfig(num_steps=num_steps, temperature=temperature, top_p=top_p,
                                        **({} if process is None else options or {}))
-  if config.process.block_size:
-    return jax.jit(lambda params, key: block_sample(config, model, params, process, key, batch, length,
-                                                    sampler_cfg), out_shardings=out_sharding)
-  if process is None:
-    bos = model.config.vocab_size - 1
-    return jax.jit(lambda params, key: sampling.autoregressive_sample(model, params, key, batch, length, bos,
-                                                                      sampler_cfg),
-                   out_shardings=out_sharding)
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  rows = -(-batch // shards) * shards
 
   def sample(params, key):
+    if config.process.block_size:
+      return block_sample(config, model, params, process, key, rows, length, sampler_cfg)
+    if process is None:
+      bos = model.config.vocab_size - 1
+      return sampling.autoregressive_sample(model, params, key, rows, length, bos, sampler_cfg)
     logits_fn = lambda x_t, t_B: model.apply({"params": params}, x_t, t_B)
-    return sampling.sample(process, logits_fn, key, batch, length, sampler_cfg,
+    return sampling.sample(process, logits_fn, key, rows, length, sampler_cfg,
                            time_conditioned=config.model.time_conditioning,
                            head=sample_head(model, params, process, sampler_cfg),
                            kv_cache=approximate_cache.kv_cache(model, params))[0]
-  return jax.jit(sample, out_shardings=out_sharding)
+
+  if mesh is None:
+    return jax.jit(sample, out_shardings=out_sharding)
+  return jax.jit(sharding.under_mesh_rules(lambda params, key: sample(params, key)[:batch], mesh, config.mesh.rules),
+                 out_shardings=out_sharding)
