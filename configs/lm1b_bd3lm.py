@@ -27,8 +27,16 @@ Deviations from the paper:
     variance of its loss during training, which this library does not yet do (process.clip_low/clip_high set a
     fixed window). Expected effect: a higher-variance objective, a worse bound by the part of the paper's gain
     that clipping gave (its ablation attributes a few perplexity points to it at L' = 4).
+
+Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
+tests/test_paper_targets.py):
+    d3pm-compile --config=configs/lm1b_bd3lm.py --target=gpu:h100x8
+Kernels: model.attention_impl and head_impl 'auto', the target platform's: cuDNN attention and the Triton
+head on GPUs, splash and the Mosaic head on TPUs (the XLA ones on a CPU).
 """
 from d3pm_jax.config import base_config, parse_arg, prepared_path
+
+HARDWARE = ("gpu:h100x8",)  # d3pm-compile targets the docstring promises (tests/test_paper_targets.py)
 
 BLOCK_SIZES = {"4": 4, "8": 8, "16": 16}
 
@@ -39,6 +47,7 @@ def get_config(arg=None):
   cfg.process.update(name="absorbing", loss="masked", schedule="loglinear", eps=1e-3, block_size=block_size)
   cfg.model.update(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, cond_dim=128, max_len=128,
                    time_conditioning=False, norm="layer", dtype="bfloat16", vocab_pad_multiple=128, dropout=0.1)
+  cfg.model.update(attention_impl="auto", head_impl="auto")  # the platform's kernels
   cfg.data.update(name="lm1b", tokenizer="wordpiece", seq_len=128, prepared_dir=prepared_path("lm1b_mdlm_stream"))
   cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=3e-4, warmup_steps=2500, min_lr_ratio=1.0,
                    weight_decay=0.0, b2=0.999, grad_clip=1.0, ema_decay=0.9999, log_every=100,

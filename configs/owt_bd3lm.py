@@ -26,8 +26,16 @@ Deviations from the paper:
   - Training draws t from the whole [0, 1] instead of BD3-LM's variance-minimising clipped window (see
     configs/lm1b_bd3lm.py). Expected effect: a higher-variance objective, a worse bound.
   - The network is this library's transformer (LayerNorm, rotary positions, GLU MLP). Expected effect: small.
+
+Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
+tests/test_paper_targets.py):
+    d3pm-compile --config=configs/owt_bd3lm.py --target=gpu:h100x8
+Kernels (inherited): model.attention_impl and head_impl 'auto', the target platform's: cuDNN attention and the
+Triton head on GPUs, splash and the Mosaic head on TPUs (the XLA ones on a CPU).
 """
 from d3pm_jax.config import prepared_path, sibling_config
+
+HARDWARE = ("gpu:h100x8",)  # d3pm-compile targets the docstring promises (tests/test_paper_targets.py)
 
 
 def get_config(arg=None):

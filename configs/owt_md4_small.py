@@ -27,8 +27,17 @@ Deviations from the paper:
     Expected effect: none beyond noise.
   - The network is this library's transformer (RMSNorm, rotary positions), sized like MD4-S's. Expected effect:
     small; a different architecture at equal size.
+
+Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
+tests/test_paper_targets.py):
+    d3pm-compile --config=configs/owt_md4_small.py --target=gpu:h100x8
+    d3pm-compile --config=configs/owt_md4_small.py --target=tpu:v5e-256
+Kernels (inherited): model.attention_impl and head_impl 'auto', the target platform's: cuDNN attention and the
+Triton head on GPUs, splash and the Mosaic head on TPUs (the XLA ones on a CPU).
 """
 from d3pm_jax.config import parse_arg, prepared_path, sibling_config
+
+HARDWARE = ("gpu:h100x8", "tpu:v5e-256")  # d3pm-compile targets the docstring promises (tests/test_paper_targets.py)
 
 
 def get_config(arg=None):

@@ -53,3 +53,16 @@ def test_the_published_report_is_the_code_rendering_of_its_published_json(name):
   from d3pm_jax.evaluation import compare
   directory = ROOT / "docs" / name
   assert compare.render_report(str(directory)) == (directory / "report.md").read_text()
+
+
+def test_the_readme_compile_table_is_the_rendering_of_the_committed_reports():
+  """The table of paper configs x targets is what ``benchmarks/compile_table.py`` renders from the committed
+  ``docs/compile/*.json`` (d3pm-compile's reports), one row per report and one report per promised target.
+  Mutation: a hand-edited cell, a report dropped, a config's HARDWARE changed without recompiling."""
+  import sys
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import compile_table
+  reports = compile_table.load_reports()
+  assert {(pathlib.Path(r["config"]).stem, r["target"]) for r in reports} == {
+      (config, target) for config, chosen in compile_table.hardware().items() for target in chosen}
+  assert compile_table.readme_table((ROOT / "README.md").read_text()) == compile_table.render(reports)

@@ -16,6 +16,7 @@ builds its attention plan on the real driver.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -31,6 +32,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from d3pm_jax.cli import common  # noqa: E402
 from d3pm_jax.config import base_config, from_config  # noqa: E402
+from d3pm_jax.runtime import files  # noqa: E402
+from d3pm_jax.training import aot  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally with ':arg'.",
                                           lock_config=True)
@@ -41,6 +44,8 @@ _SEGMENTS = flags.DEFINE_enum("segments", "auto", ["auto", "yes", "no"],
 _PROGRAMS = flags.DEFINE_multi_enum("programs", ["train", "eval", "sampler"], ["train", "eval", "sampler"],
                                     "Which programs to compile (repeat or comma-separate): the train step, the "
                                     "evaluation step, the sampler.")
+_JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file (benchmarks/compile_table.py "
+                            "assembles the README's table from these).")
 flags.mark_flags_as_required(["config", "target"])
 
 GIB = float(1 << 30)
@@ -71,7 +76,6 @@ def _seconds(s: float) -> str:
 
 def describe(program, target) -> list[str]:
   """The lines printed for one compiled program."""
-  from d3pm_jax.training import aot
   if program.error:
     return [f"{program.name}: refused by the compiler after {program.compile_seconds:.1f} s: {program.error}"]
   m, usable = program.memory, target.usable_bytes
@@ -136,6 +140,22 @@ def failure(config, target, programs) -> str | None:
   return "; ".join(parts) + f". What would help: {knobs(config, bad[0])}."
 
 
+def report(config_name: str, target, programs) -> dict:
+  """The printed report as data: per program its memory, fit, compile time, kernels, collectives and roofline."""
+  rows = []
+  for p in programs:
+    row = {"name": p.name, "compile_seconds": p.compile_seconds, "error": p.error}
+    if not p.error:
+      roof = aot.roofline(p, target)
+      row.update(memory={**dataclasses.asdict(p.memory), "total": p.memory.total}, fits=p.memory.total <=
+                 target.usable_bytes, kernels=list(p.kernels), kernel_names=list(p.kernel_names),
+                 collectives=p.collectives, flops=p.flops, model_flops=p.model_flops, hbm_bytes=p.hbm_bytes,
+                 step_seconds=roof.seconds, mfu_bound=roof.mfu, bound=roof.bound)
+    rows.append(row)
+  return {"config": config_name, "target": target.name, "chip": target.chip.name, "devices": target.num_devices,
+          "hbm_bytes": target.chip.hbm_bytes, "usable_bytes": target.usable_bytes, "programs": rows}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -145,7 +165,6 @@ def main(argv):
   if not _installed(module):
     raise ValueError(f"--target={target.name} needs {package}, which is not installed; install it with "
                      f"{targets.install_command()}")
-  from d3pm_jax.training import aot
   raw = _CONFIG.value
   shape = aot.data_shape(from_config(raw, vocab_size=2))
   config = from_config(raw, vocab_size=shape.vocab_size)
@@ -161,6 +180,8 @@ def main(argv):
   programs = aot.compile_programs(config, target, segments, tuple(_PROGRAMS.value))
   for program in programs:
     print("\n".join(describe(program, target)), flush=True)
+  if _JSON.value:
+    files.write_json(_JSON.value, report(config_flags.get_config_filename(flags.FLAGS["config"]), target, programs))
   problem = failure(config, target, programs)
   if problem:
     common.fail(problem)

@@ -92,10 +92,13 @@ class ModelConfig:
   @property
   def attention_kernel(self) -> str:
     """``attention_impl`` with 'auto' resolved for the platform being compiled for (XLA under attention
-    dropout, which only the XLA attention has)."""
+    dropout, which only the XLA attention has, and on GPUs in float32, which cuDNN's attention does not take)."""
     if self.attention_impl != "auto":
       return self.attention_impl
-    return "xla" if self.attention_dropout > 0 else AUTO_KERNELS.get(target_platform(), ("xla", "xla"))[0]
+    kernel = AUTO_KERNELS.get(target_platform(), ("xla", "xla"))[0]
+    if self.attention_dropout > 0 or (kernel == "cudnn" and self.dtype != "bfloat16"):  # cuDNN's is 16-bit only
+      return "xla"
+    return kernel
 
   def head_kernel(self) -> str:
     """``head_impl`` with 'auto' resolved for the platform being compiled for (the losses that need the whole
