@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from d3pm_jax.models.transformer import (ModelConfig, Transformer, attention, forward_flops_per_token,  # noqa: E402
                                          segment_mask)
+from d3pm_jax.runtime import flops as flops_lib, targets  # noqa: E402
 from d3pm_jax.training.metrics import median_seconds  # noqa: E402
 from pallas_kernels import attention as attention_kernels, fused_ce, fused_sample  # noqa: E402
 import harness  # noqa: E402  (this directory: the module is also loaded by path, in tests)
@@ -320,6 +321,20 @@ def speed_rows(table: Table, kernels: Kernels, sizes, reps: int):
     table.run("speed", f"{name} attention fwd+bwd {sizes['speed_attention']}", run_attention)
 
 
+def roofline_bound(compiled, step_flops: float):
+  """``(measured seconds) -> text``: the step's roofline bound on this chip (d3pm-compile's: the traced program's
+  FLOPs, at least its inputs and outputs in HBM bytes, the chip's published peaks) beside the measured time."""
+  chip = targets.chip_of(jax.devices()[0].device_kind)
+  if chip is None:
+    return lambda seconds: f"no published peaks for {jax.devices()[0].device_kind!r}"
+  stats, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hbm = max(float(cost.get("bytes accessed", 0.0)), float(stats.argument_size_in_bytes + stats.output_size_in_bytes))
+  least, kind = targets.roofline_seconds(step_flops, hbm, chip)
+  return lambda seconds: (f"roofline >= {1e3 * least:.1f} ms ({kind}-bound at {chip.name}'s published peaks; "
+                          f"measured {seconds / least:.2f}x it)")
+
+
 def mfu_rows(table: Table, kernels: Kernels, sizes, steps: int, peak_n: int):
   import optax
 
@@ -360,13 +375,16 @@ def mfu_rows(table: Table, kernels: Kernels, sizes, steps: int, peak_n: int):
         return optax.apply_updates(params, updates), opt_state, loss
 
       start = time.perf_counter()
-      params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(1))
+      key = jax.random.PRNGKey(1)
+      compiled = step.lower(params, opt_state, key).compile()
+      bound = roofline_bound(compiled, flops_lib.count(step, params, opt_state, key).flops)
+      params, opt_state, loss = compiled(params, opt_state, key)
       jax.block_until_ready(loss)
       compile_s = time.perf_counter() - start
       times = []
       for i in range(steps):
         start = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(2 + i))
+        params, opt_state, loss = compiled(params, opt_state, jax.random.PRNGKey(2 + i))
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
       median = float(np.median(times))
@@ -374,7 +392,7 @@ def mfu_rows(table: Table, kernels: Kernels, sizes, steps: int, peak_n: int):
       mfu = flops / median / peak["flops"] if "flops" in peak else float("nan")
       return measured(bool(np.isfinite(float(loss))),
                       f"{1e3 * median:.1f} ms/step, MFU {mfu:.1%} (target >= 40% with the best choices), "
-                      f"compile {compile_s:.0f} s, loss {float(loss):.3g}")
+                      f"{bound(median)}, compile {compile_s:.0f} s, loss {float(loss):.3g}")
 
     table.run("mfu", f"MD4-S step head={head_impl} attention={attention_impl}", run_step)
 

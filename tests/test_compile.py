@@ -160,3 +160,14 @@ def test_a_failure_paragraph_names_the_compilers_message_and_the_knobs():
   text = compile_cli.failure(config, target, [refused])
   assert "does not compile for tpu:v5e-8" in text and "Ran out of memory in memory space hbm" in text
   assert "model.remat=True" in text and "head_impl=pallas" in text
+
+
+@needs_compilers
+def test_each_targets_devices_are_of_its_chip():
+  """The compiler's topology for each example target has the target's chip count, and its devices' kind maps back
+  to the chip whose peaks the roofline uses (so accelerator_check, on the real chip, picks the same figures)."""
+  for name in targets.EXAMPLES:
+    target = targets.parse_target(name)
+    devices = targets.devices(target)
+    assert len(devices) == target.num_devices
+    assert {targets.chip_of(d.device_kind) for d in devices} == {target.chip}, (name, devices[0].device_kind)

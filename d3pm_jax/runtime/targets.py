@@ -76,6 +76,23 @@ class Target:
     return int(self.chip.hbm_bytes * (1 - FIT_MARGIN))
 
 
+# A device's ``device_kind`` (as JAX reports it on the chip, or on a topology's device) -> its chip.
+_KINDS = (("H200", "h200"), ("H100", "h100"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v6", "v6e"), ("v5", "v5p"),
+          ("v4", "v4"))
+
+
+def chip_of(device_kind: str) -> Chip | None:
+  """The chip of a device whose ``device_kind`` is given ('NVIDIA H100 80GB HBM3', 'TPU v5 lite', ...), or None
+  for one this table has no figures for."""
+  return next((CHIPS[key] for text, key in _KINDS if text in device_kind), None)
+
+
+def roofline_seconds(flops_per_device: float, bytes_per_device: float, chip: Chip) -> tuple[float, str]:
+  """The least time a program can take on one ``chip`` (its published peaks), and what bounds it."""
+  compute, memory = flops_per_device / chip.peak_flops, bytes_per_device / chip.hbm_bandwidth
+  return max(compute, memory), ("compute" if compute >= memory else "memory")
+
+
 def _bad(spec: str, why: str) -> ValueError:
   return ValueError(f"target {spec!r}: {why}; valid: tpu:<chip>-<size> with chip in "
                     f"{sorted(k for k, c in CHIPS.items() if c.platform == 'tpu')}, or gpu:<chip>x<devices per "

@@ -258,9 +258,6 @@ class Roofline:
 
 def roofline(program: Program, target: targets.Target) -> Roofline:
   """The lower bound on the program's time on ``target`` and the upper bound on its MFU, from the chip's peaks."""
-  chip = target.chip
-  compute = program.flops / target.num_devices / chip.peak_flops
-  memory = program.hbm_bytes / chip.hbm_bandwidth
-  seconds = max(compute, memory, 1e-12)
-  mfu = program.model_flops / target.num_devices / chip.peak_flops / seconds
-  return Roofline(seconds, mfu, "compute" if compute >= memory else "memory")
+  seconds, bound = targets.roofline_seconds(program.flops / target.num_devices, program.hbm_bytes, target.chip)
+  seconds = max(seconds, 1e-12)
+  return Roofline(seconds, program.model_flops / target.num_devices / target.chip.peak_flops / seconds, bound)
