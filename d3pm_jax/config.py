@@ -20,6 +20,7 @@ PROCESS_NAMES = ("absorbing", "uniform", "nearest_neighbor", "autoregressive")
 LOSSES = ("masked", "ctmc", "d3pm", "ar")
 DATASETS = ("stdlib", "markov", "text8", "openwebtext", "lm1b")
 LR_SCHEDULES = ("cosine", "inverse_sqrt")
+GRAD_REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 # Process fields that change what the loss trains, never the network a checkpoint holds: a run may resume with
@@ -112,6 +113,9 @@ class TrainConfig:
   steps: int = 600
   batch_size: int = 32
   grad_accum: int = 1
+  # The element type gradients are summed in across the replicas of train.make_train_step ('data', and 'fsdp' with
+  # grad_accum > 1), whatever the model's compute dtype: 'bfloat16' halves the bytes that sum moves, at its rounding.
+  grad_reduce_dtype: str = "float32"
   learning_rate: float = 3e-3
   warmup_steps: int = 50
   # After linear warm-up: 'cosine' decays to learning_rate * min_lr_ratio at train.steps (1.0: constant);
@@ -148,6 +152,7 @@ class TrainConfig:
     if self.grad_clip < 0:
       raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping); got {self.grad_clip}")
     _checks.check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+    _checks.check_choice("train.grad_reduce_dtype", self.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
     if self.lr_schedule == "inverse_sqrt" and self.warmup_steps < 1:
       raise ValueError("train.lr_schedule='inverse_sqrt' decays as sqrt(warmup_steps / step): it needs "
                        f"train.warmup_steps >= 1; got {self.warmup_steps}")

@@ -94,15 +94,89 @@ def _mean_per_token(values_B, x0_BxL, segments_BxL=None):
   return jnp.sum(values_B) / jnp.maximum(jnp.sum(segments_BxL > 0), 1)
 
 
+def replica_axes(mesh, rules, accum: int) -> tuple[str, ...]:
+  """The batch axes (of ``activation_batch`` under ``rules``, size > 1 on ``mesh``) whose devices each keep a
+  gradient of their own until the step sums them: 'data', whose devices hold whole parameters anyway, and with
+  gradient accumulation ('accum' > 1) also 'fsdp'. Then a step gathers each parameter whole once, not once per
+  micro-batch, and holds a whole float32 gradient per device until its one reduce-scatter: FSDP keeps parameters and
+  optimiser state sharded between steps, not within one. Without accumulation the gathers and reduce-scatters are
+  one per step either way, so FSDP's gradients are reduce-scattered as they are made (in the model's dtype), never
+  whole on a device."""
+  batch_axes = dict(rules).get("activation_batch") or ()
+  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+  kept = ("data", "fsdp") if accum > 1 else ("data",)
+  return tuple(a for a in batch_axes if a in kept and not mesh.empty and mesh.shape[a] > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerReplica:
+  """``model`` with parameters given once per replica (leaves ``[R, ...]``, the replicas laid over mesh ``axes``):
+  ``apply`` runs replica r's parameters on its own rows, ``[B, ...] -> [R, B / R, ...]``, by a ``vmap`` whose
+  replica axis is sharded over ``axes`` (``spmd_axis_name``). Each replica's rows are that device's rows of the
+  batch, so the gradient with respect to the ``[R, ...]`` parameters is every device's own partial gradient, summed
+  over nobody: the train step keeps it local over the micro-batches and sums it once (``make_train_step``).
+  Inside, ``activation_batch`` maps to the batch axes other than ``axes`` (they shard the per-replica rows).
+  A loss that takes this for the model sees the same arrays as with the model itself, and draws the same random
+  numbers (the draws are outside the network), except dropout: replica r's masks come from the key folded with r.
+  The output head must be the XLA one (``head_inputs`` is not offered: the fused heads shard their own rows)."""
+  model: Transformer
+  replicas: int
+  axes: tuple[str, ...]
+  inner_rules: tuple
+
+  @property
+  def config(self):
+    return self.model.config
+
+  def apply(self, variables, *args, rngs=None, **kwargs):
+    rows = args[0].shape[0]
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+    batched = [isinstance(x, jax.Array) and x.ndim >= 1 and x.shape[0] == rows for x in leaves]
+    split = lambda x: x.reshape((self.replicas, rows // self.replicas) + x.shape[1:])
+
+    def one_replica(params, index, *rows_in):
+      rows_in = iter(rows_in)
+      args_r, kwargs_r = jax.tree_util.tree_unflatten(tree, [next(rows_in) if b else x
+                                                             for x, b in zip(leaves, batched)])
+      rngs_r = None if rngs is None else {k: jax.random.fold_in(key, index) for k, key in rngs.items()}
+      with nn.logical_axis_rules(self.inner_rules):
+        return self.model.apply({"params": params}, *args_r, rngs=rngs_r, **kwargs_r)
+
+    out = jax.vmap(one_replica, spmd_axis_name=self.axes)(
+        variables["params"], jnp.arange(self.replicas), *[split(x) for x, b in zip(leaves, batched) if b])
+    return jax.tree_util.tree_map(lambda o: o.reshape((rows,) + o.shape[2:]), out)
+
+
+def per_replica(config: ExperimentConfig, model: Transformer) -> PerReplica | None:
+  """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained or it does not apply:
+  no replica axis of size > 1, or a fused output head (``model.head_impl``), which shards its rows itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = replica_axes(mesh, config.mesh.rules, config.train.grad_accum)
+  if not axes or config.model.head_impl != "xla":
+    return None
+  inner = lambda names: tuple(a for a in (names if isinstance(names, tuple) else (names,)) if a and a not in axes)
+  rules = tuple((name, (inner(target) or None) if name == "activation_batch" else target)
+                for name, target in config.mesh.rules)
+  return PerReplica(model, math.prod(mesh.shape[a] for a in axes), axes, rules)
+
+
 def make_train_step(config: ExperimentConfig, model, process, optimizer):
   """A pure step ``(state, batch[, window]) -> (state, metrics)``; ``batch`` is the tokens ``[B, L]``, or for
   packed rows the pair (tokens, segment ids); ``window`` (float ``[2]``) is the time window a
   ``process.clip_search`` run trains on. The batch is split into ``grad_accum`` micro-batches whose gradients
-  are averaged before one update."""
-  accum = config.train.grad_accum
+  are averaged before one update.
 
-  def micro_loss(params, key, x0_BxL, segments_BxL, window):
-    terms = loss_terms(config, model, process, params, key, x0_BxL, segments_BxL=segments_BxL, window=window)
+  Micro-batch i is every device's own i-th share of its rows (rows ``i, i + accum, ...`` of the batch), so no
+  row moves between devices. Traced under a mesh with replica axes (``per_replica``), each replica's gradient
+  stays on its devices over all micro-batches and the replicas' gradients are summed once per step, after the
+  loop, in ``train.grad_reduce_dtype`` rather than the model's compute dtype: one all-reduce (a reduce-scatter
+  where the parameters are sharded) per step, not one per micro-batch. Elsewhere (FSDP without accumulation, a
+  fused output head) XLA reduces each gradient where the model makes it, in the model's dtype."""
+  accum = config.train.grad_accum
+  reduce_dtype = jnp.dtype(config.train.grad_reduce_dtype)
+
+  def micro_loss(params, key, x0_BxL, segments_BxL, window, net):
+    terms = loss_terms(config, net, process, params, key, x0_BxL, segments_BxL=segments_BxL, window=window)
     return (_mean_per_token(terms["loss"], x0_BxL, segments_BxL),
             _mean_per_token(terms["nelbo"], x0_BxL, segments_BxL))
 
@@ -111,22 +185,33 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
   def step(state: TrainState, batch, window=None):
     rng, step_rng = jax.random.split(state.rng)
     batch_BxL, segments_BxL = batch if isinstance(batch, tuple) else (batch, None)
-    micro = lambda a: None if a is None else a.reshape((accum, -1) + a.shape[1:])
+    net = per_replica(config, model)
+    if net is None:
+      params, total = state.params, lambda g: g
+    else:  # every replica's own copy, so each one's gradient is its own (see PerReplica)
+      whole = jax.sharding.PartitionSpec(net.axes)  # a replica's copy lies whole on its devices
+      params = jax.tree_util.tree_map(
+          lambda p: jax.lax.with_sharding_constraint(jnp.broadcast_to(p, (net.replicas,) + p.shape), whole),
+          state.params)
+      total = lambda g_R: jnp.sum(g_R.astype(reduce_dtype), axis=0).astype(g_R.dtype)
+    # [B, ...] -> [accum, B / accum, ...] with micro-batch i = rows i, i + accum, ...: each device's i-th share.
+    micro = lambda a: None if a is None else jnp.swapaxes(a.reshape((-1, accum) + a.shape[1:]), 0, 1)
 
     def accumulate(carry, inputs):
       key, x0, segments = inputs
-      (loss, nelbo), grads = grad_fn(state.params, key, x0, segments, window)
+      (loss, nelbo), grads = grad_fn(params, key, x0, segments, window, net or model)
       total_grads, total_loss, total_nelbo = carry
       return (jax.tree_util.tree_map(jnp.add, total_grads, grads), total_loss + loss, total_nelbo + nelbo), None
 
     keys = jax.random.split(step_rng, accum)
     if accum == 1:  # no accumulator buffers: they cost a full pass over the parameters
-      (loss, nelbo), grads = grad_fn(state.params, keys[0], batch_BxL, segments_BxL, window)
+      (loss, nelbo), grads = grad_fn(params, keys[0], batch_BxL, segments_BxL, window, net or model)
+      grads = jax.tree_util.tree_map(total, grads)
     else:
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
       (grads, loss, nelbo), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
                                              (keys, micro(batch_BxL), micro(segments_BxL)))
-      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      grads = jax.tree_util.tree_map(lambda g: total(g) / accum, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = config.train.ema_decay
