@@ -14,6 +14,7 @@ COMMANDS = {
     "d3pm-eval": ("d3pm-eval --workdir=DIR", ["--workdir", "--evaluator", "--time_samples", "--ema", "--frontier"]),
     "d3pm-compare": ("d3pm-compare --configs=a.py", ["--configs", "--workdir", "--override", "--time_samples"]),
     "d3pm-prepare": ("d3pm-prepare --dataset=NAME", ["--dataset", "--out", "--packing", "--validation"]),
+    "d3pm-compile": ("d3pm-compile --config=FILE", ["--config", "--target", "--programs", "--json", "--segments"]),
 }
 
 

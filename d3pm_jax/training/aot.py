@@ -31,7 +31,7 @@ import numpy as np
 from d3pm_jax.config import ExperimentConfig
 from d3pm_jax.data import prepared
 from d3pm_jax.models.transformer import Transformer
-from d3pm_jax.runtime import flops as flops_lib, hlo, targets
+from d3pm_jax.runtime import flops as flops_lib, hlo, sharding, targets
 from d3pm_jax.training import train
 from d3pm_jax.training.state import build_process, init_state, make_optimizer, make_sampler
 from pallas_kernels.common import compiling_for
@@ -214,14 +214,14 @@ def compile_programs(config: ExperimentConfig, target: targets.Target, segments:
     def run():
       m, opt, proc, place = parts(cfg)
       state = jax.eval_shape(lambda: init_state(cfg, m, opt))
-      step = train.under_mesh_rules(train.make_train_step(cfg, m, proc, opt), place.mesh, cfg.mesh.rules)
+      step = sharding.under_mesh_rules(train.make_train_step(cfg, m, proc, opt), place.mesh, cfg.mesh.rules)
       return flops_lib.count(step, state, tokens, *window)
     return run
 
   def eval_flops(cfg):
     def run():
       m, _, proc, place = parts(cfg)
-      step = train.under_mesh_rules(train.make_eval_step(cfg, m, proc), place.mesh, cfg.mesh.rules)
+      step = sharding.under_mesh_rules(train.make_eval_step(cfg, m, proc), place.mesh, cfg.mesh.rules)
       return flops_lib.count(step, *eval_args)
     return run
 

@@ -28,6 +28,7 @@ from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
 from d3pm_jax.models.transformer import Transformer, count_params
 from d3pm_jax.runtime import files, multihost, sharding
+from d3pm_jax.runtime.sharding import under_mesh_rules
 from d3pm_jax.training import checkpoints, faults, metrics as metrics_lib, preemption
 from d3pm_jax.training.state import (TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for,
                                      window_variances)
@@ -76,15 +77,6 @@ def place_batch(placement: Placement, local):
   if local.ndim == 3:
     return global_batch(placement.batch, local[:, 0]), global_batch(placement.batch, local[:, 1])
   return global_batch(placement.batch, local)
-
-
-def under_mesh_rules(fn, mesh: jax.sharding.Mesh, rules):
-  """``fn`` traced with the mesh and the logical-axis rules in scope, so the model's activation constraints
-  (``with_logical_constraint``) become sharding constraints."""
-  def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      return fn(*args)
-  return wrapped
 
 
 def _mean_per_token(values_B, x0_BxL, segments_BxL=None):
@@ -467,7 +459,7 @@ def print_samples(config: ExperimentConfig, result: dict, writer_out=sys.stdout)
   them (one SPMD program); process 0 prints them and returns the texts, the others return []."""
   tcfg = config.train
   sampler = make_sampler(config, result["model"], result["process"], tcfg.sample_steps, tcfg.num_samples,
-                         out_sharding=result["placement"].replicated)
+                         out_sharding=result["placement"].replicated, mesh=result["placement"].mesh)
   tokens = np.asarray(sampler(result["state"].params, np.asarray(jax.random.PRNGKey(tcfg.seed + 2))))
   if not multihost.is_leader():
     return []
