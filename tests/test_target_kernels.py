@@ -1,19 +1,41 @@
-"""The fused head's kernels compiled by the real TPU compiler for a chip that is not here: XLA:TPU with Mosaic
-(libtpu), for one v5e (``runtime.targets``), whose cost analysis must count the kernels' FLOPs.
+"""The shipped kernels compiled by the real compilers for chips that are not here: XLA:TPU with Mosaic (libtpu) for
+v4, v5e, v5p and v6e, XLA:GPU with Triton, cuDNN and ptxas (the CUDA plugin) for the H100 (``runtime.targets``).
 
 Every compile runs in a fresh interpreter (``_run``), which sets the compilers' environment before JAX starts its
 backends there (``targets.prepare_environment``) and keeps libtpu and the CUDA plugin out of the suite's own
-processes.
+processes. One program per target and layout holds every kernel at every shape, so that each costs one compile:
+the fused head's value and gradient and the fused draw at D in {768, 1024, 2048} x V in {50257, 32768, 8192},
+attention's value and gradient at head widths 64 and 128 (splash on TPUs; the Pallas flash kernels and cuDNN on
+GPUs), on one device and per shard under a (data, tensor) mesh. Its compiled HLO must hold every kernel as the
+backend's own custom call, so that a program in which the jnp twin silently replaced a kernel fails.
+
+What the compilers check, and so what these tests find: a Mosaic kernel's blocks over the chip's VMEM, a Triton
+kernel's over an sm_90 block's 232,448 B of shared memory, PTX that ptxas refuses.
 """
+import concurrent.futures
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = {"v4": "tpu:v4-8", "v5e": "tpu:v5e-4", "v5p": "tpu:v5p-8", "v6e": "tpu:v6e-4", "h100": "gpu:h100x8"}
+MESHES = {"tpu": (2, 2), "gpu": (4, 2)}  # (data, tensor) over the target's first devices
+WIDTHS = (768, 1024, 2048)
+VOCABS = (50257, 32768, 8192)
+ROWS = 256  # the head's rows per shard: the kernels' code does not depend on it, and XLA's sort compiles faster
+ATTENTION = ((1024, 12, 64), (1024, 16, 128))  # (L, H, K), batch 2 per shard
+# GPUs also compile what only they run: the flash kernels causal and under block diffusion's mask (x_t then x_0,
+# blocks of 16), and float32 products (other tiles and warps) at the widest shape.
+CAUSAL = (1024, 12, 64)
+BLOCK_DIFFUSION = (2048, 12, 64, 16)  # (2L, H, K, block size)
+FLOAT32_HEAD = (2048, 50257)
+
 COMPILERS = importlib.util.find_spec("libtpu") is not None and importlib.util.find_spec("jax_plugins.xla_cuda12")
 pytestmark = pytest.mark.skipif(not COMPILERS, reason="libtpu and the CUDA plugin (the compile extra) are not "
                                                       "installed: pip install -e '.[compile]'")
@@ -96,3 +118,83 @@ def test_the_compiler_counts_the_fused_heads_flops():
   flops = _run(f"t.head_flops({n}, {d}, {v})")
   assert flops["forward"] == pytest.approx(2 * n * d * v, rel=0.1)
   assert flops["value_and_grad"] == pytest.approx(10 * n * d * v, rel=0.1)
+
+
+# ---------------------------------------------------------------- every kernel at every shape
+
+def _every_kernel(platform: str, mesh):
+  """``(program, args, expected)`` for ``platform`` under ``mesh``: ``expected`` counts the kernel custom calls
+  its HLO must hold, by custom call target (prefix)."""
+  import jax
+  import jax.numpy as jnp
+
+  from pallas_kernels import attention, fused_ce, fused_sample
+  from pallas_kernels.common import compiling_for
+
+  data, tensor = mesh.shape["data"], mesh.shape["tensor"]
+  gpu = platform == "gpu"
+  heads = [(d, v, "bfloat16") for d in WIDTHS for v in VOCABS] + ([FLOAT32_HEAD + ("float32",)] if gpu else [])
+  attends = [(shape, "splash" if not gpu else "pallas", False, 0) for shape in ATTENTION]
+  if gpu:
+    attends += [(shape, "cudnn", False, 0) for shape in ATTENTION]
+    attends += [(CAUSAL, "pallas", True, 0), (BLOCK_DIFFUSION[:3], "pallas", False, BLOCK_DIFFUSION[3])]
+  with compiling_for(platform):
+    losses = {dtype: fused_ce.select("pallas", dot_dtype=dtype) for dtype in ("bfloat16", "float32")}
+    draws = {dtype: fused_sample.select("pallas", dot_dtype=dtype) for dtype in ("bfloat16", "float32")}
+    kernels = ({"cudnn": attention.cudnn_attention, "pallas": attention.select("pallas")} if gpu
+               else {"splash": attention.select("splash")})
+
+  def program(head_args, attention_args):
+    out = []
+    for (h, w, targets_N, weights_N), (_, v, dtype) in zip(head_args, heads):
+      loss = lambda h, w: losses[dtype](h, w, targets_N, weights_N, num_classes=v, exclude=v - 1).sum()
+      out.append(jax.value_and_grad(loss, argnums=(0, 1))(h, w))
+      out.append(draws[dtype](h, w, 7, num_classes=v, exclude=v - 1))
+    for (q, k, v, segments, blocks), (_, impl, causal, block_size) in zip(attention_args, attends):
+      extra = dict(blocks_BxL=blocks, block_size=block_size) if block_size else {}
+      loss = lambda q, k, v: kernels[impl](q, k, v, segments, causal, **extra).astype(jnp.float32).sum()
+      out.append(jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v))
+    return out
+
+  n = ROWS * data
+  head_args = []
+  for d, v, dtype in heads:
+    columns = -(-v // 128) * 128 if tensor > 1 else v  # model.vocab_pad_multiple: they divide over 'tensor'
+    head_args.append((_struct(mesh, (n, d), dtype, "data", None), _struct(mesh, (d, columns), dtype, None, "tensor"),
+                      _struct(mesh, (n,), jnp.int32, "data"), _struct(mesh, (n,), jnp.float32, "data")))
+  attention_args = []
+  for (length, num_heads, width), _, _, block_size in attends:
+    qkv = _struct(mesh, (2 * data, length, num_heads, width), jnp.bfloat16, "data", None, "tensor", None)
+    ids = _struct(mesh, (2 * data, length), jnp.int32, "data", None)
+    attention_args.append((qkv, qkv, qkv, ids, ids if block_size else None))
+  flash = sum(impl != "cudnn" for _, impl, _, _ in attends)
+  if gpu:  # the head's forward and dlogits kernels, the draw's; forward, dq and dk/dv; cuDNN's forward and backward
+    expected = {"__gpu$xla.gpu.triton": 3 * len(heads) + 3 * flash, "__cudnn$fmha": 2 * len(ATTENTION)}
+  else:  # the head's forward, dh and dW kernels, the draw's; splash's forward, dq and dk/dv
+    expected = {"tpu_custom_call": 4 * len(heads) + 3 * flash}
+  return program, (head_args, attention_args), expected
+
+
+def compile_every_kernel(spec: str, layout: str) -> dict:
+  """Compiles ``_every_kernel`` for target ``spec`` on one device (``layout`` 'one') or its ``MESHES`` mesh:
+  the seconds the compile took, the kernel custom calls of each kind in its HLO and those expected."""
+  platform, mesh = _mesh(spec, (1, 1) if layout == "one" else MESHES[spec.partition(":")[0]])
+  program, args, expected = _every_kernel(platform, mesh)
+  lowered = _lower(platform, mesh, program, *args)
+  start = time.perf_counter()
+  hlo = lowered.compile().as_text()
+  found = {kind: len(re.findall(rf'custom_call_target="{re.escape(kind)}', hlo)) for kind in expected}
+  return {"seconds": time.perf_counter() - start, "found": found, "expected": expected}
+
+
+@pytest.mark.slow
+def test_every_shipped_kernel_compiles_for_every_target():
+  """Two compiles at a time (each is mostly one thread; ptxas runs beside XLA:GPU), the longest first."""
+  jobs = [(chip, layout) for chip in TARGETS for layout in ("mesh", "one")]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    reports = dict(zip(jobs, pool.map(lambda job: _run(f"t.compile_every_kernel({TARGETS[job[0]]!r}, "
+                                                       f"{job[1]!r})"), jobs)))
+  print("\n" + "\n".join(f"{chip:5s} {layout:4s} compiled in {r['seconds']:5.1f} s, kernels {r['found']}"
+                         for (chip, layout), r in reports.items()))
+  missing = {job: r for job, r in reports.items() if r["found"] != r["expected"]}
+  assert not missing, f"kernel custom calls found != expected (the jnp twin ran instead?): {missing}"
