@@ -10,9 +10,12 @@ GPUs), on one device and per shard under a (data, tensor) mesh. Its compiled HLO
 backend's own custom call, so that a program in which the jnp twin silently replaced a kernel fails.
 
 What the compilers check, and so what these tests find: a Mosaic kernel's blocks over the chip's VMEM, a Triton
-kernel's over an sm_90 block's 232,448 B of shared memory, PTX that ptxas refuses.
+kernel's over an sm_90 block's 232,448 B of shared memory, PTX that ptxas refuses. ``test_an_oversized_block_*``
+shows each compiler refusing one of the shipped kernels with its blocks made too large, so that a pass means
+something.
 """
 import concurrent.futures
+import functools
 import importlib.util
 import json
 import os
@@ -198,3 +201,39 @@ def test_every_shipped_kernel_compiles_for_every_target():
                          for (chip, layout), r in reports.items()))
   missing = {job: r for job, r in reports.items() if r["found"] != r["expected"]}
   assert not missing, f"kernel custom calls found != expected (the jnp twin ran instead?): {missing}"
+
+
+# ---------------------------------------------------------------- what the compilers refuse
+
+def oversized_head(platform: str) -> str:
+  """The compiler's message for the fused head's forward with blocks too large for the chip: on v4 (16 MiB of
+  VMEM) a [4096, 2048] bfloat16 W tile, double-buffered; on an H100, 256 x 256 tiles staged 128 columns of the
+  width at a time in 4 stages (512 KiB of shared memory). Empty when it compiled."""
+  import jax.numpy as jnp
+
+  from pallas_kernels import fused_ce
+
+  if platform == "tpu":
+    spec, (n, d, v), head = "tpu:v4-8", (8, 4096, 2048), functools.partial(
+        fused_ce.weighted_ce_pallas_tpu, block_n=8, tile_v=2048)
+  else:
+    spec, (n, d, v), head = "gpu:h100x8", (1024, 768, 8192), functools.partial(
+        fused_ce.weighted_ce_pallas, block_n=256, tile_v=256, chunk_d=128, num_stages=4)
+  platform, mesh = _mesh(spec, (1, 1))
+  args = (_struct(mesh, (n, d), jnp.bfloat16), _struct(mesh, (d, v), jnp.bfloat16), _struct(mesh, (n,), jnp.int32),
+          _struct(mesh, (n,), jnp.float32))
+  loss = lambda h, w, targets_N, weights_N: head(h, w, targets_N, weights_N, num_classes=v,
+                                                 dot_dtype="bfloat16").sum()
+  try:
+    _lower(platform, mesh, loss, *args).compile()
+  except Exception as error:  # the compilers raise JaxRuntimeError; any other error fails the match below
+    return str(error)
+  return ""
+
+
+@pytest.mark.parametrize("platform, limit", [
+    ("tpu", r"Ran out of memory in memory space vmem\. Used [\d.]+M of 16\.00M vmem"),
+    ("gpu", r"Shared memory size limit exceeded: requested 524288, available: 232448")], ids=["tpu", "gpu"])
+def test_an_oversized_block_is_refused_by_the_compiler(platform, limit):
+  message = _run(f"t.oversized_head({platform!r})")
+  assert re.search(limit, message), message[-2000:]
