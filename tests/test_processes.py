@@ -153,6 +153,20 @@ def test_large_vocab_sampling_never_builds_a_vocab_axis(cls):
   assert not any(shape.count(vocab) > 1 for eqn in jaxpr.eqns for shape in [v.aval.shape for v in eqn.outvars])
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_absorbing_prior_kl_is_the_dense_kl_without_a_vocab_axis(schedule):
+  """The absorbing process's closed-form prior KL (alpha(1) log K) equals the generic one computed from the dense
+  ``[..., V]`` marginals for every data token, and at GPT-2's vocabulary it builds no vocabulary axis (it is in
+  every masked train step). Mutation: log V for log K, or the KL of the uniform prior."""
+  proc = build("absorbing", schedule)
+  x0 = jnp.arange(V - 1)[None, :].repeat(3, axis=0)
+  generic = super(AbsorbingProcess, proc).prior_kl(x0)
+  np.testing.assert_allclose(proc.prior_kl(x0), generic, rtol=1e-12, atol=1e-15)
+  large = AbsorbingProcess(vocab_size=50258, schedule=get_schedule(schedule))
+  jaxpr = jax.make_jaxpr(large.prior_kl)(jnp.zeros((4, 128), jnp.int32))
+  assert not any(50258 in v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars)
+
+
 # ---------------------------------------------------------------- nearest neighbour
 
 def test_nn_neighbours_are_the_true_k_nearest():

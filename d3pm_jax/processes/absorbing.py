@@ -63,6 +63,14 @@ class AbsorbingProcess(Process):
   def stationary(self):
     return jax.nn.one_hot(self.mask_id, self.vocab_size)
 
+  def prior_kl(self, x0):
+    """KL(q(x_1 | x_0) || prior) per token without the ``[..., V]`` marginals (the masked ELBO's train step holds
+    no ``[B, L, V]`` array): q(x_1 | x_0) keeps x_0 with alpha(1) and masks it otherwise, and the prior gives x_0
+    alpha(1) / K (K data states) and the mask 1 - alpha(1), so the KL is alpha(1) log K for every data token."""
+    self._check_data("x0", x0)
+    a1 = jnp.asarray(self.schedule.alpha(1.0), jnp.result_type(float))
+    return jnp.full(jnp.shape(x0), a1 * jnp.log(float(self.num_data_states)))
+
   def sample_marginal(self, key, x0, t):
     self._check_data("x0", x0)
     keep = jax.random.uniform(key, jnp.shape(x0)) < self.keep_probability(t, jnp.ndim(x0))
