@@ -4,5 +4,4 @@
   fused_sample  the output head fused with Gumbel-max sampling (the drawn id and its probability).
   attention     flash attention with segment ids (and the kept cuDNN and splash kernels).
   common        what they share: the masked logit, the stated precision of a product, the valid columns.
-  triton_check  compiles the Triton kernels' IR for sm_90 without a GPU.
 """

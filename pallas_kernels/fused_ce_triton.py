@@ -1,6 +1,6 @@
 """The fused head's weighted cross-entropy as Triton-style Pallas kernels (GPUs; ``interpret=True`` anywhere).
 
-Shapes are chosen for sm_90 (``pallas_kernels/triton_check.py`` compiles them at every shipped width):
+Shapes are chosen for sm_90 (``tests/test_target_kernels.py`` compiles them with XLA:GPU at every shipped width):
 
   forward   grid (row blocks, vocabulary splits). Each program visits its split's vocabulary tiles in a loop and,
             inside it, the model width in chunks (a second loop, so Triton software-pipelines one chunk of ``h``

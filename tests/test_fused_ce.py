@@ -283,7 +283,7 @@ def test_the_pallas_head_lowers_for_cuda():
     return fused_ce.weighted_ce_pallas(h, w, targets, weights, num_classes=295, exclude=7).sum()
 
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(h, w).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("triton") >= 2  # the forward and the dlogits kernels (tests/test_triton_compile.py compiles them)
+  assert text.count("triton") >= 2  # the forward and the dlogits kernels (test_target_kernels.py compiles them)
 
 
 def _tpu_impl(h, w, targets, weights, **kwargs):
