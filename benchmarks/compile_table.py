@@ -87,8 +87,8 @@ def main():
       if result.returncode:
         failed.append(f"{config} on {target}")
   readme = ROOT / "README.md"
-  text = readme.read_text()
-  readme.write_text(text.replace(readme_table(text), render(load_reports())))
+  before, rest = readme.read_text().split(BEGIN, 1)
+  readme.write_text(f"{before}{BEGIN}\n{render(load_reports())}\n{END}{rest.split(END, 1)[1]}")
   if failed:
     sys.exit(f"did not compile or fit: {', '.join(failed)}")
 

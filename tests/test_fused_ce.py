@@ -247,7 +247,7 @@ def test_impossible_head_choices_say_what_to_use():
     from_config(cfg, 256)
   cfg = load_config("test")
   cfg.model.head_impl = "flash"
-  with pytest.raises(ValueError, match=r"unknown model.head_impl 'flash'; valid: \['pallas', 'tiled', 'xla'\]"):
+  with pytest.raises(ValueError, match=r"unknown model.head_impl 'flash'; valid: \['auto', 'pallas', 'tiled', 'xla'\]"):
     from_config(cfg, 256)
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match=r"on GPUs and Mosaic kernels on TPUs; this backend is 'cpu': use 'tiled'.*"
