@@ -135,8 +135,8 @@ def failure(config, target, programs) -> str | None:
       largest = ", ".join(f"{what} {_bytes(b)}" for b, what in p.largest)
       m = p.memory
       parts.append(f"the {p.name} needs {_gib(m.total)} GiB per device (state {_gib(m.state)}, temporaries "
-                   f"{_gib(m.temporaries)}), more than the {_gib(target.usable_bytes)} GiB a {target.chip.name} allows ({targets.FIT_MARGIN:.0%} of its HBM kept free); its largest "
-                   f"buffers: {largest}")
+                   f"{_gib(m.temporaries)}), more than the {_gib(target.usable_bytes)} GiB a {target.chip.name} "
+                   f"allows ({targets.FIT_MARGIN:.0%} of its HBM kept free); its largest buffers: {largest}")
   return "; ".join(parts) + f". What would help: {knobs(config, bad[0])}."
 
 
