@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.common import NEG, precision_of, target_platform
+from pallas_kernels.common import NEG, precision_of, target_platform, vmapped
 
 IMPLS = ("xla", "cudnn", "splash", "pallas")
 PLATFORMS = {"cpu": ("xla",), "gpu": ("xla", "cudnn", "pallas"), "tpu": ("xla", "splash")}
@@ -363,16 +363,19 @@ def per_shard(attend, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segments_BxL, blocks_BxL=
   """``attend(q, k, v, segments)`` (``attend(q, k, v, segments, blocks)`` with block-diffusion ``blocks_BxL``) on
   one device, or per shard of the mesh in scope (``jax.shard_map``): the batch over (data, fsdp), the heads over
   tensor. A kernel is a custom call XLA cannot partition: without this it would gather q, k and v and run whole
-  on every device."""
+  on every device. Under ``common.vmapped_axes`` the batch is one replica's rows of a vmap laid over those axes:
+  they are left to the vmap (whose batching adds them to the specs), and the shard_map stays even with no axes of
+  its own, for the same reason."""
   batch, length, heads, _ = q_BxLxHxK.shape
   if segments_BxL is None:
     segments_BxL = jnp.ones((batch, length), jnp.int32)
   rows_in = (segments_BxL,) if blocks_BxL is None else (segments_BxL, blocks_BxL)
   mesh = jax.sharding.get_abstract_mesh()
   shape = {} if mesh.empty else dict(mesh.shape)
-  rows = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
+  taken = vmapped()
+  rows = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1 and a not in taken)
   head_axis = "tensor" if shape.get("tensor", 1) > 1 else None
-  if not rows and head_axis is None:
+  if not rows and head_axis is None and not any(shape.get(a, 1) > 1 for a in taken):
     return attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, *rows_in)
   row_size = math.prod(shape[a] for a in rows)
   if batch % row_size or (head_axis and heads % shape[head_axis]):

@@ -77,6 +77,26 @@ def target_platform() -> str:
   return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
+_MAPPED: list[tuple[str, ...]] = []  # mesh axes that surrounding vmaps lay their mapped dimension over (innermost last)
+
+
+@contextlib.contextmanager
+def vmapped_axes(axes):
+  """Declares that the code traced in this block runs under ``jax.vmap(..., spmd_axis_name=axes)``: the kernels'
+  ``shard_map`` calls must leave the mesh ``axes`` out of their specs (vmap's batching rule adds them, and refuses
+  specs that name them), so they shard their rows over the other batch axes only (``train.PerReplica``)."""
+  _MAPPED.append(tuple(axes))
+  try:
+    yield
+  finally:
+    _MAPPED.pop()
+
+
+def vmapped() -> tuple[str, ...]:
+  """The mesh axes taken by the surrounding ``vmapped_axes`` blocks (none outside one)."""
+  return tuple(a for axes in _MAPPED for a in axes)
+
+
 def by_backend(what: str, impl: str, valid, *, tiled, triton, mosaic, interpret: bool, hint: str = ""):
   """The callable that implementation ``impl`` of ``what`` means on the target platform (``target_platform``): ``tiled`` (the jnp twin, any
   backend), or for ``pallas`` the Triton kernel on GPUs, the Mosaic one on TPUs, and the Triton one interpreted

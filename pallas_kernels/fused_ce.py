@@ -44,17 +44,17 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.common import NEG, by_backend, valid_columns, xla_precision
+from pallas_kernels.common import NEG, by_backend, valid_columns, vmapped, xla_precision
 
 IMPLS = ("xla", "tiled", "pallas")
 def _check(h_NxD, w_DxV, targets_N, weights_N, num_classes: int, exclude):
   n, d = h_NxD.shape
-  if w_DxV.ndim != 2 or w_DxV.shape[0] != d:
-    raise ValueError(f"W must be [D={d}, V]; got {w_DxV.shape}")
+  if w_DxV.ndim not in (2, 3) or w_DxV.shape[-2] != d or (w_DxV.ndim == 3 and n % w_DxV.shape[0]):
+    raise ValueError(f"W must be [D={d}, V], or [R, D, V] with R dividing N={n} (per replica); got {w_DxV.shape}")
   if targets_N.shape != (n,) or weights_N.shape != (n,):
     raise ValueError(f"targets and weights must be [N={n}]; got {targets_N.shape} and {weights_N.shape}")
-  if not 0 < num_classes <= w_DxV.shape[1]:
-    raise ValueError(f"num_classes must lie in [1, V={w_DxV.shape[1]}]; got {num_classes}")
+  if not 0 < num_classes <= w_DxV.shape[-1]:
+    raise ValueError(f"num_classes must lie in [1, V={w_DxV.shape[-1]}]; got {num_classes}")
   if exclude is not None and not 0 <= exclude < num_classes:
     raise ValueError(f"exclude must be a class in [0, {num_classes}) or None; got {exclude}")
 
@@ -208,15 +208,18 @@ VOCAB_AXIS = "tensor"
 
 def mesh_layout(n: int, v: int):
   """``(mesh, row_axes, vocab_axis)`` of the mesh in scope for ``n`` rows and ``v`` columns: the axes of size > 1
-  that shard them. ``(None, (), None)`` outside a mesh or on one device. Raises when the rows or the columns do
-  not divide over their axes."""
+  that shard them, less those a surrounding vmap already lays its mapped dimension over (``common.vmapped_axes``).
+  ``(None, (), None)`` outside a mesh or on one device. Raises when the rows or the columns do not divide over
+  their axes."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None, (), None
   shape = dict(mesh.shape)
-  rows = tuple(a for a in ROW_AXES if shape.get(a, 1) > 1)
+  rows = tuple(a for a in ROW_AXES if shape.get(a, 1) > 1 and a not in vmapped())  # a surrounding vmap's are taken
   vocab = VOCAB_AXIS if shape.get(VOCAB_AXIS, 1) > 1 else None
-  if not rows and vocab is None:
+  # Under a vmap over mesh axes the kernel still runs in a shard_map, even of no axes of its own: XLA cannot split
+  # the vmap's batch of a custom call, and would gather it whole onto every device.
+  if not rows and vocab is None and not any(shape.get(a, 1) > 1 for a in vmapped()):
     return None, (), None
   row_size = math.prod(shape[a] for a in rows)
   if n % row_size:
@@ -234,16 +237,33 @@ def vocab_offset(vocab_axis, v_local: int):
 
 
 def _mesh_loss(make_plan, h_NxD, w_DxV, targets_N, weights_N):
-  mesh, rows, vocab = mesh_layout(h_NxD.shape[0], w_DxV.shape[1])
+  """The loss per row, per shard of the mesh in scope. A per-replica ``W`` (``[R, D, V]``: replica r's head for
+  the r-th of R equal blocks of rows, as ``train.PerReplica`` makes it) has its replicas laid over the leading row
+  axes whose sizes multiply to R, so each device reads its own replica's head and ``dW`` stays per replica: only
+  the row axes past those sum it. (Outside a mesh, each replica's rows run in turn under a ``vmap``.)"""
+  per_replica = w_DxV.ndim == 3
+  mesh, rows, vocab = mesh_layout(h_NxD.shape[0], w_DxV.shape[-1])
   if mesh is None:
+    if per_replica:
+      split = lambda a: a.reshape((w_DxV.shape[0], -1) + a.shape[1:])
+      return jax.vmap(lambda h, w, t, wt: _mesh_loss(make_plan, h, w, t, wt))(
+          split(h_NxD), w_DxV, split(targets_N), split(weights_N)).reshape(-1)
     return _shard_loss(make_plan(*h_NxD.shape, w_DxV.shape[1]), None, h_NxD, w_DxV, targets_N, weights_N, 0)
   row_spec = rows or None
+  w_spec = P(None, vocab)
+  if per_replica:
+    sizes = [math.prod(mesh.shape[a] for a in rows[:i]) for i in range(len(rows) + 1)]
+    if w_DxV.shape[0] not in sizes:
+      raise ValueError(f"a per-replica head of {w_DxV.shape[0]} replicas lies over no leading row axes of {rows} "
+                       f"(sizes {dict(mesh.shape)})")
+    w_spec = P(rows[:sizes.index(w_DxV.shape[0])] or None, None, vocab)
 
   def local(h, w, targets, weights):
+    w = w[0] if per_replica else w  # each device holds one replica's head
     plan = make_plan(*h.shape, w.shape[1])
     return _shard_loss(plan, vocab, h, w, targets, weights, vocab_offset(vocab, w.shape[1]))
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), P(None, vocab), P(row_spec), P(row_spec)),
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), w_spec, P(row_spec), P(row_spec)),
                        out_specs=P(row_spec), check_vma=False)(h_NxD, w_DxV, targets_N, weights_N)
 
 
@@ -269,7 +289,7 @@ def weighted_ce_pallas(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: int, 
   make = lambda n, d, v: fused_ce_triton.TritonPlan(n=n, d=d, v=v, num_classes=num_classes, exclude=exclude,
                                                     dot_dtype=jnp.dtype(dot_dtype).name, interpret=interpret,
                                                     **blocks)
-  make(*h_NxD.shape, w_DxV.shape[1])  # validates the blocks before any tracing
+  make(*h_NxD.shape, w_DxV.shape[-1])  # validates the blocks before any tracing
   return _mesh_loss(make, h_NxD, w_DxV, targets_N, weights_N)
 
 
@@ -282,7 +302,7 @@ def weighted_ce_pallas_tpu(h_NxD, w_DxV, targets_N, weights_N, *, num_classes: i
   make = lambda n, d, v: fused_ce_mosaic.MosaicPlan(n=n, d=d, v=v, num_classes=num_classes, exclude=exclude,
                                                     dot_dtype=jnp.dtype(dot_dtype).name, block_n=block_n,
                                                     tile_v=tile_v)
-  make(*h_NxD.shape, w_DxV.shape[1])
+  make(*h_NxD.shape, w_DxV.shape[-1])
   return _mesh_loss(make, h_NxD, w_DxV, targets_N, weights_N)
 
 

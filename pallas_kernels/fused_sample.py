@@ -23,6 +23,7 @@ single-device one for the same seed.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import fused_ce, fused_ce_mosaic, fused_ce_triton
-from pallas_kernels.common import NEG, by_backend, precision_of, valid_columns, xla_precision
+from pallas_kernels.common import NEG, by_backend, precision_of, valid_columns, vmapped, xla_precision
 
 LEVELS = 3
 _REFINE = 2.0 ** -12
@@ -155,15 +156,20 @@ def combine_draws(best_SxN, id_SxN, logit_SxN, m_SxN, s_SxN, vocab_axis=None):
 
 def _mesh_draw(partials, h_NxD, w_DxV, seed):
   """``combine_draws`` of ``partials(h, W, seed, row_offset, col_offset)`` on one device, or per shard of the
-  mesh in scope: rows over (data, fsdp) (the noise hashes each row's global index), the vocabulary over tensor."""
+  mesh in scope: rows over (data, fsdp) (the noise hashes each row's global index), the vocabulary over tensor.
+  Under ``common.vmapped_axes`` the rows are one replica's block of a vmap laid over those axes, which shard_map
+  leaves to the vmap: the global index counts the replicas before this device's too."""
   mesh, rows, vocab = fused_ce.mesh_layout(h_NxD.shape[0], w_DxV.shape[1])
   seed = jnp.asarray(seed, jnp.uint32)
   if mesh is None:
     return combine_draws(*partials(h_NxD, w_DxV, seed, 0, 0))
   row_spec = rows or None
+  replicas = tuple(a for a in vmapped() if mesh.shape.get(a, 1) > 1)
 
   def local(h, w, seed):
-    row_offset = jax.lax.axis_index(rows) * h.shape[0] if rows else 0
+    shards = math.prod(mesh.shape[a] for a in rows)
+    block = jax.lax.axis_index(replicas) * shards if replicas else 0  # one replica per device of the vmap's axes
+    row_offset = (block + (jax.lax.axis_index(rows) if rows else 0)) * h.shape[0]
     return combine_draws(*partials(h, w, seed, row_offset, fused_ce.vocab_offset(vocab, w.shape[1])), vocab)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(row_spec, None), P(None, vocab), P()),

@@ -17,10 +17,13 @@ from d3pm_jax.runtime import hlo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ACCUMS = (1, 2, 4)
+# How each kernel shows in optimised HLO: a Mosaic kernel's custom call (the fused head, splash attention), a
+# Triton kernel's (the fused head), cuDNN's fused attention.
+KERNEL_MARKS = {"mosaic": "tpu_custom_call", "triton": "__gpu$xla.gpu.triton", "cudnn": "__cudnn$"}
 BATCH = 32  # rows: 8 devices x 4 micro-batches of one row each
 
 COMPILE = textwrap.dedent("""
-    import dataclasses, importlib.util, json, sys
+    import dataclasses, importlib.util, json, re, sys
     from d3pm_jax.runtime import hlo, targets
     targets.prepare_environment()
     import jax, jax.numpy as jnp
@@ -28,24 +31,43 @@ COMPILE = textwrap.dedent("""
     from d3pm_jax.config import from_config
     from d3pm_jax.models.transformer import Transformer
     from d3pm_jax.training import state as st, train
+    from pallas_kernels.common import compiling_for
 
     spec = importlib.util.spec_from_file_location("cfg", "configs/test.py")
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 
-    def step_hlo(devices, accum, fsdp, reduce_dtype="float32"):
+    def step_hlo(devices, accum, fsdp, reduce_dtype="float32", platform=None):
       cfg = module.get_config()
       cfg.model.update(d_model=64, mlp_dim=128, dtype="bfloat16")
+      if platform:  # the kernels 'auto' picks there; splash attention takes rows of a multiple of 128
+        cfg.model.update(head_impl="auto", attention_impl="auto", max_len=128)
+        cfg.data.seq_len = 128
       cfg.train.update(batch_size=BATCH, grad_accum=accum, grad_reduce_dtype=reduce_dtype)
       cfg.mesh.update(data=-1, fsdp=fsdp, tensor=1)
       config = from_config(cfg, vocab_size=256)
-      model, optimizer = Transformer(config.model), st.make_optimizer(config.train)
-      placement = train.make_placement(config, model, optimizer, devices=devices)
-      abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        jax.eval_shape(lambda: st.init_state(config, model, optimizer)),
-                                        placement.state)
-      step, _ = train.compile_steps(config, model, st.process_for(config), optimizer, placement)
-      batch = jax.ShapeDtypeStruct((BATCH, config.data.seq_len), jnp.int32, sharding=placement.batch)
-      return step.lower(abstract, batch).compile().as_text()
+      with compiling_for(platform or "cpu"):
+        model, optimizer = Transformer(config.model), st.make_optimizer(config.train)
+        placement = train.make_placement(config, model, optimizer, devices=devices)
+        abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          jax.eval_shape(lambda: st.init_state(config, model, optimizer)),
+                                          placement.state)
+        step, _ = train.compile_steps(config, model, st.process_for(config), optimizer, placement)
+        batch = jax.ShapeDtypeStruct((BATCH, config.data.seq_len), jnp.int32, sharding=placement.batch)
+        return step.lower(abstract, batch).compile().as_text()
+
+    # The HLO text with each instruction on one line: splash attention's frontend attributes hold JSON with
+    # newlines, whose continuation lines ('}}, metadata=...') hlo.collectives would take for a computation's end.
+    def one_line(text):
+      lines = []
+      for line in text.splitlines():
+        if lines and line and not re.match(r"(\\s|}$|ENTRY |HloModule |%[\\w.\\-]+ \\()", line):
+          lines[-1] += line
+        else:
+          lines.append(line)
+      return "\\n".join(lines)
+
+    def kernels(text):
+      return {name: text.count(mark) for name, mark in KERNEL_MARKS.items()}
 
     def listed(text):
       return [dataclasses.asdict(c) for c in hlo.collectives(text)]
@@ -69,6 +91,12 @@ COMPILE = textwrap.dedent("""
     out["tpu_bf16"] = {str(fsdp): listed(step_hlo(tpu, 2, fsdp, "bfloat16")) for fsdp in (1, 2)}
     gpu = targets.devices(targets.parse_target("gpu:h100x8"))
     out["gpu"] = {str(accum): listed(step_hlo(gpu, accum, 1)) for accum in (1, 4)}
+    out["auto"], out["auto_kernels"] = {}, {}
+    for platform, devices in (("tpu", tpu), ("gpu", gpu)):
+      for accum in (1, 4):
+        text = one_line(step_hlo(devices, accum, 1, platform=platform))
+        out["auto"][f"{platform} {accum}"] = listed(text)
+        out["auto_kernels"][f"{platform} {accum}"] = kernels(text)
     print(json.dumps(out))
 """)
 
@@ -77,15 +105,20 @@ COMPILE = textwrap.dedent("""
 def compiled():
   """Every program's collectives (as dicts of ``hlo.Collective``): the train step on tpu:v5e-8 ('tpu', keyed
   'fsdp accum'; 'tpu_bf16' at grad_reduce_dtype='bfloat16', keyed by fsdp) and gpu:h100x8 ('gpu', keyed by
-  accum), and three tiny shard_map programs ('tiny')."""
-  prelude = f"BATCH, ACCUMS = {BATCH}, {ACCUMS}\n"
+  accum), the step with the kernels model.head_impl='auto' and attention_impl='auto' pick there ('auto', keyed
+  'platform accum'; 'auto_kernels': how many of each ``KERNEL_MARKS`` its HLO holds), and three tiny shard_map
+  programs ('tiny')."""
+  prelude = f"BATCH, ACCUMS, KERNEL_MARKS = {BATCH}, {ACCUMS}, {KERNEL_MARKS}\n"
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # another process on this machine may hold libtpu
   out = subprocess.run([sys.executable, "-c", prelude + COMPILE], capture_output=True, text=True, timeout=600,
                        cwd=ROOT, env=env)
   assert out.returncode == 0, out.stderr[-4000:]
-  return {section: {key: [hlo.Collective(**{**c, "shapes": tuple(c["shapes"])}) for c in found]
-                    for key, found in programs.items()}
-          for section, programs in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+  sections = json.loads(out.stdout.strip().splitlines()[-1])
+  kernels = sections.pop("auto_kernels")
+  return {"auto_kernels": kernels,
+          **{section: {key: [hlo.Collective(**{**c, "shapes": tuple(c["shapes"])}) for c in found]
+                       for key, found in programs.items()}
+             for section, programs in sections.items()}}
 
 
 def per_step_bytes(found, accum):
@@ -130,6 +163,26 @@ def test_gradients_cross_devices_in_the_stated_dtype(compiled):
     for c in reductions(found):
       moved[c.dtype] = moved.get(c.dtype, 0) + c.bytes
     assert moved.get("bf16", 0) > 0.9 * sum(moved.values()), (fsdp, moved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_kernel_steps_reduce_gradients_once_in_float32(compiled, platform):
+  """With the kernels 'auto' picks (TPU: the Mosaic fused head and splash attention; GPU: the Triton fused head and
+  cuDNN attention; their custom calls are in the HLO, so no XLA fallback passes for them), a bfloat16 model's
+  gradients still stay on each data replica over the micro-batches and cross devices once per step in float32:
+  accumulating 4 micro-batches adds only the loss's scalars per micro-batch, no collective outside the loop, and
+  moves what no accumulation does. Before, the fused head opted the step out, and most gradients were all-reduced
+  in bfloat16."""
+  marks = {"tpu": ("mosaic",), "gpu": ("triton", "cudnn")}[platform]
+  programs = {accum: compiled["auto"][f"{platform} {accum}"] for accum in (1, 4)}
+  for accum, found in programs.items():
+    assert all(compiled["auto_kernels"][f"{platform} {accum}"][mark] for mark in marks), compiled["auto_kernels"]
+    assert reductions(found) and {c.dtype for c in reductions(found)} == {"f32"}, hlo.summary(found)
+  assert not [c for c in programs[4] if c.in_loop and c.bytes > 64], hlo.summary(programs[4])
+  outside = lambda found: sorted(c.kind for c in found if not c.in_loop)
+  assert outside(programs[4]) == outside(programs[1]), (hlo.summary(programs[1]), hlo.summary(programs[4]))
+  assert per_step_bytes(programs[4], 4) <= 1.05 * per_step_bytes(programs[1], 1), hlo.summary(programs[4])
 
 
 @pytest.mark.slow
@@ -197,3 +250,34 @@ def test_bad_grad_reduce_dtype_names_the_choices():
   cfg.train.grad_reduce_dtype = "float16"
   with pytest.raises(ValueError, match=r"train.grad_reduce_dtype 'float16'; valid: \['bfloat16', 'float32'\]"):
     from_config(cfg, vocab_size=256)
+
+
+KERNEL_STEP_SCRIPT = r"""
+    def kernel_experiment(mesh, accum, head):
+      cfg = module.get_config()  # absorbing, the masked ELBO: the fused head applies
+      cfg.model.update(head_impl=head, head_tile=64, attention_impl="pallas", kernel_interpret=True,
+                       vocab_pad_multiple=8)  # 256 bytes + the mask, a multiple of every mesh axis
+      cfg.train.update(batch_size=8, grad_accum=accum, ema_decay=0.9)  # the rows run() feeds
+      cfg.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+      return from_config(cfg, 256)
+
+    errors = {}
+    for head, accum, mesh in [("tiled", 1, (8, 1, 1)), ("tiled", 2, (2, 2, 2)), ("pallas", 1, (4, 2, 1))]:
+      reference = run(None, jax.devices()[:1], exp=kernel_experiment((1, 1, 1), accum, head))
+      state = run(None, jax.devices(), exp=kernel_experiment(mesh, accum, head))
+      errors[f"{head} accum {accum} {mesh}"] = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+          lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), state.params, reference.params)))
+    print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+def test_per_replica_step_with_kernels_equals_one_device():
+  """On 8 fake CPU devices, the step that keeps each replica's gradient (``train.PerReplica``) with the fused head
+  (tiled, and the Triton kernels interpreted) and the Pallas attention (interpreted), whose shard_maps leave the
+  replica axes to the vmap and whose head weight is read per replica, trains the parameters one device does: data
+  alone; accumulation, whose replicas are (data, fsdp), beside tensor; data replicas whose rows FSDP shards.
+  atol 1e-5 (sums reordered)."""
+  from test_sharding import run_script
+  for name, err in run_script(KERNEL_STEP_SCRIPT).items():
+    assert err < 1e-5, (name, err)

@@ -32,6 +32,7 @@ from d3pm_jax.runtime.sharding import under_mesh_rules
 from d3pm_jax.training import checkpoints, faults, metrics as metrics_lib, preemption
 from d3pm_jax.training.state import (TrainState, init_state, loss_terms, make_optimizer, make_sampler, process_for,
                                      window_variances)
+from pallas_kernels.common import vmapped_axes
 
 
 # ---------------------------------------------------------------- placement
@@ -110,7 +111,10 @@ class PerReplica:
   Inside, ``activation_batch`` maps to the batch axes other than ``axes`` (they shard the per-replica rows).
   A loss that takes this for the model sees the same arrays as with the model itself, and draws the same random
   numbers (the draws are outside the network), except dropout: replica r's masks come from the key folded with r.
-  The output head must be the XLA one (``head_inputs`` is not offered: the fused heads shard their own rows)."""
+  The kernels inside (the fused heads, splash, cuDNN and Pallas attention) run per shard of the other batch axes:
+  the vmap takes ``axes`` (``common.vmapped_axes``). With ``head_inputs=True`` the model returns ``(h, W)`` as the
+  fused head reads them, ``h`` merged back to ``[B, ...]`` and ``W`` per replica, ``[R, D, V]``: the fused
+  cross-entropy runs each replica's rows against its own head (``fused_ce``), so ``dW`` too stays per replica."""
   model: Transformer
   replicas: int
   axes: tuple[str, ...]
@@ -131,20 +135,24 @@ class PerReplica:
       args_r, kwargs_r = jax.tree_util.tree_unflatten(tree, [next(rows_in) if b else x
                                                              for x, b in zip(leaves, batched)])
       rngs_r = None if rngs is None else {k: jax.random.fold_in(key, index) for k, key in rngs.items()}
-      with nn.logical_axis_rules(self.inner_rules):
+      with nn.logical_axis_rules(self.inner_rules), vmapped_axes(self.axes):
         return self.model.apply({"params": params}, *args_r, rngs=rngs_r, **kwargs_r)
 
     out = jax.vmap(one_replica, spmd_axis_name=self.axes)(
         variables["params"], jnp.arange(self.replicas), *[split(x) for x, b in zip(leaves, batched) if b])
-    return jax.tree_util.tree_map(lambda o: o.reshape((rows,) + o.shape[2:]), out)
+    merge = lambda o: o.reshape((rows,) + o.shape[2:])
+    if kwargs.get("head_inputs"):
+      h_RxBxLxD, w_RxDxV = out
+      return merge(h_RxBxLxD), w_RxDxV
+    return jax.tree_util.tree_map(merge, out)
 
 
 def per_replica(config: ExperimentConfig, model: Transformer) -> PerReplica | None:
-  """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained or it does not apply:
-  no replica axis of size > 1, or a fused output head (``model.head_impl``), which shards its rows itself."""
+  """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained: no replica axis of size
+  > 1. Any output head (``model.head_kernel()``) and attention (``model.attention_kernel``) apply."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = replica_axes(mesh, config.mesh.rules, config.train.grad_accum)
-  if not axes or config.model.head_impl != "xla":
+  if not axes:
     return None
   inner = lambda names: tuple(a for a in (names if isinstance(names, tuple) else (names,)) if a and a not in axes)
   rules = tuple((name, (inner(target) or None) if name == "activation_batch" else target)
@@ -162,8 +170,9 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
   row moves between devices. Traced under a mesh with replica axes (``per_replica``), each replica's gradient
   stays on its devices over all micro-batches and the replicas' gradients are summed once per step, after the
   loop, in ``train.grad_reduce_dtype`` rather than the model's compute dtype: one all-reduce (a reduce-scatter
-  where the parameters are sharded) per step, not one per micro-batch. Elsewhere (FSDP without accumulation, a
-  fused output head) XLA reduces each gradient where the model makes it, in the model's dtype."""
+  where the parameters are sharded) per step, not one per micro-batch, whichever output head and attention kernels
+  the model runs. Elsewhere (FSDP without accumulation) XLA reduces each gradient where the model makes it, in the
+  model's dtype."""
   accum = config.train.grad_accum
   reduce_dtype = jnp.dtype(config.train.grad_reduce_dtype)
 
