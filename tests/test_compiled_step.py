@@ -55,17 +55,6 @@ COMPILE = textwrap.dedent("""
         batch = jax.ShapeDtypeStruct((BATCH, config.data.seq_len), jnp.int32, sharding=placement.batch)
         return step.lower(abstract, batch).compile().as_text()
 
-    # The HLO text with each instruction on one line: splash attention's frontend attributes hold JSON with
-    # newlines, whose continuation lines ('}}, metadata=...') hlo.collectives would take for a computation's end.
-    def one_line(text):
-      lines = []
-      for line in text.splitlines():
-        if lines and line and not re.match(r"(\\s|}$|ENTRY |HloModule |%[\\w.\\-]+ \\()", line):
-          lines[-1] += line
-        else:
-          lines.append(line)
-      return "\\n".join(lines)
-
     def kernels(text):
       return {name: text.count(mark) for name, mark in KERNEL_MARKS.items()}
 
@@ -94,7 +83,7 @@ COMPILE = textwrap.dedent("""
     out["auto"], out["auto_kernels"] = {}, {}
     for platform, devices in (("tpu", tpu), ("gpu", gpu)):
       for accum in (1, 4):
-        text = one_line(step_hlo(devices, accum, 1, platform=platform))
+        text = step_hlo(devices, accum, 1, platform=platform)
         out["auto"][f"{platform} {accum}"] = listed(text)
         out["auto_kernels"][f"{platform} {accum}"] = kernels(text)
     print(json.dumps(out))
@@ -239,6 +228,29 @@ def test_collectives_of_gpu_forms():
   assert hlo.summary(found) == {"all-reduce": {"count": 1, "bytes": 64, "in_loop": 1},
                                 "all-gather": {"count": 1, "bytes": 384, "in_loop": 0},
                                 "reduce-scatter": {"count": 1, "bytes": 8, "in_loop": 0}}
+
+
+SPLASH_TEXT = """HloModule m
+
+%body (p: f32[16]) -> f32[16] {
+  %p = f32[16]{0} parameter(0)
+  %k = f32[16]{0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={"a": {
+}},
+}}, metadata={op_name="splash"}
+  ROOT %ar = f32[16]{0} all-reduce(%k), replica_groups={}, to_apply=%add
+}
+
+ENTRY %main (x: f32[16]) -> f32[16] {
+  %x = f32[16]{0} parameter(0)
+  ROOT %w = f32[16]{0} while(%x), condition=%cond, body=%body
+}
+"""
+
+
+def test_a_kernels_multiline_metadata_does_not_end_its_computation():
+  """Splash attention's custom calls carry JSON metadata over several lines, some starting with braces: the
+  collective after one is still found, and still inside its loop body."""
+  assert [(c.kind, c.name, c.in_loop) for c in hlo.collectives(SPLASH_TEXT)] == [("all-reduce", "ar", True)]
 
 
 def test_bad_grad_reduce_dtype_names_the_choices():

@@ -58,13 +58,16 @@ def _size(dtype: str, dims: tuple[int, ...]) -> int:
 
 
 def _split_computations(hlo_text: str) -> dict[str, list[str]]:
-  """Each computation's instruction lines, by name."""
+  """Each computation's instruction lines, by name. A computation ends at a line that is a lone ``}`` followed by a
+  blank line (or the end): an instruction's metadata may hold JSON whose lines start with braces (splash
+  attention's does), and those belong to the computation they are in."""
   computations, current = {}, None
-  for line in hlo_text.splitlines():
+  lines = hlo_text.splitlines()
+  for i, line in enumerate(lines):
     header = _COMPUTATION.match(line)
     if header and not line.startswith(" "):
       current = computations.setdefault(header.group(1), [])
-    elif line.startswith("}"):
+    elif line.rstrip() == "}" and (i + 1 == len(lines) or not lines[i + 1].strip()):
       current = None
     elif current is not None:
       current.append(line)
