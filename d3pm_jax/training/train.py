@@ -147,12 +147,16 @@ class PerReplica:
     return jax.tree_util.tree_map(merge, out)
 
 
-def per_replica(config: ExperimentConfig, model: Transformer) -> PerReplica | None:
-  """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained: no replica axis of size
-  > 1. Any output head (``model.head_kernel()``) and attention (``model.attention_kernel``) apply."""
+def per_replica(config: ExperimentConfig, model: Transformer, segmented: bool = False) -> PerReplica | None:
+  """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained (no replica axis of size
+  > 1) or where it cannot run: cuDNN's attention given a dense mask (``segmented`` rows, or block diffusion's),
+  whose batching rule in jax 0.10 cannot take the mask's extra vmapped axis ("cannot reshape ... (R, B/R, 1, L, L)
+  into (B, H, L, L)"); such a step reduces its gradients as XLA places them. Every other output head
+  (``model.head_kernel()``) and attention (``model.attention_kernel``) applies."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = replica_axes(mesh, config.mesh.rules, config.train.grad_accum)
-  if not axes:
+  dense_mask = segmented or bool(config.process.block_size)
+  if not axes or (dense_mask and config.model.attention_kernel == "cudnn"):
     return None
   inner = lambda names: tuple(a for a in (names if isinstance(names, tuple) else (names,)) if a and a not in axes)
   rules = tuple((name, (inner(target) or None) if name == "activation_batch" else target)
@@ -186,7 +190,7 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
   def step(state: TrainState, batch, window=None):
     rng, step_rng = jax.random.split(state.rng)
     batch_BxL, segments_BxL = batch if isinstance(batch, tuple) else (batch, None)
-    net = per_replica(config, model)
+    net = per_replica(config, model, segments_BxL is not None)
     if net is None:
       params, total = state.params, lambda g: g
     else:  # every replica's own copy, so each one's gradient is its own (see PerReplica)
