@@ -98,9 +98,10 @@ def vmapped() -> tuple[str, ...]:
 
 
 def by_backend(what: str, impl: str, valid, *, tiled, triton, mosaic, interpret: bool, hint: str = ""):
-  """The callable that implementation ``impl`` of ``what`` means on the target platform (``target_platform``): ``tiled`` (the jnp twin, any
-  backend), or for ``pallas`` the Triton kernel on GPUs, the Mosaic one on TPUs, and the Triton one interpreted
-  elsewhere when ``interpret`` is set. ``hint`` follows the list of valid names in the error."""
+  """The callable that implementation ``impl`` of ``what`` means on the target platform (``target_platform``):
+  ``tiled`` (the jnp twin, any backend), or for ``pallas`` the Triton kernel on GPUs, the Mosaic one on TPUs, and
+  the Triton one interpreted elsewhere when ``interpret`` is set. ``hint`` follows the list of valid names in the
+  error."""
   if impl not in valid:
     raise ValueError(f"unknown {what} implementation {impl!r}; valid: {list(valid)}{hint}")
   if impl == "tiled":
