@@ -2,6 +2,7 @@
 
     python benchmarks/compile_table.py              # every config's HARDWARE targets (tens of minutes on 2 cores)
     python benchmarks/compile_table.py --only owt_md4_small
+    python benchmarks/compile_table.py --render-only    # print the table of the kept reports
 
 Each config under ``configs/`` that names ``HARDWARE`` (the targets its docstring promises) is compiled for each
 target by ``d3pm-compile --programs=train`` in its own process; the reports are kept in ``docs/compile/*.json``
@@ -70,7 +71,12 @@ def readme_table(text: str) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--only", action="append", default=[], help="config names to recompile (default: all)")
+  parser.add_argument("--render-only", action="store_true", help="print the table of the reports in docs/compile, "
+                      "compiling and writing nothing")
   args = parser.parse_args()
+  if args.render_only:
+    print(render(load_reports()))
+    return
   REPORTS.mkdir(parents=True, exist_ok=True)
   failed = []
   for config, chosen in hardware().items():

@@ -32,6 +32,8 @@ RUNS = {
                      "gen-ppl at entropy (1.500 bits), along each sampler's temperature frontier:\n"
                      "  threshold 0.7, 2 blocks, cache dual ")),
     "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
+    # Its compiles are the paper configs' (tests/test_paper_targets.py); here it renders the kept reports.
+    "compile_table.py": (["--render-only"], "| `owt_md4_small` | `tpu:v5e-256` |"),
 }
 
 

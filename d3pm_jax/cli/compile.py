@@ -44,6 +44,8 @@ _SEGMENTS = flags.DEFINE_enum("segments", "auto", ["auto", "yes", "no"],
 _PROGRAMS = flags.DEFINE_multi_enum("programs", ["train", "eval", "sampler"], ["train", "eval", "sampler"],
                                     "Which programs to compile (repeat or comma-separate): the train step, the "
                                     "evaluation step, the sampler.")
+_ROOFLINE = flags.DEFINE_boolean("roofline", True, "Count each program's FLOPs for the roofline bound (it traces "
+                                 "the program twice more); --noroofline reports memory, kernels and collectives only.")
 _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file (benchmarks/compile_table.py "
                             "assembles the README's table from these).")
 flags.mark_flags_as_required(["config", "target"])
@@ -74,8 +76,8 @@ def _seconds(s: float) -> str:
   return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def describe(program, target) -> list[str]:
-  """The lines printed for one compiled program."""
+def describe(program, target, roofline: bool = True) -> list[str]:
+  """The lines printed for one compiled program (its roofline line only where its FLOPs were counted)."""
   if program.error:
     return [f"{program.name}: refused by the compiler after {program.compile_seconds:.1f} s: {program.error}"]
   m, usable = program.memory, target.usable_bytes
@@ -99,10 +101,9 @@ def describe(program, target) -> list[str]:
       + (f" (Pallas: {', '.join(program.kernel_names)})" if program.kernel_names else ""),
       "  collectives per device (written once each; one inside a loop runs every iteration): "
       + (collectives or "none"),
-      f"  roofline: {program.flops:.3g} FLOPs per call on all devices (model {program.model_flops:.3g}), >= "
-      f"{_gib(program.hbm_bytes)} GiB of HBM traffic per device -> at least {_seconds(roof.seconds)} "
-      f"({roof.bound}-bound), MFU at most {roof.mfu:.0%}{loops}",
-  ]
+  ] + ([f"  roofline: {program.flops:.3g} FLOPs per call on all devices (model {program.model_flops:.3g}), >= "
+        f"{_gib(program.hbm_bytes)} GiB of HBM traffic per device -> at least {_seconds(roof.seconds)} "
+        f"({roof.bound}-bound), MFU at most {roof.mfu:.0%}{loops}"] if roofline else [])
 
 
 def knobs(config, program) -> str:
@@ -140,17 +141,20 @@ def failure(config, target, programs) -> str | None:
   return "; ".join(parts) + f". What would help: {knobs(config, bad[0])}."
 
 
-def report(config_name: str, target, programs) -> dict:
-  """The printed report as data: per program its memory, fit, compile time, kernels, collectives and roofline."""
+def report(config_name: str, target, programs, roofline: bool = True) -> dict:
+  """The printed report as data: per program its memory, fit, compile time, kernels, collectives and (where
+  counted) roofline."""
   rows = []
   for p in programs:
     row = {"name": p.name, "compile_seconds": p.compile_seconds, "error": p.error}
     if not p.error:
-      roof = aot.roofline(p, target)
       row.update(memory={**dataclasses.asdict(p.memory), "total": p.memory.total}, fits=p.memory.total <=
                  target.usable_bytes, kernels=list(p.kernels), kernel_names=list(p.kernel_names),
-                 collectives=p.collectives, flops=p.flops, model_flops=p.model_flops, hbm_bytes=p.hbm_bytes,
-                 step_seconds=roof.seconds, mfu_bound=roof.mfu, bound=roof.bound)
+                 collectives=p.collectives)
+      if roofline:
+        roof = aot.roofline(p, target)
+        row.update(flops=p.flops, model_flops=p.model_flops, hbm_bytes=p.hbm_bytes, step_seconds=roof.seconds,
+                   mfu_bound=roof.mfu, bound=roof.bound)
     rows.append(row)
   return {"config": config_name, "target": target.name, "chip": target.chip.name, "devices": target.num_devices,
           "hbm_bytes": target.chip.hbm_bytes, "usable_bytes": target.usable_bytes, "programs": rows}
@@ -177,11 +181,12 @@ def main(argv):
         f"{config.train.grad_accum}); vocabulary {config.model.vocab_size} ({shape.source}), rows "
         f"{'with' if segments else 'without'} segment ids; model dtype {config.model.dtype}, attention "
         f"{config.model.attention_impl}, head {config.model.head_impl}, remat {config.model.remat}")
-  programs = aot.compile_programs(config, target, segments, tuple(_PROGRAMS.value))
+  programs = aot.compile_programs(config, target, segments, tuple(_PROGRAMS.value), roofline=_ROOFLINE.value)
   for program in programs:
-    print("\n".join(describe(program, target)), flush=True)
+    print("\n".join(describe(program, target, _ROOFLINE.value)), flush=True)
   if _JSON.value:
-    files.write_json(_JSON.value, report(config_flags.get_config_filename(flags.FLAGS["config"]), target, programs))
+    files.write_json(_JSON.value, report(config_flags.get_config_filename(flags.FLAGS["config"]), target, programs,
+                                         _ROOFLINE.value))
   problem = failure(config, target, programs)
   if problem:
     common.fail(problem)

@@ -149,8 +149,9 @@ def largest_buffers(hlo_text: str, count: int = 3) -> tuple:
   return tuple(sorted(((b, w) for w, b in seen.items()), reverse=True)[:count])
 
 
-def _report(name, build, args, flop_fn, model_flop_fn, state_bytes: int, target) -> Program:
-  """Compiles ``build()``'s jitted function at ``args`` for the target and reads what the compiler decided."""
+def _report(name, build, args, flop_fn, model_flop_fn, state_bytes: int, target, roofline: bool = True) -> Program:
+  """Compiles ``build()``'s jitted function at ``args`` for the target and reads what the compiler decided; with
+  ``roofline``, counts its FLOPs (``flop_fn``, and the plain model's, ``model_flop_fn``)."""
   started = time.perf_counter()
   try:
     with compiling_for(target.platform):
@@ -164,8 +165,8 @@ def _report(name, build, args, flop_fn, model_flop_fn, state_bytes: int, target)
                   code=stats.generated_code_size_in_bytes)
   text = compiled.as_text()
   with compiling_for(target.platform):
-    count = flop_fn()
-  model = model_flop_fn()
+    count = flop_fn() if roofline else flops_lib.Count(0.0)
+  model = model_flop_fn() if roofline else flops_lib.Count(0.0)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hbm_bytes = max(float(cost.get("bytes accessed", 0.0)), float(memory.arguments + memory.outputs))
@@ -184,9 +185,10 @@ PROGRAMS = ("train", "eval", "sampler")
 
 
 def compile_programs(config: ExperimentConfig, target: targets.Target, segments: bool = False,
-                     programs: tuple = PROGRAMS, devices=None) -> list[Program]:
+                     programs: tuple = PROGRAMS, devices=None, roofline: bool = True) -> list[Program]:
   """``programs`` of ``config`` (of ``PROGRAMS``: the train step, the evaluation step, the sampler) compiled for
-  ``target`` (the caller has run ``targets.prepare_environment()`` before JAX started)."""
+  ``target`` (the caller has run ``targets.prepare_environment()`` before JAX started); ``roofline=False`` skips
+  counting their FLOPs."""
   devices = targets.devices(target) if devices is None else devices
   tcfg = config.train
 
@@ -237,14 +239,14 @@ def compile_programs(config: ExperimentConfig, target: targets.Target, segments:
       "train": lambda: _report("train step", lambda: train.compile_steps(config, model, process, optimizer,
                                                                          placement)[0],
                                (abstract_state, tokens) + window, step_flops(config), step_flops(plain), state_bytes,
-                               target),
+                               target, roofline),
       "eval": lambda: _report("eval step", lambda: train.compile_steps(config, model, process, optimizer,
                                                                        placement)[1],
                               eval_args, eval_flops(config), eval_flops(plain), shard_bytes(abstract_state.params),
-                              target),
+                              target, roofline),
       "sampler": lambda: _report(f"sampler ({tcfg.sample_steps} steps)", lambda: sampler(config),
                                  (abstract_state.params, key), sampler_flops(config), sampler_flops(plain),
-                                 shard_bytes(abstract_state.params), target),
+                                 shard_bytes(abstract_state.params), target, roofline),
   }
   return [reports[name]() for name in PROGRAMS if name in programs]
 
