@@ -159,7 +159,7 @@ def test_a_failure_paragraph_names_the_compilers_message_and_the_knobs():
   target = targets.parse_target("tpu:v5e-8")
   text = compile_cli.failure(config, target, [refused])
   assert "does not compile for tpu:v5e-8" in text and "Ran out of memory in memory space hbm" in text
-  assert "model.remat=True" in text and "head_impl=pallas" in text
+  assert "model.remat=True" in text and "head_impl=auto" in text
 
 
 @needs_compilers

@@ -106,7 +106,7 @@ def describe(program, target, roofline: bool = True) -> list[str]:
         f"({roof.bound}-bound), MFU at most {roof.mfu:.0%}{loops}"] if roofline else [])
 
 
-def knobs(config, program) -> str:
+def knobs(config) -> str:
   """The settings that would shrink a program that does not fit, given what the config already does."""
   helps = ["a smaller train.batch_size or a larger train.grad_accum (fewer rows per device at once)"]
   if config.mesh.fsdp == 1:
@@ -116,7 +116,8 @@ def knobs(config, program) -> str:
   if not config.model.remat:
     helps.append("--config.model.remat=True (recompute each block in the backward pass)")
   if config.model.head_impl == "xla":
-    helps.append("--config.model.head_impl=pallas (the fused head never holds the [rows, vocabulary] logits)")
+    helps.append("--config.model.head_impl=auto (the target's fused head never holds the [rows, vocabulary] "
+                 "logits)")
   if config.model.vocab_pad_multiple == 1:
     helps.append("--config.model.vocab_pad_multiple=128 (a vocabulary that divides a tensor axis)")
   return "; ".join(helps)
@@ -138,7 +139,7 @@ def failure(config, target, programs) -> str | None:
       parts.append(f"the {p.name} needs {_gib(m.total)} GiB per device (state {_gib(m.state)}, temporaries "
                    f"{_gib(m.temporaries)}), more than the {_gib(target.usable_bytes)} GiB a {target.chip.name} "
                    f"allows ({targets.FIT_MARGIN:.0%} of its HBM kept free); its largest buffers: {largest}")
-  return "; ".join(parts) + f". What would help: {knobs(config, bad[0])}."
+  return "; ".join(parts) + f". What would help: {knobs(config)}."
 
 
 def report(config_name: str, target, programs, roofline: bool = True) -> dict:
