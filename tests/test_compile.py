@@ -171,3 +171,15 @@ def test_each_targets_devices_are_of_its_chip():
     devices = targets.devices(target)
     assert len(devices) == target.num_devices
     assert {targets.chip_of(d.device_kind) for d in devices} == {target.chip}, (name, devices[0].device_kind)
+
+
+def test_the_roofline_bounds_time_by_the_slower_resource_and_mfu_by_one():
+  """On one v5e (197 TFLOP/s, 819 GB/s): 1.97e12 FLOPs take at least 10 ms, 8.19e9 bytes at least 10 ms too; the
+  larger wins, and an MFU bound whose plain-model FLOPs outnumber the counted ones (an uncounted kernel) is 1."""
+  target = targets.parse_target("tpu:v5e-1")
+  memory = aot.Memory(state=0, arguments=0, outputs=0, aliased=0, temporaries=0, code=0)
+  compute = aot.roofline(aot.Program("p", 0.0, memory, flops=1.97e12, model_flops=0.985e12, hbm_bytes=4.1e9), target)
+  assert compute.bound == "compute" and compute.seconds == pytest.approx(0.01) and compute.mfu == pytest.approx(0.5)
+  slow = aot.roofline(aot.Program("p", 0.0, memory, flops=1e12, model_flops=1e12, hbm_bytes=16.38e9), target)
+  assert slow.bound == "memory" and slow.seconds == pytest.approx(0.02)
+  assert aot.roofline(aot.Program("p", 0.0, memory, flops=1e12, model_flops=3e12, hbm_bytes=0.0), target).mfu == 1.0

@@ -262,4 +262,7 @@ def roofline(program: Program, target: targets.Target) -> Roofline:
   """The lower bound on the program's time on ``target`` and the upper bound on its MFU, from the chip's peaks."""
   seconds, bound = targets.roofline_seconds(program.flops / target.num_devices, program.hbm_bytes, target.chip)
   seconds = max(seconds, 1e-12)
-  return Roofline(seconds, program.model_flops / target.num_devices / target.chip.peak_flops / seconds, bound)
+  # MFU never exceeds 1; the ratio can, where the model's plain FLOPs outnumber those counted in the program
+  # (kernels without a cost estimate, splash attention's, count nothing).
+  return Roofline(seconds, min(1.0, program.model_flops / target.num_devices / target.chip.peak_flops / seconds),
+                  bound)
