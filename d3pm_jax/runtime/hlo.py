@@ -43,7 +43,7 @@ class Collective:
   shapes: tuple[str, ...]
 
 
-def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
   """``(element type, dims)`` of each array in an HLO type (``bf16[2,64]{1,0:T(8,128)}`` or a tuple of them)."""
   out = []
   for dtype, dims in _ARRAY.findall(type_text):
@@ -52,7 +52,7 @@ def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
   return out
 
 
-def _size(dtype: str, dims: tuple[int, ...]) -> int:
+def array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
   bits = 4 if dtype in ("s4", "u4") else 8 * _BYTES.get(dtype, 1)
   return math.ceil(math.prod(dims) * bits / 8)
 
@@ -112,11 +112,11 @@ def collectives(hlo_text: str) -> list[Collective]:
         continue
       if phase == "-done":
         name = rest.split(")")[0].split(",")[0].strip().lstrip("%")
-      arrays = _arrays(type_text)
-      dtypes = sorted({dtype for dtype, _ in arrays})
-      found.append(Collective(kind=kind, dtype="+".join(dtypes), bytes=sum(_size(*a) for a in arrays), name=name,
-                              in_loop=computation in looped,
-                              shapes=tuple(f"{dtype}[{','.join(map(str, dims))}]" for dtype, dims in arrays)))
+      result = arrays(type_text)
+      dtypes = sorted({dtype for dtype, _ in result})
+      found.append(Collective(kind=kind, dtype="+".join(dtypes), bytes=sum(array_bytes(*a) for a in result),
+                              name=name, in_loop=computation in looped,
+                              shapes=tuple(f"{dtype}[{','.join(map(str, dims))}]" for dtype, dims in result)))
   return found
 
 

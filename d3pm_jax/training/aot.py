@@ -125,11 +125,6 @@ def kernels_in(hlo_text: str) -> tuple:
   return tuple(found)
 
 
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8e\w+)\[([\d,]*)\]")
-_BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32,
-         "s64": 64, "u64": 64, "f64": 64}
-
-
 def largest_buffers(hlo_text: str, count: int = 3) -> tuple:
   """The ``count`` largest array results of the compiled program's instructions, ``(bytes, 'dtype[shape] op
   (source op)')``, largest first: where the memory goes when a program does not fit."""
@@ -138,13 +133,13 @@ def largest_buffers(hlo_text: str, count: int = 3) -> tuple:
     match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) (\S+?)\(", line)
     if not match or match.group(3) == "parameter":
       continue
-    shape = _SHAPE.match(match.group(2))
-    if not shape:
+    found = hlo.arrays(match.group(2))
+    if match.group(2).startswith("(") or len(found) != 1:  # a tuple's arrays are counted where they are made
       continue
-    dims = [int(d) for d in shape.group(2).split(",") if d]
-    size = math.prod(dims) * _BITS.get(shape.group(1), 8) // 8
+    dtype, dims = found[0]
+    size = hlo.array_bytes(dtype, dims)
     source = re.search(r'op_name="([^"]+)"', line)
-    what = f"{shape.group(1)}[{shape.group(2)}] {match.group(3)}" + (f" ({source.group(1)})" if source else "")
+    what = f"{dtype}[{','.join(map(str, dims))}] {match.group(3)}" + (f" ({source.group(1)})" if source else "")
     seen[what] = max(seen.get(what, 0), size)
   return tuple(sorted(((b, w) for w, b in seen.items()), reverse=True)[:count])
 
