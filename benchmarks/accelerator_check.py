@@ -327,10 +327,7 @@ def roofline_bound(compiled, step_flops: float):
   chip = targets.chip_of(jax.devices()[0].device_kind)
   if chip is None:
     return lambda seconds: f"no published peaks for {jax.devices()[0].device_kind!r}"
-  stats, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hbm = max(float(cost.get("bytes accessed", 0.0)), float(stats.argument_size_in_bytes + stats.output_size_in_bytes))
-  least, kind = targets.roofline_seconds(step_flops, hbm, chip)
+  least, kind = targets.roofline_seconds(step_flops, targets.hbm_bytes_at_least(compiled), chip)
   return lambda seconds: (f"roofline >= {1e3 * least:.1f} ms ({kind}-bound at {chip.name}'s published peaks; "
                           f"measured {seconds / least:.2f}x it)")
 

@@ -93,6 +93,14 @@ def roofline_seconds(flops_per_device: float, bytes_per_device: float, chip: Chi
   return max(compute, memory), ("compute" if compute >= memory else "memory")
 
 
+def hbm_bytes_at_least(compiled) -> float:
+  """A lower bound on the HBM bytes one call of ``compiled`` moves per device: its arguments and outputs, or the
+  compiler's own count where it gives one (libtpu's, which counts a loop body once)."""
+  stats, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return max(float(cost.get("bytes accessed", 0.0)), float(stats.argument_size_in_bytes + stats.output_size_in_bytes))
+
+
 def _bad(spec: str, why: str) -> ValueError:
   return ValueError(f"target {spec!r}: {why}; valid: tpu:<chip>-<size> with chip in "
                     f"{sorted(k for k, c in CHIPS.items() if c.platform == 'tpu')}, or gpu:<chip>x<devices per "

@@ -162,9 +162,7 @@ def _report(name, build, args, flop_fn, model_flop_fn, state_bytes: int, target,
   with compiling_for(target.platform):
     count = flop_fn() if roofline else flops_lib.Count(0.0)
   model = model_flop_fn() if roofline else flops_lib.Count(0.0)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hbm_bytes = max(float(cost.get("bytes accessed", 0.0)), float(memory.arguments + memory.outputs))
+  hbm_bytes = targets.hbm_bytes_at_least(compiled)
   return Program(name, seconds, memory, kernels_in(text), tuple(sorted(count.kernels)),
                  hlo.summary(hlo.collectives(text)), count.flops, model.flops, hbm_bytes, count.unbounded_loops,
                  count.uncounted_kernels, largest_buffers(text))
