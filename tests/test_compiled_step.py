@@ -77,7 +77,8 @@ COMPILE = textwrap.dedent("""
     }
     out = {"tiny": {name: listed(fn.lower(x).compile().as_text()) for name, fn in tiny.items()}}
     out["tpu"] = {f"{fsdp} {accum}": listed(step_hlo(tpu, accum, fsdp)) for fsdp in (1, 2) for accum in ACCUMS}
-    out["tpu_bf16"] = {str(fsdp): listed(step_hlo(tpu, 2, fsdp, "bfloat16")) for fsdp in (1, 2)}
+    out["tpu_bf16"] = {f"{fsdp} {accum}": listed(step_hlo(tpu, accum, fsdp, "bfloat16"))
+                       for fsdp, accum in ((1, 2), (2, 1))}
     gpu = targets.devices(targets.parse_target("gpu:h100x8"))
     out["gpu"] = {str(accum): listed(step_hlo(gpu, accum, 1)) for accum in (1, 4)}
     out["auto"], out["auto_kernels"] = {}, {}
@@ -93,7 +94,8 @@ COMPILE = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def compiled():
   """Every program's collectives (as dicts of ``hlo.Collective``): the train step on tpu:v5e-8 ('tpu', keyed
-  'fsdp accum'; 'tpu_bf16' at grad_reduce_dtype='bfloat16', keyed by fsdp) and gpu:h100x8 ('gpu', keyed by
+  'fsdp accum'; 'tpu_bf16' at grad_reduce_dtype='bfloat16', data parallel with accumulation, the per-replica sum,
+  and FSDP without, where the model's weight-gradient products reduce) and gpu:h100x8 ('gpu', keyed by
   accum), the step with the kernels model.head_impl='auto' and attention_impl='auto' pick there ('auto', keyed
   'platform accum'; 'auto_kernels': how many of each ``KERNEL_MARKS`` its HLO holds), and three tiny shard_map
   programs ('tiny')."""
@@ -125,8 +127,7 @@ def test_accumulation_adds_no_communication_per_micro_batch(compiled, fsdp):
   """At one global batch, 4 micro-batches move what 2 do, to 5% (only the loss's scalars are summed per
   micro-batch), with as many collectives of each kind; data parallel, they also move what no accumulation does. Before
   micro-batches were each device's own rows, every micro-batch all-reduced the whole gradient and moved tokens
-  between devices; under FSDP it gathered every parameter. (FSDP without accumulation reduce-scatters in the model's
-  bfloat16, half the bytes: ``train.replica_axes``.)"""
+  between devices; under FSDP it gathered every parameter."""
   programs = {accum: compiled["tpu"][f"{fsdp} {accum}"] for accum in ACCUMS}
   for accum in ACCUMS[1:]:
     assert not [c for c in programs[accum] if c.in_loop and c.bytes > 64], hlo.summary(programs[accum])
@@ -141,10 +142,11 @@ def test_accumulation_adds_no_communication_per_micro_batch(compiled, fsdp):
 
 @pytest.mark.slow
 def test_gradients_cross_devices_in_the_stated_dtype(compiled):
-  """With a bfloat16 model, every all-reduce and reduce-scatter is float32 by default (data parallel, and FSDP
-  with accumulation; TPU and GPU); with train.grad_reduce_dtype='bfloat16' the gradients' reductions, the bulk of
-  their bytes, are bfloat16."""
-  programs = [found for key, found in compiled["tpu"].items() if key != "2 1"] + list(compiled["gpu"].values())
+  """With a bfloat16 model, every all-reduce and reduce-scatter is float32 by default (data parallel, FSDP with
+  accumulation and FSDP without, where XLA reduces each weight gradient as the model makes it: TPU and GPU); with
+  train.grad_reduce_dtype='bfloat16' the gradients' reductions, the bulk of their bytes, are bfloat16. (Before
+  ``transformer.weight_gradients_in``, FSDP without accumulation reduced in bfloat16 whatever was stated.)"""
+  programs = list(compiled["tpu"].values()) + list(compiled["gpu"].values())
   for found in programs:
     assert reductions(found) and {c.dtype for c in reductions(found)} == {"f32"}, hlo.summary(found)
   for fsdp, found in compiled["tpu_bf16"].items():

@@ -325,3 +325,47 @@ def test_depth_scaled_init_divides_the_residual_projections_variance_by_twice_th
 def test_bad_regularisation_config(kw, match):
   with pytest.raises(ValueError, match=match):
     tiny(**kw)
+
+
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
+def test_bfloat16_model_makes_its_weight_gradients_in_the_stated_dtype(grad_dtype):
+  """In a bfloat16 model, every weight gradient (projections and the embedding's scatter-add) comes out of its
+  product in ``weight_gradients_in``'s dtype: in float32 (the train step's default) it matches a float64 computation
+  from the same bfloat16 activations to float32 accuracy, where the plain transpose of ``x.astype(bf16) @
+  w.astype(bf16)`` rounds it to bfloat16 first (relative error about 2^-9; the float32 case fails by ~100x if the
+  product's output dtype is the compute dtype); in bfloat16 it carries bfloat16's rounding (and fails if
+  the stated dtype is ignored). Input gradients and the forward pass are the plain ones."""
+  from d3pm_jax.models.transformer import Linear, _lookup, weight_gradients_in
+  x_NxD = jax.random.normal(jax.random.PRNGKey(0), (64, 96), jnp.float32)
+  layer = Linear((48,), ("embed", "mlp"), jnp.bfloat16)
+  params = nn.unbox(layer.init(jax.random.PRNGKey(1), x_NxD))
+  dy_NxO = jax.random.normal(jax.random.PRNGKey(2), (64, 48), jnp.float32)
+  loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) * dy_NxO)
+  with weight_gradients_in(grad_dtype):
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x_NxD)
+  plain = lambda p, x: jnp.sum((x.astype(jnp.bfloat16) @ p["params"]["kernel"].astype(jnp.bfloat16))
+                               .astype(jnp.float32) * dy_NxO)
+  p_params, p_x = jax.grad(plain, argnums=(0, 1))(params, x_NxD)
+  np.testing.assert_array_equal(g_x, p_x)
+  np.testing.assert_array_equal(layer.apply(params, x_NxD), x_NxD.astype(jnp.bfloat16)
+                                @ params["params"]["kernel"].astype(jnp.bfloat16))
+  x64 = np.asarray(x_NxD.astype(jnp.bfloat16), np.float64)
+  dy64 = np.asarray(dy_NxO.astype(jnp.bfloat16), np.float64)
+  exact_dw = x64.T @ dy64
+  rel = lambda g, exact: np.max(np.abs(np.asarray(g, np.float64) - exact)) / np.max(np.abs(exact))
+  in_stated_dtype = lambda error: error < 1e-5 if grad_dtype == "float32" else 1e-4 < error < 5e-2
+  dw = g_params["params"]["kernel"]
+  assert dw.dtype == jnp.float32 and in_stated_dtype(rel(dw, exact_dw)), rel(dw, exact_dw)
+  assert rel(p_params["params"]["kernel"], exact_dw) > 1e-4  # the plain transpose's bfloat16 rounding, which this avoids
+  # The embedding's gradient: every token's rows summed (a repeated token many times) in the stated dtype.
+  table_VxD = jax.random.normal(jax.random.PRNGKey(3), (5, 8))
+  tokens_BxL = jnp.array([[1] * 300 + [3] * 20])
+  dy_BxLxD = jax.random.normal(jax.random.PRNGKey(4), (1, 320, 8)).astype(jnp.bfloat16)
+  lookup = lambda t: jnp.sum((_lookup(t, tokens_BxL, ("bfloat16", grad_dtype, "float32")) * dy_BxLxD)
+                             .astype(jnp.float32))
+  with weight_gradients_in(grad_dtype):
+    d_table = jax.grad(lookup)(table_VxD)
+  exact = np.zeros((5, 8))
+  np.add.at(exact, np.asarray(tokens_BxL[0]), np.asarray(dy_BxLxD[0], np.float64))
+  assert d_table.dtype == jnp.float32 and in_stated_dtype(rel(d_table, exact)), rel(d_table, exact)
+  np.testing.assert_array_equal(np.asarray(d_table)[[0, 2, 4]], 0.0)

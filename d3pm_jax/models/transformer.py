@@ -7,7 +7,10 @@ Compute runs in ``dtype`` (e.g. bfloat16), while parameters, norms and the outpu
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -227,6 +230,71 @@ def attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal: bool, kv_valid_M=None, dr
   return jnp.swapaxes(out_BxHxLxK, 1, 2).astype(v.dtype)
 
 
+# The dtype weight gradients are made in: every matmul and lookup of a float32 parameter in a lower compute dtype
+# produces its parameter's gradient in it, so that where XLA reduces a gradient across devices as it is made (FSDP
+# without accumulation: a reduce-scatter of the weight-gradient matmul's partial sums) it reduces in this dtype, not
+# in the compute dtype the plain transpose of ``x.astype(bf16) @ w.astype(bf16)`` would give. The train step sets
+# it to ``train.grad_reduce_dtype`` (``weight_gradients_in``).
+_WEIGHT_GRAD_DTYPE = contextvars.ContextVar("weight_grad_dtype", default="float32")
+
+
+@contextlib.contextmanager
+def weight_gradients_in(dtype):
+  """Within, the model's weight gradients come out of their matmuls and lookups in ``dtype`` (read at trace time)."""
+  token = _WEIGHT_GRAD_DTYPE.set(jnp.dtype(dtype).name)
+  try:
+    yield
+  finally:
+    _WEIGHT_GRAD_DTYPE.reset(token)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x_NxI, w_IxO, dtypes):
+  """``x @ w`` in ``dtype``, whose weight gradient is made in ``grad_dtype`` (the product's accumulator), then
+  given in ``w``'s dtype; the input gradient is in ``x``'s dtype as usual. ``dtypes``: the names (dtype,
+  grad_dtype, x's, w's)."""
+  return x_NxI.astype(dtypes[0]) @ w_IxO.astype(dtypes[0])
+
+
+def _project_fwd(x_NxI, w_IxO, dtypes):
+  x_c, w_c = x_NxI.astype(dtypes[0]), w_IxO.astype(dtypes[0])
+  return x_c @ w_c, (x_c, w_c)
+
+
+def _project_bwd(dtypes, saved, dy_NxO):
+  dtype, grad_dtype, x_dtype, w_dtype = dtypes
+  x_c, w_c = saved
+  dx = jnp.matmul(dy_NxO, w_c.T, preferred_element_type=dtype).astype(x_dtype)
+  dw = jnp.matmul(x_c.T, dy_NxO, preferred_element_type=grad_dtype).astype(w_dtype)
+  return dx, dw
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lookup(table_VxD, tokens, dtypes):
+  """``table.astype(dtype)[tokens]``, whose table gradient is scatter-added in ``grad_dtype``. ``dtypes``: the
+  names (dtype, grad_dtype, the table's)."""
+  return jnp.take(table_VxD.astype(dtypes[0]), tokens, axis=0)
+
+
+def _lookup_fwd(table_VxD, tokens, dtypes):
+  # The residual is the tokens and a 0-row slice for the table's shape: never the (gathered) table itself.
+  return _lookup(table_VxD, tokens, dtypes), (tokens, jnp.zeros((table_VxD.shape[0], 0), dtypes[2]))
+
+
+def _lookup_bwd(dtypes, saved, dy_BxLxD):
+  _, grad_dtype, table_dtype = dtypes
+  tokens, shape_Vx0 = saved
+  d_table = jnp.zeros((shape_Vx0.shape[0], dy_BxLxD.shape[-1]), grad_dtype).at[tokens].add(
+      dy_BxLxD.astype(grad_dtype))
+  return d_table.astype(table_dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class Linear(nn.Module):
   """A bias-free projection from the last ``in_axes`` axes of x to ``features`` (a tuple of output axes).
 
@@ -252,7 +320,8 @@ class Linear(nn.Module):
     if return_kernel:
       return kernel
     fan_in, fan_out = math.prod(in_shape), math.prod(self.features)
-    y = x.reshape(-1, fan_in).astype(self.dtype) @ kernel.reshape(fan_in, fan_out).astype(self.dtype)
+    dtypes = (jnp.dtype(self.dtype).name, _WEIGHT_GRAD_DTYPE.get(), x.dtype.name, kernel.dtype.name)
+    y = _project(x.reshape(-1, fan_in), kernel.reshape(fan_in, fan_out), dtypes)
     return y.reshape(x.shape[:-self.in_axes] + tuple(self.features))
 
 
@@ -454,7 +523,7 @@ class Embed(nn.Module):
     table = self.param("embedding", _partitioned(nn.initializers.normal(1.0), ("vocab", "embed")),
                        (cfg.padded_vocab_size, cfg.d_model), jnp.float32)
     table = _constrain(table, (None, "activation_embed"))
-    return jnp.take(table.astype(cfg.compute_dtype), tokens_BxL, axis=0)
+    return _lookup(table, tokens_BxL, (cfg.compute_dtype.name, _WEIGHT_GRAD_DTYPE.get(), table.dtype.name))
 
 
 def timestep_embedding(t_B, dim: int):

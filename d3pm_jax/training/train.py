@@ -26,7 +26,7 @@ import optax
 from d3pm_jax import losses, sampling
 from d3pm_jax.config import ExperimentConfig, from_config
 from d3pm_jax.data import pipeline
-from d3pm_jax.models.transformer import Transformer, count_params
+from d3pm_jax.models.transformer import Transformer, count_params, weight_gradients_in
 from d3pm_jax.runtime import files, multihost, sharding
 from d3pm_jax.runtime.sharding import under_mesh_rules
 from d3pm_jax.training import checkpoints, faults, metrics as metrics_lib, preemption
@@ -93,8 +93,8 @@ def replica_axes(mesh, rules, accum: int) -> tuple[str, ...]:
   gradient accumulation ('accum' > 1) also 'fsdp'. Then a step gathers each parameter whole once, not once per
   micro-batch, and holds a whole float32 gradient per device until its one reduce-scatter: FSDP keeps parameters and
   optimiser state sharded between steps, not within one. Without accumulation the gathers and reduce-scatters are
-  one per step either way, so FSDP's gradients are reduce-scattered as they are made (in the model's dtype), never
-  whole on a device."""
+  one per step either way, so FSDP's gradients are reduce-scattered as they are made (in ``train.grad_reduce_dtype``:
+  ``transformer.weight_gradients_in``), never whole on a device."""
   batch_axes = dict(rules).get("activation_batch") or ()
   batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
   kept = ("data", "fsdp") if accum > 1 else ("data",)
@@ -151,7 +151,8 @@ def per_replica(config: ExperimentConfig, model: Transformer, segmented: bool = 
   """``model`` as a ``PerReplica`` for the mesh in scope, or None where nothing is gained (no replica axis of size
   > 1) or where it cannot run: cuDNN's attention given a dense mask (``segmented`` rows, or block diffusion's),
   whose batching rule in jax 0.10 cannot take the mask's extra vmapped axis ("cannot reshape ... (R, B/R, 1, L, L)
-  into (B, H, L, L)"); such a step reduces its gradients as XLA places them. Every other output head
+  into (B, H, L, L)"); such a step reduces its gradients as XLA places them (still in ``train.grad_reduce_dtype``:
+  ``transformer.weight_gradients_in``). Every other output head
   (``model.head_kernel()``) and attention (``model.attention_kernel``) applies."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = replica_axes(mesh, config.mesh.rules, config.train.grad_accum)
@@ -175,8 +176,8 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
   stays on its devices over all micro-batches and the replicas' gradients are summed once per step, after the
   loop, in ``train.grad_reduce_dtype`` rather than the model's compute dtype: one all-reduce (a reduce-scatter
   where the parameters are sharded) per step, not one per micro-batch, whichever output head and attention kernels
-  the model runs. Elsewhere (FSDP without accumulation) XLA reduces each gradient where the model makes it, in the
-  model's dtype."""
+  the model runs. Elsewhere (FSDP without accumulation) XLA reduces each gradient where the model makes it: the
+  model makes its weight gradients in ``train.grad_reduce_dtype`` too (``transformer.weight_gradients_in``)."""
   accum = config.train.grad_accum
   reduce_dtype = jnp.dtype(config.train.grad_reduce_dtype)
 
@@ -188,6 +189,10 @@ def make_train_step(config: ExperimentConfig, model, process, optimizer):
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch, window=None):
+    with weight_gradients_in(reduce_dtype):  # where XLA reduces a gradient as it is made, it is in reduce_dtype
+      return _step(state, batch, window)
+
+  def _step(state: TrainState, batch, window=None):
     rng, step_rng = jax.random.split(state.rng)
     batch_BxL, segments_BxL = batch if isinstance(batch, tuple) else (batch, None)
     net = per_replica(config, model, segments_BxL is not None)
