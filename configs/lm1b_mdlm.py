@@ -22,11 +22,14 @@ on one H100 at 40% of its bf16 peak, or 4.5 hours on an 8-GPU node (data paralle
 
 Deviations from the paper:
   - The network is this library's transformer (pre-norm, rotary positions, a GLU MLP of width 2048 with the
-    parameters of DiT's 4x GELU MLP); MDLM's DiT uses LayerNorm, which is kept (`norm='layer'`). Expected effect:
-    small; a different architecture at equal size.
+    parameters of DiT's 4x GELU MLP (`model.mlp_dim`, `model.mlp_activation`: MDLM's is 3072 wide, GELU, no
+    gate), and no adaLN at all without time conditioning, where MDLM's DiT keeps its adaLN layers fed a constant);
+    MDLM's DiT uses LayerNorm (scale only), which is kept. Expected effect: small; a different architecture at
+    equal size.
   - Times are drawn with this library's low-discrepancy (antithetic) sampler, as MDLM's are; the schedule keeps
-    alpha in [1e-3, 1 - 1e-3] by an affine squash (`process.eps`), where MDLM's log-linear noise ends at
-    alpha(1) = 1e-3 and its sampler keeps t >= 1e-3. Expected effect: none beyond noise.
+    alpha in [1e-3, 1 - 1e-3] by an affine squash (`process.eps`) and draws t from all of [0, 1]
+    (`process.clip_low`), where MDLM's log-linear noise is alpha(t) = 1 - (1 - 1e-3) t and its sampler keeps
+    t >= 1e-3. Expected effect: none beyond noise.
 
 Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
 tests/test_paper_targets.py):
@@ -34,7 +37,7 @@ tests/test_paper_targets.py):
 Kernels: model.attention_impl and head_impl 'auto', the target platform's: cuDNN attention and the Triton
 head on GPUs, splash and the Mosaic head on TPUs (the XLA ones on a CPU).
 """
-from d3pm_jax.config import base_config, parse_arg, prepared_path
+from d3pm_jax.config import NOT_IN_REFERENCE, base_config, parse_arg, prepared_path
 
 HARDWARE = ("gpu:h100x8",)  # d3pm-compile targets the docstring promises (tests/test_paper_targets.py)
 
@@ -52,3 +55,25 @@ def get_config(arg=None):
                    eval_every=10_000, eval_batches=32, checkpoint_every=5000, keep_checkpoints=3, sample_steps=1000)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   return cfg
+
+
+def reference(arg=None) -> dict:
+  """The reference's value of every field this config's run reads (tests/test_paper_configs.py): MDLM's released
+  configs (kuleshov-group/mdlm `configs/config.yaml`, `model/small.yaml`, `data/lm1b.yaml`, `models/dit.py`,
+  `noise_schedule.py`), which Suppl. D.2 of the paper states."""
+  parse_arg(arg, ())
+  return {
+      "model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12,
+      "model.mlp_dim": 3072, "model.mlp_activation": NOT_IN_REFERENCE,  # GELU (tanh), no gate
+      "model.time_conditioning": False, "model.norm": "layer", "model.dropout": 0.1, "model.attention_dropout": 0.0,
+      "model.depth_scaled_init": False, "model.rope_base": 10000.0, "model.dtype": "bfloat16",
+      "data.name": "lm1b", "data.tokenizer": "wordpiece", "data.seq_len": 128, "data.random_crops": False,
+      "train.batch_size": 512, "train.steps": 1_000_000, "train.learning_rate": 3e-4, "train.warmup_steps": 2500,
+      "train.lr_schedule": "cosine", "train.min_lr_ratio": 1.0,  # constant after warm-up: a cosine from 1 to 1
+      "train.weight_decay": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.grad_clip": 1.0,
+      "train.ema_decay": 0.9999,
+      "process.name": "absorbing", "process.loss": "masked", "process.schedule": "loglinear",
+      "process.eps": NOT_IN_REFERENCE,  # alpha(t) = 1 - (1 - 1e-3) t: clipped at t = 1 only
+      "process.clip_low": 1e-3, "process.clip_high": 1.0,  # sampling_eps: t in [1e-3, 1]
+      "process.clip_search": False, "process.block_size": 0,
+  }

@@ -23,9 +23,12 @@ Deviations from the paper:
   - BD3-LM fine-tunes an MDLM checkpoint (850k steps at L' = 1024) for the rest of the budget at L'; here the
     whole budget trains at L'. Expected effect: likely small; the paper fine-tunes for speed, the objective is
     the same.
-  - Training draws t from the whole [0, 1] instead of BD3-LM's variance-minimising clipped window (see
-    configs/lm1b_bd3lm.py). Expected effect: a higher-variance objective, a worse bound.
-  - The network is this library's transformer (LayerNorm, rotary positions, GLU MLP). Expected effect: small.
+  - The searched windows are this library's (`losses.CLIP_WINDOWS`), as in configs/lm1b_bd3lm.py; BD3-LM
+    searches widths 0.5-0.9 in steps of 0.05. Expected effect: small; the variance criterion is the same.
+  - The network is this library's transformer (LayerNorm, rotary positions, a GLU MLP of width 2048:
+    `model.mlp_dim`, `model.mlp_activation`; BD3-LM's DiT has a 3072-wide GELU MLP). Expected effect: small.
+  - `process.eps`: alpha is squashed into [1e-3, 1 - 1e-3]; BD3-LM masks with probability exactly t. Expected
+    effect: none beyond noise.
 
 Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
 tests/test_paper_targets.py):
@@ -44,3 +47,9 @@ def get_config(arg=None):
   cfg.model.max_len = 1024
   cfg.data.update(name="openwebtext", tokenizer="gpt2", seq_len=1024, prepared_dir=prepared_path("owt_gpt2"))
   return cfg
+
+
+def reference(arg=None) -> dict:
+  """configs/lm1b_bd3lm.py's reference record at OpenWebText's data (kuleshov-group/bd3lms
+  `scripts/train/train_owt_bd3lm.sh`: GPT-2's tokenizer, 1024 tokens)."""
+  return sibling_config(__file__, "lm1b_bd3lm").reference(arg, seq_len=1024, tokenizer="gpt2", data="openwebtext")

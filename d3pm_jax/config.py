@@ -272,6 +272,12 @@ def experiment_from_dict(raw: dict) -> ExperimentConfig:
                                                              ("absorbing", "autoregressive") else 0))
 
 
+# What a paper config's ``reference()`` records for a field its reference has no setting for (this library's
+# architecture fields beside another network): it differs by construction, so a deviation bullet must name it
+# (tests/test_paper_configs.py).
+NOT_IN_REFERENCE = "not in the reference"
+
+
 def prepared_path(name: str) -> str:
   """Where the paper configs expect ``d3pm-prepare --out``: ``$D3PM_DATA/<name>`` (``data/<name>`` when unset)."""
   return os.path.join(os.environ.get("D3PM_DATA", "data"), name)

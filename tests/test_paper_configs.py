@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from d3pm_jax.config import TrainConfig, from_config
+from d3pm_jax.config import NOT_IN_REFERENCE, TrainConfig, from_config
 from d3pm_jax.data import pipeline, prepare
 from d3pm_jax.models.transformer import Transformer
 from d3pm_jax.training import state, train
@@ -56,7 +56,7 @@ def test_the_docstring_names_the_target_commands_hardware_and_deviations(spec):
                  "Deviations from the paper"):
     assert needed in doc, needed
   assert _prepare_flags(doc)["dataset"] == cfg.data.name
-  assert re.search(r"d3pm-eval [^\n]*--ema", doc), "the eval command must use the weights the paper used (--ema)"
+  assert re.search(r"d3pm-eval ", doc), "the docstring names the command that reads the published figure"
 
 
 @pytest.mark.parametrize("spec", sorted(TARGETS))
@@ -135,34 +135,57 @@ def test_grad_clip_zero_means_no_clipping():
 
 # ---------------------------------------------------------------- fidelity to the references
 
-_D3PM = {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.dtype": "float32",
-         "data.seq_len": 128, "data.tokenizer": "sentencepiece", "train.batch_size": 512, "train.steps": 1_000_000,
-         "train.learning_rate": 5e-4, "train.warmup_steps": 10_000, "train.lr_schedule": "inverse_sqrt",
-         "train.weight_decay": 0.0, "train.grad_clip": 0.25, "process.loss": "d3pm", "process.num_steps": 1000}
-# The values of every field that moves the published number, as the references set them (the findings of issue 21:
-# D3PM's paper App. B.2 and its text configs, MDLM's configs and Suppl. D.2, MD4's configs/md4/openwebtext.py and
-# text8.py). A config field that differs must be a listed deviation; a listed one must differ.
-REFERENCE = {
-    "lm1b_d3pm:absorbing": {**_D3PM, "process.schedule": "jsd", "process.hybrid_lambda": 0.01},
-    "lm1b_d3pm:uniform": {**_D3PM, "process.schedule": "cosine_betas", "process.hybrid_lambda": 0.0},
-    "lm1b_d3pm:nearest_neighbor": {**_D3PM, "process.schedule": "mutual_information", "process.hybrid_lambda": 0.0},
-    "lm1b_mdlm": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.norm": "layer",
-                  "model.dropout": 0.1, "model.time_conditioning": False, "data.seq_len": 128,
-                  "data.tokenizer": "wordpiece", "train.batch_size": 512, "train.steps": 1_000_000,
-                  "train.learning_rate": 3e-4, "train.warmup_steps": 2500, "train.min_lr_ratio": 1.0,
-                  "train.weight_decay": 0.0, "train.b2": 0.999, "train.grad_clip": 1.0, "train.ema_decay": 0.9999,
-                  "process.loss": "masked", "process.schedule": "loglinear"},
-    "owt_md4_small": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.dropout": 0.02,
-                      "model.mlp_activation": "sigmoid", "model.depth_scaled_init": True, "data.seq_len": 1024,
-                      "data.tokenizer": "gpt2", "train.batch_size": 512, "train.steps": 1_000_000,
-                      "train.learning_rate": 3e-4, "train.warmup_steps": 2000, "train.min_lr_ratio": 0.0,
-                      "train.weight_decay": 0.03, "train.b2": 0.999, "train.grad_clip": 0.0,
-                      "train.ema_decay": 0.9999, "process.loss": "masked", "process.schedule": "linear"},
-    "text8_md4": {"model.num_layers": 12, "model.d_model": 768, "model.num_heads": 12, "model.dropout": 0.05,
-                  "data.seq_len": 256, "data.tokenizer": "text8", "data.random_crops": True,
-                  "train.learning_rate": 5e-4, "train.ema_decay": 0.9999, "process.loss": "masked",
-                  "process.schedule": "linear"},
-}
+# Fields that say how or where a run computes, logs and saves, never what it optimises or the figure it reports:
+# kernels and layout (the same network and loss, tests/test_kernel_sharding.py and test_compiled_step.py), the
+# vocabulary's padding rows (cut off the logits), caches' length (rotary positions have no table), accumulation
+# (the same gradient), paths, and the periodic log/eval/checkpoint/sample cadence (the figure is d3pm-eval's).
+EXECUTION = frozenset({
+    "model.attention_impl", "model.head_impl", "model.head_tile", "model.kernel_interpret", "model.remat",
+    "model.scan_layers", "model.vocab_pad_multiple", "model.max_len",
+    "data.prepared_dir", "data.tokenizer_path",
+    "train.grad_accum", "train.grad_reduce_dtype", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.num_samples", "train.sample_steps", "train.seed",
+    "train.preemption_grace_s", "train.max_consecutive_skips",
+    "process.nn_embeddings"})
+SECTIONS = ("model", "data", "train", "process")
+PAPER = ("lm1b_d3pm:absorbing", "lm1b_d3pm:uniform", "lm1b_d3pm:nearest_neighbor", "lm1b_mdlm", "lm1b_bd3lm:4",
+         "lm1b_bd3lm:8", "lm1b_bd3lm:16", "owt_md4_small", "owt_bd3lm", "text8_md4")
+
+
+def _inert(cfg) -> set[str]:
+  """The fields this config's run never reads, for its loss, process and data (``training/state.py``,
+  ``data/pipeline.py``): the discrete-time loss's steps and hybrid weight, the nearest-neighbour graph, the clipped
+  window (masked loss only), the time embedding's width without time conditioning, the cosine's floor under the
+  inverse square root, and the fields of data made at
+  run time (stdlib, markov) when the config reads prepared data."""
+  inert = set()
+  if cfg.process.loss != "d3pm":
+    inert |= {"process.num_steps", "process.hybrid_lambda"}
+  if cfg.process.name != "nearest_neighbor":
+    inert |= {"process.nn_k", "process.nn_rate_scale", "process.nn_uniform_rate"}
+  if cfg.process.loss != "masked":
+    inert |= {"process.clip_low", "process.clip_high", "process.clip_search", "process.block_size"}
+  if not cfg.model.time_conditioning:
+    inert.add("model.cond_dim")
+  if cfg.train.lr_schedule == "inverse_sqrt":
+    inert.add("train.min_lr_ratio")
+  if cfg.data.name not in ("stdlib", "markov"):
+    inert |= {"data.spm_vocab_size", "data.validation_permille"}
+  if cfg.data.name != "markov":
+    inert |= {"data.markov_states", "data.markov_windows"}
+  return inert
+
+
+def _flat(cfg) -> dict:
+  return {f"{section}.{key}": value for section in SECTIONS for key, value in cfg[section].items()}
+
+
+def _load_reference(spec):
+  name, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.__doc__, module.get_config(arg or None), module.reference(arg or None)
 
 
 def _deviations(doc):
@@ -171,33 +194,76 @@ def _deviations(doc):
   return [" ".join(b.split()) for b in re.split(r"\n  - ", "\n" + section) if b.strip()]
 
 
-@pytest.mark.parametrize("spec", sorted(REFERENCE))
-def test_the_docstring_lists_exactly_the_fields_that_differ_from_the_reference(spec):
-  """Each field of the recorded reference table that the config sets otherwise is named (in backquotes) by a
-  deviation bullet, every bullet naming a recorded field names one that differs, and every bullet says its
-  expected effect. A silently changed field, or a stale deviation, fails here."""
-  doc, cfg = _load(spec)
-  flat = {f"{section}.{key}": value for section in ("model", "data", "train", "process")
-          for key, value in cfg[section].items()}
-  differs = {field for field, value in REFERENCE[spec].items()
-             if not (flat[field] == value or (isinstance(value, float) and np.isclose(flat[field], value)))}
+def fidelity_problems(doc, cfg, reference) -> list[str]:
+  """Where ``cfg`` and its docstring disagree with ``reference`` (the config module's record of its reference's
+  values): every field the run reads (all of its sections' fields, less ``EXECUTION`` and ``_inert``) must be
+  recorded, and no other; each recorded field the config sets otherwise (``NOT_IN_REFERENCE`` always does) must be
+  named in backquotes by a deviation bullet, and no bullet may name a recorded field that agrees; every bullet says
+  its expected effect."""
+  flat = _flat(cfg)
+  compared = set(flat) - EXECUTION - _inert(cfg)
+  problems = []
+  if compared - set(reference):
+    problems.append(f"the reference record lacks {sorted(compared - set(reference))}")
+  if set(reference) - compared:
+    problems.append(f"the reference record sets fields this run does not read: {sorted(set(reference) - compared)}")
+  same = lambda a, b: a == b or (isinstance(b, float) and not isinstance(a, str) and bool(np.isclose(a, b)))
+  differs = {f for f in compared & set(reference)
+             if reference[f] == NOT_IN_REFERENCE or not same(flat[f], reference[f])}
   bullets = _deviations(doc)
-  named = {field for b in bullets for field in re.findall(r"`([a-z]+\.[a-z_]+)`", b) if field in REFERENCE[spec]}
-  assert named == differs, f"deviations name {sorted(named)}; the config differs in {sorted(differs)}"
-  assert all("Expected effect:" in b for b in bullets), bullets
+  named = {f for b in bullets for f in re.findall(r"`([a-z]+\.[a-z_0-9]+)`", b) if f in compared}
+  if differs - named:
+    problems.append(f"differs from the reference without a deviation bullet: "
+                    f"{ {f: (flat[f], reference[f]) for f in sorted(differs - named)} }")
+  if named - differs:
+    problems.append(f"deviation bullets name fields that agree with the reference: {sorted(named - differs)}")
+  problems += [f"a bullet without its expected effect: {b[:80]}..." for b in bullets if "Expected effect:" not in b]
+  return problems
+
+
+@pytest.mark.parametrize("spec", PAPER)
+def test_the_docstring_lists_exactly_the_fields_that_differ_from_the_reference(spec):
+  """Every field the run reads is compared with the config's own record of its reference (``reference()`` in the
+  config module), derived from the config's sections rather than a hand-made list: a field changed silently, a
+  field added to the library and not recorded, or a stale deviation bullet, fails here. The published figure is
+  read with the weights the reference evaluates: ``--ema`` in the d3pm-eval command exactly when the reference
+  keeps an EMA."""
+  doc, cfg, reference = _load_reference(spec)
+  assert not fidelity_problems(doc, cfg, reference), fidelity_problems(doc, cfg, reference)
+  uses_ema = bool(re.search(r"d3pm-eval [^\n]*--ema", doc))
+  assert uses_ema == (reference["train.ema_decay"] not in (0.0, NOT_IN_REFERENCE)), \
+      "the eval command must read the weights the reference reports (--ema exactly when it keeps an EMA)"
+
+
+@pytest.mark.parametrize("spec, field, value", [
+    ("lm1b_bd3lm:4", "train.learning_rate", 1e-3), ("owt_md4_small", "model.norm", "rms"),
+    ("text8_md4", "model.mlp_activation", "gelu"), ("lm1b_mdlm", "model.attention_dropout", 0.1),
+    ("lm1b_d3pm:uniform", "process.hybrid_lambda", 0.01), ("owt_bd3lm", "process.clip_search", False)])
+def test_a_silently_changed_field_fails_the_fidelity_check(spec, field, value):
+  """The mutations a reviewer named (and three more): each is caught by ``fidelity_problems``, and naming the
+  field in a bullet with its expected effect is what makes the check pass again. (owt_md4_small's norm is now
+  MD4's LayerNorm, so its mutation is to RMSNorm.)"""
+  doc, cfg, reference = _load_reference(spec)
+  section, key = field.split(".")
+  assert cfg[section][key] != value
+  cfg[section][key] = value
+  problems = fidelity_problems(doc, cfg, reference)
+  assert problems and field in problems[0], problems
+  declared = doc.replace("Deviations from the paper:", f"Deviations from the paper:\n  - `{field}` changed. "
+                                                       f"Expected effect: a test's.", 1)
+  assert not fidelity_problems(declared, cfg, reference)
 
 
 def test_the_readme_fidelity_table_lists_every_config_and_its_field_deviations():
-  """The README's fidelity table has a row per paper config naming its reference and every field its docstring
-  lists as a deviation."""
+  """The README's fidelity table has a row per paper config naming every recorded field its docstring lists as a
+  deviation."""
   readme = (ROOT / "README.md").read_text()
   section = readme.split("### Fidelity to the references")[1].split("\n\n")
   table = next(block for block in section if block.startswith("| config |"))
-  for spec in REFERENCE:
+  for spec in PAPER:
     name = spec.split(":")[0]
     row = next((line for line in table.splitlines() if f"`configs/{name}.py" in line), None)
     assert row is not None, name
-    doc, _ = _load(spec)
-    for field in {f for b in _deviations(doc) for f in re.findall(r"`([a-z]+\.[a-z_]+)`", b)
-                  if f in REFERENCE[spec]}:
+    doc, _, reference = _load_reference(spec)
+    for field in {f for b in _deviations(doc) for f in re.findall(r"`([a-z]+\.[a-z_0-9]+)`", b) if f in reference}:
       assert f"`{field}`" in row, (name, field)
