@@ -129,6 +129,40 @@ def test_confidence_weighted_remasking_shares_sigma_by_softmax_of_minus_confiden
   assert not masked[-1].any() and (np.asarray(x0)[:, :8] == 0).mean() > 0.99
 
 
+def test_the_cap_binds_where_eta_exceeds_sigma_max_and_the_masking_schedule_holds():
+  """remask='cap' with eta = 0.5 under the linear schedule: sigma_max = min(1, (1 - alpha(s)) / alpha(t)), the
+  largest remasking that the forward marginals allow, falls below eta on the steps from t <= 0.35 (20 steps), so
+  the cap binds there. On every step the share of decoded tokens masked again is min(eta, sigma_max) (within 4 sd
+  of its binomial noise, 1024 rows of 16), and after every step the masked fraction is 1 - alpha(s) within 0.02.
+  Mutation: sigma = eta without the cap (remasks half the decoded tokens where sigma_max is 0.1, and every masked
+  token unmasks since its probability passes 1: the masked fraction reaches ~0.45 where 0.05 is due)."""
+  proc = make_process("absorbing", 9, get_schedule("linear"))
+  steps, eta = 20, 0.5
+  cfg = SamplerConfig(num_steps=steps, remask="cap", eta=eta, return_trajectory=True)
+  _, traj = jax.jit(lambda key: sample(proc, random_logits_fn_v9, key, 1024, 16, cfg))(jax.random.PRNGKey(0))
+  t = np.arange(steps, 0, -1) / steps  # step i goes from t[i] to s[i]
+  s = t - 1.0 / steps
+  alpha_t, alpha_s = (np.asarray(proc.schedule.alpha(jnp.asarray(x)), np.float64) for x in (t, s))
+  sigma_max = np.minimum(1.0, (1.0 - alpha_s) / alpha_t)
+  binds = sigma_max < eta
+  assert binds[:-1].sum() >= 5 and (~binds[:-1]).sum() >= 5, sigma_max
+  masked = np.asarray(traj == proc.mask_id)  # [steps, B, L] after each step
+  before = np.concatenate([np.ones_like(masked[:1]), masked[:-1]])
+  decoded = (~before).sum(axis=(1, 2))[:-1]  # the last step (s = 0) remasks nothing
+  remasked = (~before & masked).sum(axis=(1, 2))[:-1]
+  sigma = np.minimum(eta, sigma_max)[:-1]
+  usable = decoded > 0
+  noise = np.sqrt(decoded * sigma * (1 - sigma))[usable]
+  np.testing.assert_array_less(np.abs(remasked - decoded * sigma)[usable], 4 * noise + 1, err_msg=str(
+      np.round(remasked[usable] / decoded[usable], 3)))
+  np.testing.assert_allclose(masked.mean(axis=(1, 2)), 1 - alpha_s, atol=0.02)
+
+
+def random_logits_fn_v9(x_t, t_B):
+  table = jax.random.normal(jax.random.PRNGKey(0), (9, 9)) * 2.0
+  return table[x_t] + jnp.roll(table[x_t], 1, axis=1) * 0.5
+
+
 @pytest.mark.usefixtures("x64")
 def test_the_loop_holds_alpha_inside_the_window_and_draws_the_joint():
   """ReMDM-loop: decoded to alpha_on = 0.5 by t_on = 0.6, alpha is held while t lies in [0.2, 0.6], where the
@@ -209,6 +243,26 @@ def test_first_hitting_calls_the_network_at_the_order_statistics_of_the_masking_
   sample(proc, recording, jax.random.PRNGKey(0), batch, length, SamplerConfig(strategy="first_hitting"))
   means = np.asarray(seen).mean(axis=1)
   np.testing.assert_allclose(means, (length - np.arange(length)) / (length + 1), atol=0.01)
+
+
+def test_first_hitting_unmasks_a_position_uniform_among_the_masked_ones():
+  """An exact time-agnostic denoiser gives the exact joint in any order, so the joint alone cannot tell which
+  position is decoded. ``count_logits_fn`` (greedy) writes at each position the number decoded before it, so the
+  tokens spell the order: over 4000 samples of L = 8 the first position decoded and the last one are each uniform
+  over the row (chi-square p > 1e-3; binomial sd of each cell's share ~0.5%), and position 0 comes before
+  position L - 1 in half of them (within 4 sd). Mutation: unmasking the leftmost masked position (the first is
+  position 0 in every sample: p ~ 0)."""
+  length, batch = 8, 4000
+  proc = make_process("absorbing", length + 2, get_schedule("linear"))  # tokens 0..L, mask L + 1
+  cfg = SamplerConfig(strategy="first_hitting", greedy=True)
+  x0 = np.asarray(jax.jit(lambda key: sample(proc, count_logits_fn, key, batch, length, cfg)[0])(
+      jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(np.sort(x0, axis=1), np.broadcast_to(np.arange(length), (batch, length)))
+  for which in (np.argmin, np.argmax):  # the position decoded first, and last
+    counts = np.bincount(which(x0, axis=1), minlength=length).astype(float)
+    assert chi_square_pvalue(counts, np.full(length, 1.0 / length)) > 1e-3, (which.__name__, counts)
+  before = np.mean(x0[:, 0] < x0[:, -1])
+  assert abs(before - 0.5) < 4 * np.sqrt(0.25 / batch), before
 
 
 # ---- threshold decoding ----
