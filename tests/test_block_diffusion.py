@@ -14,6 +14,7 @@ from d3pm_jax.models.transformer import Transformer, attention
 from d3pm_jax.training import state
 from pallas_kernels import attention as kernels
 
+from test_oracle import markov_block_oracle
 from test_train import load_config
 
 LAYOUTS = [(8, 1), (8, 2), (8, 8), (12, 4), (12, 3)]  # (L, L')
@@ -465,17 +466,7 @@ def test_the_variance_search_on_the_markov_oracle_picks_a_window_of_lower_varian
   k, length, block_size, batch = 4, 8, 2, 64
   source = MarkovSource.random(seed=1, num_states=k, concentration=1.0)
   process = make_process("absorbing", k + 1, get_schedule("linear"))
-  oracle = source.oracle_logits_fn(process)
-  position = jnp.arange(length)
-
-  def block_oracle(x_t, x0, ids):
-    out = jnp.zeros(x_t.shape + (k + 1,))
-    for b in range(length // block_size):
-      seen = jnp.where(ids < b, x0, jnp.where(ids == b, x_t, process.mask_id))
-      out = jnp.where((position // block_size == b)[None, :, None], oracle(seen, jnp.full((x_t.shape[0],), 0.5)),
-                      out)
-    return out
-
+  block_oracle = markov_block_oracle(source, process, length, block_size)
   x0 = source.sample(jax.random.PRNGKey(0), batch, length)
   variances = np.asarray(jax.jit(lambda key: losses.window_variances(process, block_oracle, key, x0, block_size,
                                                                      num_draws=16))(jax.random.PRNGKey(2)))
