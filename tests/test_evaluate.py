@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 from d3pm_jax import get_schedule, losses, make_process
+from d3pm_jax.data import pipeline
 from d3pm_jax.data.synthetic import MarkovSource
 from d3pm_jax.evaluation import evaluate
 
@@ -154,21 +155,19 @@ def test_generative_perplexity_recovers_the_entropy_rate_and_exposes_degenerate_
   assert repeated["unigram_entropy"] == 0.0 < from_source["unigram_entropy"] - 1.0  # ...its entropy gives it away
 
 
-def test_bits_per_byte_of_a_sentencepiece_model_counts_the_decoded_text(tmp_path):
-  """Windows of a sentencepiece-encoded text (the last one padded): bits per byte is the total nats over the
+def test_bits_per_byte_of_a_sentencepiece_model_counts_the_texts_bytes(tmp_path):
+  """Windows of a sentencepiece-encoded text (the last one padded), each window's bytes the sum of its tokens'
+  ``encode_with_bytes`` counts (what a prepared split records per row): bits per byte is the total nats over the
   text's own byte length, i.e. bits per token times tokens per byte of the same text."""
   from d3pm_jax.data import stdlib, tokenizers
   files = stdlib.list_files()
   tok = tokenizers.SentencePieceTokenizer.train(stdlib.read_files(files[:40]), str(tmp_path / "spm"), vocab_size=400)
   text = b"".join(stdlib.read_files(files[40:50])) + "caf\u00e9 \u2581 \u4e2d\u6587\n".encode() + b"\xff\xfe"
-  ids = tok.encode(text)
-  length = 64
-  num = -(-len(ids) // length)
-  windows = np.zeros((num, length), np.int64)
-  weights = np.zeros((num, length))
-  windows.flat[: len(ids)], weights.flat[: len(ids)] = ids, 1.0
+  ids, counts = tok.encode_with_bytes(text)
+  windows, weights = pipeline.pack([ids], 64)
+  byte_counts = pipeline.pack([counts], 64)[0].sum(axis=1)
   nats_per_position = np.random.default_rng(0).uniform(0.5, 3.0, windows.shape) * weights
-  out = evaluate.summarize(nats_per_position.sum(1), weights.sum(1), evaluate.window_bytes(tok, windows, weights))
+  out = evaluate.summarize(nats_per_position.sum(1), weights.sum(1), byte_counts)
   assert out["bytes"] == len(text) and out["tokens"] == len(ids) < 0.7 * len(text)
   assert out["bits_per_byte"] == pytest.approx(nats_per_position.sum() / len(text) / math.log(2.0), rel=1e-12)
   assert out["bits_per_byte"] == pytest.approx(out["bits_per_token"] * len(ids) / len(text), rel=1e-12)

@@ -15,7 +15,7 @@ from d3pm_jax.config import DataConfig
 from d3pm_jax.data import lm1b, pipeline, prepare, prepared, tokenizers
 from d3pm_jax.evaluation.eval_workdir import evaluate_workdir, format_table
 
-from conftest import guarded_command
+from conftest import WORDPIECE_SPECIALS, guarded_command, lm1b_sentences
 from test_train import ROOT
 
 def _real_tokens(out, split):
@@ -213,6 +213,100 @@ def test_the_tfds_path_reads_what_tfds_serves(tmp_path, monkeypatch, fake_lm1b):
     np.testing.assert_array_equal(real, np.concatenate(tok.encode_batch(texts)))
 
 
+# LM1B-style held-out sentences whose bytes WordPiece ids cannot give back: punctuation attached to words, a
+# contraction, a hyphen, accents, CJK characters, characters the vocabulary lacks (✓, 🙂), and sentences long
+# enough to be truncated or wrapped at 16 tokens.
+HARD = ["The U.S. economy grew 3.5 percent in the third quarter , the Commerce Department said .",
+        "It isn't well-known that the café's owners said so .",
+        "Prices in 東京 rose ✓ by 2% , naïve traders said 🙂 .",
+        "Über-cautious investors sold shares on Tuesday ."]
+
+
+@pytest.fixture(scope="module")
+def hard_lm1b(tmp_path_factory):
+  """A manual dir in LM1B's layout whose held-out file holds ``HARD`` among plain sentences, and a WordPiece
+  vocabulary trained on the training file (which lacks ✓ and 🙂)."""
+  import tokenizers as hf
+  root = tmp_path_factory.mktemp("hard_lm1b")
+  rng = np.random.default_rng(1)
+  lines = {"train": lm1b_sentences(rng, 60) + [h.replace("✓", "").replace("🙂", "") for h in HARD] * 3,
+           "validation": HARD[:2] + lm1b_sentences(rng, 4) + HARD[2:]}
+  for split, name in (("train", "news.en-00001-of-00100"), ("validation", "news.en.heldout-00000-of-00050")):
+    path = root / lm1b.TOP / os.path.dirname(lm1b.PATTERNS[split]) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines[split]))
+  trainer = hf.BertWordPieceTokenizer(lowercase=True)
+  trainer.train_from_iterator(lines["train"], vocab_size=150, special_tokens=WORDPIECE_SPECIALS)
+  trainer.save_model(str(root))
+  return root, lines["validation"], str(root / "vocab.txt")
+
+
+def _kept_bytes(tokenizer, sentence, seq_len, packing):
+  """The UTF-8 bytes of the part of ``sentence`` a row keeps: all of it, or for a WordPiece sentence truncated to
+  its first L - 2 pieces (and [SEP]) the text up to the end of its last kept piece, from the Hugging Face
+  tokenizer's own character offsets."""
+  if packing != "truncated" or len(tokenizer.encode(sentence.encode())) <= seq_len:
+    return len(sentence.encode())
+  return len(sentence[:tokenizer._tok.encode(sentence).offsets[seq_len - 2][1]].encode())
+
+
+@pytest.mark.parametrize("setup,packing", [("mdlm", "truncated"), ("mdlm", "padded"), ("mdlm", "stream"),
+                                           ("d3pm", "stream"), ("d3pm", "packed")])
+def test_validation_windows_count_the_original_sentences_bytes(tmp_path, hard_lm1b, setup, packing):
+  """Through the real pipeline (d3pm-prepare's LM1B setups, ``build_data``, and the evaluator's
+  ``window_bytes``), the validation windows' bytes are the held-out sentences' own UTF-8 bytes (less what a
+  truncated row cuts: the text after its last kept piece), in every layout; padded rows, a sentence each, sum to
+  their sentence's bytes. Mutation: WordPiece bytes counted back from the ids (the former ``text_bytes``:
+  normalised pieces and a space before each word, which counts "u.s." as "u . s ." and an unknown character as
+  ``[UNK]``'s five), which the decoded text here shows differs."""
+  from d3pm_jax.evaluation import eval_workdir
+  root, sentences, vocab = hard_lm1b
+  out = str(tmp_path / "out")
+  prepare.prepare_lm1b(out, setup, manual_dir=str(root), seq_len=16, packing=packing,
+                       **({"tokenizer_path": vocab} if setup == "mdlm" else {"vocab_size": 320}))
+  config = DataConfig(name="lm1b", tokenizer={"mdlm": "wordpiece", "d3pm": "sentencepiece"}[setup], seq_len=16,
+                      prepared_dir=out)
+  data = pipeline.build_data(config, batch_size=2, seed=0)
+  counted = eval_workdir.window_bytes(data, np.arange(len(data.val_windows)))
+  want = [_kept_bytes(data.tokenizer, s, 16, packing) for s in sentences]
+  assert counted.sum() == sum(want) and counted.shape == (len(data.val_windows),)
+  if packing == "truncated":
+    assert sum(want) < sum(len(s.encode()) for s in sentences)  # some sentence is cut here
+  if packing in ("padded", "truncated"):
+    np.testing.assert_array_equal(np.bincount(data.val_documents, weights=counted), want)
+  if setup == "mdlm":  # what the ids spell (one line a sentence) is not the text: counting it would be wrong
+    spelt = data.tokenizer.decode(data.val_windows[data.val_weights > 0])
+    assert len(spelt) - len(sentences) != counted.sum() and "u . s ." in spelt.decode()
+
+
+def test_shards_prepared_before_byte_counts_count_from_lossless_ids_or_ask_to_prepare_again(tmp_path, hard_lm1b):
+  """A directory prepared before the byte counts were recorded (its metadata without ``row_bytes``): a lossless
+  tokenizer's (sentencepiece trained here) ids give the same counts; WordPiece's cannot, and evaluation refuses
+  it, saying to prepare it again, rather than report bits per byte over the wrong bytes. Mutation: counting
+  WordPiece from its ids anyway."""
+  import json
+  from d3pm_jax.evaluation import eval_workdir
+  root, _, vocab = hard_lm1b
+  for setup, kind in (("d3pm", "sentencepiece"), ("mdlm", "wordpiece")):
+    out = str(tmp_path / setup)
+    prepare.prepare_lm1b(out, setup, manual_dir=str(root), seq_len=16,
+                         **({"tokenizer_path": vocab} if setup == "mdlm" else {"vocab_size": 320}))
+    config = DataConfig(name="lm1b", tokenizer=kind, seq_len=16, prepared_dir=out)
+    recorded = pipeline.build_data(config, batch_size=2, seed=0).val_bytes
+    metadata = json.loads(open(os.path.join(out, prepared.METADATA)).read())
+    for info in metadata["splits"].values():
+      del info["row_bytes"]
+    prepared.write_metadata(out, {k: v for k, v in metadata.items() if k != "format_version"})
+    old = pipeline.build_data(config, batch_size=2, seed=0)
+    if kind == "sentencepiece":
+      np.testing.assert_array_equal(old.val_bytes, recorded)
+    else:
+      assert old.val_bytes is None
+      with pytest.raises(ValueError, match=r"records no byte counts .* wordpiece ids do not give the original "
+                                           r"text's bytes.*prepare it again"):
+        eval_workdir.window_bytes(old, np.arange(3))
+
+
 def test_offline_without_the_data_fails_within_seconds_saying_what_to_fetch(tmp_path):
   """With the network blocked (this process's guard) and LM1B nowhere on disk, both with tfds installed and
   from the command line (a subprocess behind the same guard)."""
@@ -253,5 +347,10 @@ def test_d3pm_train_trains_on_prepared_fake_lm1b(tmp_path, fake_lm1b, setup):
   nats = np.load(tmp_path / "run" / "eval_windows.npz")["nats"]
   words = sum(len(s.split()) for s in expected["validation"]) + len(expected["validation"])
   assert result["likelihood"]["words"] == words and result["windows"] == result["split_windows"]
+  # Bits per byte over the held-out text's own bytes (MDLM's rows truncated at 16 keep their first 14 pieces).
+  wordpiece = tokenizers.WordPieceTokenizer(vocab)
+  kept = (sum(len(s.encode()) for s in expected["validation"]) if setup == "d3pm" else
+          sum(_kept_bytes(wordpiece, s, 16, "truncated") for s in expected["validation"]))
+  assert result["likelihood"]["bytes"] == kept
   np.testing.assert_allclose(result["likelihood"]["perplexity_per_word"], np.exp(nats.sum() / words), rtol=1e-9)
   assert "per word" in format_table(result)

@@ -166,7 +166,7 @@ def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_p
   expected = np.bincount(last_row, weights=words, minlength=len(rows)).astype(np.int64)
   np.testing.assert_array_equal(packer.row_words(), expected)
   assert packer.row_words().sum() == sum(words) and expected[-1] > 0
-  worded = [prepared.Worded(d, w) for d, w in zip(docs, words)]
+  worded = [prepared.Document(d, words=w) for d, w in zip(docs, words)]
   info = prepared.prepare_split(str(tmp_path), "validation", worded, seq_len, packing, separator, chunk=13)
   plain = prepared.prepare_split(str(tmp_path), "train", docs, seq_len, packing, separator)
   prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing,
@@ -175,6 +175,60 @@ def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_p
   assert info["words"] == sum(words) and prepared.PreparedSplit(str(tmp_path), "train").words() is None
   with pytest.raises(ValueError, match="one count per document: 2 for 3 documents"):
     prepared.Packer(seq_len, packing, separator).add(docs[:3], [1, 2])
+
+
+def _rows_by_hand(docs, seq_len, packing, separator):
+  """The rows' real positions as lists of document positions ``(document, index)`` (index -1: the separator),
+  written out one position at a time: what each packing mode promises, without the packer's arrays."""
+  rows, current = [], []
+  for i, d in enumerate(docs):
+    positions = [(i, k) for k in range(d.size)] + ([(i, -1)] if separator is not None else [])
+    if packing == "truncated" and len(positions) > seq_len:
+      positions = positions[:seq_len - 1] + positions[-1:]
+    if packing in ("padded", "truncated"):
+      rows += [positions[j:j + seq_len] for j in range(0, len(positions), seq_len)]
+      continue
+    for position in positions:
+      current.append(position)
+      if len(current) == seq_len:
+        rows.append(current)
+        current = []
+  return rows + ([current] if current else [])
+
+
+@pytest.mark.parametrize("packing", prepared.PACKING)
+def test_every_row_counts_the_bytes_its_tokens_stand_for(packing, tmp_path):
+  """Per-token byte counts (what a tokenizer's ``encode_with_bytes`` gives) follow their tokens into the rows:
+  each row's bytes are the counts of the positions it holds, written out position by position here, separators
+  0 and the pieces a ``truncated`` row cuts not counted; the split reads them back with their total, and a split
+  of plain token arrays records none. Mutations: a separator counting a byte; truncating the tokens but not their
+  counts (the row then counts its first 16); summing each row's counts from the wrong offset."""
+  docs = random_documents(11, 90)
+  rng = np.random.default_rng(12)
+  counts = [rng.integers(1, 5, d.size).astype(np.int32) for d in docs]
+  separator = 0 if packing not in ("padded", "truncated") else None
+  seq_len = 16
+  expected = np.array([sum(int(counts[i][k]) if k >= 0 else 0 for i, k in row)
+                       for row in _rows_by_hand(docs, seq_len, packing, separator)], np.int64)
+  packer = prepared.Packer(seq_len, packing, separator)
+  rows = np.concatenate([packer.add(docs[i:i + 11], token_bytes=counts[i:i + 11]) for i in range(0, len(docs), 11)]
+                        + [packer.finish()])
+  assert len(rows) == len(expected)
+  np.testing.assert_array_equal(packer.row_bytes(), expected)
+  if packing != "truncated":
+    assert expected.sum() == sum(int(c.sum()) for c in counts)  # no text lost, none counted twice
+  counted = [prepared.Document(d, c) for d, c in zip(docs, counts)]
+  info = prepared.prepare_split(str(tmp_path), "validation", counted, seq_len, packing, separator, chunk=13)
+  plain = prepared.prepare_split(str(tmp_path), "train", docs, seq_len, packing, separator)
+  prepared.write_metadata(str(tmp_path), {"seq_len": seq_len, "packing": packing,
+                                          "splits": {"validation": info, "train": plain}})
+  np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").row_bytes(), expected)
+  assert info["bytes"] == expected.sum() and prepared.PreparedSplit(str(tmp_path), "train").row_bytes() is None
+  with pytest.raises(ValueError, match=r"one count per token: documents of \[.*\] tokens got \[.*\] counts"):
+    prepared.Packer(seq_len, packing, separator).add(docs[:2], token_bytes=[counts[0], counts[0][:-1]])
+  with pytest.raises(ValueError, match="must all carry the same fields: the first had words False, byte counts "
+                                       "True; another has words False, byte counts False"):
+    prepared.prepare_split(str(tmp_path / "mixed"), "train", [counted[0], docs[1]], seq_len, packing, separator)
 
 
 def test_the_split_counts_its_tokens(tmp_path):
@@ -194,12 +248,16 @@ def test_the_split_counts_its_tokens(tmp_path):
 def test_chunk_splits_hold_out_a_random_share_of_one_stream(tmp_path):
   """MD4's split: the stream's rows, each in exactly one split and in stream order within it (so together they are
   the plain stream's rows), the validation share within 3 standard deviations of 20%, the same rows for the same
-  seed and others for another; each split's row documents and token counts are those of its rows. Mutations:
-  deciding by a row's index within its chunk of documents (the same pattern every chunk), or dropping the
-  padded last row."""
+  seed and others for another; each split's row documents, token counts and byte counts are those of its rows.
+  Mutations: deciding by a row's index within its chunk of documents (the same pattern every chunk), dropping the
+  padded last row, or giving a split the byte counts of the stream's first rows."""
   docs = random_documents(10, 3000)
+  counts = [np.random.default_rng(i).integers(1, 5, d.size).astype(np.int32) for i, d in enumerate(docs)]
+  row_bytes = np.array([sum(int(counts[i][k]) if k >= 0 else 0 for i, k in row)
+                        for row in _rows_by_hand(docs, 16, "stream", 0)])
   stream, packer = pack_all(docs, 16, "stream", separator=0)
-  infos = prepared.prepare_chunk_splits(str(tmp_path), docs, 16, 0, validation_permille=200, seed=3, chunk=97)
+  infos = prepared.prepare_chunk_splits(str(tmp_path), [prepared.Document(d, c) for d, c in zip(docs, counts)], 16,
+                                        0, validation_permille=200, seed=3, chunk=97)
   prepared.write_metadata(str(tmp_path), {"seq_len": 16, "packing": "stream", "splits": infos})
   splits = {s: prepared.PreparedSplit(str(tmp_path), s) for s in infos}
   rows = {s: split.read_all() for s, split in splits.items()}
@@ -213,6 +271,7 @@ def test_chunk_splits_hold_out_a_random_share_of_one_stream(tmp_path):
     assert (np.diff(where) > 0).all()  # in stream order
     held[where] = split == "validation"
     np.testing.assert_array_equal(splits[split].documents(), packer.row_documents()[where])
+    np.testing.assert_array_equal(splits[split].row_bytes(), row_bytes[where])
     np.testing.assert_array_equal(splits[split].unigram(), np.bincount(r[:, 0][r[:, 1] > 0], minlength=50)[
         :splits[split].unigram().size])
   share = held.mean()

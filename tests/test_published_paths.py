@@ -1,7 +1,7 @@
 """Every path that produces a published figure, against a direct computation: diffusion bounds on packed rows
-through the evaluator's own functions, bytes that are the text's bytes (separators 0, characters cut at a window
-edge counted once), per-byte paired differences and intervals where bytes are not tokens, and the infilling
-evaluator's window filter and perplexity."""
+through the evaluator's own functions, bytes that are the original text's bytes (for every tokenizer, whatever it
+normalises; separators 0, characters cut at a row edge counted once), per-byte paired differences and intervals
+where bytes are not tokens, and the infilling evaluator's window filter and perplexity."""
 import math
 import unicodedata
 
@@ -50,6 +50,19 @@ def test_diffusion_bounds_score_a_packed_row_as_its_documents_apart(arg, which):
 
 DOCS = ["héllo wörld, 中文 ✓ café", "plain ascii text here", "more ünïcode and an emoji 🙂 at the end",
         "x = 'ß' * 3  # straße"]
+# LM1B-style sentences whose text WordPiece ids cannot give back: punctuation attached to words ("u.s.", "3.5"),
+# a contraction and a hyphen, accents, CJK characters and characters no vocabulary here holds (✓, 🙂); then
+# blanks around a sentence, and GPT-2's separator written in a text.
+HARD = ["The U.S. economy grew 3.5 percent in the third quarter .",
+        "It isn't well-known that the café's owners said so .",
+        "Prices in 東京 rose ✓ by 2% , naïve traders said 🙂 .",
+        "  blanks before , between  and after  ",
+        "a text that writes <|endoftext|> in it"]
+UNSEEN = "✓🙂"  # left out of every tokenizer's training text
+
+
+def _seen(text):
+  return "".join(c for c in text if c not in UNSEEN)
 
 
 @pytest.fixture(scope="module")
@@ -63,52 +76,122 @@ def gpt2(tmp_path_factory):
   return Gpt2Tokenizer(str(root / "tokenizer.json"))
 
 
-def test_gpt2_windows_count_the_texts_bytes(gpt2):
-  """Documents joined by ``<|endoftext|>`` and cut into 7-token windows (the OpenWebText layout): the windows'
-  bytes sum to the documents' UTF-8 bytes exactly, though some window edges cut a character (its decoded text
-  then holds U+FFFD) and every separator decodes to 13 bytes. Mutations: counting the decoded text's bytes
-  (U+FFFD's three, the separator's thirteen)."""
-  stream = np.concatenate([np.append(gpt2.encode(d.encode()), gpt2.eos_id) for d in DOCS])
-  windows, weights = pipeline.pack([stream], 7)
-  counted = evaluate.window_bytes(gpt2, windows, weights)
-  assert counted.sum() == sum(len(d.encode()) for d in DOCS)
-  decoded = [gpt2.decode(w[m > 0]) for w, m in zip(windows, weights)]
-  assert any("\ufffd".encode() in d for d in decoded)  # an edge does cut a character here
-  assert gpt2.text_bytes([gpt2.eos_id]) == 0 and len(gpt2.decode([gpt2.eos_id])) == 13
-  # Each window counts the bytes of its own tokens: the pieces' bytes, concatenated, are the text.
-  assert all(c == gpt2.text_bytes(w[m > 0]) for c, w, m in zip(counted, windows, weights))
-
-
 @pytest.fixture(scope="module")
 def wordpiece(tmp_path_factory):
   import tokenizers
   from d3pm_jax.data.tokenizers import WordPieceTokenizer
   from conftest import WORDPIECE_SPECIALS
   root = tmp_path_factory.mktemp("wordpiece")
-  sentences = ["the naïve cat sat on the straße", "prices rose by 3 percent , more than expected",
-               "Über café owners said so"]
   trainer = tokenizers.BertWordPieceTokenizer(lowercase=True)
-  trainer.train_from_iterator(sentences * 4, vocab_size=200, special_tokens=WORDPIECE_SPECIALS)
+  trainer.train_from_iterator([_seen(s) for s in HARD + DOCS] * 4, vocab_size=200, special_tokens=WORDPIECE_SPECIALS)
   trainer.save_model(str(root))
-  return WordPieceTokenizer(str(root / "vocab.txt")), sentences
+  return WordPieceTokenizer(str(root / "vocab.txt"))
+
+
+def _tokenizer(kind, tmp_path, gpt2, wordpiece):
+  """Each tokenizer, built here: sentencepiece trained here (lossless) and one like D3PM's shipped model
+  (sentencepiece's defaults: NFKC, a dummy prefix, no byte pieces, so unseen characters are its unknown piece)."""
+  import io
+  import sentencepiece as spm
+  from d3pm_jax.data import stdlib, tokenizers
+  if kind in ("bytes", "text8"):
+    return tokenizers.make_tokenizer(kind)
+  if kind == "sentencepiece":
+    texts = stdlib.read_files(stdlib.list_files()[:20]) + [_seen(s).encode() for s in HARD + DOCS]
+    return tokenizers.SentencePieceTokenizer.train(texts, str(tmp_path / "spm"), vocab_size=400)
+  if kind == "sentencepiece-no-bytes":
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([_seen(s) for s in HARD + DOCS] * 3), model_writer=model,
+                                   vocab_size=80, hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "plain.model").write_bytes(model.getvalue())
+    tok = tokenizers.SentencePieceTokenizer(str(tmp_path / "plain.model"))
+    assert not tok.lossless
+    return tok
+  return {"gpt2": gpt2, "wordpiece": wordpiece}[kind]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "text8", "sentencepiece", "sentencepiece-no-bytes", "gpt2", "wordpiece"])
+def test_every_tokenizer_counts_each_documents_utf8_bytes(kind, tmp_path, gpt2, wordpiece):
+  """``encode_with_bytes`` gives the same ids as ``encode`` and per-token counts that sum, for every document, to
+  its UTF-8 length, for text each tokenizer normalises or cannot spell: WordPiece's lower case, stripped accents,
+  split-off punctuation and ``[UNK]``; the no-byte-piece sentencepiece model's NFKC, dummy prefix and unknown
+  piece (for both, the decoded text differs in length: counting it would be wrong); text8 sees its own alphabet.
+  Mutations: WordPiece counted back from its ids (the former ``text_bytes``: each piece's normalised bytes and a
+  space before each word; "u.s." counts 7, "3.5" 5); the lossy model counted by its decode; GPT-2 counted by the
+  pieces alone (the written ``<|endoftext|>`` is its special token, 0 bytes); the last token not taking the
+  blanks after it."""
+  tok = _tokenizer(kind, tmp_path, gpt2, wordpiece)
+  texts = HARD + DOCS
+  if kind == "text8":
+    texts = ["".join(c for c in t.lower() if "a" <= c <= "z" or c == " ") for t in texts]
+  misspelt = 0
+  for text in texts:
+    ids, counts = tok.encode_with_bytes(text.encode())
+    np.testing.assert_array_equal(ids, tok.encode(text.encode()))
+    assert counts.shape == ids.shape and counts.min() >= 0
+    assert counts.sum() == len(text.encode()), (text, counts)
+    misspelt += len(tok.decode(ids).rstrip(b"\n")) != len(text.encode())  # WordPiece ends a sentence with "\n"
+  if kind in ("wordpiece", "sentencepiece-no-bytes"):
+    assert misspelt >= 3  # their ids lose the text: counting what they spell would be wrong
+  else:
+    assert misspelt == 0
+
+
+def test_each_wordpiece_counts_its_own_span_of_the_original_text(wordpiece):
+  """The counts cut the original bytes into consecutive spans, one per token: a piece's span is the blanks
+  before it and the original text of that piece, which BERT's normalisation (lower case, accents stripped)
+  turns into the piece (without its ``##``); an ``[UNK]``'s span is the word or character it replaced;
+  ``[CLS]`` holds nothing and ``[SEP]`` only blanks after the last piece. Checked against
+  ``unicodedata`` here, not the tokenizer's offsets. Mutations: all of a sentence's bytes on its first or last
+  token (the sums still match); a piece's blanks counted after it."""
+  tok = wordpiece
+  unknown = 0
+  for text in HARD:
+    ids, counts = tok.encode_with_bytes(text)
+    raw = text.encode()
+    ends = np.cumsum(counts)
+    spans = [raw[a:b].decode() for a, b in zip(np.append(0, ends[:-1]), ends)]
+    pieces = [tok._tok.id_to_token(int(i)) for i in ids]
+    assert (pieces[0], spans[0], pieces[-1]) == ("[CLS]", "", "[SEP]") and not spans[-1].strip()
+    for piece, span in zip(pieces[1:-1], spans[1:-1]):
+      if piece == "[UNK]":
+        unknown += 1
+        assert span.strip() and not any(c.isspace() for c in span.strip()), (text, span)
+      else:
+        word = span.lstrip()
+        assert _normalised(word) == piece.removeprefix("##"), (text, piece, span)
+        assert span == word or not piece.startswith("##")  # a continuation follows its piece directly
+  assert unknown >= 2  # the characters left out of the vocabulary were met
+
+
+def test_gpt2_rows_count_the_texts_bytes(gpt2):
+  """Documents joined by ``<|endoftext|>`` and cut into 7-token rows (the OpenWebText layout), each token with
+  its ``encode_with_bytes`` count: the rows' bytes sum to the documents' UTF-8 bytes exactly, though some row
+  edges cut a character (its decoded text then holds U+FFFD) and every separator decodes to 13 bytes; a piece
+  counts its own bytes (a row cut inside a character counts its side of it), and a document that writes
+  ``<|endoftext|>`` counts those 13 bytes. Mutations: counting the rows' decoded text (U+FFFD's three, the
+  separator's thirteen); the pieces' bytes alone for the document that writes the separator."""
+  from d3pm_jax.data import prepared
+  docs = DOCS + HARD
+  packer = prepared.Packer(7, "stream", separator=gpt2.eos_id)
+  counted = [gpt2.encode_with_bytes(d) for d in docs]
+  rows = np.concatenate([packer.add([ids for ids, _ in counted], token_bytes=[c for _, c in counted]),
+                         packer.finish()])
+  assert packer.row_bytes().sum() == sum(len(d.encode()) for d in docs)
+  decoded = [gpt2.decode(r[0][r[1] > 0]) for r in rows]
+  assert any("\ufffd".encode() in d for d in decoded)  # an edge does cut a character here
+  assert sum(map(len, decoded)) != packer.row_bytes().sum() and len(gpt2.decode([gpt2.eos_id])) == 13
+  pieces = gpt2.token_bytes()
+  for doc, (ids, counts) in zip(docs, counted):
+    if "<|endoftext|>" in doc:  # matched as the special token, which spells no bytes of its own
+      assert pieces[ids].sum() == len(doc.encode()) - 13 and gpt2.eos_id in ids
+    else:
+      np.testing.assert_array_equal(counts, pieces[ids])
 
 
 def _normalised(text):
   """BERT's normalisation, independently: lower case, accents (combining marks after NFD) removed."""
   return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
-
-
-def test_wordpiece_rows_count_their_sentences_bytes_and_no_separator(wordpiece):
-  """Packed LM1B rows ``[CLS] pieces [SEP] [CLS] ...``: a row's bytes are its sentences' normalised UTF-8 bytes
-  (multi-byte ``ß`` kept, accents stripped), ``[CLS]`` and ``[SEP]`` counting 0 and no space between sentences.
-  Mutations: counting the decoded text (a newline per ``[SEP]``); counting ``##`` marks or a space before a
-  continuation piece."""
-  tok, sentences = wordpiece
-  sentences = sentences + ["catsat on expectedprices"]  # words the vocabulary splits into continuations
-  ids = np.concatenate([tok.encode(s.encode()) for s in sentences])
-  assert tok.text_bytes(ids) == sum(len(_normalised(s).encode()) for s in sentences)
-  assert any(tok._tok.id_to_token(int(i)).startswith("##") for i in ids)  # continuations do occur
-  assert len(tok.decode(ids)) == tok.text_bytes(ids) + len(sentences)  # decode writes a newline per [SEP]
 
 
 def test_paired_difference_and_byte_intervals_are_per_byte(tmp_path):

@@ -2,9 +2,10 @@
 
 ``build_data(config, workdir)`` returns the tokenizer, the training ``grain.MapDataset`` of batches (shuffled,
 sharded by JAX process, indexable so the iterator position is one integer that checkpoints save), and the
-validation windows with their token weights. Every corpus is read from the prepared format (``prepared.py``):
-text8, OpenWebText and LM1B from a ``d3pm-prepare`` directory, the stdlib corpus from one prepared on first use
-into the cache (``cache_root``); only the synthetic Markov source is sampled in memory.
+validation windows with their token weights and the bytes of original text each stands for. Every corpus is read
+from the prepared format (``prepared.py``): text8, OpenWebText and LM1B from a ``d3pm-prepare`` directory, the
+stdlib corpus from one prepared on first use into the cache (``cache_root``); only the synthetic Markov source is
+sampled in memory.
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ class Data:
   val_segments: np.ndarray | None = None   # [N, L] segment ids of packed rows (0: padding); None: one text per row
   val_documents: np.ndarray | None = None  # [N] the document of each window's first token (intervals cluster by it)
   val_words: np.ndarray | None = None      # [N] words ending in each window (LM1B); None: the data defines no words
+  val_bytes: np.ndarray | None = None      # [N] bytes of original UTF-8 text each window's real tokens stand for
+  #                                          (``row_bytes``); None: no text (markov) or none recorded for this text
 
 
 def train_batches(windows_NxL: np.ndarray, batch_size: int, seed: int, process_index: int | None = None,
@@ -224,6 +227,23 @@ def tokenizer_of(config: DataConfig, workdir: str | None = None):
   return tokenizers.make_tokenizer(config.tokenizer, config.tokenizer_path)
 
 
+def row_bytes(split: prepared.PreparedSplit, rows_Nx2xL: np.ndarray, tokenizer) -> np.ndarray | None:
+  """int64 ``[N]``: the bytes of original text the real tokens of each of ``split``'s rows (all of them, read
+  into ``rows_Nx2xL``) stand for: as recorded when the split was prepared, or, for shards prepared before that,
+  counted from the ids where they give the text exactly (a ``lossless`` tokenizer's ``token_bytes``). None where
+  neither can: such WordPiece or sentencepiece-without-byte-pieces shards must be prepared again."""
+  recorded = split.row_bytes()
+  if recorded is not None:
+    if recorded.shape != (rows_Nx2xL.shape[0],):
+      raise ValueError(f"the split's byte counts cover {recorded.size} rows but it has {rows_Nx2xL.shape[0]}; "
+                       f"prepare it again")
+    return recorded
+  if not getattr(tokenizer, "lossless", False):
+    return None
+  table = tokenizer.token_bytes()
+  return np.where(rows_Nx2xL[:, 1] > 0, table[rows_Nx2xL[:, 0]], 0).sum(axis=1).astype(np.int64)
+
+
 def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = "validation") -> Data:
   """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
   validation is read into memory. ``stream`` rows are plain token windows (the padded last training row dropped);
@@ -253,7 +273,7 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   return Data(tokenizer=tok, train_batches=batches,
               val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
               val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents(),
-              val_words=val_split.words())
+              val_words=val_split.words(), val_bytes=row_bytes(val_split, val, tok))
 
 
 def build_data(config: DataConfig, batch_size: int, seed: int, workdir: str | None = None,

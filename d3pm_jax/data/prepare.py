@@ -11,7 +11,9 @@ over these functions. Each returns the metadata it wrote to ``out/metadata.json`
            sentence per padded row of 128, truncated). Both record each sentence's words (plus one for its end) for
            per-word perplexity.
 
-A file-defined tokenizer is kept in ``out/tokenizer/``, so the prepared directory alone defines the data.
+A file-defined tokenizer is kept in ``out/tokenizer/``, so the prepared directory alone defines the data. Every
+document is tokenised with ``encode_with_bytes``, so each row records the bytes of original text it stands for
+(bits per byte's denominator; separators and sentence delimiters count 0).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def prepare_stdlib(out: str, seq_len: int = 128, validation_permille: int = 20, 
   splits, source = {}, {"root": root or stdlib.stdlib_root(), "validation_permille": validation_permille}
   for split, (chosen, contents) in corpus.items():
     source[split] = stdlib.fingerprint(chosen, contents)
-    splits[split] = (tok.encode(c) for c in contents)
+    splits[split] = (prepared.Document(*tok.encode_with_bytes(c)) for c in contents)
   return _write(out, "stdlib", seq_len, "stream", tok, splits, source)
 
 
@@ -87,7 +89,8 @@ def prepare_text8(zip_path: str | None, out: str, seq_len: int = 256, split_char
   tok = tokenizers.Text8Tokenizer()
   source = {"zip": zip_path, "split_chars": split_chars or text8.SPLIT_CHARS,
             "sha256": {split: hashlib.sha256(t).hexdigest() for split, t in texts.items()}}
-  return _write(out, "text8", seq_len, "stream", tok, {s: [tok.encode(t)] for s, t in texts.items()}, source)
+  return _write(out, "text8", seq_len, "stream", tok,
+                {s: [prepared.Document(*tok.encode_with_bytes(t))] for s, t in texts.items()}, source)
 
 
 OWT_VALIDATION = ("documents", "chunks")
@@ -119,7 +122,7 @@ def prepare_openwebtext(sources, tokenizer_path: str, out: str, seq_len: int = 1
     while remaining:
       batch = list(itertools.islice(texts, min(chunk, remaining)))
       remaining -= len(batch)
-      yield from tok.encode_batch(batch)
+      yield from (prepared.Document(ids, counts) for ids, counts in tok.encode_batch_with_bytes(batch))
 
   if validation == "chunks":
     source = {**where, "documents": total, "validation": "chunks", "validation_permille": validation_permille,
@@ -185,8 +188,12 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
     sentences = (line.encode("utf-8") for line in splits["train"]())
     tok = tokenizers.SentencePieceTokenizer.train(sentences, prefix, vocab_size or recipe["vocab_size"],
                                                   max_sentences=spm_sentences, delimiters=True)
-  wrap = ((lambda ids: np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32)) if setup == "d3pm"
-          else (lambda ids: ids))
+
+  def document(ids, counts, sentence: str) -> prepared.Document:
+    """D3PM's setup wraps the sentence in <s> ... </s>, which stand for no text (0 bytes each)."""
+    if setup == "d3pm":
+      ids, counts = np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32), np.pad(counts, 1)
+    return prepared.Document(ids, counts, len(sentence.split()) + 1)
 
   def encoded(lines, chunk=4096):
     batch = []
@@ -194,8 +201,9 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
       if line is not None:
         batch.append(line)
       if len(batch) == chunk or (line is None and batch):
-        ids = tok.encode_batch(batch) if hasattr(tok, "encode_batch") else [tok.encode(s.encode()) for s in batch]
-        yield from (prepared.Worded(wrap(i), len(s.split()) + 1) for i, s in zip(ids, batch))
+        counted = (tok.encode_batch_with_bytes(batch) if hasattr(tok, "encode_batch_with_bytes")
+                   else [tok.encode_with_bytes(s.encode()) for s in batch])
+        yield from (document(ids, counts, s) for (ids, counts), s in zip(counted, batch))
         batch = []
 
   source = {**source, "setup": setup}

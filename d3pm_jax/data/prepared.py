@@ -26,8 +26,12 @@ and shard files. Beside each split's shards, ``{split}-documents.npy`` gives eve
 its intervals by document (windows of one document are not independent samples of text). Where the data set
 defines words (LM1B: a sentence's whitespace-separated words plus one for its end), ``{split}-words.npy`` gives
 every row the words of the documents that end in it (whose last token it holds), so a split's rows sum to its
-words and per-word perplexity, the unit D3PM reports on LM1B, is total nats over total words. Reading needs only
-grain and array_record, never TensorFlow.
+words and per-word perplexity, the unit D3PM reports on LM1B, is total nats over total words. Likewise
+``{split}-bytes.npy`` gives every row the bytes of original UTF-8 text its real tokens stand for (the tokenizer's
+per-token counts, ``tokenizers.py``, summed; separators the packer adds count 0), the denominator of bits per byte:
+a split's rows sum to its documents' bytes (less what ``truncated`` rows cut). Shards prepared before the byte
+counts were recorded lack that file (``PreparedSplit.row_bytes`` is then None). Reading needs only grain and
+array_record, never TensorFlow.
 """
 from __future__ import annotations
 
@@ -44,18 +48,21 @@ PACKING = ("stream", "packed", "padded", "truncated")
 METADATA = "metadata.json"
 
 
-class Worded(NamedTuple):
-  """A document with its word count, for data sets that define words (``prepare_split`` takes either these or
-  plain token arrays)."""
+class Document(NamedTuple):
+  """A document's tokens ``[n]`` with, where it comes from text, the bytes of that text each token stands for
+  (``token_bytes [n]``, from the tokenizer's ``encode_with_bytes``), and its words where the data set defines
+  them. ``prepare_split`` takes either these or plain token arrays, the same kind for a whole split."""
   tokens: np.ndarray
-  words: int
+  token_bytes: np.ndarray | None = None
+  words: int | None = None
 
 
 class Packer:
   """Turns a stream of documents (int token arrays) into rows ``[N, 2, L]`` (tokens, segment ids), chunk by
-  chunk: ``add(documents, words)`` returns the rows completed so far, ``finish()`` the padded last one.
-  ``row_documents()`` is the document of every row returned so far (that of its first token), ``row_words()``
-  the words (``add``'s per-document counts) of the documents whose last token each row holds."""
+  chunk: ``add(documents, words, token_bytes)`` returns the rows completed so far, ``finish()`` the padded last
+  one. ``row_documents()`` is the document of every row returned so far (that of its first token),
+  ``row_words()`` the words (``add``'s per-document counts) of the documents whose last token each row holds,
+  ``row_bytes()`` the bytes (``add``'s per-token counts) of the tokens each row holds."""
 
   def __init__(self, seq_len: int, packing: str, separator: int | None = None):
     if packing not in PACKING:
@@ -68,20 +75,33 @@ class Packer:
     self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
     self._ends = np.zeros(0, np.int64)     # a document's words at its last token, 0 elsewhere
+    self._bytes = np.zeros(0, np.int32)    # the text's bytes each carried token stands for
     self.documents = 0
     self.tokens = 0
     self._row_documents: list[np.ndarray] = []
     self._row_words: list[np.ndarray] = []
+    self._row_bytes: list[np.ndarray] = []
 
-  def add(self, documents: Iterable, words: Iterable[int] | None = None) -> np.ndarray:
+  def add(self, documents: Iterable, words: Iterable[int] | None = None,
+          token_bytes: Iterable | None = None) -> np.ndarray:
+    """``documents``: token arrays; ``words``: one count per document; ``token_bytes``: per document, the bytes
+    of text each of its tokens stands for (an array as long as the document)."""
     docs = [np.asarray(d, np.int32).ravel() for d in documents]
     counts = np.zeros(len(docs), np.int64) if words is None else np.asarray(list(words), np.int64)
     if counts.shape != (len(docs),):
       raise ValueError(f"words must give one count per document: {counts.size} for {len(docs)} documents")
-    if self.separator is not None:
+    sizes = ([np.zeros(d.size, np.int32) for d in docs] if token_bytes is None
+             else [np.asarray(b, np.int32).ravel() for b in token_bytes])
+    if [b.size for b in sizes] != [d.size for d in docs]:
+      raise ValueError(f"token_bytes must give one count per token: documents of {[d.size for d in docs][:5]} "
+                       f"tokens got {[b.size for b in sizes][:5]} counts (first 5)")
+    if self.separator is not None:  # stands for no text
       docs = [np.append(d, np.int32(self.separator)) for d in docs]
-    if self.packing == "truncated":
-      docs = [d if d.size <= self.seq_len else np.append(d[:self.seq_len - 1], d[-1]) for d in docs]
+      sizes = [np.append(b, np.int32(0)) for b in sizes]
+    if self.packing == "truncated":  # the text of the pieces cut goes with them
+      docs, sizes = zip(*[(d, b) if d.size <= self.seq_len else
+                          (np.append(d[:self.seq_len - 1], d[-1]), np.append(b[:self.seq_len - 1], b[-1]))
+                          for d, b in zip(docs, sizes)]) if docs else ([], [])
     if any(c and not d.size for c, d in zip(counts, docs)):
       raise ValueError("a document without tokens cannot hold words")
     first = self.documents  # the index of this chunk's first document in the whole stream
@@ -90,19 +110,22 @@ class Packer:
     ends = [np.pad(np.zeros(d.size - 1, np.int64), (0, 1), constant_values=c) if d.size else np.zeros(0, np.int64)
             for d, c in zip(docs, counts)]
     if self.packing in ("padded", "truncated"):
-      return self._padded(docs, ends)
+      return self._padded(docs, ends, sizes)
     ids = np.repeat(np.arange(first, self.documents), np.array([d.size for d in docs], np.int64))
-    tokens = np.concatenate([self._tokens] + docs) if docs else self._tokens
+    tokens = np.concatenate([self._tokens, *docs])
     doc_ids = np.concatenate([self._docs, ids])
-    marks = np.concatenate([self._ends] + ends)
+    marks = np.concatenate([self._ends, *ends])
+    byte_counts = np.concatenate([self._bytes, *sizes])
     full = tokens.size // self.seq_len * self.seq_len
     self._tokens, self._docs, self._ends = tokens[full:], doc_ids[full:], marks[full:]
-    return self._rows(tokens[:full], doc_ids[:full], marks[:full])
+    self._bytes = byte_counts[full:]
+    return self._rows(tokens[:full], doc_ids[:full], marks[:full], byte_counts[:full])
 
   def finish(self) -> np.ndarray:
     """The last, padded row of a ``stream``/``packed`` stream (none when it ended on a row boundary)."""
-    rows = self._rows(self._tokens, self._docs, self._ends)
+    rows = self._rows(self._tokens, self._docs, self._ends, self._bytes)
     self._tokens, self._docs, self._ends = np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    self._bytes = np.zeros(0, np.int32)
     return rows
 
   def row_documents(self) -> np.ndarray:
@@ -113,7 +136,11 @@ class Packer:
     """int64 ``[rows]``: the words of the documents whose last token each row holds."""
     return np.concatenate(self._row_words) if self._row_words else np.zeros(0, np.int64)
 
-  def _rows(self, tokens, doc_ids, marks) -> np.ndarray:
+  def row_bytes(self) -> np.ndarray:
+    """int64 ``[rows]``: the bytes of text the tokens of each row stand for."""
+    return np.concatenate(self._row_bytes) if self._row_bytes else np.zeros(0, np.int64)
+
+  def _rows(self, tokens, doc_ids, marks, byte_counts) -> np.ndarray:
     """Rows of ``tokens`` (a whole number of rows, or the final partial one, zero-padded)."""
     n = -(-tokens.size // self.seq_len)
     out = np.zeros((n, 2, self.seq_len), np.int32)
@@ -126,16 +153,17 @@ class Packer:
     tokens_flat[:tokens.size], segments_flat[:tokens.size] = tokens, segments
     out[:, 0], out[:, 1] = tokens_flat.reshape(n, self.seq_len), segments_flat.reshape(n, self.seq_len)
     self._row_documents.append(np.asarray(doc_ids[::self.seq_len], np.int64))
-    self._row_words.append(np.add.reduceat(marks, np.arange(0, tokens.size, self.seq_len)) if n
-                           else np.zeros(0, np.int64))
+    row_starts = np.arange(0, tokens.size, self.seq_len)
+    self._row_words.append(np.add.reduceat(marks, row_starts) if n else np.zeros(0, np.int64))
+    self._row_bytes.append(np.add.reduceat(byte_counts, row_starts, dtype=np.int64) if n else np.zeros(0, np.int64))
     return out
 
-  def _padded(self, docs, ends) -> np.ndarray:
+  def _padded(self, docs, ends, sizes) -> np.ndarray:
     """Each document from the start of a fresh row (one document: segment 1), wrapping onto as many rows as it
     needs."""
     first = self.documents - len(docs)
-    rows = [self._rows(d, np.full(d.size, first + i, np.int64), e)
-            for i, (d, e) in enumerate(zip(docs, ends)) if d.size]
+    rows = [self._rows(d, np.full(d.size, first + i, np.int64), e, b)
+            for i, (d, e, b) in enumerate(zip(docs, ends, sizes)) if d.size]
     return np.concatenate(rows) if rows else np.zeros((0, 2, self.seq_len), np.int32)
 
 
@@ -191,6 +219,7 @@ class PreparedSplit:
     self.seq_len = int(self.metadata["seq_len"])
     self._dir, self._documents_file = prepared_dir, info.get("row_documents", f"{split}-documents.npy")
     self._words_file, self._unigram_file = info.get("row_words"), info.get("unigram")
+    self._bytes_file = info.get("row_bytes")
     paths = [os.path.join(prepared_dir, name) for name in info["shards"]]
     self._source = grain.sources.ArrayRecordDataSource(paths) if paths else []
     if len(self._source) != info["rows"]:
@@ -213,6 +242,13 @@ class PreparedSplit:
     if not self._words_file:
       return None
     return np.load(os.path.join(self._dir, self._words_file)).astype(np.int64)
+
+  def row_bytes(self) -> np.ndarray | None:
+    """int64 ``[rows]``: the bytes of original text each row's real tokens stand for (``Packer.row_bytes``), or
+    None where they were not recorded (documents given without byte counts, or shards prepared before they were)."""
+    if not self._bytes_file:
+      return None
+    return np.load(os.path.join(self._dir, self._bytes_file)).astype(np.int64)
 
   def unigram(self) -> np.ndarray:
     """int64 ``[max token + 1]``: how often each token occurs in the split's real positions (counted while
@@ -260,28 +296,33 @@ def load_metadata(prepared_dir: str) -> dict:
   return metadata
 
 
-def _pack(packer: Packer, documents: Iterable, chunk: int, write) -> bool:
-  """Feeds ``documents`` (token arrays, or ``Worded`` ones) through ``packer`` ``chunk`` at a time, handing every
-  completed row, the padded last one included, to ``write(rows)``; returns whether the documents were worded."""
-  batch, words, worded = [], [], None
+def _pack(packer: Packer, documents: Iterable, chunk: int, write) -> tuple[bool, bool]:
+  """Feeds ``documents`` (token arrays, or ``Document`` ones) through ``packer`` ``chunk`` at a time, handing
+  every completed row, the padded last one included, to ``write(rows)``; returns whether the documents came with
+  words and with byte counts."""
+  batch, words, sizes, kind = [], [], [], None
 
   def flush():
-    write(packer.add(batch, words if worded else None))
-    batch.clear()
-    words.clear()
+    write(packer.add(batch, words if kind and kind[0] else None, sizes if kind and kind[1] else None))
+    for pending in (batch, words, sizes):
+      pending.clear()
 
   for doc in documents:
-    if worded is None:
-      worded = isinstance(doc, Worded)
-    if isinstance(doc, Worded) != worded:
-      raise ValueError("a split's documents must all be Worded or all plain token arrays")
-    batch.append(doc.tokens if worded else doc)
-    words.append(doc.words if worded else 0)
+    doc = doc if isinstance(doc, Document) else Document(doc)
+    this = (doc.words is not None, doc.token_bytes is not None)
+    if kind is None:
+      kind = this
+    if this != kind:
+      raise ValueError(f"a split's documents must all carry the same fields: the first had words {kind[0]}, "
+                       f"byte counts {kind[1]}; another has words {this[0]}, byte counts {this[1]}")
+    batch.append(doc.tokens)
+    words.append(doc.words)
+    sizes.append(doc.token_bytes)
     if len(batch) == chunk:
       flush()
   flush()
   write(packer.finish())
-  return bool(worded)
+  return kind or (False, False)
 
 
 def chunk_hash(seed: int, rows) -> np.ndarray:
@@ -320,9 +361,9 @@ def prepare_chunk_splits(out_dir: str, documents: Iterable, seq_len: int, separa
       counts[split] = _count_tokens(counts[split], rows[mask])
       writers[split].write(rows[mask])
 
-  _pack(packer, documents, chunk, write)
+  _, counted = _pack(packer, documents, chunk, write)
   held_out = np.concatenate(held_out) if held_out else np.zeros(0, bool)
-  row_documents = packer.row_documents()
+  row_documents, row_bytes = packer.row_documents(), packer.row_bytes()
   infos = {}
   for split, mask in (("train", ~held_out), ("validation", held_out)):
     documents_file, unigram_file = f"{split}-documents.npy", f"{split}-unigram.npy"
@@ -331,14 +372,22 @@ def prepare_chunk_splits(out_dir: str, documents: Iterable, seq_len: int, separa
     infos[split] = {**writers[split].close(), "tokens": int(counts[split].sum()),
                     "documents": int(np.unique(row_documents[mask]).size), "row_documents": documents_file,
                     "unigram": unigram_file}
+    if counted:
+      infos[split].update(_save_bytes(out_dir, split, row_bytes[mask]))
   return infos
+
+
+def _save_bytes(out_dir: str, split: str, row_bytes) -> dict:
+  """Writes a split's row byte counts; returns its metadata entries (the total and the file)."""
+  np.save(os.path.join(out_dir, f"{split}-bytes.npy"), np.asarray(row_bytes, np.int64))
+  return {"bytes": int(np.sum(row_bytes)), "row_bytes": f"{split}-bytes.npy"}
 
 
 def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, packing: str,
                   separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536) -> dict:
-  """Packs ``documents`` (an iterable of token arrays, or of ``Worded`` documents where the data set defines
+  """Packs ``documents`` (an iterable of token arrays, or of ``Document`` ones carrying their byte counts and
   words) into ``out_dir``'s shards of ``split``; returns the split's metadata entry (rows, tokens, documents,
-  shards, and for worded documents the words and the rows' word file)."""
+  shards, and where the documents carry them the words and bytes with the rows' word and byte files)."""
   packer = Packer(seq_len, packing, separator)
   writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
   counts = np.zeros(0, np.int64)
@@ -348,7 +397,7 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
     counts = _count_tokens(counts, rows)
     writer.write(rows)
 
-  worded = _pack(packer, documents, chunk, write)
+  worded, counted = _pack(packer, documents, chunk, write)
   documents_file = f"{split}-documents.npy"
   row_documents = packer.row_documents()
   np.save(os.path.join(out_dir, documents_file),
@@ -359,4 +408,6 @@ def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, p
   if worded:
     info.update(words=int(packer.row_words().sum()), row_words=f"{split}-words.npy")
     np.save(os.path.join(out_dir, info["row_words"]), packer.row_words())
+  if counted:
+    info.update(_save_bytes(out_dir, split, packer.row_bytes()))
   return info

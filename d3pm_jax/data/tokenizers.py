@@ -2,12 +2,18 @@
 text8's 27 characters, GPT-2's byte-level BPE and BERT's WordPiece. The corpus modules (``text8``, ``openwebtext``,
 ``lm1b``) import their tokenizer from here; this module imports none of them.
 
-Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``), a
-``fingerprint()`` (a SHA-256 of its definition) that prepared shards record, and ``text_bytes(ids)``: how many
-bytes of the original UTF-8 text the ids stand for, the denominator of bits per byte. It counts each token's own
-bytes, so a character cut by a window edge counts the bytes on each side, not a replacement character's three,
-and separators the tokenizer adds (GPT-2's ``<|endoftext|>``, BERT's ``[CLS]``/``[SEP]``) count 0. The corpus
-is handled as bytes, so a file that is not valid UTF-8 still round-trips.
+Each maps ``bytes -> np.ndarray[int32]`` and back, and has a ``name`` (the config's ``data.tokenizer``) and a
+``fingerprint()`` (a SHA-256 of its definition) that prepared shards record. ``encode_with_bytes(data)`` gives the
+ids and, beside them, how many bytes of the original UTF-8 text each token stands for: its own span of the text
+and the gap before it (whitespace the tokenizer drops, characters its normaliser removes), the last token also
+the text after it. A document's counts sum to exactly its UTF-8 length, whatever the tokenizer normalises (BERT's
+lower case, stripped accents, punctuation split off, ``[UNK]``; sentencepiece's NFKC), and separators the
+tokenizer adds (``[CLS]``, ``[SEP]``) count 0 (or the whitespace after the last piece). ``d3pm-prepare`` records
+them, summed per row, as the denominator of bits per byte. A ``lossless`` tokenizer's ids alone give its text, so
+``token_bytes()`` (bytes per id) counts exactly too: raw bytes, text8, GPT-2 and a sentencepiece model trained
+here; not WordPiece or a model without byte pieces, whose ids lose the original text. The corpus is handled as
+bytes, so a file that is not valid UTF-8 still round-trips (for the Hugging Face tokenizers it is decoded with
+U+FFFD first, and the counts are those of the decoded text).
 """
 from __future__ import annotations
 
@@ -40,6 +46,27 @@ def file_sha256(*paths: str) -> str:
   return digest.hexdigest()
 
 
+def char_byte_offsets(text: str) -> np.ndarray:
+  """int64 ``[chars + 1]``: where each character of ``text`` starts in its UTF-8 encoding, and the encoding's
+  length last (character offsets, as Hugging Face tokenizers give them, to byte offsets)."""
+  raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+  return np.append(np.flatnonzero((raw & 0xC0) != 0x80), raw.size)  # UTF-8 continuation bytes are 10xxxxxx
+
+
+def bytes_from_ends(ends_N, total: int) -> np.ndarray:
+  """int32 ``[N]``: the bytes of original text each of N tokens stands for, given where each ends in the text
+  (byte offsets): those after the previous token's end up to its own, so the gap before a token counts with it.
+  An end that does not move forward (a token added without text, such as ``[CLS]``/``[SEP]`` at offset 0, or a
+  second piece of one character) counts 0; the last token also takes the text after it, so the counts sum to
+  ``total``. No tokens, no counts: text a tokenizer drops entirely (only whitespace) stands for nothing."""
+  ends = np.maximum.accumulate(np.asarray(ends_N, np.int64).ravel()) if np.size(ends_N) else np.zeros(0, np.int64)
+  if ends.size:
+    if ends[-1] > total:
+      raise ValueError(f"a token ends at byte {ends[-1]} of a text of {total} bytes")
+    ends[-1] = total
+  return np.diff(ends, prepend=0).astype(np.int32)
+
+
 class HuggingFaceTokenizer:
   """What GPT-2's BPE and BERT's WordPiece share: a Hugging Face ``tokenizers`` object in ``self._tok``, defined
   by the files ``self.files`` (their SHA-256 is the fingerprint); text in, int32 ids out."""
@@ -58,19 +85,27 @@ class HuggingFaceTokenizer:
   def encode_batch(self, texts) -> list:
     return [np.asarray(e.ids, np.int32) for e in self._tok.encode_batch(list(texts))]
 
-  def text_bytes(self, ids) -> int:
-    """The sum of the ids' byte counts (``token_bytes``)."""
-    ids = np.asarray(ids, np.int64).ravel()
-    table = self.token_bytes()
-    if ids.size and (ids.min() < 0 or ids.max() >= table.size):
-      raise ValueError(f"{self.name} ids must lie in [0, {table.size}); got min {ids.min()}, max {ids.max()}")
-    return int(table[ids].sum())
+  def encode_with_bytes(self, data: bytes | str) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [n], bytes [n])``: the ids and the bytes of the original text each stands for (module docstring)."""
+    return self.encode_batch_with_bytes([data])[0]
+
+  def encode_batch_with_bytes(self, texts) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``encode_with_bytes`` of every text, tokenised as one batch."""
+    texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
+    return [self._counted(text, e) for text, e in zip(texts, self._tok.encode_batch(texts))]
+
+  def _counted(self, text: str, encoding) -> tuple[np.ndarray, np.ndarray]:
+    """From the encoding's offsets into ``text`` (characters of the original, before normalisation)."""
+    starts = char_byte_offsets(text)
+    ends = starts[np.asarray(encoding.offsets, np.int64).reshape(-1, 2)[:, 1]]
+    return np.asarray(encoding.ids, np.int32), bytes_from_ends(ends, int(starts[-1]))
 
 
 class ByteTokenizer:
   """Each byte is a token: vocab 256, lossless for any input."""
   name = "bytes"
   vocab_size = 256
+  lossless = True
 
   def fingerprint(self) -> str:
     return hashlib.sha256(b"bytes").hexdigest()
@@ -84,8 +119,12 @@ class ByteTokenizer:
       raise ValueError(f"byte ids must lie in [0, 256); got min {ids.min()}, max {ids.max()}")
     return ids.astype(np.uint8).tobytes()
 
-  def text_bytes(self, ids) -> int:
-    return int(np.size(ids))
+  def encode_with_bytes(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    ids = self.encode(data)
+    return ids, np.ones(ids.size, np.int32)
+
+  def token_bytes(self) -> np.ndarray:
+    return np.ones(self.vocab_size, np.int64)
 
 
 @dataclasses.dataclass
@@ -93,8 +132,9 @@ class SentencePieceTokenizer:
   """A sentencepiece model, loaded from ``model_path`` (a ``.model`` file). A model trained here
   (``SentencePieceTokenizer.train``) is lossless. One trained elsewhere without byte pieces (such as D3PM's LM1B
   model) is accepted as ``lossless = False``: text it has no pieces for becomes its unknown piece, bytes that are
-  not UTF-8 are refused, and decoding (and so ``text_bytes``) is the model's own decode (an unknown piece shows as
-  its " \u2047 ")."""
+  not UTF-8 are refused, and decoding is the model's own decode (an unknown piece shows as its " \u2047 "), so
+  its ids do not give the original text's bytes: ``encode_with_bytes`` takes them from the model's offsets into
+  the original text."""
   model_path: str
   name = "sentencepiece"
 
@@ -135,11 +175,7 @@ class SentencePieceTokenizer:
     """Valid UTF-8 goes through the model; bytes that are not valid UTF-8, and literal U+2581 (the model's own
     whitespace mark, which it would decode as a space), become byte-fallback pieces, so any input round-trips."""
     if not self.lossless:
-      try:
-        return np.asarray(self._sp.encode(data.decode("utf-8")), np.int32)
-      except UnicodeDecodeError as e:
-        raise ValueError(f"sentencepiece model {self.model_path!r} has no byte pieces, so it cannot encode bytes "
-                         f"that are not UTF-8 ({e}); use a model trained with byte fallback") from e
+      return np.asarray(self._sp.encode(self._utf8(data)), np.int32)
     ids = []
     for i, segment in enumerate(_RAW.split(data.decode("utf-8", errors="surrogateescape"))):
       if i % 2 == 0:
@@ -159,10 +195,35 @@ class SentencePieceTokenizer:
       return self._sp.decode([int(i) for i in ids.ravel()]).encode("utf-8")
     return b"".join(self._piece_bytes[i] for i in ids.tolist())
 
-  def text_bytes(self, ids) -> int:
-    """The decoded bytes: exact for a lossless model (identity normalisation, no dummy prefix, byte pieces are raw
-    bytes); for another, its own decode's bytes."""
-    return len(self.decode(ids))
+  def encode_with_bytes(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [n], bytes [n])``: a lossless model's pieces are the text's own bytes (identity normalisation, no
+    dummy prefix, byte pieces raw bytes), so each counts its length; another model's counts come from where each
+    piece ends in the original text (``bytes_from_ends``), as its normaliser (NFKC), dummy prefix and unknown
+    piece change the text its pieces spell."""
+    if self.lossless:
+      ids = self.encode(data)
+      return ids, self.token_bytes()[ids].astype(np.int32)
+    from sentencepiece import sentencepiece_pb2  # the serialised form: its API is the same in every 0.2 release
+    serialized = self._sp.encode(self._utf8(data), out_type="serialized_proto")
+    pieces = sentencepiece_pb2.SentencePieceText.FromString(serialized).pieces
+    return (np.array([p.id for p in pieces], np.int32),
+            bytes_from_ends([p.end for p in pieces], len(data)))  # offsets are bytes of the original input
+
+  def _utf8(self, data: bytes) -> str:
+    """``data`` as text for a model without byte pieces, which has no way to encode anything else."""
+    try:
+      return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"sentencepiece model {self.model_path!r} has no byte pieces, so it cannot encode bytes "
+                       f"that are not UTF-8 ({e}); use a model trained with byte fallback") from e
+
+  def token_bytes(self) -> np.ndarray:
+    """int64 ``[V]``: the bytes each piece stands for, for a lossless model (whose pieces spell the text exactly);
+    refused for another, whose pieces spell normalised text."""
+    if not self.lossless:
+      raise ValueError(f"sentencepiece model {self.model_path!r} has no byte pieces, so its pieces do not give the "
+                       f"original text's bytes; count them at encoding (encode_with_bytes)")
+    return np.array([len(p) for p in self._piece_bytes], np.int64)
 
   def _tables(self):
     self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
@@ -222,6 +283,7 @@ class Text8Tokenizer:
   """Characters to ids and back; any other byte is refused with its position."""
   vocab_size: int = len(TEXT8_ALPHABET)
   name = "text8"
+  lossless = True
 
   def encode(self, data: bytes) -> np.ndarray:
     table = np.full(256, -1, np.int32)
@@ -238,8 +300,12 @@ class Text8Tokenizer:
   def fingerprint(self) -> str:
     return hashlib.sha256(b"text8-chars:" + TEXT8_ALPHABET).hexdigest()
 
-  def text_bytes(self, ids) -> int:
-    return int(np.size(ids))  # every character is one ASCII byte
+  def encode_with_bytes(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    ids = self.encode(data)
+    return ids, np.ones(ids.size, np.int32)  # every character is one ASCII byte
+
+  def token_bytes(self) -> np.ndarray:
+    return np.ones(self.vocab_size, np.int64)
 
 
 def need_package(module: str, why: str, extra: str):
@@ -256,6 +322,7 @@ class Gpt2Tokenizer(HuggingFaceTokenizer):
   ``merges.txt``. Maps UTF-8 ``bytes`` to ids and back; ``eos_id`` is ``<|endoftext|>``."""
   path: str
   name = "gpt2"
+  lossless = True
 
   def __post_init__(self):
     hf_tokenizers = need_package("tokenizers", "GPT-2's tokenizer", "openwebtext")
@@ -290,6 +357,16 @@ class Gpt2Tokenizer(HuggingFaceTokenizer):
       self._token_bytes = table
     return self._token_bytes
 
+  def _counted(self, text: str, encoding) -> tuple[np.ndarray, np.ndarray]:
+    """Each piece's own bytes (exact even for pieces of one character) where they add up to the text's; else
+    (``<|endoftext|>`` written in the text, which the tokenizer matches as its special token, or a tokenizer file
+    that adds a prefix space) from the offsets."""
+    ids = np.asarray(encoding.ids, np.int32)
+    counts = self.token_bytes()[ids]
+    if counts.sum() == len(text.encode("utf-8")):
+      return ids, counts.astype(np.int32)
+    return super()._counted(text, encoding)
+
   @property
   def files(self) -> list[str]:
     return list(self._files)
@@ -303,6 +380,7 @@ class WordPieceTokenizer(HuggingFaceTokenizer):
   to itself), drops ``[CLS]``/``[PAD]`` and ends each sentence at ``[SEP]`` with a newline."""
   path: str
   name = "wordpiece"
+  lossless = False  # lower case, accents stripped, punctuation split off, [UNK]: the ids lose the original text
 
   def __post_init__(self):
     hf_tokenizers = need_package("tokenizers", "the WordPiece tokenizer", "lm1b")
@@ -319,26 +397,6 @@ class WordPieceTokenizer(HuggingFaceTokenizer):
   @property
   def files(self) -> list[str]:
     return [self.path]
-
-  def text_bytes(self, ids) -> int:
-    """The bytes of the normalised text the ids stand for (lower-cased, accents stripped, and CJK characters
-    split into words of their own by BERT's pre-tokenizer: all that WordPiece ids can express; LM1B's English
-    text is unchanged but for its case): each piece's own bytes (``##`` continuations without the marks), and
-    the space before a piece that starts a word after another piece of its sentence; ``[CLS]``, ``[SEP]`` and
-    ``[PAD]`` mark sentences and count 0. A window that starts mid-sentence does not count the space before its
-    first word."""
-    total, previous_piece = 0, False
-    for i in (int(i) for i in np.asarray(ids).ravel()):
-      if i in self._special:
-        previous_piece = False
-        continue
-      piece = self._tok.id_to_token(i)
-      if piece is None:
-        raise ValueError(f"WordPiece ids must lie in [0, {self.vocab_size}); got {i}")
-      continuation = piece.startswith("##")
-      total += len((piece[2:] if continuation else piece).encode("utf-8")) + (previous_piece and not continuation)
-      previous_piece = True
-    return total
 
   def decode(self, ids) -> bytes:
     ids = [int(i) for i in np.asarray(ids).ravel()]

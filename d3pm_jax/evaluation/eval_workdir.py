@@ -71,7 +71,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   tokens = weights.sum(axis=1)
   documents = None if data.val_documents is None else data.val_documents[rows]
   words = None if data.val_words is None else data.val_words[rows]
-  byte_counts = evaluate.window_bytes(data.tokenizer, windows, weights) if data.tokenizer is not None else None
+  byte_counts = window_bytes(data, rows)
   key = jax.random.PRNGKey(seed)
   first = _per_window(first_bound, params, key, windows, weights, segments,
                       batch, progress, "exact NLL" if pcfg.is_autoregressive else "continuous bound")
@@ -130,6 +130,20 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)
   return result
+
+
+def window_bytes(data: pipeline.Data, rows) -> np.ndarray | None:
+  """The bytes of original text each of ``data``'s validation ``rows`` stands for ``[N]`` (recorded when it was
+  prepared: ``pipeline.row_bytes``), the denominator of bits per byte; None for data without text (the synthetic
+  Markov source). Refuses shards that record none and whose ids cannot give them (WordPiece prepared before
+  byte counts were recorded), rather than report bits per byte over the wrong bytes."""
+  if data.tokenizer is None:
+    return None
+  if data.val_bytes is None:
+    raise ValueError(f"{data.info.get('prepared_dir')} records no byte counts (it was prepared before d3pm-prepare "
+                     f"recorded them) and {data.tokenizer.name} ids do not give the original text's bytes, so bits "
+                     f"per byte cannot be computed; prepare it again with d3pm-prepare")
+  return data.val_bytes[rows]
 
 
 def window_bounds(config, model, process, time_samples: int):

@@ -179,16 +179,6 @@ def frontier_at_entropy(points, entropy: float) -> float | None:
   return None
 
 
-def window_bytes(tokenizer, tokens_NxL, weights_NxL=None) -> np.ndarray:
-  """The bytes of original text each window stands for ``[N]`` (padding, weight 0, excluded): the denominator of
-  bits per byte, so byte-level and subword models compare on the same text. ``tokenizer.text_bytes`` counts each
-  token's own bytes (a character cut at the window's edge counts its bytes on this side; separators count 0;
-  ``data/tokenizers.py``)."""
-  tokens = np.asarray(tokens_NxL)
-  keep = np.ones(tokens.shape, bool) if weights_NxL is None else np.asarray(weights_NxL) > 0
-  return np.array([tokenizer.text_bytes(row[mask]) for row, mask in zip(tokens, keep)], np.int64)
-
-
 def infill(process: Process, logits_fn, key, windows_NxL, span_start: int, span_length: int,
            cfg: sampling.SamplerConfig, time_conditioned: bool = True) -> dict:
   """Holds out ``[span_start, span_start + span_length)`` of every window and fills it with the sampler, every
