@@ -510,17 +510,35 @@ def test_an_mdlm_checkpoint_fine_tunes_into_block_diffusion(tmp_path):
     train.train_and_evaluate(from_config(cfg, 256), str(tmp_path), quiet=True)
 
 
-def test_d3pm_eval_scores_a_block_diffusion_workdir_with_its_own_bound_and_prefix_completions(tmp_path):
-  """evaluate_workdir on a configs/test.py:bd3lm run: the bound is block diffusion's (its label names L'), every
-  window's bits are finite and positive, and prefix completion keeps the prompt's whole blocks and reports each
-  strategy; the table prints both."""
+def test_d3pm_eval_scores_a_block_diffusion_workdir_with_its_own_bound_and_prefix_completions(tmp_path,
+                                                                                             monkeypatch):
+  """evaluate_workdir on a configs/test.py:bd3lm run trained on the clipped window (0.3, 0.8): the bound is block
+  diffusion's (its label names L') over all of t, every window's bits are finite and positive, and prefix
+  completion keeps the prompt's whole blocks and reports each strategy; the table prints both. The block times
+  the bound draws (recorded as they are drawn: 16 windows x 4 blocks x K = 2) fall below 0.1 and above 0.9 and
+  put 5-15% in each tenth of [0, 1), as uniform draws do. Mutation: scoring on the training window (every time
+  inside [0.3, 0.8))."""
   from d3pm_jax.data import pipeline
   from d3pm_jax.evaluation import eval_workdir
   from d3pm_jax.training import checkpoints, train
-  exp = from_config(load_config("test", "bd3lm"), vocab_size=256)
-  train.train_and_evaluate(exp, str(tmp_path), quiet=True)
+  cfg = load_config("test", "bd3lm")
+  cfg.process.update(clip_low=0.3, clip_high=0.8)
+  train.train_and_evaluate(from_config(cfg, vocab_size=256), str(tmp_path), quiet=True)
+  drawn, block_times = [], losses.block_times
+
+  def recorded(*args, **kwargs):
+    t = block_times(*args, **kwargs)
+    jax.debug.callback(lambda v: drawn.append(np.asarray(v)), t)
+    return t
+
+  monkeypatch.setattr(losses, "block_times", recorded)
   result = eval_workdir.evaluate_workdir(str(tmp_path), time_samples=2, batch=8, max_windows=16, infill_windows=4,
                                          infill_steps=2)
+  monkeypatch.undo()
+  t = np.concatenate([x.ravel() for x in drawn])
+  assert t.size == 16 * 4 * 2 and t.min() < 0.1 and t.max() > 0.9, (t.size, t.min(), t.max())
+  tenths = np.bincount((t * 10).astype(int), minlength=10) / t.size
+  assert (tenths > 0.05).all() and (tenths < 0.15).all(), tenths
   assert result["bound"] == "block NELBO (L' = 4, K = 2)"
   nats = np.load(tmp_path / "eval_windows.npz")["nats"]
   assert len(nats) == 16 and np.isfinite(nats).all() and (nats > 0).all()
