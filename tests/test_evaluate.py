@@ -98,6 +98,27 @@ def test_summarize_counts_documents_and_falls_back_to_windows_for_one_stream():
   assert one_stream["bits_per_token_95"] == per_window["bits_per_token_95"]
 
 
+def test_a_report_says_its_interval_is_per_window_and_why_where_the_split_is_one_stream():
+  """``interval_statement`` (the ± sentence of d3pm-compare's report): over documents, naming the critical value
+  the summaries record, where the split has documents; over windows, saying that the split has none (one stream,
+  as text8's) and that the interval is narrower for it, where it has one; both where runs differ. A summary from
+  before the method was recorded keeps Student's t. Mutation: a report that says 'over documents' regardless."""
+  from d3pm_jax.evaluation import eval_workdir
+  nats, tokens = np.array([10.0, 14.0, 9.0, 13.0]), np.array([5, 7, 4, 6])
+  by_document = evaluate.summarize(nats, tokens, documents_N=[0, 0, 1, 1])
+  one_stream = evaluate.summarize(nats, tokens, documents_N=[3, 3, 3, 3])
+  statement = eval_workdir.interval_statement([by_document])
+  assert statement.startswith("± is a 95% interval over documents: ") and "random-effects model" in statement
+  statement = eval_workdir.interval_statement([one_stream])
+  assert statement.startswith("± is a 95% interval over windows: the split records no documents")
+  assert "text8" in statement and "narrower than one over documents" in statement
+  statement = eval_workdir.interval_statement([by_document, one_stream])
+  assert "over documents where a count of documents is given" in statement
+  assert "Elsewhere it is over windows" in statement
+  old = {k: v for k, v in by_document.items() if k != "interval_method"}
+  assert "Student's t over the effective number of documents" in eval_workdir.interval_statement([old])
+
+
 def test_ratio_interval_covers_the_true_ratio_95_percent_of_the_time():
   """2000 data sets of 200 sequences with random lengths and nats = rate * length + noise: the interval
   contains the true rate in 95% of them (binomial sd 0.5%, so 93.5% - 96.5%)."""

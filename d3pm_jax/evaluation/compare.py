@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from d3pm_jax.evaluation import evaluate, plots
-from d3pm_jax.evaluation.eval_workdir import evaluate_workdir
+from d3pm_jax.evaluation.eval_workdir import evaluate_workdir, interval_statement
 from d3pm_jax.models.transformer import Transformer, count_params
 from d3pm_jax.training import checkpoints, metrics, state, train
 
@@ -337,6 +337,7 @@ def format_report(summary: dict, results: dict) -> str:
   runs, machine = summary["runs"], summary["machine"]
   settings = summary["eval_settings"]
   listing = ", ".join(f"`{name}` ({run['config']})" for name, run in runs.items())
+  likelihoods = [r[key] for r in results.values() for key in ("likelihood", "continuous_bound") if key in r]
   lines = ["# Comparison of corruption processes", "",
            f"Runs {listing}, trained and evaluated by `d3pm-compare` on {machine['device']} ({machine['cpus']} CPUs, "
            f"{machine['platform']}, JAX {machine['jax']}, float32 matmul {machine['matmul_gflops']} GFLOP/s, measured "
@@ -344,12 +345,10 @@ def format_report(summary: dict, results: dict) -> str:
            f"same for every run: "
            + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + ".", "",
            f"## Likelihood on the {settings.get('split', 'validation')} split", "",
-           "± is a 95% interval over documents: windows cut from one document are not independent samples of "
-           "text, so the interval is cluster-robust (each document's sums are the units, leverage-corrected, "
-           "with Student's t over the effective number of documents: `evaluate.ratio_mean_interval`). The last "
-           "column is the run's bound minus the reference run's "
+           interval_statement(likelihoods) + " The last column is the run's bound minus the reference run's "
            f"(`{summary['reference']}`), paired window by window, with the interval of that difference over "
-           "documents.", "",
+           + ("documents." if {like.get("interval_over") for like in likelihoods} == {"documents"} else
+              "the same units."), "",
            "| run | process (loss) | bound | windows (documents) | bits/byte | perplexity / token | "
            "vs reference, bits/byte |",
            "|---|---|---|---|---|---|---|"]

@@ -341,6 +341,36 @@ def prefix_completion(config, model, params, process, data, *, num_steps: int, n
   return out
 
 
+# The critical value of each recorded ``interval_method`` (None: evaluations made before it was recorded).
+CRITICAL_VALUES = {
+    evaluate.INTERVAL_METHOD: "a critical value exact under a random-effects model fitted to the units, where "
+                              "Student's t would under-cover as a few large documents carry the estimate",
+    None: "Student's t over the effective number of documents",
+}
+PER_WINDOW = ("the split records no documents to cluster by (it is one stream of text, as text8's splits are), so "
+              "the windows are the units; neighbouring windows of one stream are not independent, so this interval "
+              "is narrower than one over documents would be")
+
+
+def interval_statement(likelihoods) -> str:
+  """What ± means in a report of ``likelihoods`` (``evaluate.summarize`` dicts): a 95% interval over documents
+  where the split has them, else over windows and why, and how its critical value was found."""
+  over = {like.get("interval_over", "sequences") for like in likelihoods}
+  methods = [m for m in CRITICAL_VALUES if m in {like.get("interval_method") for like in likelihoods}]
+  critical = CRITICAL_VALUES[methods[0]] + "".join(f"; for runs evaluated before, {CRITICAL_VALUES[m]}"
+                                                   for m in methods[1:])
+  by_document = (f"windows cut from one document are not independent samples of text, so the interval is "
+                 f"cluster-robust (each document's sums are the units, leverage-corrected, with {critical}: "
+                 f"`evaluate.ratio_mean_interval`).")
+  if over == {"documents"}:
+    return "± is a 95% interval over documents: " + by_document
+  per_window = f"over windows: {PER_WINDOW} (leverage-corrected, with {critical}: `evaluate.ratio_mean_interval`)."
+  if over == {"sequences"}:
+    return "± is a 95% interval " + per_window
+  return ("± is a 95% interval over documents where a count of documents is given: " + by_document
+          + " Elsewhere it is " + per_window)
+
+
 def format_table(result: dict) -> str:
   def row(name, s):
     per_byte = f"{s['bits_per_byte']:.4f} ± {s['bits_per_byte_95']:.4f}" if "bits_per_byte" in s else "-"
@@ -354,7 +384,8 @@ def format_table(result: dict) -> str:
            f"{result['settings'].get('split', 'validation')} windows, "
            f"{like_all['tokens']} tokens"
            + (f", {like_all['documents']} documents" if like_all.get("documents") is not None else "")
-           + f"; ± is a 95% interval over {like_all.get('interval_over', 'sequences')}",
+           + ("; ± is a 95% interval over documents" if like_all.get("interval_over") == "documents" else
+              f"; ± is a 95% interval over windows: {PER_WINDOW}"),
            f"{'bound':<34s} {'bits/token':>17s}  {'bits/byte':>17s}  {'perplexity (per token)':>26s}",
            row(result["bound"][:34], result["likelihood"])]
   for name, s in (("bound", result["likelihood"]), ("continuous-time bound", result.get("continuous_bound"))):
