@@ -6,7 +6,9 @@
 For each sampler: network calls per sample (NFE), tokens/s (compilation excluded), generative perplexity under
 the AR evaluator (with its 95% interval over samples) and the samples' unigram entropy (bits), at the model's
 own length L:
-  ancestral at 64, 256 and 512 steps (capped at 4L), first-hitting (one call per token), threshold decoding at
+  ancestral at 64, 256 and 512 steps (capped at 4L), and with --blocks semi-AR blocks of 512 / blocks steps each
+  without a cache and with the dual cache (the same blocks and cache as threshold decoding's, so that its speed-up
+  splits into the blocks', the cache's and the tokens a call's), first-hitting (one call per token), threshold decoding at
   tau 0.5 / 0.7 / 0.9 in --blocks semi-AR blocks without a cache and with the prefix and dual caches, and with
   the dual cache at rank noise 1000 (the one position decoded beside those above tau in random order), and ReMDM
   (remask='cap', eta 0.02) at L and 2L steps, with confidence weighting and as the loop (alpha_on 0.9 held for
@@ -18,18 +20,24 @@ and the same with configs/stdlib_ar.py into /tmp/ar_512 (about 12 and 10 minutes
 Target (issue 24): threshold decoding with the DualCache at >= 4x the tokens/s of 512-step ancestral sampling
 at a gen-ppl within 10% of it. Read gen-ppl beside entropy: lower entropy buys lower gen-ppl.
 --temperatures (e.g. 0.9,0.97,1.05) runs every chosen sampler at each temperature and then prints its gen-ppl at
-the validation text's unigram entropy, interpolated along that temperature frontier
-(``evaluate.frontier_at_entropy``, as d3pm-eval's --frontier reads it), or says that the sweep does not bracket
-that entropy: samplers compared there no longer trade diversity for gen-ppl. Sweep three temperatures or more
-around 1: on the stdlib models 0.9 to 1.05 moves the entropy by about half a bit, and a two-point reading was off
-by up to 7%. Every row draws with the same key, so a row prints the same figures whichever others run beside it.
+the data's unigram entropy measured at the samples' size (``evaluate.entropy_mark``: as many validation windows as
+samples, over random draws; the whole split's plug-in entropy reads higher), interpolated between neighbouring
+temperatures of that frontier, with a bootstrap interval over the samples and the mark's draws
+(``evaluate.frontier_reading``, as d3pm-eval's --frontier reads it), or says that the sweep does not bracket that
+entropy, and says so where the sweep's entropy does not rise with temperature. Sweep three temperatures or more
+around 1: on the stdlib models 0.9 to 1.05 moves the entropy by about half a bit. Every row draws with the same
+key, so a row prints the same figures whichever others run beside it, and each row's samples pair with the first
+row's at the same temperature: the last column is the ratio of the two gen-ppls from the paired per-sample
+differences (``evaluate.paired_gen_ppl_ratio``), its 95% interval, "indistinguishable" where that holds 1, and
+the pairs that would narrow it to a 10% difference.
 --only TEXT keeps the samplers whose label contains TEXT; repeat it for several (labels hold commas, so one
 value is one piece of a label). --only TEXT=T,... also gives those samplers their own temperatures, in place of
 --temperatures (--only TEXT= runs them once, at T 1, outside the sweep), so that two samplers whose frontiers lie
 at different temperatures sweep in one process, e.g.
     --only "ancestral 512=0.95,1,1.05" --only "threshold 0.9 rank noise 1000=0.8,0.9,1" --blocks 16
 (the README's issue-24 reading: confidence order collapses these models' samples unless drawn hot, while rank
-noise 1000 decodes the forced position at random and reads below ancestral's frontier at 5.4x its tokens/s).
+noise 1000 decodes the forced position at random and runs at 5.4x its tokens/s at a gen-ppl that 16 samples do not
+tell from ancestral's).
 """
 from __future__ import annotations
 
@@ -58,6 +66,11 @@ def settings(length: int, blocks: int, quick: bool):
   """(label, SamplerConfig) pairs."""
   steps = sorted({min(n, 4 * length) for n in ((16,) if quick else (64, 256, 512))})
   rows = [(f"ancestral {n} steps", sampling.SamplerConfig(num_steps=n)) for n in steps]
+  if blocks > 1:  # threshold decoding's blocks and caches under ancestral steps: the parts of its speed-up
+    per_block = max(1, max(steps) // blocks)
+    for cache, named in (("none", ""), ("dual", ", dual cache")):  # not "cache dual": --only picks threshold's
+      rows.append((f"ancestral {per_block} steps x {blocks} blocks{named}",
+                   sampling.SamplerConfig(num_steps=per_block, num_blocks=blocks, cache=cache)))
   rows.append(("first-hitting", sampling.SamplerConfig(strategy="first_hitting")))
   for tau in ((0.7,) if quick else (0.5, 0.7, 0.9)):
     for cache in ("none", "prefix", "dual"):
@@ -151,14 +164,18 @@ def main():
   print(f"{args.workdir} (step {step}), L = {length}, {batch} samples; evaluator {args.evaluator}")
   logits_fn = lambda p, x, t: model.apply({"params": p}, x, t)
   rows = select(settings(length, args.blocks, args.quick), only, temperatures)
-  data_entropy = None
+  mark = None
   if any(label != sampler_label for label, _, sampler_label in rows):  # a temperature sweep
     data = pipeline.build_data(config.data, config.train.batch_size, config.train.seed, args.workdir)
-    data_entropy = evaluate.validation_entropy(data, config.model.vocab_size)
-    print(f"validation text's unigram entropy: {data_entropy:.3f} bits")
+    mark = evaluate.entropy_mark(data.val_windows, data.val_weights, config.model.vocab_size,
+                                 min(batch, data.val_windows.shape[0]))
+    print(f"the data's unigram entropy at {mark['windows']} windows (the samples' size): {mark['mean']:.3f} +- "
+          f"{mark['std']:.3f} bits over random draws ({mark['whole_split']:.3f} over the whole split)")
   width = max(len(label) for label, _, _ in rows)
-  print(f"{'sampler':<{width}s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}")
-  frontier = {}
+  reference = rows[0][2]  # the first ancestral row: every row is compared with it at the same temperature
+  print(f"{'sampler':<{width}s} {'NFE':>6s} {'tokens/s':>9s} {'gen-ppl':>22s} {'entropy':>8s}   "
+        f"gen-ppl / {reference}'s, paired by key [95%] (pairs to resolve 10%)")
+  frontier, nats_by_temperature = {}, {}
   for label, cfg, sampler_label in rows:
     run = jax.jit(lambda p, key, cfg=cfg: sampling.sample_with_nfe(
         process, lambda x, t: logits_fn(p, x, t), key, batch, length, cfg,
@@ -168,21 +185,39 @@ def main():
     start = time.perf_counter()
     tokens, nfe = jax.block_until_ready(compiled(params, key))
     seconds = time.perf_counter() - start
-    quality = evaluate.generative_perplexity(np.asarray(tokens), score, num_tokens)
+    tokens = np.asarray(tokens)
+    nats = np.asarray(score(tokens), np.float64)
+    quality = evaluate.generative_perplexity(tokens, lambda _: nats, num_tokens)
     ppl = f"{quality['gen_ppl']:.2f} [{quality['gen_ppl_95'][0]:.2f}, {quality['gen_ppl_95'][1]:.2f}]"
+    paired = ""
+    base = nats_by_temperature.setdefault(cfg.temperature, nats) if sampler_label == reference else \
+        nats_by_temperature.get(cfg.temperature)
+    if base is not None and sampler_label != reference and batch > 1:
+      p = evaluate.paired_gen_ppl_ratio(nats, base, length)
+      paired = (f"   {p['ratio']:.3f} [{p['ratio_95'][0]:.3f}, {p['ratio_95'][1]:.3f}]"
+                f"{'' if p['resolved'] else ' indistinguishable'} ({p['pairs_to_resolve']})")
     print(f"{label:<{width}s} {float(np.mean(nfe)):6.1f} {batch * length / seconds:9.1f} {ppl:>22s} "
-          f"{quality['unigram_entropy']:8.3f}", flush=True)
+          f"{quality['unigram_entropy']:8.3f}{paired}", flush=True)
     if label != sampler_label:
-      frontier.setdefault(sampler_label, []).append((quality["unigram_entropy"], quality["gen_ppl"]))
-  if data_entropy is None:
+      frontier.setdefault(sampler_label, []).append((cfg.temperature, tokens, nats))
+  if mark is None:
     return
-  for entropy, whose in [(data_entropy, "the data's entropy")] + [(h, "entropy") for h in at_entropies]:
-    print(f"gen-ppl at {whose} ({entropy:.3f} bits), along each sampler's temperature frontier:")
-    for sampler_label, points in frontier.items():
-      at = evaluate.frontier_at_entropy(points, entropy)
-      span = f"{min(h for h, _ in points):.3f}-{max(h for h, _ in points):.3f}"
-      print(f"  {sampler_label:<{width - 2}s} " + (f"{at:.2f}" if at is not None else
-                                          f"not bracketed (the sweep's entropies span {span} bits)"), flush=True)
+  for entropy, whose in [(None, "the data's entropy")] + [(h, "entropy") for h in at_entropies]:
+    at_mark = mark if entropy is None else {**mark, "mean": entropy, "draws": np.array([entropy]),
+                                            "resampled_draws": mark["resampled_draws"] - mark["mean"] + entropy}
+    print(f"gen-ppl at {whose} ({at_mark['mean']:.3f} bits), along each sampler's temperature frontier "
+          f"[95% bootstrap over samples{' and the mark' if entropy is None else ''}]:")
+    for sampler_label, sweep in frontier.items():
+      sweep = sorted(sweep, key=lambda entry: entry[0])
+      reading = evaluate.frontier_reading([(t, n) for _, t, n in sweep], config.model.vocab_size, at_mark)
+      span = f"{min(reading['entropies']):.3f}-{max(reading['entropies']):.3f}"
+      lo, hi = reading["gen_ppl_95"]
+      text = (f"{reading['gen_ppl']:.2f} [{'below' if lo is None else f'{lo:.2f}'}, "
+              f"{'above' if hi is None else f'{hi:.2f}'}]" if reading["gen_ppl"] is not None
+              else f"not bracketed (the sweep's entropies span {span} bits)")
+      if not reading["monotone"]:
+        text += " (entropy does not rise with temperature here: only neighbouring temperatures are joined)"
+      print(f"  {sampler_label:<{width - 2}s} {text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ RUNS = {
                      "--only", "rank noise", "--only", "ReMDM", "--at-entropy", "1.5"],
                     ("threshold 0.7, 2 blocks, cache dual, T 1.5", "\nfirst-hitting ", "ReMDM cap 0.02",
                      "\nthreshold 0.7 rank noise 1000, 2 blocks, cache dual ",
-                     "gen-ppl at entropy (1.500 bits), along each sampler's temperature frontier:\n"
-                     "  threshold 0.7, 2 blocks, cache dual ")),
+                     "gen-ppl at entropy (1.500 bits), along each sampler's temperature frontier [95% bootstrap "
+                     "over samples]:\n  threshold 0.7, 2 blocks, cache dual ",
+                     "\nancestral 8 steps x 2 blocks, dual cache ", "paired by key")),
     "data.py": (["--batches", "5", "--steps", "1"], "pipeline / train step"),
     # Its compiles are the paper configs' (tests/test_paper_targets.py); here it renders the kept reports.
     "compile_table.py": (["--render-only"], "| `owt_md4_small` | `tpu:v5e-256` |"),

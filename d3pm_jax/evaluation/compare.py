@@ -415,8 +415,16 @@ def format_report(summary: dict, results: dict) -> str:
               f"{sorted({p['top_p'] for p in first['points'] if p['top_p'] < 1})} (temperature 1), "
               f"{summary['eval_settings']['frontier_steps']} steps for diffusion runs (a block, for block diffusion); "
               "the table reads each run's temperature frontier at the "
-              f"validation text's own unigram entropy ({first['data_entropy']:.3f} bits), interpolating log gen-ppl "
-              "between the two sweep points that bracket it (`frontier.png`)."]
+              + (f"validation text's own unigram entropy ({first['data_entropy']:.3f} bits)"
+                 if "data_entropy_std" not in first else
+                 f"data's unigram entropy at the samples' size ({first['data_entropy']:.3f} ± "
+                 f"{first['data_entropy_std']:.3f} bits over random draws of {first['data_entropy_windows']} "
+                 f"validation windows; the whole split reads {first['data_entropy_whole_split']:.3f}, as a plug-in "
+                 "entropy's bias falls with the tokens counted)")
+              + (", interpolating log gen-ppl between the two sweep points that bracket it (`frontier.png`)."
+                 if "data_entropy_std" not in first else  # a report from before the mark: as it was written
+                 ", interpolating log gen-ppl between two neighbouring sweep points that bracket it (`frontier.png`); "
+                 "the interval is a bootstrap over each point's samples and the mark's draws.")]
     if "evaluator_own_samples" in first:
       own = first["evaluator_own_samples"]
       lines.append(f"The AR evaluator's own samples at temperature 1 score gen-ppl {own['gen_ppl']:.2f} at entropy "
@@ -428,7 +436,13 @@ def format_report(summary: dict, results: dict) -> str:
       tempered = [p for p in fr["points"] if p["top_p"] == 1.0]
       low, high = min(p["unigram_entropy"] for p in tempered), max(p["unigram_entropy"] for p in tempered)
       plain = next((p["gen_ppl"] for p in tempered if p["temperature"] == 1.0), None)
-      lines.append(f"| {name} | {f'{at:.2f}' if at is not None else 'outside the sweep'} | "
+      reading = f"{at:.2f}" if at is not None else "outside the sweep"
+      if at is not None and "gen_ppl_at_data_entropy_95" in fr:
+        lo, hi = fr["gen_ppl_at_data_entropy_95"]
+        reading += f" [{'below the sweep' if lo is None else f'{lo:.2f}'}, {'above it' if hi is None else f'{hi:.2f}'}]"
+      if fr.get("frontier_monotone") is False:
+        reading += " (entropy not monotone in temperature)"
+      lines.append(f"| {name} | {reading} | "
                    f"{low:.3f} - {high:.3f} | {f'{plain:.2f}' if plain is not None else '-'} |")
   infill = {n: r["infilling"] for n, r in results.items() if "infilling" in r}
   if infill:

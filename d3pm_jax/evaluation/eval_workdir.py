@@ -114,8 +114,7 @@ def evaluate_workdir(workdir: str, *, time_samples: int = 16, batch: int = 32, m
   if scorer is not None and frontier:
     result["frontier"] = generation_frontier(
         config, model, process, params, scorer, frontier_steps, frontier_temperatures, frontier_top_p,
-        num_samples, seed, data_entropy=evaluate.validation_entropy(data, config.model.vocab_size),
-        evaluator_workdir=evaluator, sampler=sampler)
+        num_samples, seed, data=data, evaluator_workdir=evaluator, sampler=sampler)
     plots.frontier(os.path.join(workdir, "frontier.png"),
                    {os.path.basename(workdir.rstrip("/")) or workdir: result["frontier"]})
   if pcfg.block_size and infill_windows > 0:  # blocks condition on the left only: continue prefixes instead
@@ -225,6 +224,34 @@ def load_evaluator(config, evaluator_workdir: str):
   return (lambda tokens: nll(ev_params, jnp.asarray(tokens, jnp.int32))), ev_config.model.vocab_size - 1, info
 
 
+def mark_text(fr: dict) -> str:
+  """The mark a frontier is read at, as words: the data's entropy at the samples' size, its spread, and the whole
+  split's (``generation_frontier``); a frontier from before the mark was measured so names only its value."""
+  if fr.get("data_entropy") is None:
+    return "no validation text to mark the data's entropy"
+  if "data_entropy_std" not in fr:
+    return f"validation text's unigram entropy {fr['data_entropy']:.3f} bits"
+  return (f"the data's unigram entropy at {fr['data_entropy_windows']} windows, the samples' size: "
+          f"{fr['data_entropy']:.3f} ± {fr['data_entropy_std']:.3f} bits over random draws; "
+          f"{fr['data_entropy_whole_split']:.3f} over the whole split")
+
+
+def reading_text(fr: dict) -> str:
+  """The frontier's gen-ppl at the mark with its bootstrap interval, or why there is none; and a warning where the
+  sweep's entropy does not rise with temperature."""
+  at = fr.get("gen_ppl_at_data_entropy")
+  if at is None:
+    text = "outside the swept range"
+  elif "gen_ppl_at_data_entropy_95" in fr:
+    lo, hi = fr["gen_ppl_at_data_entropy_95"]
+    text = f"{at:.3f} [{'below the sweep' if lo is None else f'{lo:.3f}'}, {'above it' if hi is None else f'{hi:.3f}'}]"
+  else:
+    text = f"{at:.3f}"
+  if fr.get("frontier_monotone") is False:
+    text += " (the sweep's entropy does not rise with temperature: read neighbouring temperatures only)"
+  return text
+
+
 def generation_quality(config, model, process, params, evaluator, step_counts, num_samples: int,
                        seed: int = 0, sampler: dict | None = None) -> tuple[dict, dict]:
   """Samples ``num_samples`` sequences at each step count and scores them with ``evaluator`` (``load_evaluator``'s
@@ -248,30 +275,42 @@ def generation_quality(config, model, process, params, evaluator, step_counts, n
 
 
 def generation_frontier(config, model, process, params, evaluator, steps: int, temperatures, top_ps,
-                        num_samples: int, seed: int = 0, data_entropy: float | None = None,
-                        evaluator_workdir: str | None = None, sampler: dict | None = None) -> dict:
+                        num_samples: int, seed: int = 0, data=None, evaluator_workdir: str | None = None,
+                        sampler: dict | None = None) -> dict:
   """Generative perplexity against the samples' unigram entropy as temperature sweeps (at nucleus 1) and as the
   nucleus sweeps (at temperature 1): a lower temperature buys gen-ppl with diversity, so one point ranks samplers
   unfairly, and a frontier compares them at equal entropy. ``steps`` sampling steps (an AR model decodes one
-  token per step). Returns the points, ``data_entropy`` (the validation text's unigram entropy), the gen-ppl
-  interpolated along the temperature frontier at that entropy (``evaluate.frontier_at_entropy``; None outside
-  the swept range), and with ``evaluator_workdir`` the AR evaluator's own samples at temperature 1, scored by
-  itself: the marks a sampler's frontier is read against. ``sampler``: more ``SamplerConfig`` fields."""
+  token per step). Returns the points and, given ``data`` (its validation split), the mark they are read at: the
+  data's entropy at the points' own size (``evaluate.entropy_mark``: ``num_samples`` windows, 'data_entropy' its
+  mean, 'data_entropy_std' its spread over draws, 'data_entropy_whole_split' the whole split's, which reads
+  higher), the gen-ppl along the temperature frontier at it with a bootstrap interval over samples
+  (``evaluate.frontier_reading``; None outside the sweep) and whether the frontier's entropy rises with
+  temperature ('frontier_monotone'). With ``evaluator_workdir``, the AR evaluator's own samples at temperature
+  1, scored by itself. ``sampler``: more ``SamplerConfig`` fields."""
   score, num_tokens, info = evaluator
   length = config.data.seq_len
   sweeps = [(float(t), 1.0) for t in temperatures] + [(1.0, float(p)) for p in top_ps if p < 1.0]
-  points = []
+  points, tempered = [], []
   for k, (temperature, top_p) in enumerate(sweeps):
     draw = state.make_sampler(config, model, process, length if process is None else steps, num_samples,
                               temperature=temperature, top_p=top_p, options=sampler)
     tokens = np.asarray(draw(params, jax.random.PRNGKey(seed + 1000 + k)))
+    nats_N = np.asarray(score(tokens), np.float64)
     points.append({"temperature": temperature, "top_p": top_p,
-                   **evaluate.generative_perplexity(tokens, score, num_tokens)})
+                   **evaluate.generative_perplexity(tokens, lambda _, nats_N=nats_N: nats_N, num_tokens)})
+    if top_p == 1.0:
+      tempered.append((temperature, tokens, nats_N))
   out = {"steps": length if process is None else steps, "samples": num_samples, "points": points,
-         "evaluator": info, "data_entropy": data_entropy}
-  tempered = [(p["unigram_entropy"], p["gen_ppl"]) for p in points if p["top_p"] == 1.0]
-  out["gen_ppl_at_data_entropy"] = (None if data_entropy is None else
-                                    evaluate.frontier_at_entropy(tempered, data_entropy))
+         "evaluator": info, "data_entropy": None, "gen_ppl_at_data_entropy": None}
+  if data is not None and tempered:
+    windows = min(num_samples, data.val_windows.shape[0])
+    mark = evaluate.entropy_mark(data.val_windows, data.val_weights, config.model.vocab_size, windows, seed=seed)
+    tempered.sort(key=lambda entry: entry[0])
+    reading = evaluate.frontier_reading([(t, n) for _, t, n in tempered], config.model.vocab_size, mark,
+                                        seed=seed)
+    out.update(data_entropy=mark["mean"], data_entropy_std=mark["std"], data_entropy_windows=mark["windows"],
+               data_entropy_whole_split=mark["whole_split"], gen_ppl_at_data_entropy=reading["gen_ppl"],
+               gen_ppl_at_data_entropy_95=list(reading["gen_ppl_95"]), frontier_monotone=reading["monotone"])
   if evaluator_workdir:
     ev_config = checkpoints.load_experiment(evaluator_workdir)
     ev_params, _ = checkpoints.restore_params(evaluator_workdir, ev_config)
@@ -407,14 +446,11 @@ def format_table(result: dict) -> str:
                    f"{g['unigram_entropy']:.3f} bits, {g['samples_per_second']:.2f} samples/s")
   if "frontier" in result:
     fr = result["frontier"]
-    lines.append(f"frontier at {fr['steps']} steps, {fr['samples']} samples each (validation text's unigram entropy "
-                 f"{fr['data_entropy']:.3f} bits):")
+    lines.append(f"frontier at {fr['steps']} steps, {fr['samples']} samples each ({mark_text(fr)}):")
     for p in fr["points"]:
       lines.append(f"  temperature {p['temperature']:.2f}, top_p {p['top_p']:.2f}: gen-ppl {p['gen_ppl']:9.3f}, "
                    f"unigram entropy {p['unigram_entropy']:.3f} bits")
-    at = fr["gen_ppl_at_data_entropy"]
-    lines.append("  gen-ppl at the data's entropy: " + (f"{at:.3f}" if at is not None else
-                                                         "outside the swept range"))
+    lines.append(f"  gen-ppl at the data's entropy: {reading_text(fr)}")
     if "evaluator_own_samples" in fr:
       own = fr["evaluator_own_samples"]
       lines.append(f"  the evaluator's own samples: gen-ppl {own['gen_ppl']:.3f}, unigram entropy "

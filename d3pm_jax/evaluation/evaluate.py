@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 import scipy.special
+import scipy.stats
 
 from d3pm_jax import _checks, losses, sampling
 from d3pm_jax.processes import AbsorbingProcess, Process
@@ -259,25 +260,120 @@ def generative_perplexity(tokens_NxL, evaluator_nll_fn, vocab_size: int) -> dict
           "unigram_entropy": sampling.unigram_entropy(tokens, vocab_size), "samples": int(tokens.shape[0])}
 
 
+def paired_gen_ppl_ratio(nats_a_N, nats_b_N, tokens_per_sample: int, level: float = 0.95,
+                         resolve: float = 0.10) -> dict:
+  """Sampler A's generative perplexity over sampler B's from paired samples (sample i of each drawn with the same
+  key, or from the same prompt), where the pairing cancels what the two share: the ratio exp(mean(d) / L) of the
+  per-sample nats' differences d, exactly the ratio of the two gen-ppls, with a Student-t interval on mean(d)
+  (N - 1 degrees of freedom), whether it excludes 1 ('resolved'), and how many pairs would narrow the interval's
+  half-width to a ``resolve`` (10%) difference at this spread: t^2 sd^2 / log(1 + resolve)^2, d in nats a token."""
+  a, b = np.asarray(nats_a_N, np.float64), np.asarray(nats_b_N, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+    raise ValueError(f"paired samples need two [N] arrays of the same N >= 2; got shapes {a.shape} and {b.shape}")
+  d = (a - b) / tokens_per_sample
+  t = scipy.stats.t.ppf(0.5 + level / 2, d.size - 1)
+  half = t * d.std(ddof=1) / math.sqrt(d.size)
+  lo, hi = math.exp(d.mean() - half), math.exp(d.mean() + half)
+  needed = math.ceil((t * d.std(ddof=1) / math.log1p(resolve)) ** 2)
+  return {"ratio": math.exp(d.mean()), "ratio_95": (lo, hi), "resolved": not lo <= 1.0 <= hi,
+          "pairs": int(d.size), "pairs_to_resolve": needed}
+
+
 def validation_entropy(data, vocab_size: int) -> float:
-  """The unigram entropy (bits) of ``data``'s validation text, padding excluded: the mark at which samplers'
-  frontiers are read (``frontier_at_entropy``)."""
+  """The unigram entropy (bits) of ``data``'s whole validation text, padding excluded. A frontier is read at
+  ``entropy_mark`` instead: the plug-in entropy of a sample is biased low by about (V - 1) / (2 n ln 2) bits for
+  n tokens, so the whole split reads higher than any batch of samples the size of a frontier's points."""
   return sampling.unigram_entropy(data.val_windows[data.val_weights > 0], vocab_size)
+
+
+def entropy_mark(windows_NxL, weights_NxL, vocab_size: int, num_windows: int, draws: int = 200,
+                 seed: int = 0) -> dict:
+  """The data's unigram entropy (bits) measured as a frontier's points measure theirs: the plug-in entropy of
+  ``num_windows`` validation windows (the samples a point holds, of the same length) drawn at random without
+  replacement, over ``draws`` draws, padding excluded. Returns its 'mean' and 'std' over the draws, the 'draws'
+  themselves, 'resampled_draws' (each draw's windows redrawn with replacement, as ``frontier_reading``'s bootstrap
+  redraws a point's samples: the repeats lower a plug-in entropy, so its replicates compare like with like),
+  'windows' and the 'whole_split' plug-in entropy."""
+  windows, weights = np.asarray(windows_NxL), np.asarray(weights_NxL) > 0
+  available = windows.shape[0]
+  if not 1 <= num_windows <= available:
+    raise ValueError(f"the entropy mark draws num_windows={num_windows} validation windows of {available}; "
+                     f"give 1 <= num_windows <= {available}")
+  rng = np.random.default_rng(seed)
+  entropy = lambda rows: sampling.unigram_entropy(windows[rows][weights[rows]], vocab_size)
+  values, resampled = [], []
+  for _ in range(draws):
+    rows = rng.choice(available, num_windows, replace=False)
+    values.append(entropy(rows))
+    resampled.append(entropy(rng.choice(rows, num_windows, replace=True)))
+  values = np.array(values)
+  return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if draws > 1 else 0.0,
+          "draws": values, "resampled_draws": np.array(resampled), "windows": int(num_windows),
+          "whole_split": sampling.unigram_entropy(windows[weights], vocab_size)}
+
+
+def frontier_is_monotone(entropies) -> bool:
+  """Whether a sweep's unigram entropies, in the order of rising temperature, rise (non-strictly)."""
+  values = [float(h) for h in entropies]
+  return all(b >= a for a, b in zip(values, values[1:]))
 
 
 def frontier_at_entropy(points, entropy: float) -> float | None:
   """Generative perplexity at unigram ``entropy`` along a sampler's frontier: ``points`` are ``(entropy,
-  gen_ppl)`` pairs from a sweep of temperature (or nucleus), sorted by entropy and interpolated linearly in
-  log gen-ppl between the two that bracket ``entropy``; None when no two do. Comparing samplers at the data's own
-  entropy removes the trade a lower temperature makes of diversity for gen-ppl."""
-  pairs = sorted((float(h), float(p)) for h, p in points)
+  gen_ppl)`` pairs in the order of the sweep (rising temperature, or nucleus), interpolated linearly in log
+  gen-ppl between two neighbouring points that bracket ``entropy`` (the first such pair); None when none do.
+  Only neighbours are paired: where sampling noise breaks the entropy's rise (``frontier_is_monotone``), points
+  from non-adjacent temperatures are never joined. Comparing samplers at the data's own entropy removes the trade
+  a lower temperature makes of diversity for gen-ppl."""
+  pairs = [(float(h), float(p)) for h, p in points]
   for (h0, p0), (h1, p1) in zip(pairs, pairs[1:]):
-    if h0 <= entropy <= h1:
+    if min(h0, h1) <= entropy <= max(h0, h1):
       if h1 == h0:
         return math.exp((math.log(p0) + math.log(p1)) / 2)
       w = (entropy - h0) / (h1 - h0)
       return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
   return None
+
+
+def frontier_reading(sweep, vocab_size: int, mark: dict, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+  """A temperature frontier read at the data's entropy ``mark`` (``entropy_mark``), with a bootstrap interval.
+
+  ``sweep``: ``(tokens_NxL, nats_N)`` per point, in the order of rising temperature (each point's samples and the
+  evaluator's nats of each). The reading is ``frontier_at_entropy`` of the points at the mark's mean. Each of
+  ``resamples`` bootstrap replicates redraws every point's samples with replacement (their entropy and gen-ppl
+  both move) and the mark from its draws redrawn the same way (``entropy_mark``'s 'resampled_draws': a bootstrap
+  replicate repeats samples, which lowers the points' plug-in entropies as much), then reads again; the interval
+  is the replicates' central ``level``,
+  an end None (unbounded) where more than its tail of the replicates fall outside the sweep. Returns 'gen_ppl',
+  'gen_ppl_95', 'bracketed' (the share of replicates the sweep brackets) and 'monotone'."""
+  rng = np.random.default_rng(seed)
+  tokens = [np.asarray(t) for t, _ in sweep]
+  nats = [np.asarray(n, np.float64) for _, n in sweep]
+
+  def point(t_NxL, n_N):
+    return sampling.unigram_entropy(t_NxL, vocab_size), math.exp(n_N.sum() / t_NxL.size)
+
+  points = [point(t, n) for t, n in zip(tokens, nats)]
+  reading = frontier_at_entropy(points, mark["mean"])
+  logs = []  # log gen-ppl of each replicate; -inf / +inf where its mark lies below / above its whole sweep
+  for _ in range(resamples):
+    drawn = [point(t[rows], n[rows]) for t, n in zip(tokens, nats)
+             for rows in (rng.integers(0, t.shape[0], t.shape[0]),)]
+    at = float(rng.choice(mark["resampled_draws"]))
+    value = frontier_at_entropy(drawn, at)
+    logs.append(math.log(value) if value is not None else
+                (-math.inf if at < min(h for h, _ in drawn) else math.inf))
+  logs = np.array(logs)
+  tail = (1.0 - level) / 2
+  # Order statistics, not interpolated between them (an end may be infinite), each taken outward.
+  lo = np.quantile(logs, tail, method="lower") if resamples else math.nan
+  hi = np.quantile(logs, 1.0 - tail, method="higher") if resamples else math.nan
+  return {"gen_ppl": reading,
+          "gen_ppl_95": (math.exp(lo) if np.isfinite(lo) else None, math.exp(hi) if np.isfinite(hi) else None),
+          "monotone": frontier_is_monotone([h for h, _ in points]),
+          "bracketed": float(np.mean(np.isfinite(logs))) if resamples else math.nan,
+          "entropies": [h for h, _ in points], "gen_ppls": [p for _, p in points]}
 
 
 def infill(process: Process, logits_fn, key, windows_NxL, span_start: int, span_length: int,

@@ -91,7 +91,9 @@ def frontier(path: str, by_run: dict, colors: dict | None = None) -> None:
         ax.plot(*zip(*nucleus), "--.", color=colors[name])
       marks = marks or fr
     if marks is not None and marks.get("data_entropy") is not None:
-      ax.axvline(marks["data_entropy"], color="k", ls=":", label="validation text's entropy")
+      ax.axvline(marks["data_entropy"], color="k", ls=":",
+                 label="data's entropy at the samples' size" if "data_entropy_std" in marks
+                 else "validation text's entropy")
     if marks is not None and "evaluator_own_samples" in marks:
       own = marks["evaluator_own_samples"]
       ax.plot([own["unigram_entropy"]], [own["gen_ppl"]], "k*", markersize=12, label="AR evaluator's own samples")
