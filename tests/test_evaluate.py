@@ -1,6 +1,7 @@
 """Evaluation: the interval is the standard error it claims to be and covers at its level; with the exact
 denoiser of a Markov source the likelihood equals the exact NLL within its interval and a wrong denoiser falls
 outside; generative perplexity under the source's own likelihood recovers its entropy rate."""
+import functools
 import math
 
 import jax
@@ -293,7 +294,12 @@ def _zipf_markov_source(vocab: int, seed: int):
 
 
 def _tempered_markov_samples(source, key, num: int, length: int, temperature: float) -> np.ndarray:
-  log_init, log_trans = jnp.log(jnp.asarray(source.initial_K)), jnp.log(jnp.asarray(source.transition_KxK))
+  return np.asarray(_tempered_markov_draw(jnp.log(jnp.asarray(source.initial_K)),
+                                          jnp.log(jnp.asarray(source.transition_KxK)), key, temperature, num, length))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _tempered_markov_draw(log_init, log_trans, key, temperature, num: int, length: int):
   first_key, key = jax.random.split(key)
   first = jax.random.categorical(first_key, log_init / temperature, shape=(num,))
 
@@ -302,7 +308,7 @@ def _tempered_markov_samples(source, key, num: int, length: int, temperature: fl
     return token, token
 
   _, rest = jax.lax.scan(step, first, jax.random.split(key, length - 1))
-  return np.concatenate([np.asarray(first)[:, None], np.asarray(rest).T], axis=1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def test_the_entropy_mark_is_the_datas_entropy_at_the_samples_size():
