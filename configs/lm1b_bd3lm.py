@@ -3,11 +3,12 @@ target test perplexity <= 28.23 at L' = 4 (':4', the default) after 65B tokens; 
 <= 31.78 and an autoregressive transformer 22.83 in that setup. The figures for ':8' and ':16' are in the same
 table; check them there before quoting them (this docstring quotes only the L' = 4 row, verified).
 
-Data: bert-base-uncased's WordPiece vocabulary (30,522 pieces), as configs/lm1b_mdlm.py, with the sentences'
-stream wrapped into rows of 128 tokens (BD3-LM trains LM1B wrapped): a block may then cross a sentence
-boundary, as in the paper.
-    d3pm-prepare --dataset=lm1b --setup=mdlm --packing=stream --tokenizer_path=/path/to/bert-base-uncased/vocab.txt \\
-        --manual_dir=/path/to/lm1b --out=$D3PM_DATA/lm1b_mdlm_stream
+Data: bert-base-uncased's WordPiece vocabulary (30,522 pieces), as configs/lm1b_mdlm.py, in BD3-LM's rows
+(its `lm1b-wrap`): the stream of each sentence's "pieces [SEP]" cut into rows of 126 tokens, each row wrapped as
+`[CLS] ... [SEP]` (`--packing=wrapped`), so a block may cross a sentence boundary, as in the paper; each row's
+first token is given clean and left out of the likelihood (`data.ignore_bos`, BD3-LM's `ignore_bos`).
+    d3pm-prepare --dataset=lm1b --setup=mdlm --packing=wrapped --tokenizer_path=/path/to/bert-base-uncased/vocab.txt \\
+        --manual_dir=/path/to/lm1b --out=$D3PM_DATA/lm1b_mdlm_wrapped
     d3pm-train --config=configs/lm1b_bd3lm.py:4 --workdir=/shared/lm1b_bd3lm4
     d3pm-eval --workdir=/shared/lm1b_bd3lm4 --ema         (BD3-LM, as MDLM, validates with its EMA weights)
 ($D3PM_DATA defaults to ./data; or pass --config.data.prepared_dir=DIR.)
@@ -35,10 +36,6 @@ Deviations from the paper:
     BD3-LM searches widths 0.5-0.9 in steps of 0.05. Expected effect: small; the variance criterion is the same.
   - `process.eps`: alpha is squashed into [1e-3, 1 - 1e-3]; BD3-LM masks with probability exactly t. Expected
     effect: none beyond noise.
-  - LM1B's rows: the sentences' stream of `[CLS] s [SEP]` cut into rows of 128, every token scored; BD3-LM's
-    rows are `[CLS] s1 [SEP] s2 [SEP] ...` (126 tokens of the stream of `s [SEP]` wrapped in `[CLS]`/`[SEP]`), its
-    first token given clean and left out of the likelihood (`ignore_bos`). Expected effect: about 3% more tokens
-    scored here, near-certain `[CLS]` ones, which lowers the per-token perplexity by a few percent.
 
 Compiled for its hardware by the real compilers, train step at the batch above, and fits (the README's table,
 tests/test_paper_targets.py):
@@ -62,7 +59,8 @@ def get_config(arg=None):
                    time_conditioning=False, norm="layer", dtype="bfloat16", vocab_pad_multiple=128, dropout=0.1)
   cfg.model.update(attention_impl="auto", head_impl="auto")  # the platform's kernels
   cfg.model.scan_layers = True  # one compiled layer body: a 12-layer step compiles ~3.6x faster (text8_md4, H100)
-  cfg.data.update(name="lm1b", tokenizer="wordpiece", seq_len=128, prepared_dir=prepared_path("lm1b_mdlm_stream"))
+  cfg.data.update(name="lm1b", tokenizer="wordpiece", seq_len=128, prepared_dir=prepared_path("lm1b_mdlm_wrapped"),
+                  ignore_bos=True)
   cfg.train.update(steps=1_000_000, batch_size=512, learning_rate=3e-4, warmup_steps=2500, min_lr_ratio=1.0,
                    weight_decay=0.0, b2=0.999, grad_clip=1.0, ema_decay=0.9999, log_every=100,
                    eval_every=10_000, eval_batches=32, checkpoint_every=5000, keep_checkpoints=3, sample_steps=1000)
@@ -81,6 +79,7 @@ def reference(arg=None, seq_len: int = 128, tokenizer: str = "wordpiece", data: 
       "model.time_conditioning": False, "model.norm": "layer", "model.dropout": 0.1, "model.attention_dropout": 0.0,
       "model.depth_scaled_init": False, "model.rope_base": 10000.0, "model.dtype": "bfloat16",
       "data.name": data, "data.tokenizer": tokenizer, "data.seq_len": seq_len, "data.random_crops": False,
+      "data.ignore_bos": True,  # the first token given clean, out of the likelihood
       "train.batch_size": 512, "train.steps": 1_000_000, "train.learning_rate": 3e-4, "train.warmup_steps": 2500,
       "train.lr_schedule": "cosine", "train.min_lr_ratio": 1.0,  # constant after warm-up: a cosine from 1 to 1
       "train.weight_decay": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.grad_clip": 1.0,

@@ -4,7 +4,8 @@ rows: check their figures there before quoting them); the issue that asked for t
 MDLM <= 23.0 from the same table (not verified here).
 
 Data: GPT-2's BPE (50,257 tokens), documents joined with EOS and cut into rows of 1024, the last 100,000 documents
-held out (MDLM's and BD3-LM's split, d3pm-prepare's default); EOS ends each sample in d3pm-sample.
+held out (MDLM's and BD3-LM's split, d3pm-prepare's default); EOS ends each sample in d3pm-sample. Each row's
+first token is given clean and left out of the likelihood (`data.ignore_bos`, inherited: BD3-LM's `ignore_bos`).
     d3pm-prepare --dataset=openwebtext --source=/path/to/openwebtext --tokenizer_path=/path/to/gpt2/tokenizer.json \\
         --out=$D3PM_DATA/owt_gpt2
     d3pm-train --config=configs/owt_bd3lm.py:4 --workdir=/shared/owt_bd3lm4

@@ -96,6 +96,9 @@ class DataConfig:
   # Train on windows cropped at random offsets of the (stream-packed) training text rather than its fixed rows
   # (MD4's text8 pipeline); evaluation keeps the fixed validation rows.
   random_crops: bool = False
+  # Each row's first token is given clean and left out of the likelihood, in training and evaluation (BD3-LM's
+  # ignore_bos: its LM1B rows start with [CLS], d3pm-prepare --packing=wrapped); block diffusion only.
+  ignore_bos: bool = False
 
   def __post_init__(self):
     _checks.check_choice("data set", self.name, DATASETS)
@@ -230,6 +233,9 @@ def from_config(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> Exper
   data = DataConfig(**_typed(DataConfig, raw.get("data", {}), "data"))
   if data.seq_len > model.max_len:
     raise ValueError(f"data.seq_len={data.seq_len} exceeds model.max_len={model.max_len}")
+  if data.ignore_bos and not process.block_size:
+    raise ValueError("data.ignore_bos gives each row's first token clean and unscored, as BD3-LM's block diffusion "
+                     "does: set process.block_size (and process.loss='masked'), or data.ignore_bos=False")
   if process.block_size:
     if data.seq_len % process.block_size:
       raise ValueError(f"process.block_size={process.block_size} must divide data.seq_len={data.seq_len}; valid: "

@@ -216,17 +216,19 @@ def block_times(key, batch: int, slots: int, window=(0.0, 1.0), antithetic: bool
 
 
 def block_masked_diffusion(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, t_BxL, blocks_BxL,
-                           weights_BxL=None, head: FusedHead | None = None):
+                           weights_BxL=None, head: FusedHead | None = None, given_BxL=None):
   """BD3-LM's integrand: every position masked at its own block's time ``t_BxL``, each masked position's
   cross-entropy weighted by its block's -alpha'/(1-alpha), nats ``[B]``. ``logits_fn(x_t_BxL, x0_BxL, blocks_BxL)``
   is the denoiser's one pass over x_t and x_0 under the block-diffusion mask (``Transformer(clean_BxL=...)``):
   block b's prediction sees x_t of block b and x_0 of the blocks before it. A fused ``head`` (its ``hidden_fn``
-  taking ``(x_t_BxL, x0_BxL, blocks_BxL)``) replaces ``logits_fn``, as in ``masked_diffusion``."""
+  taking ``(x_t_BxL, x0_BxL, blocks_BxL)``) replaces ``logits_fn``, as in ``masked_diffusion``. Positions where
+  ``given_BxL`` is True are never masked (x_t = x_0 there: BD3-LM's ``ignore_bos``), so they score nothing."""
   if not isinstance(process, AbsorbingProcess):
     raise ValueError(f"block diffusion masks tokens: it needs the absorbing process; got {type(process).__name__}")
   if head is None:
-    return _sum_positions(_block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL), weights_BxL)
-  x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
+    return _sum_positions(_block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL, given_BxL),
+                          weights_BxL)
+  x_t_BxL = _noised(process, key, x0_BxL, t_BxL, given_BxL)
   masked_BxL = x_t_BxL == process.mask_id
   weight_BxL = -process.schedule.dalpha_dt(t_BxL) / (1.0 - process.schedule.alpha(t_BxL))
   bound = dataclasses.replace(head, hidden_fn=lambda x_BxL, _: head.hidden_fn(x_BxL, x0_BxL, blocks_BxL))
@@ -234,10 +236,16 @@ def block_masked_diffusion(process: AbsorbingProcess, logits_fn: BlockLogitsFn, 
   return bound.sequence_ce(x_t_BxL, None, x0_BxL, position_BxL, process.num_states, process.mask_id)
 
 
-def _block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL):
+def _noised(process, key, x0_BxL, t_BxL, given_BxL=None):
+  """x_t drawn from q(x_t | x_0) at ``t_BxL``, with x_0 kept where ``given_BxL`` is True."""
+  x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
+  return x_t_BxL if given_BxL is None else jnp.where(given_BxL, x0_BxL, x_t_BxL)
+
+
+def _block_position_terms(process, logits_fn, key, x0_BxL, t_BxL, blocks_BxL, given_BxL=None):
   """Each position's term of ``block_masked_diffusion``, ``[B, L]``: its block's weight times its cross-entropy
   where it is masked, 0 elsewhere."""
-  x_t_BxL = process.sample_marginal(key, x0_BxL, t_BxL)
+  x_t_BxL = _noised(process, key, x0_BxL, t_BxL, given_BxL)
   masked_BxL = x_t_BxL == process.mask_id
   weight_BxL = -process.schedule.dalpha_dt(t_BxL) / (1.0 - process.schedule.alpha(t_BxL))
   log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
@@ -282,7 +290,7 @@ def search_window(variances_W, windows=CLIP_WINDOWS) -> tuple[float, float]:
 
 def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL, block_size: int, *,
                segments_BxL=None, antithetic: bool = True, num_time_samples: int = 1, with_recon: bool = True,
-               window=(0.0, 1.0), weights_BxL=None, head: FusedHead | None = None) -> dict:
+               window=(0.0, 1.0), weights_BxL=None, head: FusedHead | None = None, given_BxL=None) -> dict:
   """Block diffusion's NELBO per sequence (BD3-LM): a dict of ``[B]`` arrays in nats, as ``continuous_elbo``
   (``diffusion``, ``prior``, ``recon`` unless ``with_recon=False``, and their sum ``nelbo``).
 
@@ -290,7 +298,9 @@ def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL,
   when ``segments_BxL`` is given); each block draws its own t (``block_times``) and the diffusion term is
   ``block_masked_diffusion``. With one block per row it is ``continuous_elbo(kind='masked')`` draw for draw.
   ``window`` = (low, high) draws t from U[low, high] instead of U[0, 1]: a lower-variance training objective that
-  is no longer the bound; evaluation keeps (0, 1). The reconstruction term scores x_t at t = 0."""
+  is no longer the bound; evaluation keeps (0, 1). The reconstruction term scores x_t at t = 0. ``given_BxL``
+  (bool) positions are given clean in every x_t (``block_masked_diffusion``); to leave them out of the bound
+  too, give them weight 0."""
   process._check_data("x0", x0_BxL)
   batch, length = x0_BxL.shape
   blocks_BxL = block_layout.block_ids(batch, length, block_size, segments_BxL)
@@ -300,7 +310,8 @@ def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL,
   def one_draw(draw_key):
     time_key, noise_key = jax.random.split(draw_key)
     t_BxL = block_layout.position_times(block_times(time_key, batch, slots, window, antithetic), blocks_BxL)
-    return block_masked_diffusion(process, logits_fn, noise_key, x0_BxL, t_BxL, blocks_BxL, weights_BxL, head)
+    return block_masked_diffusion(process, logits_fn, noise_key, x0_BxL, t_BxL, blocks_BxL, weights_BxL, head,
+                                  given_BxL)
 
   draw_keys = jax.random.split(key, num_time_samples)
   diffusion_B = (one_draw(draw_keys[0]) if num_time_samples == 1 else
@@ -308,7 +319,7 @@ def block_elbo(process: AbsorbingProcess, logits_fn: BlockLogitsFn, key, x0_BxL,
   out = {"diffusion": diffusion_B, "prior": prior(process, x0_BxL, weights_BxL)}
   if with_recon:
     t_BxL = jnp.zeros((batch, length), _float_dtype())
-    x_t_BxL = process.sample_marginal(recon_key, x0_BxL, t_BxL)
+    x_t_BxL = _noised(process, recon_key, x0_BxL, t_BxL, given_BxL)
     log_p_BxLxV = process.x0_log_probs(logits_fn(x_t_BxL, x0_BxL, blocks_BxL), x_t_BxL)
     out["recon"] = _sum_positions(-_gather(log_p_BxLxV, x0_BxL), weights_BxL)
   out["nelbo"] = sum(out.values())

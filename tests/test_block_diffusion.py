@@ -593,3 +593,51 @@ def test_a_sample_stops_at_its_first_end_of_document_token():
   tokens = block_sample(process, denoise, lambda s, x, b: s, 0, jax.random.PRNGKey(0), 2, 8, 2,
                         SamplerConfig(num_steps=2), eos_id=9, pad_id=0)
   np.testing.assert_array_equal(np.asarray(tokens), [[1, 2, 3, 9, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def test_ignore_bos_gives_the_first_token_clean_and_scores_the_rest_as_before():
+  """BD3-LM's ``ignore_bos`` (``data.ignore_bos``): every x_t the bound's network pass sees holds x_0 at each row's
+  first position (the reconstruction's too), and the bound is the per-position sum of the plain run's terms less
+  position 0's, draw for draw (the same times and masks elsewhere). The same holds in training, and a config that
+  sets it without block diffusion is refused, naming the fix. (A given token is never masked, so the absorbing
+  bound scores it 0 as is; that it counts no token either is the validation weights', tests/test_lm1b.py.)
+  Mutations: the first token masked like the others; given in training only."""
+  exp, model, params = _model(block_size=4)
+  process = state.build_process(exp.process, exp.model)
+  x0, _ = _tokens(5, 64, 12, 0.0, 256)
+  apply = jax.jit(model.apply)
+  seen = []
+
+  def block_logits(x_t, clean, ids):
+    seen.append(np.asarray(x_t))
+    return apply({"params": params}, x_t, clean_BxL=clean, blocks_BxL=ids)
+
+  key = jax.random.PRNGKey(7)
+  given = jnp.zeros(x0.shape, bool).at[:, 0].set(True)
+  plain = losses._block_position_terms(process, block_logits, key, x0, jnp.full(x0.shape, 0.9), blocks.block_ids(
+      64, 12, 4))
+  assert (seen[-1][:, 0] == process.mask_id).any()  # at t = 0.9 the first position is often masked
+  kept = losses._block_position_terms(process, block_logits, key, x0, jnp.full(x0.shape, 0.9), blocks.block_ids(
+      64, 12, 4), given)
+  np.testing.assert_array_equal(seen[-1][:, 0], np.asarray(x0[:, 0]))
+  masked_elsewhere = seen[-2][:, 1:] == seen[-1][:, 1:]
+  assert masked_elsewhere.all()  # the same draws at every other position
+  seen.clear()
+  on = dataclasses.replace(exp, data=dataclasses.replace(exp.data, ignore_bos=True))
+  for evaluate in (False, True):
+    a = state.loss_terms(on, model, process, params, key, x0, evaluate=evaluate)
+    assert all((x[:, 0] == np.asarray(x0[:, 0])).all() for x in seen)
+    seen.clear()
+    b = state.loss_terms(exp, model, process, params, key, x0, evaluate=evaluate,
+                         weights_BxL=jnp.ones(x0.shape).at[:, 0].set(0.0))
+    # The plain run scored without position 0 differs only where position 0 was masked (its context changed).
+    assert float(jnp.mean(jnp.abs(a["nelbo"] - b["nelbo"]))) < 0.2 * float(jnp.mean(b["nelbo"]))
+    assert float(jnp.all(a["nelbo"] > 0))
+    if evaluate:  # at t = 0 both x_t are x_0 but for eps: the reconstruction scores position 0 in neither
+      np.testing.assert_allclose(np.asarray(a["recon"]), np.asarray(b["recon"]), rtol=1e-2)
+  np.testing.assert_array_equal(np.asarray(jnp.sum(kept, axis=1)),
+                                np.asarray(jnp.sum(kept.at[:, 0].set(0.0), axis=1)))  # position 0 scores 0
+  cfg = load_config("test")
+  cfg.data.ignore_bos = True
+  with pytest.raises(ValueError, match=r"data.ignore_bos .* set process.block_size"):
+    from_config(cfg, vocab_size=256)

@@ -182,6 +182,35 @@ def test_mdlm_wrapped_variant_streams_sentences(tmp_path, fake_lm1b):
   assert (rows[:-1, 1] == 1).all()
 
 
+def test_bd3lm_wrapped_rows_are_cls_then_the_stream_of_sentences_then_sep(tmp_path, fake_lm1b):
+  """BD3-LM's LM1B rows (``--packing=wrapped``): every row is [CLS], the next 14 tokens of the stream of each
+  sentence's "pieces [SEP]", then [SEP] (right after the real tokens in the last, partial row; padding after it),
+  so the rows' inner tokens, joined, are that stream exactly. With ``data.ignore_bos`` the pipeline weighs each
+  validation row's first token 0; the row's bytes are its sentences' own. Mutations: rows cut at 16 with no
+  [CLS] (BD3-LM's [BOS]) or with [SEP] after the padding; [CLS] kept per sentence; ignore_bos not reaching the
+  validation weights."""
+  from d3pm_jax.evaluation import eval_workdir
+  root, expected, vocab = fake_lm1b
+  out = str(tmp_path / "wrapped")
+  metadata = prepare.prepare_lm1b(out, "mdlm", manual_dir=str(root / "extracted"), tokenizer_path=vocab,
+                                  seq_len=16, packing="wrapped")
+  assert metadata["packing"] == "wrapped"
+  tok = tokenizers.WordPieceTokenizer(vocab)
+  rows = prepared.PreparedSplit(out, "validation").read_all()
+  real_N = (rows[:, 1] > 0).sum(axis=1)
+  assert (rows[:, 0, 0] == tok.cls_id).all() and (rows[np.arange(len(rows)), 0, real_N - 1] == tok.sep_id).all()
+  assert (real_N[:-1] == 16).all() and ((rows[:, 1] > 0) == (np.arange(16) < real_N[:, None])).all()
+  stream = np.concatenate([tok.encode(s.encode())[1:] for s in expected["validation"]])  # pieces [SEP], no [CLS]
+  np.testing.assert_array_equal(np.concatenate([r[0, 1:n - 1] for r, n in zip(rows, real_N)]), stream)
+  for ignore_bos in (False, True):
+    data = pipeline.build_data(DataConfig(name="lm1b", tokenizer="wordpiece", seq_len=16, prepared_dir=out,
+                                          ignore_bos=ignore_bos), batch_size=2, seed=0)
+    assert data.val_segments is None and (data.val_weights[:, 0] == (0.0 if ignore_bos else 1.0)).all()
+    assert data.val_weights.sum() == real_N.sum() - (len(rows) if ignore_bos else 0)
+    counted = eval_workdir.window_bytes(data, np.arange(len(data.val_windows)))
+    assert counted.sum() == sum(len(s.encode()) for s in expected["validation"])
+
+
 def test_wordpiece_round_trips_and_refuses_bad_ids(fake_lm1b):
   _, expected, vocab = fake_lm1b
   tok = tokenizers.make_tokenizer("wordpiece", vocab)
@@ -251,7 +280,7 @@ def _kept_bytes(tokenizer, sentence, seq_len, packing):
 
 
 @pytest.mark.parametrize("setup,packing", [("mdlm", "truncated"), ("mdlm", "padded"), ("mdlm", "stream"),
-                                           ("d3pm", "stream"), ("d3pm", "packed")])
+                                           ("mdlm", "wrapped"), ("d3pm", "stream"), ("d3pm", "packed")])
 def test_validation_windows_count_the_original_sentences_bytes(tmp_path, hard_lm1b, setup, packing):
   """Through the real pipeline (d3pm-prepare's LM1B setups, ``build_data``, and the evaluator's
   ``window_bytes``), the validation windows' bytes are the held-out sentences' own UTF-8 bytes (less what a

@@ -155,7 +155,8 @@ PAPER = ("lm1b_d3pm:absorbing", "lm1b_d3pm:uniform", "lm1b_d3pm:nearest_neighbor
 def _inert(cfg) -> set[str]:
   """The fields this config's run never reads, for its loss, process and data (``training/state.py``,
   ``data/pipeline.py``): the discrete-time loss's steps and hybrid weight, the nearest-neighbour graph, the clipped
-  window (masked loss only), the time embedding's width without time conditioning, the cosine's floor under the
+  window (masked loss only), the time embedding's width without time conditioning, ``ignore_bos`` without blocks,
+  the cosine's floor under the
   inverse square root, and the fields of data made at
   run time (stdlib, markov) when the config reads prepared data."""
   inert = set()
@@ -167,6 +168,8 @@ def _inert(cfg) -> set[str]:
     inert |= {"process.clip_low", "process.clip_high", "process.clip_search", "process.block_size"}
   if not cfg.model.time_conditioning:
     inert.add("model.cond_dim")
+  if not cfg.process.block_size:  # refused without block diffusion: always False there
+    inert.add("data.ignore_bos")
   if cfg.train.lr_schedule == "inverse_sqrt":
     inert.add("train.min_lr_ratio")
   if cfg.data.name not in ("stdlib", "markov"):

@@ -14,7 +14,7 @@ shards with ``DIR/metadata.json`` (the prepared format, ``d3pm_jax/data/prepared
                                         D3PM's setup: cased sentencepiece 8k trained on the training split,
                                         each sentence <s> ... </s>, the stream cut into rows of 128 (attention
                                         crosses sentences; with packed, segment ids keep them apart)
-  --dataset=lm1b --setup=mdlm --tokenizer_path=vocab.txt [--manual_dir=DIR] [--packing=truncated|padded|stream]
+  --dataset=lm1b --setup=mdlm --tokenizer_path=vocab.txt [--manual_dir=DIR] [--packing=truncated|padded|stream|wrapped]
                                         MDLM's setup: bert-base-uncased WordPiece, a sentence per row padded
                                         to 128 and truncated (padded: wrapped onto further rows; stream: the
                                         sentences' stream wrapped)
@@ -46,9 +46,10 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "lm1b: a directory holding
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "lm1b: tensorflow-datasets' data dir (default "
                                      "~/tensorflow_datasets).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "lm1b d3pm: sentencepiece pieces to train (default 8192).")
-_PACKING = flags.DEFINE_enum("packing", None, ["truncated", "padded", "stream", "packed"], "lm1b mdlm: a "
-                             "sentence per row, truncated (default) or wrapped onto further rows (padded), or the "
-                             "stream wrapped; lm1b d3pm: cut the stream into rows (stream, default: D3PM's) or give "
+_PACKING = flags.DEFINE_enum("packing", None, ["truncated", "padded", "stream", "packed", "wrapped"], "lm1b mdlm: a "
+                             "sentence per row, truncated (default) or wrapped onto further rows (padded), the "
+                             "stream cut into rows (stream), or BD3-LM's rows of [CLS] ... [SEP] cut from the stream "
+                             "(wrapped); lm1b d3pm: cut the stream into rows (stream, default: D3PM's) or give "
                              "each sentence of a row its segment id (packed).")
 _VALIDATION_DOCUMENTS = flags.DEFINE_integer("validation_documents", 100_000, "openwebtext: the last this many "
                                              "documents form the validation split.")

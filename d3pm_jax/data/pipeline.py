@@ -246,11 +246,12 @@ def row_bytes(split: prepared.PreparedSplit, rows_Nx2xL: np.ndarray, tokenizer) 
 
 def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = "validation") -> Data:
   """Training and validation rows from ``config.prepared_dir``: training streams from the shards through grain,
-  validation is read into memory. ``stream`` rows are plain token windows (the padded last training row dropped);
-  ``packed`` and ``padded`` rows carry their segment ids to the model and the loss."""
+  validation is read into memory. ``stream`` and ``wrapped`` rows are plain token windows (the padded last
+  training row dropped); ``packed`` and ``padded`` rows carry their segment ids to the model and the loss. With
+  ``ignore_bos`` the validation rows' first tokens weigh 0."""
   metadata = prepared.load_metadata(config.prepared_dir)
   check_prepared(metadata, config, config.prepared_dir)
-  segmented = metadata["packing"] != "stream"
+  segmented = metadata["packing"] not in prepared.UNSEGMENTED
   train = prepared.PreparedSplit(config.prepared_dir, "train")
   usable = len(train)
   if not segmented and usable and train[usable - 1][1].min() == 0:
@@ -270,8 +271,11 @@ def _prepared(config: DataConfig, batch_size: int, seed: int, eval_split: str = 
   tok = tokenizer_of(config)
   info = {"prepared_dir": config.prepared_dir, "packing": metadata["packing"], "splits": metadata["splits"],
           "source": metadata["source"], "train_windows": usable, "validation_windows": int(val.shape[0])}
+  val_weights = (val[:, 1] > 0).astype(np.float32)
+  if config.ignore_bos:  # each row's first token is given, not scored: it counts no token (and [CLS] no byte)
+    val_weights[:, 0] = 0.0
   return Data(tokenizer=tok, train_batches=batches,
-              val_windows=val[:, 0], val_weights=(val[:, 1] > 0).astype(np.float32), info=info,
+              val_windows=val[:, 0], val_weights=val_weights, info=info,
               val_segments=val[:, 1] if segmented else None, val_documents=val_split.documents(),
               val_words=val_split.words(), val_bytes=row_bytes(val_split, val, tok))
 

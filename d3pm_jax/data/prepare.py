@@ -50,8 +50,8 @@ def _keep_tokenizer(out: str, tokenizer) -> str | None:
 
 
 def _write(out: str, dataset: str, seq_len: int, packing: str, tokenizer, splits: dict, source: dict,
-           separator=None) -> dict:
-  infos = {split: prepared.prepare_split(out, split, documents, seq_len, packing, separator)
+           separator=None, wrap=None) -> dict:
+  infos = {split: prepared.prepare_split(out, split, documents, seq_len, packing, separator, wrap=wrap)
            for split, documents in splits.items()}
   return _write_metadata(out, dataset, seq_len, packing, tokenizer, infos, source, separator)
 
@@ -143,7 +143,8 @@ LM1B_SETUPS = {
     "d3pm": {"tokenizer": "sentencepiece", "packing": "stream", "vocab_size": 8192},
     # MDLM (Sahoo et al. 2024): bert-base-uncased WordPiece, each sentence [CLS] ... [SEP] in its own row padded
     # to 128, a longer one truncated ('truncated', MDLM's wrap=False); 'padded' wraps it onto the next row instead,
-    # and 'stream' gives MDLM's wrapped variant.
+    # and 'stream' gives MDLM's wrapped variant. 'wrapped' is BD3-LM's (its lm1b-wrap): the stream of the sentences'
+    # "pieces [SEP]" cut into rows of 126, each row [CLS] ... [SEP] (with data.ignore_bos, [CLS] is not scored).
     "mdlm": {"tokenizer": "wordpiece", "packing": "truncated"},
 }
 
@@ -161,9 +162,9 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
     raise ValueError(f"unknown LM1B setup {setup!r}; valid: {sorted(LM1B_SETUPS)}")
   recipe = LM1B_SETUPS[setup]
   packing = packing or recipe["packing"]
-  if setup == "mdlm" and packing not in ("truncated", "padded", "stream"):
+  if setup == "mdlm" and packing not in ("truncated", "padded", "stream", "wrapped"):
     raise ValueError(f"the MDLM setup puts a sentence in a row of its own or wraps the stream: packing must be "
-                     f"'truncated', 'padded' or 'stream'; got {packing!r}")
+                     f"'truncated', 'padded', 'stream' or 'wrapped' (BD3-LM's rows); got {packing!r}")
   if setup == "d3pm" and packing not in ("stream", "packed"):
     raise ValueError(f"the D3PM setup cuts the sentence stream into rows: packing must be 'stream' (D3PM's: "
                      f"attention crosses sentences) or 'packed' (segment ids keep them apart); got {packing!r}")
@@ -193,6 +194,8 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
     """D3PM's setup wraps the sentence in <s> ... </s>, which stand for no text (0 bytes each)."""
     if setup == "d3pm":
       ids, counts = np.concatenate([[tok.bos_id], ids, [tok.eos_id]]).astype(np.int32), np.pad(counts, 1)
+    if packing == "wrapped":  # "pieces [SEP]": the row's own [CLS] starts it (counts[0], [CLS]'s, is 0 bytes)
+      ids, counts = ids[1:], np.concatenate([counts[1:2] + counts[0], counts[2:]])
     return prepared.Document(ids, counts, len(sentence.split()) + 1)
 
   def encoded(lines, chunk=4096):
@@ -207,4 +210,6 @@ def prepare_lm1b(out: str, setup: str, manual_dir: str | None = None, tfds_data_
         batch = []
 
   source = {**source, "setup": setup}
-  return _write(out, "lm1b", seq_len, packing, tok, {s: encoded(lines) for s, lines in splits.items()}, source)
+  wrap = (tok.cls_id, tok.sep_id) if packing == "wrapped" else None
+  return _write(out, "lm1b", seq_len, packing, tok, {s: encoded(lines) for s, lines in splits.items()}, source,
+                wrap=wrap)

@@ -44,7 +44,10 @@ import numpy as np
 from d3pm_jax.runtime.files import write_json
 
 FORMAT_VERSION = 2  # 2: row documents
-PACKING = ("stream", "packed", "padded", "truncated")
+PACKING = ("stream", "packed", "padded", "truncated", "wrapped")
+# Packings whose rows are plain token windows of one stream (no segment ids): 'wrapped' is 'stream' cut into rows
+# of L - 2 tokens, each wrapped in the tokenizer's start and end tokens (BD3-LM's LM1B rows).
+UNSEGMENTED = ("stream", "wrapped")
 METADATA = "metadata.json"
 
 
@@ -64,13 +67,19 @@ class Packer:
   ``row_words()`` the words (``add``'s per-document counts) of the documents whose last token each row holds,
   ``row_bytes()`` the bytes (``add``'s per-token counts) of the tokens each row holds."""
 
-  def __init__(self, seq_len: int, packing: str, separator: int | None = None):
+  def __init__(self, seq_len: int, packing: str, separator: int | None = None, wrap: tuple[int, int] | None = None):
     if packing not in PACKING:
       raise ValueError(f"unknown packing {packing!r}; valid: {list(PACKING)}")
     if seq_len < 1:
       raise ValueError(f"seq_len must be >= 1; got {seq_len}")
     if separator is not None and packing in ("padded", "truncated"):
       raise ValueError(f"{packing} rows hold one document each and take no separator")
+    if (packing == "wrapped") != (wrap is not None) or (wrap is not None and seq_len < 3):
+      raise ValueError(f"'wrapped' packing, and only it, takes wrap=(start, end) token ids and rows of >= 3 tokens; "
+                       f"got packing {packing!r}, wrap {wrap}, seq_len {seq_len}")
+    # 'wrapped': the stream is cut into rows of seq_len - 2 and each row wrapped in (start, end) at emission.
+    self.output_len, self.wrap = seq_len, wrap
+    seq_len = seq_len - 2 if wrap is not None else seq_len
     self.seq_len, self.packing, self.separator = seq_len, packing, separator
     self._tokens = np.zeros(0, np.int32)   # the carried, not yet emitted part of the stream
     self._docs = np.zeros(0, np.int64)     # the document index of each carried token
@@ -144,7 +153,7 @@ class Packer:
     """Rows of ``tokens`` (a whole number of rows, or the final partial one, zero-padded)."""
     n = -(-tokens.size // self.seq_len)
     out = np.zeros((n, 2, self.seq_len), np.int32)
-    if self.packing == "stream":
+    if self.packing in UNSEGMENTED:
       segments = np.ones(tokens.size, np.int32)
     else:  # packed (and padded, one document): documents numbered from 1 within each row
       row_start = np.arange(tokens.size) // self.seq_len * self.seq_len
@@ -156,6 +165,19 @@ class Packer:
     row_starts = np.arange(0, tokens.size, self.seq_len)
     self._row_words.append(np.add.reduceat(marks, row_starts) if n else np.zeros(0, np.int64))
     self._row_bytes.append(np.add.reduceat(byte_counts, row_starts, dtype=np.int64) if n else np.zeros(0, np.int64))
+    return out if self.wrap is None else self._wrapped(out)
+
+  def _wrapped(self, rows_Nx2xK) -> np.ndarray:
+    """Rows of K = L - 2 tokens as rows of L: the start token, the row's tokens, the end token right after them
+    (before the padding of a last, partial row), all in segment 1. The two stand for no text (0 bytes)."""
+    start, end = self.wrap
+    n, _, k = rows_Nx2xK.shape
+    real_N = (rows_Nx2xK[:, 1] > 0).sum(axis=1)
+    out = np.zeros((n, 2, k + 2), np.int32)
+    out[:, 0, 0] = start
+    out[:, :, 1:k + 1] = rows_Nx2xK
+    out[np.arange(n), 0, real_N + 1] = end
+    out[:, 1] = np.arange(k + 2)[None, :] < (real_N + 2)[:, None]
     return out
 
   def _padded(self, docs, ends, sizes) -> np.ndarray:
@@ -384,11 +406,12 @@ def _save_bytes(out_dir: str, split: str, row_bytes) -> dict:
 
 
 def prepare_split(out_dir: str, split: str, documents: Iterable, seq_len: int, packing: str,
-                  separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536) -> dict:
+                  separator: int | None = None, chunk: int = 10000, rows_per_shard: int = 65536,
+                  wrap: tuple[int, int] | None = None) -> dict:
   """Packs ``documents`` (an iterable of token arrays, or of ``Document`` ones carrying their byte counts and
   words) into ``out_dir``'s shards of ``split``; returns the split's metadata entry (rows, tokens, documents,
   shards, and where the documents carry them the words and bytes with the rows' word and byte files)."""
-  packer = Packer(seq_len, packing, separator)
+  packer = Packer(seq_len, packing, separator, wrap)
   writer = SplitWriter(out_dir, split, seq_len, rows_per_shard)
   counts = np.zeros(0, np.int64)
 

@@ -393,6 +393,7 @@ class WordPieceTokenizer(HuggingFaceTokenizer):
     if missing:
       raise ValueError(f"the WordPiece vocabulary {self.path} lacks {missing}; a BERT vocab.txt has them")
     self._special = {self._tok.token_to_id(s): text for s, text in WORDPIECE_SPECIALS.items()}
+    self.cls_id, self.sep_id = self._tok.token_to_id("[CLS]"), self._tok.token_to_id("[SEP]")
 
   @property
   def files(self) -> list[str]:

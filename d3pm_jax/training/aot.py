@@ -57,7 +57,8 @@ def data_shape(config: ExperimentConfig) -> DataShape:
   path = data.prepared_dir
   if path and os.path.exists(os.path.join(path, prepared.METADATA)):
     metadata = prepared.load_metadata(path)
-    return DataShape(int(metadata["tokenizer"]["vocab_size"]), metadata["packing"] != "stream", path)
+    return DataShape(int(metadata["tokenizer"]["vocab_size"]), metadata["packing"] not in prepared.UNSEGMENTED,
+                     path)
   if data.tokenizer == "sentencepiece":
     vocab = 8192 if data.name == "lm1b" else data.spm_vocab_size
   else:

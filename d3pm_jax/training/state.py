@@ -197,10 +197,14 @@ def loss_terms(config: ExperimentConfig, model: Transformer, process: Process | 
                                                             blocks_BxL=blocks_BxL, head_inputs=True,
                                                             block_size=pcfg.block_size),
         weighted_ce=head.weighted_ce)
+    given_BxL = None
+    if config.data.ignore_bos:  # BD3-LM's ignore_bos: each row's first token given clean, and not scored
+      given_BxL = jnp.zeros(x0_BxL.shape, bool).at[:, 0].set(True)
+      weights_BxL = jnp.where(given_BxL, 0.0, 1.0 if weights_BxL is None else weights_BxL)
     # As below, the reconstruction term (eps x the masked cross-entropy) is left out of training.
     out = losses.block_elbo(process, block_logits_fn, key, x0_BxL, pcfg.block_size, segments_BxL=segments_BxL,
                             with_recon=evaluate, window=(0.0, 1.0) if evaluate else train_window,
-                            weights_BxL=weights_BxL, head=block_head)
+                            weights_BxL=weights_BxL, head=block_head, given_BxL=given_BxL)
     return {"loss": out["nelbo"], **out}
   if pcfg.loss == "d3pm":
     out = losses.d3pm_loss(process, logits_fn, key, x0_BxL, pcfg.num_steps, pcfg.hybrid_lambda, weights_BxL)
