@@ -47,7 +47,7 @@ def get_config(arg=None):
   cfg = sibling_config(__file__, "lm1b_bd3lm").get_config(arg)
   cfg.model.max_len = 1024
   # Layers unrolled, not scanned: a scan keeps each layer's [B, 2L, 2L] attention-mask residuals of cuDNN's
-  # attention stacked (2 x 6 GiB at 64 rows), and the step needs 95 GiB per H100 instead of 56 (d3pm-compile).
+  # attention stacked (2 x 6 GiB at 64 rows), and the step needs 88 GiB per H100 instead of 50 (d3pm-compile).
   cfg.model.scan_layers = False
   cfg.data.update(name="openwebtext", tokenizer="gpt2", seq_len=1024, prepared_dir=prepared_path("owt_gpt2"))
   return cfg

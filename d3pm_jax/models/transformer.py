@@ -588,7 +588,9 @@ class Transformer(nn.Module):
         clean_BxL = blocks_BxL = None
       else:
         tokens_BxL = jnp.concatenate([tokens_BxL, clean_BxL], axis=1)
-        blocks_BxL = jnp.tile(blocks_BxL, (1, 2))
+        # Laid out by row as the activations are: the block numbers are an iota nobody shards, and the attention
+        # mask made from them was otherwise built for the whole global batch on every device.
+        blocks_BxL = _constrain(jnp.tile(blocks_BxL, (1, 2)), ("activation_batch", "activation_length"))
         if segments_BxL is not None:
           segments_BxL = jnp.tile(segments_BxL, (1, 2))
     x_BxLxD = _constrain(Dropout(cfg.dropout, deterministic)(Embed(cfg, name="embed")(tokens_BxL)), _RESIDUAL)
