@@ -23,7 +23,32 @@ def pack_all(docs, seq_len, packing, separator=None, chunk=None):
   return np.concatenate(parts), packer
 
 
-@pytest.mark.parametrize("packing", [p for p in prepared.PACKING if p != "truncated"])
+# The packings that take no wrap tokens ('wrapped' is tested on its own below and in tests/test_lm1b.py).
+PLAIN = [p for p in prepared.PACKING if p != "wrapped"]
+
+
+def test_wrapped_rows_are_the_stream_between_start_and_end_tokens():
+  """'wrapped' (BD3-LM's rows): rows of L, each the start token, the next L - 2 tokens of the stream, the end token
+  (in the last, partial row right after its tokens, then padding), with each row's bytes those of its stream
+  tokens. Mutations: the end token after the padding; rows of L stream tokens; a wrap on another packing."""
+  docs = random_documents(6, 50)
+  sizes = [np.arange(d.size) % 3 for d in docs]
+  packer = prepared.Packer(16, "wrapped", wrap=(201, 202))
+  rows = np.concatenate([packer.add(docs[:20], token_bytes=sizes[:20]), packer.add(docs[20:], token_bytes=sizes[20:]),
+                         packer.finish()])
+  real_N = (rows[:, 1] > 0).sum(axis=1)
+  assert (real_N[:-1] == 16).all() and rows.shape[2] == 16 and (rows[:, 0, 0] == 201).all()
+  assert (rows[np.arange(len(rows)), 0, real_N - 1] == 202).all() and (rows[:, 0][rows[:, 1] == 0] == 0).all()
+  np.testing.assert_array_equal(np.concatenate([r[0, 1:n - 1] for r, n in zip(rows, real_N)]), np.concatenate(docs))
+  stream_bytes = np.concatenate(sizes)
+  np.testing.assert_array_equal(packer.row_bytes(), [stream_bytes[i:i + 14].sum() for i in range(0, stream_bytes.size, 14)])
+  with pytest.raises(ValueError, match=r"'wrapped' packing, and only it, takes wrap"):
+    prepared.Packer(16, "stream", wrap=(1, 2))
+  with pytest.raises(ValueError, match=r"'wrapped' packing, and only it, takes wrap"):
+    prepared.Packer(16, "wrapped")
+
+
+@pytest.mark.parametrize("packing", [p for p in PLAIN if p != "truncated"])
 def test_no_token_is_lost_or_duplicated(packing):
   docs = random_documents(0, 300)
   separator = 0 if packing != "padded" else None
@@ -85,7 +110,7 @@ def test_truncated_rows_hold_each_document_cut_to_its_first_tokens_and_its_last(
     prepared.Packer(16, "truncated", separator=0)
 
 
-@pytest.mark.parametrize("packing", prepared.PACKING)
+@pytest.mark.parametrize("packing", PLAIN)
 def test_chunking_does_not_change_the_rows(packing):
   docs = random_documents(3, 250)
   whole, _ = pack_all(docs, 16, packing)
@@ -121,7 +146,7 @@ def test_unprepared_or_incomplete_directories_are_refused(tmp_path):
   assert os.path.exists(tmp_path / "metadata.json")
 
 
-@pytest.mark.parametrize("packing", prepared.PACKING)
+@pytest.mark.parametrize("packing", PLAIN)
 def test_every_row_knows_the_document_of_its_first_token(packing, tmp_path):
   """Independent oracle: the document index of each row's first token, from the documents' lengths (and the
   separators) for stream/packed rows, from the row count of each document for padded rows; the split's
@@ -144,7 +169,7 @@ def test_every_row_knows_the_document_of_its_first_token(packing, tmp_path):
   np.testing.assert_array_equal(prepared.PreparedSplit(str(tmp_path), "validation").documents(), expected)
 
 
-@pytest.mark.parametrize("packing", prepared.PACKING)
+@pytest.mark.parametrize("packing", PLAIN)
 def test_every_row_counts_the_words_of_the_documents_ending_in_it(packing, tmp_path):
   """Independent oracle: the row of each document's last token (from the documents' lengths and separators, or
   for padded rows from the rows each document fills) gets its words; summed over rows they are all the words.
@@ -196,7 +221,7 @@ def _rows_by_hand(docs, seq_len, packing, separator):
   return rows + ([current] if current else [])
 
 
-@pytest.mark.parametrize("packing", prepared.PACKING)
+@pytest.mark.parametrize("packing", PLAIN)
 def test_every_row_counts_the_bytes_its_tokens_stand_for(packing, tmp_path):
   """Per-token byte counts (what a tokenizer's ``encode_with_bytes`` gives) follow their tokens into the rows:
   each row's bytes are the counts of the positions it holds, written out position by position here, separators
